@@ -1,0 +1,153 @@
+"""Coroutines never awaited.
+
+CPython reports a coroutine that is finalized before it ever ran by calling
+``warnings._warn_unawaited_coroutine(coro)``, looked up on the module at that
+moment.  asyncwatch chains that function: it records a finding, then calls
+the original, so the RuntimeWarning (and any filter that turns it into an
+error) behaves exactly as before.
+
+The creation site comes from ``coro.cr_origin`` when coroutine-origin
+tracking is on (``track_coroutine_origins=True``; it costs time on every
+coroutine, so it is off by default).  Without it, when the coroutine is
+dropped synchronously (``save(x)`` as a statement, the common mistake), the
+innermost application frame at that moment is the creating line.  When the
+garbage collector finalizes it, the stack says nothing about its creation and
+the site is left unknown.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import threading
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from ._findings import Finding, FindingKind, Site, app_frame, frame_site, is_library_file, qualname_of
+from ._reporters import report_internal_error
+
+__all__ = ["CoroutineHook"]
+
+
+class _GcState(threading.local):
+    collecting = False
+
+
+_gc_state = _GcState()
+
+
+def _gc_callback(phase: str, _info: dict[str, Any]) -> None:
+    _gc_state.collecting = phase == "start"
+
+
+def _is_stdlib_hook(func: Any) -> bool:
+    return getattr(func, "__module__", None) in ("warnings", "_py_warnings") and (
+        getattr(func, "__qualname__", None) == "_warn_unawaited_coroutine"
+    )
+
+
+def _stdlib_message(coro: Any) -> str:
+    """The text of CPython's own ``warnings._warn_unawaited_coroutine``."""
+    lines = [f"coroutine '{coro.__qualname__}' was never awaited\n"]
+    origin = getattr(coro, "cr_origin", None)
+    if origin is not None:
+        import linecache
+        import traceback
+
+        frames = [(f, n, fn, linecache.getline(f, n)) for f, n, fn in reversed(origin)]
+        lines.append("Coroutine created at (most recent call last)\n")
+        lines += traceback.format_list(frames)
+    return "".join(lines).rstrip("\n")
+
+
+class CoroutineHook:
+    """Owns the ``warnings._warn_unawaited_coroutine`` hook (and origin tracking)."""
+
+    def __init__(self, emit: Callable[[Finding], None], track_origins: bool) -> None:
+        self._emit = emit
+        self._track_origins = track_origins
+        self._original: Callable[[Any], None] | None = None
+        self._installed: Callable[[Any], None] | None = None
+        self._previous_depth: int | None = None
+        self.enabled = True
+        # ids of coroutines already reported as part of a destroyed task
+        self.reported_elsewhere: set[int] = set()
+
+    def install(self) -> None:
+        original = getattr(warnings, "_warn_unawaited_coroutine", None)
+        if original is None:  # pragma: no cover - every supported CPython has it
+            return
+        self._original = original
+
+        is_stdlib = _is_stdlib_hook(original)
+
+        def _warn_unawaited_coroutine(coro: Any) -> None:
+            if self.enabled:
+                try:
+                    self._on_never_awaited(coro, sys._getframe(1))
+                except Exception as exc:
+                    self.enabled = False
+                    report_internal_error("coroutine hook", exc)
+            if is_stdlib:
+                # Warn from this frame with the stdlib's stacklevel, so the
+                # RuntimeWarning still points at the user's line, not at us.
+                warnings.warn(_stdlib_message(coro), category=RuntimeWarning, stacklevel=2, source=coro)
+            else:
+                original(coro)
+
+        self._installed = _warn_unawaited_coroutine
+        warnings._warn_unawaited_coroutine = _warn_unawaited_coroutine  # type: ignore[attr-defined]
+        gc.callbacks.append(_gc_callback)
+        if self._track_origins:
+            self._previous_depth = sys.get_coroutine_origin_tracking_depth()
+            sys.set_coroutine_origin_tracking_depth(max(self._previous_depth, 32))
+
+    def uninstall(self) -> None:
+        if self._installed is not None:
+            if getattr(warnings, "_warn_unawaited_coroutine", None) is self._installed:
+                warnings._warn_unawaited_coroutine = self._original  # type: ignore[attr-defined]
+            else:
+                # Someone wrapped us after we installed: stay in their chain, inert.
+                self.enabled = False
+            self._installed = None
+        if _gc_callback in gc.callbacks:
+            gc.callbacks.remove(_gc_callback)
+        if self._previous_depth is not None:
+            sys.set_coroutine_origin_tracking_depth(self._previous_depth)
+            self._previous_depth = None
+
+    def _on_never_awaited(self, coro: Any, caller: Any) -> None:
+        if id(coro) in self.reported_elsewhere:
+            self.reported_elsewhere.discard(id(coro))
+            return
+        name = qualname_of(coro)
+        site: Site | None = None
+        stack: tuple[Site, ...] = ()
+        origin = getattr(coro, "cr_origin", None)
+        if origin:
+            # innermost first: (filename, lineno, function)
+            sites = [Site(f, line, fn) for f, line, fn in origin]
+            site = next((s for s in sites if not is_library_file(s.file)), None)
+            stack = tuple(reversed(sites))
+        elif not _gc_state.collecting:
+            frame = app_frame(caller)
+            if frame is not None:
+                site = frame_site(frame)
+                stack = (site,)
+        code = getattr(coro, "cr_code", None)
+        defined = ""
+        if site is None and code is not None:  # at least say which coroutine function
+            defined = f" (defined at {code.co_filename}:{code.co_firstlineno})"
+        self._emit(
+            Finding(
+                kind=FindingKind.COROUTINE_NEVER_AWAITED,
+                message=(
+                    f"Coroutine {name!r}{defined} was created but never awaited; "
+                    "add 'await', or schedule it with asyncio.create_task() and keep the task"
+                ),
+                site=site,
+                stack=stack,
+                coroutine=name,
+            )
+        )

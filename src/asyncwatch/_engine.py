@@ -1,0 +1,377 @@
+"""The engine: one per process, shared by all four entry points.
+
+Global state department.  `install()`, the event-loop policy, the loop
+factory and the command line all end in `Engine.attach(loop)`; everything
+hooked is chained and restored by `uninstall()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import asyncio.events
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import structlog
+
+from ._coroutines import CoroutineHook
+from ._findings import Finding, FindingKind
+from ._reporters import (
+    LOGGER_NAME,
+    JsonLinesReporter,
+    Pipeline,
+    Reporter,
+    StructlogReporter,
+    forget_internal_errors,
+    report_internal_error,
+)
+from ._settings import ENV_VARS, ConfigurationError, Settings
+from ._slow import LoopProbe, Watchdog
+from ._tasks import (
+    DESTROYED_PENDING,
+    NEVER_RETRIEVED,
+    ExceptionHandler,
+    TaskFactory,
+    destroyed_pending_finding,
+    unretrieved_finding,
+)
+
+__all__ = ["Engine", "Installation", "LoopWatch", "install", "is_installed", "uninstall"]
+
+# Options that belong to the whole process rather than to one loop.
+_ENGINE_OPTIONS = ("findings", "track_coroutine_origins", "log")
+
+
+class LoopWatch:
+    """asyncwatch attached to one loop: its chained hooks and its probe."""
+
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, settings: Settings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.loop_ref = weakref.ref(loop)
+        self._detect = settings.detect
+        self.factory = TaskFactory(self, loop.get_task_factory())
+        self.handler = ExceptionHandler(self, loop.get_exception_handler())
+        self.probe: LoopProbe | None = None
+        loop.set_task_factory(self.factory)
+        loop.set_exception_handler(self.handler)
+        if FindingKind.SLOW_CALLBACK in self._detect:
+            self.probe = LoopProbe(loop, settings.slow_callback_s, self.emit)
+            engine.watchdog.add(self.probe)
+
+    def detects(self, kind: FindingKind) -> bool:
+        return kind in self._detect
+
+    def emit(self, finding: Finding) -> None:
+        if finding.kind in self._detect:
+            self.engine.emit(finding)
+
+    def on_exception_context(self, context: Mapping[str, Any]) -> None:
+        message = context.get("message")
+        if message == DESTROYED_PENDING:
+            task = context.get("task")
+            if isinstance(task, asyncio.Task) and self.detects(FindingKind.TASK_DESTROYED_PENDING):
+                coro = task.get_coro()
+                hook = self.engine.coroutine_hook
+                if hook is not None and getattr(coro, "cr_frame", None) is not None:
+                    if getattr(coro.cr_frame, "f_lasti", 0) < 0 or not getattr(coro, "cr_suspended", True):
+                        # Never started: CPython will also warn "never awaited"
+                        # for its coroutine; it is the same mistake.
+                        hook.reported_elsewhere.add(id(coro))
+                self.emit(destroyed_pending_finding(task))
+        elif message == NEVER_RETRIEVED:
+            task = context.get("future")
+            exc = context.get("exception")
+            if (
+                isinstance(task, asyncio.Task)
+                and isinstance(exc, BaseException)
+                and self.detects(FindingKind.TASK_EXCEPTION_UNRETRIEVED)
+            ):
+                self.emit(unretrieved_finding(task, exc))
+
+    def detach(self) -> None:
+        """Restore the loop's hooks, or go inert where someone chained on top of us."""
+        self.factory.enabled = False
+        self.handler.enabled = False
+        if self.probe is not None:
+            self.engine.watchdog.remove(self.probe)
+        loop = self.loop_ref()
+        if loop is None or loop.is_closed():
+            return
+        try:
+            if loop.get_task_factory() is self.factory:
+                loop.set_task_factory(self.factory.previous)
+            if loop.get_exception_handler() is self.handler:
+                loop.set_exception_handler(self.handler.previous)
+        except Exception as exc:  # a loop that refuses: stay inert, say so once
+            report_internal_error("uninstall", exc)
+
+
+class Engine:
+    """Reporters, the watchdog, global hooks, and the loops being watched."""
+
+    def __init__(self, settings: Settings, reporters: Iterable[Reporter] = (), log_fallback: str | None = None):
+        self.settings = settings
+        self.pipeline = Pipeline()
+        if settings.log:
+            self.pipeline.add(StructlogReporter(fallback=log_fallback))
+        if settings.findings:
+            try:
+                self.pipeline.add(JsonLinesReporter(settings.findings))
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"findings={settings.findings!r}: cannot write the findings file ({exc.strerror}); "
+                    "give a path in a writable directory"
+                ) from None
+        for reporter in reporters:
+            self.pipeline.add(reporter)
+        self.watchdog = Watchdog()
+        self.watches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopWatch] = weakref.WeakKeyDictionary()
+        self._lock = threading.RLock()
+        self.coroutine_hook: CoroutineHook | None = None
+        if FindingKind.COROUTINE_NEVER_AWAITED in settings.detect:
+            self.coroutine_hook = CoroutineHook(self.emit, settings.track_coroutine_origins)
+            self.coroutine_hook.install()
+
+    def emit(self, finding: Finding) -> None:
+        self.pipeline.emit(finding)
+
+    def attach(self, loop: asyncio.AbstractEventLoop, settings: Settings | None = None) -> LoopWatch:
+        with self._lock:
+            watch = self.watches.get(loop)
+            if watch is None:
+                watch = LoopWatch(self, loop, settings or self.settings)
+                self.watches[loop] = watch
+            return watch
+
+    def is_watching(self, loop: asyncio.AbstractEventLoop) -> bool:
+        return loop in self.watches
+
+    def close(self) -> None:
+        with self._lock:
+            self.watchdog.stop()
+            for watch in list(self.watches.values()):
+                watch.detach()
+            self.watches.clear()
+            if self.coroutine_hook is not None:
+                self.coroutine_hook.uninstall()
+            self.pipeline.close()
+
+
+# --- Global state department -------------------------------------------------
+
+
+class _State:
+    """Everything `install()` changed in the interpreter, to undo it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.engine: Engine | None = None
+        self.explicit: dict[str, Any] = {}
+        self.policy: Any = None  # our EventLoopPolicy while it is the current one
+        self.policy_base: Any = None
+        self.set_running_loop: Callable[[Any], None] | None = None
+        self.original_set_running_loop: Callable[[Any], None] | None = None
+        self.future_loops: Settings | None = None
+
+
+_state = _State()
+
+
+def current_engine() -> Engine | None:
+    return _state.engine
+
+
+def is_installed() -> bool:
+    """Return whether asyncwatch is installed in this process."""
+    return _state.engine is not None
+
+
+def _env_settings() -> Settings:
+    """``ASYNCWATCH_*`` variables; a bad one is logged and ignored rather than
+    breaking a production start-up (the command line is strict instead)."""
+    import os
+
+    settings = Settings()
+    for name, var in ENV_VARS.items():
+        if var not in os.environ:
+            continue
+        try:
+            settings = settings.with_options({name: os.environ[var]})
+        except ConfigurationError as exc:
+            structlog.get_logger(LOGGER_NAME).warning(
+                "asyncwatch.bad_environment", variable=var, value=os.environ[var], error=str(exc), using="default"
+            )
+    return settings
+
+
+def ensure_engine(
+    options: Mapping[str, Any],
+    *,
+    reporters: Iterable[Reporter] = (),
+    log_fallback: str | None = None,
+    base: Settings | None = None,
+) -> tuple[Engine, Settings]:
+    """Start the engine if needed; return it and the settings for *options*."""
+    with _state.lock:
+        settings = (base or _env_settings()).with_options(options)
+        engine = _state.engine
+        if engine is None:
+            engine = Engine(settings, reporters, log_fallback=log_fallback)
+            _state.engine = engine
+            _state.explicit = {k: getattr(settings, k) for k in _ENGINE_OPTIONS if k in options}
+            return engine, settings
+        for name in _ENGINE_OPTIONS:
+            if name in options and getattr(settings, name) != getattr(engine.settings, name):
+                # Whoever installed first (often `asyncwatch run` or the pytest
+                # plugin) owns the process-wide options; a later install()
+                # from the program must not break it, so it is told, not failed.
+                structlog.get_logger(LOGGER_NAME).warning(
+                    "asyncwatch.already_installed",
+                    option=name,
+                    requested=getattr(settings, name),
+                    kept=getattr(engine.settings, name),
+                    note="call asyncwatch.uninstall() first to change process-wide options",
+                )
+        for reporter in reporters:
+            engine.pipeline.add(reporter)
+        return engine, settings
+
+
+class Installation:
+    """What `install()` returns: undo it with `uninstall()` or a ``with`` block."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    @property
+    def settings(self) -> Settings:
+        return self._engine.settings
+
+    def add_reporter(self, reporter: Reporter) -> None:
+        """Send every later finding to *reporter* too."""
+        self._engine.pipeline.add(reporter)
+
+    def remove_reporter(self, reporter: Reporter) -> None:
+        self._engine.pipeline.remove(reporter)
+
+    def uninstall(self) -> None:
+        """Same as `asyncwatch.uninstall()`."""
+        if _state.engine is self._engine:
+            uninstall()
+
+    def __enter__(self) -> Installation:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.uninstall()
+
+
+def install(
+    *,
+    loop: asyncio.AbstractEventLoop | None = None,
+    reporters: Iterable[Reporter] = (),
+    **options: Any,
+) -> Installation:
+    """Start watching for asyncio's silent failures.
+
+    Called inside a running loop, watch that loop; called before any loop
+    runs, watch every loop created or started afterwards; with ``loop=``,
+    watch that loop.  Calling it again is harmless (it attaches any new
+    loop).  Options: see `Settings`; ``ASYNCWATCH_*`` environment variables
+    give the defaults.  Undo everything with `uninstall()`.
+    """
+    with _state.lock:
+        engine, settings = ensure_engine(options, reporters=reporters)
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+        if loop is not None:
+            engine.attach(loop, settings)
+        else:
+            _watch_future_loops(settings)
+        return Installation(engine)
+
+
+def attach_loop(loop: asyncio.AbstractEventLoop, options: Mapping[str, Any]) -> LoopWatch:
+    """Watch *loop* (the loop factory and the policy use this).
+
+    Without options, a loop gets the settings `install()` was given.
+    """
+    with _state.lock:
+        engine = _state.engine
+        if engine is not None and not options:
+            return engine.attach(loop, _state.future_loops or engine.settings)
+        engine, settings = ensure_engine(options)
+        return engine.attach(loop, settings)
+
+
+def _watch_future_loops(settings: Settings) -> None:
+    """Watch loops that do not exist yet: through the event-loop policy (it
+    makes the loops of ``asyncio.run()`` and ``new_event_loop()``, uvloop's
+    included), and when any asyncio loop starts running (loops made by hand
+    or by a ``loop_factory``)."""
+    from ._policy import EventLoopPolicy, get_policy, set_policy
+
+    _state.future_loops = settings
+    if _state.policy is None:
+        base = get_policy()
+        if not isinstance(base, EventLoopPolicy):
+            policy = EventLoopPolicy(base)
+            set_policy(policy)
+            _state.policy = policy
+            _state.policy_base = base
+    if _state.set_running_loop is None:
+        original = asyncio.events._set_running_loop
+
+        def _set_running_loop(loop: Any) -> None:
+            original(loop)
+            engine = _state.engine
+            if loop is not None and engine is not None and _state.future_loops is not None:
+                try:
+                    if not engine.is_watching(loop):
+                        engine.attach(loop, _state.future_loops)
+                except Exception as exc:
+                    report_internal_error("loop start hook", exc)
+
+        _state.original_set_running_loop = original
+        _state.set_running_loop = _set_running_loop
+        asyncio.events._set_running_loop = _set_running_loop
+
+
+def future_loop_settings() -> Settings | None:
+    return _state.future_loops
+
+
+def uninstall() -> None:
+    """Stop watching and restore every hook asyncwatch changed.
+
+    Hooks that another library wrapped after asyncwatch are left in place
+    with asyncwatch's part made inert, so uninstall order never matters.
+    """
+    from ._policy import get_policy, set_policy
+
+    with _state.lock:
+        engine = _state.engine
+        if _state.set_running_loop is not None:
+            if asyncio.events._set_running_loop is _state.set_running_loop:
+                asyncio.events._set_running_loop = _state.original_set_running_loop  # type: ignore[assignment]
+            _state.set_running_loop = None
+        if _state.policy is not None:
+            if get_policy() is _state.policy:
+                set_policy(_state.policy_base)
+            else:
+                _state.policy.inert = True
+            _state.policy = None
+            _state.policy_base = None
+        _state.future_loops = None
+        _state.engine = None
+        _state.explicit = {}
+        if engine is not None:
+            engine.close()
+        forget_internal_errors()
+

@@ -1,0 +1,293 @@
+"""Slow callbacks: a watchdog thread that samples the loop thread's stack.
+
+Nothing runs on the event loop's hot path.  One daemon thread, shared by
+every watched loop, wakes every ``threshold / 10`` and looks at the frame
+the loop thread is executing (``sys._current_frames``):
+
+* the *callback frame* is the outermost frame of the running callback: the
+  frame just inside ``Handle._run`` (asyncio), or just inside the frame that
+  called ``run_forever`` (uvloop, whose dispatch is compiled).  When there is
+  none, the loop is idle or in its own machinery.
+* the same callback frame object seen across samples for at least the
+  threshold is one callback or task step blocking the loop.  The watchdog
+  keeps that frame object (never the task) between two samples, so a new
+  call can never reuse its address.
+* a task's coroutine frame survives across steps, so identity alone cannot
+  tell one long step from many short ones.  A heartbeat callback separates
+  them: whenever the watchdog starts following a callback frame, it has a
+  heartbeat queued with ``call_soon_threadsafe``; the ready queue is FIFO, so
+  the task's next step cannot run before the heartbeat, and an unchanged
+  heartbeat count proves it is still the same step.
+
+The site reported is the innermost application frame at the moment the
+threshold was crossed: the blocking line itself, not the next ``await``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import asyncio.events
+import os
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from ._findings import (
+    Finding,
+    FindingKind,
+    Site,
+    app_frame,
+    frame_site,
+    is_own_file,
+    qualname_of,
+    stack_of,
+)
+from ._reporters import report_internal_error
+
+__all__ = ["LoopProbe", "Watchdog"]
+
+_HANDLE_RUN = asyncio.events.Handle._run.__code__
+_now = time.perf_counter
+
+
+class _Stall:
+    __slots__ = ("coroutine", "site", "stack", "task")
+
+    def __init__(self, site: Site | None, stack: tuple[Site, ...], task: str | None, coroutine: str | None):
+        self.site = site
+        self.stack = stack
+        self.task = task
+        self.coroutine = coroutine
+
+
+class LoopProbe:
+    """The watchdog's view of one loop.  Sampling state is touched only by
+    the watchdog thread; the heartbeat fields only by the loop thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, threshold_s: float, emit: Callable[[Finding], None]) -> None:
+        self.loop_ref = weakref.ref(loop)
+        self.threshold_s = threshold_s
+        self.emit = emit
+        self.enabled = True
+        # written by the loop thread (heartbeat)
+        self.thread_id: int | None = None
+        self.runner_id: int | None = None
+        self.beats = 0
+        self.beat_time = 0.0
+        self.beat_pending = False
+        # written by the watchdog thread
+        self.held: FrameType | None = None
+        self.held_since = 0.0
+        self.held_beats = 0
+        self.stall: _Stall | None = None
+
+    # -- loop thread ---------------------------------------------------------
+
+    def beat(self) -> None:
+        """Heartbeat, run by the loop: who runs the loop, and from where."""
+        self.beat_time = _now()
+        self.thread_id = threading.get_ident()
+        caller = sys._getframe(1)
+        # asyncio: Handle._run; uvloop: the frame that called run_forever.
+        self.runner_id = None if caller.f_code is _HANDLE_RUN else id(caller)
+        self.beats += 1
+        self.beat_pending = False
+
+    # -- watchdog thread -----------------------------------------------------
+
+    def _post_beat(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self.beat_pending:
+            self.beat_pending = True
+            try:
+                loop.call_soon_threadsafe(self.beat)
+            except RuntimeError:  # closed between our check and the call
+                self.beat_pending = False
+
+    def callback_frame(self, top: FrameType) -> tuple[FrameType | None, list[FrameType]]:
+        """The outermost frame of the running callback, and the frames from
+        *top* down to it (innermost first); (None, []) when idle."""
+        chain: list[FrameType] = []
+        runner_id = self.runner_id
+        frame: FrameType | None = top
+        while frame is not None:
+            if frame.f_code is _HANDLE_RUN or id(frame) == runner_id:
+                return (chain[-1] if chain else None), chain
+            chain.append(frame)
+            frame = frame.f_back
+        return None, []
+
+    def sample(self, frames: dict[int, FrameType], now: float) -> float | None:
+        """Look at the loop once; return how soon to look again (None: drop me)."""
+        loop = self.loop_ref()
+        if loop is None or loop.is_closed() or not self.enabled:
+            self.finish(now)
+            return None
+        if not loop.is_running():
+            self.finish(now)
+            return self.threshold_s
+        tick = max(self.threshold_s / 10, 0.001)
+        thread_id = getattr(loop, "_thread_id", None) or self.thread_id
+        top = frames.get(thread_id) if thread_id is not None else None
+        if top is None:
+            self.finish(now)
+            self._post_beat(loop)  # learn the loop thread
+            return tick
+        callback, chain = self.callback_frame(top)
+        if callback is None or any(is_own_file(f.f_code.co_filename) for f in chain):
+            # Idle, in the loop's own machinery, or in asyncwatch's own work,
+            # which must never make user code look slow.
+            self.finish(now)
+            if callback is None and self.runner_id is not None and now - self.beat_time > 1.0:
+                self._post_beat(loop)  # uvloop: the loop may run from another frame now
+            return tick
+        if callback is self.held and self.beats == self.held_beats:
+            if self.stall is None and now - self.held_since >= self.threshold_s:
+                self.stall = self._capture(loop, top, chain)
+            if self.stall is not None:
+                return min(tick, 0.002)  # catch the end precisely
+            return tick
+        self.finish(now)
+        self.held = callback
+        self.held_since = now
+        self.held_beats = self.beats
+        self._post_beat(loop)
+        return tick
+
+    def _capture(self, loop: asyncio.AbstractEventLoop, top: FrameType, chain: list[FrameType]) -> _Stall:
+        blocking = app_frame(top)
+        site = frame_site(blocking) if blocking is not None else None
+        task: Any = asyncio.current_task(loop)
+        if task is not None:
+            name: str | None = task.get_name()
+            coroutine = qualname_of(task.get_coro())
+        else:
+            name = None
+            coroutine = chain[-1].f_code.co_qualname if chain else None
+        del task  # never keep the user's task alive
+        return _Stall(site, stack_of(chain), name, coroutine)
+
+    def finish(self, now: float) -> None:
+        """The followed callback is over; report it if it was a stall."""
+        stall = self.stall
+        if stall is not None:
+            end = now
+            if self.beats != self.held_beats and self.held_since < self.beat_time < end:
+                end = self.beat_time  # the loop said when it got free
+            duration = end - self.held_since
+            self.stall = None
+            what = (
+                f"Task {stall.task!r} (coroutine {stall.coroutine!r})"
+                if stall.task
+                else f"Callback {stall.coroutine!r}"
+            )
+            self.emit(
+                Finding(
+                    kind=FindingKind.SLOW_CALLBACK,
+                    message=(
+                        f"{what} blocked the event loop for {duration * 1000:.0f} ms "
+                        f"(threshold {self.threshold_s * 1000:.0f} ms); move blocking or "
+                        "CPU-bound work to asyncio.to_thread() or an executor"
+                    ),
+                    site=stall.site,
+                    stack=stall.stack,
+                    task=stall.task,
+                    coroutine=stall.coroutine,
+                    duration_s=round(duration, 6),
+                )
+            )
+        self.held = None
+
+
+class Watchdog:
+    """One daemon thread sampling every registered `LoopProbe`."""
+
+    def __init__(self) -> None:
+        self._probes: list[LoopProbe] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._after_fork)
+
+    def add(self, probe: LoopProbe) -> None:
+        with self._lock:
+            self._probes.append(probe)
+            self._ensure_thread()
+        self._wake.set()
+
+    def remove(self, probe: LoopProbe) -> None:
+        with self._lock:
+            probe.enabled = False
+            if probe in self._probes:
+                self._probes.remove(probe)
+
+    def flush(self) -> None:
+        """Report any stall in progress now (at exit or uninstall)."""
+        now = _now()
+        for probe in list(self._probes):
+            try:
+                probe.finish(now)
+            except Exception as exc:
+                report_internal_error("slow-callback watchdog", exc)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            thread = self._thread
+            self._thread = None
+        self._wake.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=1.0)
+        self.flush()
+        with self._lock:
+            self._probes.clear()
+            self._stopping = False
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="asyncwatch-watchdog", daemon=True)
+            self._thread.start()
+
+    def _after_fork(self) -> None:
+        # The child has no watchdog thread; start one if it has loops to watch.
+        self._lock = threading.Lock()
+        self._thread = None
+        if self._probes and not self._stopping:
+            self._ensure_thread()
+
+    def _run(self) -> None:
+        me = threading.current_thread()
+        while True:
+            with self._lock:
+                if self._stopping or self._thread is not me:
+                    return
+                probes = list(self._probes)
+            if not probes:
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            delay = 1.0
+            try:
+                frames = sys._current_frames()
+                now = _now()
+                for probe in probes:
+                    next_in = probe.sample(frames, now)
+                    if next_in is None:
+                        self.remove(probe)
+                    else:
+                        delay = min(delay, next_in)
+                del frames
+            except Exception as exc:
+                report_internal_error("slow-callback watchdog", exc)
+                with self._lock:
+                    for probe in self._probes:
+                        probe.enabled = False
+                    self._probes.clear()
+                return
+            self._wake.wait(delay)
+            self._wake.clear()

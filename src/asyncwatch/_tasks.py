@@ -1,0 +1,381 @@
+"""Task detectors: creation sites, pending tasks destroyed, exceptions never
+retrieved, and swallowed cancellations.
+
+Cost model (this runs for every task):
+
+* The chained task factory records where a task was created as a code object
+  and an instruction offset in two slots of the task itself; turning that into
+  a file and line happens only when a finding is reported.
+* `Task.cancel` is the only overridden method, so a task that is never
+  cancelled pays nothing else.  A cancelled task gets one done callback that
+  checks, when it finishes, whether the cancellation was swallowed.
+* Nothing here holds a strong reference to a task or a coroutine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+from collections.abc import Callable
+from types import CodeType, FrameType
+from typing import TYPE_CHECKING, Any
+
+from ._findings import (
+    Finding,
+    FindingKind,
+    Site,
+    app_code_at,
+    app_frame,
+    code_site,
+    describe_exception,
+    frame_site,
+    is_library_file,
+    is_own_file,
+    qualname_of,
+)
+from ._reporters import report_internal_error
+
+if TYPE_CHECKING:
+    from ._engine import LoopWatch
+
+__all__ = ["Task"]
+
+DESTROYED_PENDING = "Task was destroyed but it is pending!"
+NEVER_RETRIEVED = "Task exception was never retrieved"
+
+_eager_task_factory = getattr(asyncio, "eager_task_factory", None)
+
+
+class CancelRecord:
+    """What asyncwatch knows about the cancellation requests of one task."""
+
+    __slots__ = (
+        "absorbed",
+        "cancelled_by",
+        "delivered_at",
+        "delivery_stack",
+        "forwarded_from",
+        "unstructured",
+    )
+
+    def __init__(self) -> None:
+        self.unstructured = 0  # cancel() calls not made by asyncio's structured helpers
+        self.cancelled_by: Site | None = None
+        self.delivered_at: Site | None = None
+        self.delivery_stack: tuple[Site, ...] = ()
+        self.forwarded_from: CancelRecord | None = None
+        self.absorbed = False  # a task this one's cancellation went into swallowed it
+
+
+class _Forwarding(threading.local):
+    """The cancel() calls in progress on this thread, innermost last.
+
+    ``outer.cancel()`` cancels the future the task waits on; when that is
+    another task, its ``cancel()`` runs inside ours, and this stack is how
+    the inner one learns it was cancelled on the outer one's behalf.
+    """
+
+    def __init__(self) -> None:
+        self.stack: list[tuple[CancelRecord | None, bool, Site | None]] = []
+
+
+_forwarding = _Forwarding()
+
+
+class Task(asyncio.Task):  # type: ignore[type-arg]
+    """asyncio's Task, with three slots and a recorded ``cancel()``.
+
+    Created by asyncwatch's task factory when no other factory is chained.  It
+    is an `asyncio.Task` in every other respect (same C implementation, same
+    ``repr``), so code that checks ``isinstance(t, asyncio.Task)`` is unaffected.
+    """
+
+    __slots__ = ("_aw_watch", "_aw_code", "_aw_lasti", "_aw_cancel")
+
+    def cancel(self, msg: Any = None) -> bool:
+        entry: tuple[CancelRecord | None, bool, Site | None] = (None, False, None)
+        if not self.done():
+            try:
+                entry = _note_cancel(self, sys._getframe(1))
+            except Exception as exc:
+                report_internal_error("cancellation tracking", exc)
+        stack = _forwarding.stack
+        stack.append(entry)
+        try:
+            return super().cancel(msg)
+        finally:
+            stack.pop()
+
+
+# Cancellations made by asyncio's structured helpers (they uncancel() when
+# they are done, or, on 3.11/3.12, TaskGroup sometimes leaves the count at 1:
+# gh-116720).  Keyed by file name, then by function name (None = any).
+_STRUCTURED: dict[str, frozenset[str] | None] = {
+    "taskgroups.py": None,
+    "timeouts.py": None,
+    "staggered.py": None,
+    "tasks.py": frozenset({"wait_for", "_cancel_and_wait", "_on_timeout"}),
+}
+_ASYNCIO_DIR = os.path.dirname(asyncio.__file__) + os.sep
+
+
+def _is_structured(frame: FrameType) -> bool:
+    code = frame.f_code
+    filename = code.co_filename
+    if not filename.startswith(_ASYNCIO_DIR):
+        return False
+    base = os.path.basename(filename)
+    if base not in _STRUCTURED:
+        return False
+    names = _STRUCTURED[base]
+    return names is None or code.co_name in names
+
+
+def _note_cancel(task: Task, caller: FrameType) -> tuple[CancelRecord | None, bool, Site | None]:
+    watch = getattr(task, "_aw_watch", None)
+    if watch is None or not watch.detects(FindingKind.CANCELLATION_SWALLOWED):
+        return (None, False, None)
+    record: CancelRecord | None = getattr(task, "_aw_cancel", None)
+    if record is None:
+        record = CancelRecord()
+        task._aw_cancel = record
+        task.add_done_callback(_check_swallowed)
+    stack = _forwarding.stack
+    if stack and stack[-1][0] is not None and stack[-1][0] is not record:
+        # Forwarded from an outer task's cancel(): same canceller, same kind.
+        outer, structured, canceller = stack[-1]
+        if record.forwarded_from is None:
+            record.forwarded_from = outer
+    else:
+        frame: FrameType | None = caller
+        while frame is not None and is_own_file(frame.f_code.co_filename):
+            frame = frame.f_back  # called from our own cancel() of an untracked outer task
+        structured = frame is not None and _is_structured(frame)
+        app = app_frame(frame)
+        canceller = frame_site(app) if app is not None else None
+    if not structured:
+        record.unstructured += 1
+        if record.cancelled_by is None:
+            record.cancelled_by = canceller
+        if record.delivered_at is None:
+            record.delivered_at, record.delivery_stack = _delivery_point(task, canceller)
+    return (record, structured, canceller)
+
+
+def _delivery_point(task: asyncio.Task[Any], canceller: Site | None) -> tuple[Site | None, tuple[Site, ...]]:
+    """Where CancelledError will be thrown into *task*: its innermost
+    application ``await``, found through the chain of awaited coroutines."""
+    coro = task.get_coro()
+    if getattr(coro, "cr_running", False):
+        # The task cancels itself: the error lands at its next await, which
+        # has not happened yet; the cancel() call is the best line we have.
+        return canceller, ((canceller,) if canceller else ())
+    chain: list[Site] = []
+    obj: Any = coro
+    while obj is not None:
+        frame = getattr(obj, "cr_frame", None) or getattr(obj, "gi_frame", None)
+        if frame is None:
+            break
+        chain.append(frame_site(frame))
+        obj = getattr(obj, "cr_await", None) or getattr(obj, "gi_yieldfrom", None)
+    delivered = next((s for s in reversed(chain) if not is_library_file(s.file)), None)
+    return delivered, tuple(chain)
+
+
+def _check_swallowed(task: asyncio.Task[Any]) -> None:
+    """Done callback of a cancelled task: report if it finished normally."""
+    try:
+        record: CancelRecord | None = getattr(task, "_aw_cancel", None)
+        if record is None or task.cancelled() or task._exception is not None:  # type: ignore[attr-defined]
+            return
+        if record.unstructured == 0 or task.cancelling() <= 0 or record.absorbed:
+            # Only structured cancellation, a deliberate uncancel(), or a task
+            # this one awaited swallowed it first (that one is reported).
+            return
+        outer = record.forwarded_from
+        while outer is not None:
+            outer.absorbed = True
+            outer = outer.forwarded_from
+        watch: LoopWatch = task._aw_watch  # type: ignore[attr-defined]
+        coro = qualname_of(task.get_coro())
+        name = task.get_name()
+        by = f" (cancelled at {_short(record.cancelled_by)})" if record.cancelled_by else ""
+        watch.emit(
+            Finding(
+                kind=FindingKind.CANCELLATION_SWALLOWED,
+                message=(
+                    f"Task {name!r} (coroutine {coro!r}) was cancelled{by} but finished without "
+                    "raising CancelledError, so the cancellation was swallowed; re-raise "
+                    "CancelledError after cleanup"
+                ),
+                site=record.delivered_at,
+                stack=record.delivery_stack,
+                task=name,
+                coroutine=coro,
+                cancelled_by=record.cancelled_by,
+                created_at=created_at(task),
+            )
+        )
+    except Exception as exc:
+        report_internal_error("cancellation tracking", exc)
+
+
+def _short(site: Site | None) -> str:
+    if site is None:
+        return "an unknown place"
+    return f"{os.path.basename(site.file)}:{site.line}"
+
+
+# --- where a task was created ------------------------------------------------
+
+# Tasks made by another library's task factory are not our subclass and have
+# no slots: their creation sites live here, keyed by id(task) and checked
+# against id(coroutine).  Entries leave on completion; the table is capped
+# for tasks that vanish without a word (gather hides their destruction).
+_FOREIGN_LIMIT = 100_000
+_foreign_sites: dict[int, tuple[int, CodeType, int]] = {}
+
+
+def _forget_foreign(task: asyncio.Task[Any]) -> None:
+    _foreign_sites.pop(id(task), None)
+
+
+def created_at(task: asyncio.Future[Any]) -> Site | None:
+    """The application line that created *task*, if asyncwatch saw it."""
+    code = getattr(task, "_aw_code", None)
+    if code is not None:
+        return code_site(code, task._aw_lasti)  # type: ignore[attr-defined]
+    entry = _foreign_sites.get(id(task))
+    get_coro = getattr(task, "get_coro", None)
+    if entry is not None and get_coro is not None and entry[0] == id(get_coro()):
+        return code_site(entry[1], entry[2])
+    return None
+
+
+class TaskFactory:
+    """The loop's task factory while asyncwatch watches it; chains *previous*."""
+
+    __slots__ = ("enabled", "previous", "watch")
+
+    def __init__(self, watch: LoopWatch, previous: Callable[..., Any] | None) -> None:
+        self.watch = watch
+        self.previous = previous
+        self.enabled = True
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        previous = self.previous
+        if not self.enabled:
+            if previous is None:
+                return asyncio.Task(coro, loop=loop, **kwargs)
+            return previous(loop, coro, **kwargs)  # type: ignore[no-any-return]
+        if previous is None:
+            task: Any = Task(coro, loop=loop, **kwargs)
+        elif previous is _eager_task_factory:
+            kwargs.setdefault("eager_start", True)
+            task = Task(coro, loop=loop, **kwargs)
+        else:
+            task = previous(loop, coro, **kwargs)
+        try:
+            where = app_code_at(1)
+            if type(task) is Task:
+                task._aw_watch = self.watch
+                if where is not None:
+                    task._aw_code, task._aw_lasti = where
+            elif where is not None and isinstance(task, asyncio.Task):
+                if len(_foreign_sites) >= _FOREIGN_LIMIT:
+                    for key in list(_foreign_sites)[: _FOREIGN_LIMIT // 2]:
+                        del _foreign_sites[key]
+                _foreign_sites[id(task)] = (id(task.get_coro()), *where)
+                task.add_done_callback(_forget_foreign)
+        except Exception as exc:
+            self.enabled = False
+            report_internal_error("task factory", exc)
+        return task  # type: ignore[no-any-return]
+
+
+class ExceptionHandler:
+    """The loop's exception handler while asyncwatch watches it; chains *previous*.
+
+    asyncio reports a pending task destroyed, and a task exception never
+    retrieved, through the loop's exception handler from the task's
+    finalizer.  This one turns those into findings, then always hands the
+    context on unchanged, so the program's own handler (or asyncio's
+    default logging) sees exactly what it saw before.
+    """
+
+    __slots__ = ("enabled", "previous", "watch")
+
+    def __init__(self, watch: LoopWatch, previous: Callable[..., Any] | None) -> None:
+        self.watch = watch
+        self.previous = previous
+        self.enabled = True
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if self.enabled:
+            try:
+                self.watch.on_exception_context(context)
+            except Exception as exc:
+                self.enabled = False
+                report_internal_error("exception handler", exc)
+        previous = self.previous
+        if previous is None:
+            loop.default_exception_handler(context)
+        else:
+            previous(loop, context)
+
+
+def suspended_stack(task: asyncio.Task[Any]) -> tuple[Site, ...]:
+    """Sites of the coroutines *task* is suspended in, outermost first."""
+    return _delivery_point(task, None)[1]
+
+
+def destroyed_pending_finding(task: asyncio.Task[Any]) -> Finding:
+    name = task.get_name()
+    coro = qualname_of(task.get_coro())
+    where = created_at(task)
+    stack = suspended_stack(task)
+    waiting = next((s for s in reversed(stack) if not is_library_file(s.file)), None)
+    waiting_text = f" while waiting at {_short(waiting)}" if waiting else ""
+    return Finding(
+        kind=FindingKind.TASK_DESTROYED_PENDING,
+        message=(
+            f"Task {name!r} (coroutine {coro!r}) was destroyed by the garbage collector "
+            f"while still pending{waiting_text}; keep a reference to it (a set of "
+            "background tasks, or a TaskGroup)"
+        ),
+        site=where,
+        stack=stack,
+        task=name,
+        coroutine=coro,
+        created_at=where,
+    )
+
+
+def unretrieved_finding(task: asyncio.Task[Any], exc: BaseException) -> Finding:
+    name = task.get_name()
+    coro = qualname_of(task.get_coro())
+    where = created_at(task)
+    tb_sites: list[Site] = []
+    tb = exc.__traceback__
+    while tb is not None:
+        tb_sites.append(Site(*_tb_site(tb)))
+        tb = tb.tb_next
+    return Finding(
+        kind=FindingKind.TASK_EXCEPTION_UNRETRIEVED,
+        message=(
+            f"Task {name!r} (coroutine {coro!r}) failed with {describe_exception(exc)} "
+            "and nobody retrieved the exception; await the task, or check it in a done callback"
+        ),
+        site=where,
+        stack=tuple(tb_sites),
+        task=name,
+        coroutine=coro,
+        created_at=where,
+    )
+
+
+def _tb_site(tb: Any) -> tuple[str, int, str]:
+    site = frame_site(tb.tb_frame)
+    return site.file, tb.tb_lineno, site.function
