@@ -195,7 +195,6 @@ def _run_target(args: argparse.Namespace) -> int:
     """Run the script or module as ``__main__``; return its exit status."""
     if args.module:
         sys.argv = [args.module, *args.target]
-        sys.path.insert(0, os.getcwd())
         runner = lambda: runpy.run_module(args.module, run_name="__main__", alter_sys=True)  # noqa: E731
     else:
         script = args.target[0]
@@ -243,6 +242,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.module:
         import importlib.util
 
+        sys.path.insert(0, os.getcwd())  # as `python -m` does
         try:
             found = importlib.util.find_spec(args.module) is not None
         except (ImportError, ValueError):

@@ -59,6 +59,7 @@ class LoopWatch:
         loop.set_exception_handler(self.handler)
         if FindingKind.SLOW_CALLBACK in self._detect:
             self.probe = LoopProbe(loop, settings.slow_callback_s, self.emit)
+            self.probe.start(loop)
             engine.watchdog.add(self.probe)
 
     def detects(self, kind: FindingKind) -> bool:

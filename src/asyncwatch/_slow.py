@@ -33,7 +33,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Any
 
 from ._findings import (
@@ -75,7 +75,7 @@ class LoopProbe:
         self.enabled = True
         # written by the loop thread (heartbeat)
         self.thread_id: int | None = None
-        self.runner_id: int | None = None
+        self.runner_code: CodeType | None = None
         self.beats = 0
         self.beat_time = 0.0
         self.beat_pending = False
@@ -92,12 +92,26 @@ class LoopProbe:
         self.beat_time = _now()
         self.thread_id = threading.get_ident()
         caller = sys._getframe(1)
-        # asyncio: Handle._run; uvloop: the frame that called run_forever.
-        self.runner_id = None if caller.f_code is _HANDLE_RUN else id(caller)
+        # asyncio: Handle._run; uvloop: the frame that called run_forever
+        # (matched by code, so it survives the loop being run again).
+        self.runner_code = None if caller.f_code is _HANDLE_RUN else caller.f_code
         self.beats += 1
         self.beat_pending = False
 
     # -- watchdog thread -----------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Queue the first heartbeat now, so that it runs before the first
+        step of the program's main task (which may block at once)."""
+        self.thread_id = threading.get_ident()
+        self.beat_pending = True
+        try:
+            if loop.is_running():
+                loop.call_soon_threadsafe(self.beat)
+            else:
+                loop.call_soon(self.beat)
+        except RuntimeError:
+            self.beat_pending = False
 
     def _post_beat(self, loop: asyncio.AbstractEventLoop) -> None:
         if not self.beat_pending:
@@ -111,10 +125,11 @@ class LoopProbe:
         """The outermost frame of the running callback, and the frames from
         *top* down to it (innermost first); (None, []) when idle."""
         chain: list[FrameType] = []
-        runner_id = self.runner_id
+        runner = self.runner_code
         frame: FrameType | None = top
         while frame is not None:
-            if frame.f_code is _HANDLE_RUN or id(frame) == runner_id:
+            code = frame.f_code
+            if code is _HANDLE_RUN or code is runner:
                 return (chain[-1] if chain else None), chain
             chain.append(frame)
             frame = frame.f_back
@@ -141,7 +156,7 @@ class LoopProbe:
             # Idle, in the loop's own machinery, or in asyncwatch's own work,
             # which must never make user code look slow.
             self.finish(now)
-            if callback is None and self.runner_id is not None and now - self.beat_time > 1.0:
+            if callback is None and self.runner_code is not None and now - self.beat_time > 1.0:
                 self._post_beat(loop)  # uvloop: the loop may run from another frame now
             return tick
         if callback is self.held and self.beats == self.held_beats:

@@ -1,0 +1,107 @@
+"""Shared harness: run a coroutine on a watched loop (asyncio or uvloop) and
+collect what asyncwatch reported."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import sys
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
+
+import pytest
+
+import asyncwatch
+from asyncwatch import Finding
+from asyncwatch._reporters import CollectingReporter
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a test dependency
+    uvloop = None
+
+LOOPS = ["asyncio", "uvloop"]
+
+
+def gc_collect_harder() -> None:
+    """Collect until nothing more is freed (finalizers can free more)."""
+    for _ in range(4):
+        gc.collect()
+
+
+@pytest.fixture(params=LOOPS)
+def loop_name(request: pytest.FixtureRequest) -> str:
+    """Each test that takes this runs on asyncio's loop and on uvloop."""
+    if request.param == "uvloop" and uvloop is None:
+        pytest.skip("uvloop is not installed")
+    return str(request.param)
+
+
+def base_factory(loop_name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    if loop_name == "uvloop":
+        assert uvloop is not None
+        return uvloop.new_event_loop  # type: ignore[no-any-return]
+    return asyncio.new_event_loop
+
+
+class Watched:
+    """Runs coroutines on watched loops and collects the findings."""
+
+    def __init__(self, loop_name: str) -> None:
+        self.loop_name = loop_name
+        self.collector = CollectingReporter()
+
+    @property
+    def findings(self) -> list[Finding]:
+        return self.collector.findings
+
+    def kinds(self) -> list[str]:
+        return [f.kind.value for f in self.findings]
+
+    def of(self, kind: str) -> list[Finding]:
+        return [f for f in self.findings if f.kind.value == kind]
+
+    def run(self, main: Callable[[], Coroutine[Any, Any, Any]], **options: Any) -> Any:
+        """Run ``main()`` with asyncio.Runner on a watched loop; collect garbage after."""
+        options.setdefault("log", False)
+        factory = asyncwatch.loop_factory(base_factory(self.loop_name), **options)
+        install = asyncwatch.install(reporters=[self.collector], log=options["log"])
+        del install
+        try:
+            with asyncio.Runner(loop_factory=factory) as runner:
+                result = runner.run(main())
+        finally:
+            gc_collect_harder()
+        return result
+
+
+@pytest.fixture
+def watched(loop_name: str) -> Iterator[Watched]:
+    """A `Watched` harness on the parametrized loop; uninstalls afterwards."""
+    harness = Watched(loop_name)
+    try:
+        yield harness
+    finally:
+        asyncwatch.uninstall()
+
+
+@pytest.fixture(autouse=True)
+def _always_uninstalled() -> Iterator[None]:
+    """No test leaks an installation (or a hook) into the next."""
+    yield
+    asyncwatch.uninstall()
+    assert not asyncwatch.is_installed()
+
+
+def line_of(marker: str, path: str | None = None) -> int:
+    """The line number of the (unique) source line containing *marker*.
+
+    Tests mark the lines they expect in a finding with a comment such as
+    ``# <- blocking`` instead of hard-coding numbers.
+    """
+    if path is None:
+        path = sys._getframe(1).f_code.co_filename
+    with open(path, encoding="utf-8") as f:
+        hits = [n for n, text in enumerate(f, 1) if marker in text and "line_of(" not in text]
+    assert len(hits) == 1, f"marker {marker!r} found {len(hits)} times in {path}"
+    return hits[0]
