@@ -35,6 +35,8 @@ from ._tasks import (
     ExceptionHandler,
     TaskFactory,
     destroyed_pending_finding,
+    coro_of,
+    forget,
     unretrieved_finding,
 )
 
@@ -74,7 +76,7 @@ class LoopWatch:
         if message == DESTROYED_PENDING:
             task = context.get("task")
             if isinstance(task, asyncio.Task) and self.detects(FindingKind.TASK_DESTROYED_PENDING):
-                coro = task.get_coro()
+                coro = coro_of(task)
                 hook = self.engine.coroutine_hook
                 if hook is not None and getattr(coro, "cr_frame", None) is not None:
                     if getattr(coro.cr_frame, "f_lasti", 0) < 0 or not getattr(coro, "cr_suspended", True):
@@ -82,7 +84,8 @@ class LoopWatch:
                         # for its coroutine; it is the same mistake.
                         hook.reported_elsewhere.add(id(coro))
                 self.emit(destroyed_pending_finding(task))
-        elif message == NEVER_RETRIEVED:
+                forget(task)
+        elif isinstance(message, str) and message.endswith(NEVER_RETRIEVED):
             task = context.get("future")
             exc = context.get("exception")
             if (
@@ -91,6 +94,7 @@ class LoopWatch:
                 and self.detects(FindingKind.TASK_EXCEPTION_UNRETRIEVED)
             ):
                 self.emit(unretrieved_finding(task, exc))
+                forget(task)
 
     def detach(self) -> None:
         """Restore the loop's hooks, or go inert where someone chained on top of us."""

@@ -47,6 +47,7 @@ from ._findings import (
     stack_of,
 )
 from ._reporters import report_internal_error
+from ._tasks import coro_name
 
 __all__ = ["LoopProbe", "Watchdog"]
 
@@ -84,6 +85,7 @@ class LoopProbe:
         self.held_since = 0.0
         self.held_beats = 0
         self.stall: _Stall | None = None
+        self._stall_lock = threading.Lock()
 
     # -- loop thread ---------------------------------------------------------
 
@@ -97,6 +99,10 @@ class LoopProbe:
         self.runner_code = None if caller.f_code is _HANDLE_RUN else caller.f_code
         self.beats += 1
         self.beat_pending = False
+        if self.stall is not None:
+            # The blocking callback is over (we run after it): report it now,
+            # before the program moves on, instead of at the next sample.
+            self._end_stall(self.beat_time)
 
     # -- watchdog thread -----------------------------------------------------
 
@@ -178,7 +184,7 @@ class LoopProbe:
         task: Any = asyncio.current_task(loop)
         if task is not None:
             name: str | None = task.get_name()
-            coroutine = qualname_of(task.get_coro())
+            coroutine = coro_name(task)
         else:
             name = None
             coroutine = chain[-1].f_code.co_qualname if chain else None
@@ -186,14 +192,19 @@ class LoopProbe:
         return _Stall(site, stack_of(chain), name, coroutine)
 
     def finish(self, now: float) -> None:
-        """The followed callback is over; report it if it was a stall."""
-        stall = self.stall
+        """The followed callback is over (watchdog thread); report a stall."""
+        end = now
+        if self.beats != self.held_beats and self.held_since < self.beat_time < end:
+            end = self.beat_time  # the loop said when it got free
+        self._end_stall(end)
+        self.held = None
+
+    def _end_stall(self, end: float) -> None:
+        """Report the stall in progress, once (from either thread)."""
+        with self._stall_lock:
+            stall, self.stall = self.stall, None
         if stall is not None:
-            end = now
-            if self.beats != self.held_beats and self.held_since < self.beat_time < end:
-                end = self.beat_time  # the loop said when it got free
             duration = end - self.held_since
-            self.stall = None
             what = (
                 f"Task {stall.task!r} (coroutine {stall.coroutine!r})"
                 if stall.task
@@ -214,7 +225,6 @@ class LoopProbe:
                     duration_s=round(duration, 6),
                 )
             )
-        self.held = None
 
 
 class Watchdog:

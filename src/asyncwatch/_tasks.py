@@ -43,9 +43,28 @@ if TYPE_CHECKING:
 __all__ = ["Task"]
 
 DESTROYED_PENDING = "Task was destroyed but it is pending!"
-NEVER_RETRIEVED = "Task exception was never retrieved"
+# asyncio words it "<class name> exception was never retrieved".
+NEVER_RETRIEVED = " exception was never retrieved"
 
 _eager_task_factory = getattr(asyncio, "eager_task_factory", None)
+
+# gh-122332: on 3.12.0-3.12.4, Task.get_coro() dereferences NULL (and kills
+# the interpreter) for a task that completed eagerly.  Never ask a done task
+# there; the eager path of our factory keeps the coroutine's name instead.
+_GET_CORO_UNSAFE_WHEN_DONE = (3, 12) <= sys.version_info[:3] < (3, 12, 5)
+
+
+def coro_of(task: asyncio.Future[Any]) -> Any:
+    """``task.get_coro()``, or None where asking would crash CPython."""
+    if _GET_CORO_UNSAFE_WHEN_DONE and task.done():
+        return None
+    get_coro = getattr(task, "get_coro", None)
+    return get_coro() if get_coro is not None else None
+
+
+def coro_name(task: asyncio.Future[Any]) -> str | None:
+    """The qualified name of the coroutine *task* runs."""
+    return getattr(task, "_aw_coro", None) or qualname_of(coro_of(task))
 
 
 class CancelRecord:
@@ -92,7 +111,7 @@ class Task(asyncio.Task):  # type: ignore[type-arg]
     ``repr``), so code that checks ``isinstance(t, asyncio.Task)`` is unaffected.
     """
 
-    __slots__ = ("_aw_watch", "_aw_code", "_aw_lasti", "_aw_cancel")
+    __slots__ = ("_aw_watch", "_aw_code", "_aw_lasti", "_aw_cancel", "_aw_coro")
 
     def cancel(self, msg: Any = None) -> bool:
         entry: tuple[CancelRecord | None, bool, Site | None] = (None, False, None)
@@ -167,7 +186,7 @@ def _note_cancel(task: Task, caller: FrameType) -> tuple[CancelRecord | None, bo
 def _delivery_point(task: asyncio.Task[Any], canceller: Site | None) -> tuple[Site | None, tuple[Site, ...]]:
     """Where CancelledError will be thrown into *task*: its innermost
     application ``await``, found through the chain of awaited coroutines."""
-    coro = task.get_coro()
+    coro = coro_of(task)
     if getattr(coro, "cr_running", False):
         # The task cancels itself: the error lands at its next await, which
         # has not happened yet; the cancel() call is the best line we have.
@@ -199,7 +218,7 @@ def _check_swallowed(task: asyncio.Task[Any]) -> None:
             outer.absorbed = True
             outer = outer.forwarded_from
         watch: LoopWatch = task._aw_watch  # type: ignore[attr-defined]
-        coro = qualname_of(task.get_coro())
+        coro = coro_name(task)
         name = task.get_name()
         by = f" (cancelled at {_short(record.cancelled_by)})" if record.cancelled_by else ""
         watch.emit(
@@ -239,6 +258,14 @@ _foreign_sites: dict[int, tuple[int, CodeType, int]] = {}
 
 
 def _forget_foreign(task: asyncio.Task[Any]) -> None:
+    # A failed task keeps its entry: "exception never retrieved" is reported
+    # later, from its finalizer, and needs the site then.
+    if task.cancelled() or task._exception is None:  # type: ignore[attr-defined]
+        _foreign_sites.pop(id(task), None)
+
+
+def forget(task: asyncio.Future[Any]) -> None:
+    """Drop what is kept about a reported task (it is being finalized)."""
     _foreign_sites.pop(id(task), None)
 
 
@@ -248,9 +275,10 @@ def created_at(task: asyncio.Future[Any]) -> Site | None:
     if code is not None:
         return code_site(code, task._aw_lasti)  # type: ignore[attr-defined]
     entry = _foreign_sites.get(id(task))
-    get_coro = getattr(task, "get_coro", None)
-    if entry is not None and get_coro is not None and entry[0] == id(get_coro()):
-        return code_site(entry[1], entry[2])
+    if entry is not None:
+        coro = coro_of(task)
+        if coro is None or entry[0] == id(coro):
+            return code_site(entry[1], entry[2])
     return None
 
 
@@ -274,7 +302,9 @@ class TaskFactory:
             task: Any = Task(coro, loop=loop, **kwargs)
         elif previous is _eager_task_factory:
             kwargs.setdefault("eager_start", True)
+            name = qualname_of(coro)
             task = Task(coro, loop=loop, **kwargs)
+            task._aw_coro = name
         else:
             task = previous(loop, coro, **kwargs)
         try:
@@ -287,7 +317,7 @@ class TaskFactory:
                 if len(_foreign_sites) >= _FOREIGN_LIMIT:
                     for key in list(_foreign_sites)[: _FOREIGN_LIMIT // 2]:
                         del _foreign_sites[key]
-                _foreign_sites[id(task)] = (id(task.get_coro()), *where)
+                _foreign_sites[id(task)] = (id(coro), *where)
                 task.add_done_callback(_forget_foreign)
         except Exception as exc:
             self.enabled = False
@@ -333,7 +363,7 @@ def suspended_stack(task: asyncio.Task[Any]) -> tuple[Site, ...]:
 
 def destroyed_pending_finding(task: asyncio.Task[Any]) -> Finding:
     name = task.get_name()
-    coro = qualname_of(task.get_coro())
+    coro = coro_name(task)
     where = created_at(task)
     stack = suspended_stack(task)
     waiting = next((s for s in reversed(stack) if not is_library_file(s.file)), None)
@@ -355,7 +385,7 @@ def destroyed_pending_finding(task: asyncio.Task[Any]) -> Finding:
 
 def unretrieved_finding(task: asyncio.Task[Any], exc: BaseException) -> Finding:
     name = task.get_name()
-    coro = qualname_of(task.get_coro())
+    coro = coro_name(task)
     where = created_at(task)
     tb_sites: list[Site] = []
     tb = exc.__traceback__

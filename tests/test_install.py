@@ -1,0 +1,442 @@
+"""The four ways in, and the promise that uninstall() leaves the interpreter as it found it."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import sys
+import time
+import warnings
+
+import pytest
+
+import asyncwatch
+from asyncwatch import FindingKind
+from asyncwatch._policy import get_policy, set_policy
+from asyncwatch._reporters import CollectingReporter
+from asyncwatch.testing import capture_findings
+from conftest import base_factory, gc_collect_harder, line_of
+
+
+async def _block() -> None:
+    time.sleep(0.25)  # <- install blocks here
+    await asyncio.sleep(0)
+
+
+def _engine_only(collector: CollectingReporter) -> None:
+    """Start asyncwatch without watching future loops, so that a test sees
+    only the loops its own entry point attaches."""
+    loop = asyncio.new_event_loop()
+    asyncwatch.install(loop=loop, reporters=[collector], log=False)
+    loop.close()
+
+
+def _snapshot(loop: asyncio.AbstractEventLoop | None = None) -> dict[str, object]:
+    snap: dict[str, object] = {
+        "warn_unawaited": warnings._warn_unawaited_coroutine,  # type: ignore[attr-defined]
+        "set_running_loop": asyncio.events._set_running_loop,
+        "policy": get_policy(),
+        "origin_depth": sys.get_coroutine_origin_tracking_depth(),
+        "gc_callbacks": list(gc.callbacks),
+    }
+    if loop is not None:
+        snap["task_factory"] = loop.get_task_factory()
+        snap["exception_handler"] = loop.get_exception_handler()
+    return snap
+
+
+class TestInstallInsideARunningLoop:
+    def test_watches_the_running_loop(self, loop_name):
+        """install() called from a coroutine watches the loop it runs on."""
+        collector = CollectingReporter()
+
+        async def main():
+            asyncwatch.install(reporters=[collector], log=False, slow_callback_ms=100)
+            await asyncio.sleep(0)
+            await _block()
+
+        with asyncio.Runner(loop_factory=base_factory(loop_name)) as runner:
+            runner.run(main())
+        slow = [f for f in collector.findings if f.kind is FindingKind.SLOW_CALLBACK]
+        assert [f.site.line for f in slow] == [line_of("# <- install blocks here")]
+
+    def test_is_idempotent(self):
+        """Installing twice attaches once: one task factory, one report per mistake."""
+        collector = CollectingReporter()
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            asyncwatch.install(reporters=[collector], log=False)
+            factory = loop.get_task_factory()
+            asyncwatch.install(log=False)
+            assert loop.get_task_factory() is factory
+            await _block()
+
+        asyncio.run(main())
+        assert [f.kind for f in collector.findings] == [FindingKind.SLOW_CALLBACK]
+
+
+class TestInstallBeforeAnyLoop:
+    def test_watches_loops_made_by_asyncio_run(self):
+        """install() at start-up watches the loop asyncio.run() creates later."""
+        collector = CollectingReporter()
+        asyncwatch.install(reporters=[collector], log=False)
+        asyncio.run(_block())
+        assert [f.site.line for f in collector.findings] == [line_of("# <- install blocks here")]
+
+    def test_watches_loops_made_by_hand_and_started_later(self):
+        """A loop instantiated directly (not through the policy) is watched once it runs."""
+        collector = CollectingReporter()
+        asyncwatch.install(reporters=[collector], log=False)
+        loop = asyncio.SelectorEventLoop()
+        try:
+            loop.run_until_complete(_block())
+        finally:
+            loop.close()
+        assert [f.kind for f in collector.findings] == [FindingKind.SLOW_CALLBACK]
+
+    def test_wraps_the_current_policy_and_restores_it(self):
+        """A base policy set by the program (uvloop's, say) keeps making the loops."""
+        uvloop = pytest.importorskip("uvloop")
+        original = get_policy()
+        base = uvloop.EventLoopPolicy()
+        set_policy(base)
+        try:
+            collector = CollectingReporter()
+            asyncwatch.install(reporters=[collector], log=False)
+
+            async def main():
+                assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+                await _block()
+
+            asyncio.run(main())
+            assert [f.kind for f in collector.findings] == [FindingKind.SLOW_CALLBACK]
+            asyncwatch.uninstall()
+            assert get_policy() is base
+        finally:
+            set_policy(original)
+
+
+class TestLoopFactory:
+    def test_runner_with_loop_factory_is_watched(self, loop_name):
+        """asyncio.Runner(loop_factory=asyncwatch.loop_factory(base)) watches its loop."""
+        with asyncio.Runner(loop_factory=asyncwatch.loop_factory(base_factory(loop_name), log=False)) as runner:
+            with capture_findings() as found:
+                runner.run(_block())
+        assert [f.site.line for f in found] == [line_of("# <- install blocks here")]
+
+    @pytest.mark.skipif(sys.version_info < (3, 12), reason="asyncio.run(loop_factory=) is 3.12+")
+    def test_asyncio_run_with_new_event_loop_is_watched(self):
+        """asyncio.run(main(), loop_factory=asyncwatch.new_event_loop) watches its loop."""
+        collector = CollectingReporter()
+        _engine_only(collector)
+        asyncio.run(_block(), loop_factory=asyncwatch.new_event_loop)
+        assert [f.kind for f in collector.findings] == [FindingKind.SLOW_CALLBACK]
+
+    def test_bad_option_fails_at_the_call_site(self):
+        """A typo in an option is an error naming the option and the valid ones."""
+        with pytest.raises(asyncwatch.ConfigurationError, match=r"unknown asyncwatch option 'slow_ms'.*slow_callback_ms"):
+            asyncwatch.loop_factory(slow_ms=10)
+
+
+class TestEventLoopPolicy:
+    def test_policy_loops_are_watched(self, loop_name):
+        """asyncio.set_event_loop_policy(asyncwatch.EventLoopPolicy(base)) watches asyncio.run's loop."""
+        original = get_policy()
+        base = None
+        if loop_name == "uvloop":
+            import uvloop
+
+            base = uvloop.EventLoopPolicy()
+        collector = CollectingReporter()
+        _engine_only(collector)
+        set_policy(asyncwatch.EventLoopPolicy(base))
+        try:
+            asyncio.run(_block())
+        finally:
+            set_policy(original)
+        assert [f.kind for f in collector.findings] == [FindingKind.SLOW_CALLBACK]
+
+    def test_policy_options_apply_to_its_loops(self):
+        """Options given to the policy (a lower threshold) govern its loops."""
+        original = get_policy()
+        collector = CollectingReporter()
+        _engine_only(collector)
+        set_policy(asyncwatch.EventLoopPolicy(slow_callback_ms=30))
+
+        async def main():
+            time.sleep(0.08)
+            await asyncio.sleep(0)
+
+        try:
+            asyncio.run(main())
+        finally:
+            set_policy(original)
+        assert [f.kind for f in collector.findings] == [FindingKind.SLOW_CALLBACK]
+
+
+class TestUninstall:
+    def test_restores_every_hook_of_the_loop(self, loop_name):
+        """Task factory and exception handler, including the program's own, come back."""
+
+        def their_factory(loop, coro, **kw):
+            return asyncio.Task(coro, loop=loop, **kw)
+
+        def their_handler(loop, context):
+            pass
+
+        loop = base_factory(loop_name)()
+        try:
+            loop.set_task_factory(their_factory)
+            loop.set_exception_handler(their_handler)
+            before = _snapshot(loop)
+            asyncwatch.install(loop=loop, log=False)
+            assert loop.get_task_factory() is not their_factory
+            assert loop.get_exception_handler() is not their_handler
+            asyncwatch.uninstall()
+            assert _snapshot(loop) == before
+        finally:
+            loop.close()
+
+    def test_restores_process_wide_hooks(self):
+        """Warnings hook, loop-start hook, policy, origin tracking and gc callbacks come back."""
+        before = _snapshot()
+        handle = asyncwatch.install(log=False, track_coroutine_origins=True)
+        assert sys.get_coroutine_origin_tracking_depth() > 0
+        assert asyncio.events._set_running_loop is not before["set_running_loop"]
+        handle.uninstall()
+        assert _snapshot() == before
+        assert not asyncwatch.is_installed()
+
+    def test_a_hook_wrapped_by_someone_else_is_left_in_place_but_inert(self):
+        """If another library wrapped our task factory, uninstall keeps theirs and ours does nothing."""
+        collector = CollectingReporter()
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            asyncwatch.install(reporters=[collector], log=False)
+            ours = loop.get_task_factory()
+            calls = []
+
+            def theirs(loop, coro, **kw):
+                calls.append(coro)
+                return ours(loop, coro, **kw)
+
+            loop.set_task_factory(theirs)
+            asyncwatch.uninstall()
+            assert loop.get_task_factory() is theirs
+            task = asyncio.create_task(asyncio.sleep(0))
+            await task
+            assert type(task) is asyncio.Task  # ours went inert: plain asyncio tasks again
+            assert len(calls) == 1
+
+        asyncio.run(main())
+
+    def test_context_manager_uninstalls(self):
+        """`with asyncwatch.install():` uninstalls on exit."""
+        with asyncwatch.install(log=False):
+            assert asyncwatch.is_installed()
+        assert not asyncwatch.is_installed()
+
+
+class TestChaining:
+    def test_program_exception_handler_still_sees_every_context(self, loop_name):
+        """The program's own exception handler receives the contexts asyncwatch also reports."""
+        seen = []
+        collector = CollectingReporter()
+
+        async def boom():
+            raise ValueError("boom")
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            loop.set_exception_handler(lambda loop, ctx: seen.append(ctx["message"]))
+            asyncwatch.install(reporters=[collector], log=False)
+            asyncio.create_task(boom())
+            await asyncio.sleep(0.01)
+            gc_collect_harder()
+
+        with asyncio.Runner(loop_factory=base_factory(loop_name)) as runner:
+            runner.run(main())
+        assert seen == ["Task exception was never retrieved"]
+        assert [f.kind for f in collector.findings] == [FindingKind.TASK_EXCEPTION_UNRETRIEVED]
+
+    def test_program_task_factory_keeps_making_the_tasks(self, loop_name):
+        """A task factory the program set before install() is chained, not replaced."""
+        made = []
+        collector = CollectingReporter()
+
+        class MyTask(asyncio.Task):
+            pass
+
+        async def boom():
+            raise ValueError("boom")
+
+        async def main():
+            loop = asyncio.get_running_loop()
+
+            def factory(loop, coro, **kw):
+                task = MyTask(coro, loop=loop, **kw)
+                made.append(coro.__qualname__)
+                return task
+
+            loop.set_task_factory(factory)
+            asyncwatch.install(reporters=[collector], log=False)
+            task = asyncio.create_task(boom())  # <- foreign factory task
+            assert isinstance(task, MyTask)
+            del task
+            await asyncio.sleep(0.01)
+            gc_collect_harder()
+
+        with asyncio.Runner(loop_factory=base_factory(loop_name)) as runner:
+            runner.run(main())
+        assert made.count("TestChaining.test_program_task_factory_keeps_making_the_tasks.<locals>.boom") == 1
+        [finding] = collector.findings
+        assert finding.kind is FindingKind.TASK_EXCEPTION_UNRETRIEVED
+        assert finding.site.line == line_of("# <- foreign factory task")
+
+    @pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks are 3.12+")
+    def test_eager_task_factory_keeps_working(self):
+        """With asyncio.eager_task_factory chained, tasks still start eagerly and are tracked."""
+        collector = CollectingReporter()
+        order = []
+
+        async def step():
+            order.append("task ran")
+            raise ValueError("eager boom")
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            loop.set_task_factory(asyncio.eager_task_factory)
+            asyncwatch.install(reporters=[collector], log=False)
+            asyncio.create_task(step())  # <- eager task
+            order.append("after create_task")
+            await asyncio.sleep(0)
+            gc_collect_harder()
+
+        asyncio.run(main())
+        assert order == ["task ran", "after create_task"]
+        [finding] = collector.findings
+        assert finding.site.line == line_of("# <- eager task")
+        # Named even on 3.12.0-3.12.4, where get_coro() of an eagerly
+        # finished task would crash the interpreter (gh-122332).
+        assert finding.coroutine.endswith("step")
+
+
+class TestContainment:
+    def test_a_failing_reporter_is_disabled_and_never_reaches_user_code(self, capsys):
+        """A reporter that raises is dropped after one logged error; the program runs on."""
+
+        class Broken:
+            def report(self, finding):
+                raise RuntimeError("disk on fire")
+
+        collector = CollectingReporter()
+        asyncwatch.install(reporters=[Broken(), collector], log=False)
+
+        async def main():
+            await _block()
+            await _block()
+            return "done"
+
+        assert asyncio.run(main()) == "done"
+        assert len(collector.findings) == 2
+        out = capsys.readouterr()
+        assert (out.out + out.err).count("asyncwatch.internal_error") == 1
+        assert "disk on fire" in out.out + out.err
+
+    def test_an_error_in_the_task_factory_bookkeeping_is_contained(self, monkeypatch, capsys):
+        """If recording a creation site fails, the task is still created and returned."""
+        import asyncwatch._tasks as tasks_mod
+
+        def explode(depth):
+            raise RuntimeError("site lookup exploded")
+
+        monkeypatch.setattr(tasks_mod, "app_code_at", explode)
+        asyncwatch.install(log=False)
+
+        async def child():
+            return 42
+
+        async def main():
+            return [await asyncio.create_task(child()) for _ in range(3)]
+
+        assert asyncio.run(main()) == [42, 42, 42]
+        out = capsys.readouterr()
+        assert (out.out + out.err).count("asyncwatch.internal_error") == 1
+        assert "site lookup exploded" in out.out + out.err
+
+    def test_an_error_in_the_exception_handler_hook_is_contained(self, monkeypatch, capsys):
+        """A failure inside our handler still hands the context to the next handler."""
+        seen = []
+        asyncwatch.install(log=False)
+        import asyncwatch._engine as engine_mod
+
+        def explode(self, context):
+            raise RuntimeError("handler exploded")
+
+        monkeypatch.setattr(engine_mod.LoopWatch, "on_exception_context", explode)
+
+        async def boom():
+            raise ValueError("x")
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            ours = loop.get_exception_handler()
+            ours.previous = lambda loop, ctx: seen.append(ctx["message"])
+            asyncio.create_task(boom())
+            await asyncio.sleep(0.01)
+            gc_collect_harder()
+            asyncio.create_task(boom())
+            await asyncio.sleep(0.01)
+            gc_collect_harder()
+
+        asyncio.run(main())
+        assert seen == ["Task exception was never retrieved"] * 2
+        out = capsys.readouterr()
+        assert (out.out + out.err).count("asyncwatch.internal_error") == 1
+        assert "handler exploded" in out.out + out.err
+
+    def test_an_error_in_the_coroutine_hook_keeps_the_runtime_warning(self, monkeypatch, capsys):
+        """A failing never-awaited hook still lets CPython's RuntimeWarning through."""
+        import asyncwatch._coroutines as coro_mod
+
+        def explode(self, coro, caller):
+            raise RuntimeError("coroutine hook exploded")
+
+        monkeypatch.setattr(coro_mod.CoroutineHook, "_on_never_awaited", explode)
+        asyncwatch.install(log=False)
+
+        async def save():
+            pass
+
+        with pytest.warns(RuntimeWarning, match="was never awaited"):
+            save()
+            gc_collect_harder()
+        out = capsys.readouterr()
+        assert (out.out + out.err).count("asyncwatch.internal_error") == 1
+        assert "coroutine hook exploded" in out.out + out.err
+
+
+class TestCaptureFindings:
+    def test_requires_an_installation(self):
+        """capture_findings() outside an installation says how to fix it."""
+        with pytest.raises(RuntimeError, match=r"asyncwatch.install\(\)"):
+            with capture_findings():
+                pass
+
+    def test_filters_by_kind(self):
+        """Only the kinds asked for are captured."""
+        asyncwatch.install(log=False)
+
+        async def save():
+            pass
+
+        async def main():
+            with capture_findings("coroutine_never_awaited") as found:
+                save()
+                await _block()
+            return found
+
+        found = asyncio.run(main())
+        assert [f.kind for f in found] == [FindingKind.COROUTINE_NEVER_AWAITED]
