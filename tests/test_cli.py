@@ -1,0 +1,250 @@
+"""`asyncwatch run` end to end, in subprocesses, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+MISTAKES = textwrap.dedent(
+    """\
+    import asyncio, sys, time
+
+    async def save(x):
+        pass
+
+    async def block():
+        time.sleep(0.25)  # <- blocking
+
+    async def main():
+        save(1)  # <- never awaited
+        await block()
+
+    if __name__ == "__main__":
+        asyncio.run(main())
+        print("argv", sys.argv[1:])
+    """
+)
+
+CLEAN = textwrap.dedent(
+    """\
+    import asyncio, json, sys
+
+    async def main():
+        await asyncio.sleep(0.01)
+        return type(asyncio.get_running_loop()).__module__
+
+    loop_module = asyncio.run(main())
+    print(json.dumps({"argv": sys.argv, "name": __name__, "loop": loop_module}))
+    sys.exit(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+    """
+)
+
+
+def run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, module: bool = True):
+    """Run the CLI (as ``python -m asyncwatch`` or the console script)."""
+    full_env = {**os.environ, **(env or {})}
+    for key in [k for k in full_env if k.startswith("ASYNCWATCH_") and not (env and k in env)]:
+        del full_env[key]
+    if module:
+        cmd = [sys.executable, "-m", "asyncwatch", *args]
+    else:
+        cmd = [str(Path(sys.executable).parent / "asyncwatch"), *args]
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=60)
+
+
+def line_in(path: Path, marker: str) -> int:
+    [n] = [i for i, text in enumerate(path.read_text().splitlines(), 1) if marker in text]
+    return n
+
+
+@pytest.fixture
+def mistakes(tmp_path: Path) -> Path:
+    path = tmp_path / "mistakes.py"
+    path.write_text(MISTAKES)
+    return path
+
+
+@pytest.fixture
+def clean(tmp_path: Path) -> Path:
+    path = tmp_path / "clean.py"
+    path.write_text(CLEAN)
+    return path
+
+
+class TestFindingsFile:
+    def test_writes_each_finding_as_a_json_line_with_exact_sites(self, mistakes, tmp_path):
+        """--findings gets one JSON object per finding, with the user's lines."""
+        out = tmp_path / "findings.jsonl"
+        result = run("run", "--findings", str(out), str(mistakes), "a", "b")
+        assert result.returncode == 0, result.stderr
+        found = [json.loads(line) for line in out.read_text().splitlines()]
+        by_kind = {f["kind"]: f for f in found}
+        assert sorted(by_kind) == ["coroutine_never_awaited", "slow_callback"]
+        assert by_kind["slow_callback"]["site"] == {
+            "file": str(mistakes),
+            "line": line_in(mistakes, "# <- blocking"),
+            "function": "block",
+        }
+        assert by_kind["slow_callback"]["duration_s"] >= 0.2
+        assert by_kind["coroutine_never_awaited"]["site"]["line"] == line_in(mistakes, "# <- never awaited")
+        assert all(f["pid"] != os.getpid() and f["time"].endswith("Z") for f in found)
+
+    def test_environment_variable_sets_the_file(self, mistakes, tmp_path):
+        """ASYNCWATCH_FINDINGS works like --findings."""
+        out = tmp_path / "env.jsonl"
+        result = run("run", str(mistakes), env={"ASYNCWATCH_FINDINGS": str(out)})
+        assert result.returncode == 0, result.stderr
+        assert len(out.read_text().splitlines()) == 2
+
+
+class TestTheProgramSeesPlainPython:
+    def test_argv_name_and_exit_status_are_unchanged(self, clean):
+        """sys.argv, __name__ and the exit status are those of `python script.py`."""
+        result = run("run", str(clean), "7", "--flag")
+        assert result.returncode == 7
+        report = json.loads(result.stdout)
+        assert report["argv"] == [str(clean), "7", "--flag"]
+        assert report["name"] == "__main__"
+
+    def test_uncaught_exception_exits_1_with_the_programs_traceback(self, tmp_path):
+        """A crash prints the program's traceback (not asyncwatch's frames) and exits 1."""
+        script = tmp_path / "crash.py"
+        script.write_text("def f():\n    raise KeyError('boom')\nf()\n")
+        result = run("run", str(script))
+        assert result.returncode == 1
+        assert "KeyError: 'boom'" in result.stderr
+        assert 'crash.py", line 2, in f' in result.stderr
+        assert "runpy" not in result.stderr and "_cli.py" not in result.stderr
+
+    def test_module_mode_runs_a_package_module_as_main(self, tmp_path):
+        """`-m pkg.mod` runs like `python -m pkg.mod` from the current directory."""
+        pkg = tmp_path / "pkg"
+        pkg.mkdir()
+        (pkg / "__init__.py").write_text("")
+        (pkg / "mod.py").write_text(CLEAN)
+        result = run("run", "-m", "pkg.mod", "3", cwd=tmp_path)
+        assert result.returncode == 3, result.stderr
+        report = json.loads(result.stdout)
+        assert report["name"] == "__main__"
+        assert report["argv"] == [str(pkg / "mod.py"), "3"]
+
+    def test_console_script_works_like_python_dash_m(self, clean):
+        """The `asyncwatch` command and `python -m asyncwatch` are the same program."""
+        result = run("run", str(clean), module=False)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["name"] == "__main__"
+
+    def test_uvloop_is_used_when_asked(self, clean):
+        """--loop uvloop runs the program's asyncio.run() on uvloop."""
+        pytest.importorskip("uvloop")
+        result = run("run", "--loop", "uvloop", str(clean))
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["loop"].startswith("uvloop")
+
+
+class TestExitStatusForCI:
+    def test_fail_on_findings_exits_3(self, mistakes):
+        """--fail-on-findings makes a successful run with findings exit 3."""
+        assert run("run", "--fail-on-findings", str(mistakes)).returncode == 3
+
+    def test_fail_on_findings_is_0_when_clean(self, clean):
+        """A clean run still exits 0 with --fail-on-findings."""
+        assert run("run", "--fail-on-findings", str(clean)).returncode == 0
+
+    def test_the_programs_own_failure_wins(self, clean):
+        """A program that fails keeps its own status, findings or not."""
+        assert run("run", "--fail-on-findings", str(clean), "5").returncode == 5
+
+    def test_environment_variable_turns_it_on(self, mistakes):
+        """ASYNCWATCH_FAIL_ON_FINDINGS=1 works like the flag."""
+        assert run("run", str(mistakes), env={"ASYNCWATCH_FAIL_ON_FINDINGS": "1"}).returncode == 3
+
+
+class TestOutput:
+    def test_summary_on_stderr_groups_by_kind_and_site(self, mistakes):
+        """At exit, stderr has a short summary with counts per kind and site."""
+        result = run("run", "--log-format", "off", str(mistakes))
+        assert "asyncwatch: 2 findings in 2 places" in result.stderr
+        assert f"mistakes.py:{line_in(mistakes, '# <- blocking')} in block" in result.stderr
+        assert "argv" in result.stdout  # the program's own output is untouched
+
+    def test_console_log_lines_are_readable(self, mistakes):
+        """By default each finding is a readable console line on stderr."""
+        result = run("run", "--no-summary", str(mistakes))
+        lines = [line for line in result.stderr.splitlines() if "slow_callback" in line]
+        assert len(lines) == 1
+        assert "blocked the event loop" in lines[0] and "mistakes.py:" in lines[0]
+
+    def test_json_flag_renders_json_events(self, mistakes):
+        """--json logs each finding as one JSON object on stderr."""
+        result = run("run", "--json", "--no-summary", str(mistakes))
+        events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+        assert sorted(e["event"] for e in events) == ["coroutine_never_awaited", "slow_callback"]
+        assert all(e["level"] == "warning" for e in events)
+
+    def test_a_program_that_configures_structlog_decides_the_rendering(self, tmp_path):
+        """If the program configured structlog, findings go through its configuration."""
+        script = tmp_path / "configured.py"
+        script.write_text(
+            textwrap.dedent(
+                """\
+                import asyncio, sys, time, structlog
+                def mark(logger, method, event):
+                    return "PROGRAM-RENDERED " + event["event"]
+                structlog.configure(processors=[mark], logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+                async def main():
+                    time.sleep(0.25)
+                asyncio.run(main())
+                """
+            )
+        )
+        result = run("run", "--no-summary", str(script))
+        assert "PROGRAM-RENDERED slow_callback" in result.stderr
+
+
+class TestBadInput:
+    @pytest.mark.parametrize(
+        ("args", "env", "expected"),
+        [
+            (["--slow-callback-ms", "-3"], {}, "--slow-callback-ms='-3' must be a finite number"),
+            ([], {"ASYNCWATCH_SLOW_CALLBACK_MS": "soon"}, "ASYNCWATCH_SLOW_CALLBACK_MS='soon' is not a number"),
+            (["--loop", "trio"], {}, "--loop='trio' is not valid; use one of: asyncio, uvloop"),
+            ([], {"ASYNCWATCH_LOOP": "curio"}, "ASYNCWATCH_LOOP='curio' is not valid"),
+            (["--log-format", "xml"], {}, "use one of: console, json, off"),
+            (["--detect", "slow"], {}, "unknown finding kind 'slow'"),
+            ([], {"ASYNCWATCH_FAIL_ON_FINDINGS": "perhaps"}, "ASYNCWATCH_FAIL_ON_FINDINGS='perhaps' is not a boolean"),
+        ],
+    )
+    def test_bad_values_exit_2_naming_the_value_and_the_fix(self, clean, args, env, expected):
+        """Every bad option or variable names itself, the value and what is accepted."""
+        result = run("run", *args, str(clean), env=env)
+        assert result.returncode == 2
+        assert expected in result.stderr
+        assert result.stdout == ""  # the program did not run
+
+    def test_missing_script(self, tmp_path):
+        """A script that does not exist is a usage error, not a traceback."""
+        result = run("run", str(tmp_path / "nope.py"))
+        assert result.returncode == 2
+        assert "nope.py' does not exist" in result.stderr and "Traceback" not in result.stderr
+
+    def test_missing_module(self, tmp_path):
+        """A module that cannot be found is a usage error."""
+        result = run("run", "-m", "no_such_module_here", cwd=tmp_path)
+        assert result.returncode == 2 and "no module named 'no_such_module_here'" in result.stderr
+
+    def test_unwritable_findings_path(self, clean, tmp_path):
+        """--findings in a missing directory is refused before the program runs."""
+        result = run("run", "--findings", str(tmp_path / "no" / "f.jsonl"), str(clean))
+        assert result.returncode == 2 and "does not exist or is not writable" in result.stderr
+
+    def test_nothing_to_run(self):
+        """`asyncwatch run` alone says what to give."""
+        result = run("run")
+        assert result.returncode == 2 and "nothing to run" in result.stderr

@@ -1,0 +1,162 @@
+"""The findings contract: one `Finding`, the same fields in every output."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import io
+import json
+import os
+
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+import asyncwatch
+from asyncwatch import Finding, FindingKind, JsonLinesReporter, Site, StructlogReporter
+from asyncwatch._reporters import SummaryReporter
+
+SITE = Site("/app/service.py", 12, "handler")
+OTHER = Site("/app/jobs.py", 40, "spawn")
+
+
+def make(kind=FindingKind.SLOW_CALLBACK, site=SITE, **extra):
+    return Finding(kind=kind, message="something happened", site=site, **extra)
+
+
+class TestFinding:
+    def test_kinds_have_stable_names(self):
+        """The five kind names are part of the public contract."""
+        assert [k.value for k in FindingKind] == [
+            "slow_callback",
+            "task_destroyed_pending",
+            "coroutine_never_awaited",
+            "cancellation_swallowed",
+            "task_exception_unretrieved",
+        ]
+
+    def test_is_immutable(self):
+        """A Finding cannot be changed after it is made."""
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            make().message = "changed"  # type: ignore[misc]
+
+    def test_json_form_has_every_field(self):
+        """to_dict() gives the documented keys, sites as {file, line, function}, time in UTC."""
+        f = make(
+            stack=(OTHER, SITE),
+            task="Task-3",
+            coroutine="handler",
+            duration_s=0.25,
+            cancelled_by=OTHER,
+            created_at=OTHER,
+        )
+        d = f.to_dict()
+        assert set(d) == {
+            "kind", "message", "site", "stack", "task", "coroutine", "duration_s",
+            "cancelled_by", "created_at", "time", "pid",
+        }
+        assert d["kind"] == "slow_callback"
+        assert d["site"] == {"file": "/app/service.py", "line": 12, "function": "handler"}
+        assert d["stack"] == [OTHER.to_dict(), SITE.to_dict()]
+        assert d["cancelled_by"] == d["created_at"] == OTHER.to_dict()
+        assert d["pid"] == os.getpid()
+        assert d["time"].endswith("Z")
+        parsed = dt.datetime.fromisoformat(d["time"].replace("Z", "+00:00"))
+        assert parsed.utcoffset() == dt.timedelta(0)
+        json.dumps(d)  # serialisable as is
+
+    def test_unknown_site_is_null(self):
+        """A finding whose site is truly unknown says null, not a guess."""
+        d = make(kind=FindingKind.COROUTINE_NEVER_AWAITED, site=None).to_dict()
+        assert d["site"] is None and d["created_at"] is None and d["stack"] == []
+
+
+class TestJsonLinesReporter:
+    def test_writes_one_flushed_line_per_finding(self, tmp_path):
+        """Each finding is on disk as soon as it is reported (a crash loses nothing)."""
+        path = tmp_path / "findings.jsonl"
+        reporter = JsonLinesReporter(path)
+        reporter.report(make())
+        # read before close: the line must already be there
+        lines = path.read_text(encoding="utf-8").splitlines()
+        assert [json.loads(line)["kind"] for line in lines] == ["slow_callback"]
+        reporter.report(make(kind=FindingKind.TASK_DESTROYED_PENDING))
+        assert len(path.read_text(encoding="utf-8").splitlines()) == 2
+        reporter.close()
+
+    def test_install_with_an_unwritable_path_names_the_path(self, tmp_path):
+        """findings= in a missing directory fails at install() with the path in the message."""
+        bad = tmp_path / "missing" / "f.jsonl"
+        with pytest.raises(asyncwatch.ConfigurationError, match="missing"):
+            asyncwatch.install(findings=bad, log=False)
+        assert not asyncwatch.is_installed()
+
+
+class TestStructlogReporter:
+    def test_one_warning_event_with_the_finding_fields(self):
+        """The event is the kind, at warning level, with the JSON fields as keys."""
+        with capture_logs() as logs:
+            StructlogReporter().report(make(task="Task-1", duration_s=0.3))
+        [event] = logs
+        assert event["event"] == "slow_callback"
+        assert event["log_level"] == "warning"
+        assert event["site"] == SITE.to_dict()
+        assert event["task"] == "Task-1" and event["duration_s"] == 0.3
+        assert {"message", "stack", "coroutine", "cancelled_by", "created_at", "time", "pid"} <= set(event)
+
+    def test_library_mode_never_configures_structlog(self):
+        """Installing asyncwatch leaves structlog's configuration alone."""
+        before = structlog.get_config()
+        was_configured = structlog.is_configured()
+        asyncwatch.install(log=True)
+        asyncwatch.uninstall()
+        assert structlog.get_config() == before
+        assert structlog.is_configured() == was_configured
+
+    def test_fallback_renders_json_to_its_stream_when_structlog_is_unconfigured(self):
+        """The CLI's fallback writes one JSON object per finding to stderr."""
+        structlog.reset_defaults()
+        out = io.StringIO()
+        StructlogReporter(fallback="json", stream=out).report(make())
+        event = json.loads(out.getvalue())
+        assert event["event"] == "slow_callback" and event["level"] == "warning"
+        assert event["site"]["line"] == 12
+
+
+class TestSummary:
+    def test_groups_by_kind_and_site_with_counts(self):
+        """The exit summary counts findings per kind and site."""
+        summary = SummaryReporter()
+        for _ in range(3):
+            summary.report(make())
+        summary.report(make(kind=FindingKind.TASK_DESTROYED_PENDING, site=OTHER))
+        text = summary.render()
+        assert text.splitlines()[0] == "asyncwatch: 4 findings in 2 places"
+        assert any("slow_callback" in line and "3x" in line and "service.py:12" in line for line in text.splitlines())
+        assert any("task_destroyed_pending" in line and "1x" in line for line in text.splitlines())
+
+    def test_says_so_when_clean(self):
+        """A clean run says there were no findings."""
+        assert SummaryReporter().render() == "asyncwatch: no findings\n"
+
+
+def test_public_api_is_pinned():
+    """The re-exported names are the public API; changing them is a decision."""
+    assert asyncwatch.__all__ == [
+        "ConfigurationError",
+        "EventLoopPolicy",
+        "Finding",
+        "FindingKind",
+        "Installation",
+        "JsonLinesReporter",
+        "Reporter",
+        "Settings",
+        "Site",
+        "StructlogReporter",
+        "__version__",
+        "install",
+        "is_installed",
+        "loop_factory",
+        "new_event_loop",
+        "uninstall",
+    ]
