@@ -418,6 +418,32 @@ class TestContainment:
         assert "coroutine hook exploded" in out.out + out.err
 
 
+    def test_an_error_in_the_watchdog_is_contained(self, monkeypatch, capsys):
+        """A failing watchdog logs once and stops; the program and other detectors go on."""
+        import asyncwatch._slow as slow_mod
+
+        def explode(self, frames, now):
+            raise RuntimeError("watchdog exploded")
+
+        monkeypatch.setattr(slow_mod.LoopProbe, "sample", explode)
+        collector = CollectingReporter()
+        asyncwatch.install(reporters=[collector], log=False)
+
+        async def save():
+            pass
+
+        async def main():
+            await _block()
+            save()
+            return "done"
+
+        assert asyncio.run(main()) == "done"
+        assert [f.kind for f in collector.findings] == [FindingKind.COROUTINE_NEVER_AWAITED]
+        out = capsys.readouterr()
+        assert (out.out + out.err).count("asyncwatch.internal_error") == 1
+        assert "watchdog exploded" in out.out + out.err
+
+
 class TestCaptureFindings:
     def test_requires_an_installation(self):
         """capture_findings() outside an installation says how to fix it."""

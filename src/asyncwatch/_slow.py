@@ -279,8 +279,12 @@ class Watchdog:
             self._thread.start()
 
     def _after_fork(self) -> None:
-        # The child has no watchdog thread; start one if it has loops to watch.
+        # The child has no watchdog thread, and locks held by a parent thread
+        # at fork stay held forever: make them new, then start a thread if
+        # there are loops to watch.
         self._lock = threading.Lock()
+        for probe in self._probes:
+            probe._stall_lock = threading.Lock()
         self._thread = None
         if self._probes and not self._stopping:
             self._ensure_thread()
