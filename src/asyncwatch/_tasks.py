@@ -15,6 +15,8 @@ Cost model (this runs for every task):
 from __future__ import annotations
 
 import asyncio
+import gc
+import inspect
 import os
 import sys
 import threading
@@ -64,28 +66,38 @@ def coro_of(task: asyncio.Future[Any]) -> Any:
 
 def coro_name(task: asyncio.Future[Any]) -> str | None:
     """The qualified name of the coroutine *task* runs."""
-    return getattr(task, "_aw_coro", None) or qualname_of(coro_of(task))
+    name = getattr(task, "_aw_coro", None)
+    if name is not None:
+        return name  # type: ignore[no-any-return]
+    if type(task) is Task:
+        # Our factory names every task it starts eagerly, so this one was not
+        # started eagerly and get_coro() is safe even on 3.12.0-3.12.4.
+        return qualname_of(task.get_coro())
+    return qualname_of(coro_of(task))
+
+
+class CancelRequest:
+    """One unstructured ``cancel()`` of a task: who, and where it lands."""
+
+    __slots__ = ("absorbed", "cancelled_by", "delivered_at", "delivery_stack", "forwarded_from")
+
+    def __init__(self, cancelled_by: Site | None, forwarded_from: CancelRequest | None) -> None:
+        self.cancelled_by = cancelled_by
+        self.delivered_at: Site | None = None
+        self.delivery_stack: tuple[Site, ...] = ()
+        self.forwarded_from = forwarded_from
+        # Set when the task this request was forwarded into swallowed it:
+        # this task then never saw a CancelledError, and only that one is reported.
+        self.absorbed = False
 
 
 class CancelRecord:
-    """What asyncwatch knows about the cancellation requests of one task."""
+    """The unstructured cancellation requests of one task."""
 
-    __slots__ = (
-        "absorbed",
-        "cancelled_by",
-        "delivered_at",
-        "delivery_stack",
-        "forwarded_from",
-        "unstructured",
-    )
+    __slots__ = ("requests",)
 
     def __init__(self) -> None:
-        self.unstructured = 0  # cancel() calls not made by asyncio's structured helpers
-        self.cancelled_by: Site | None = None
-        self.delivered_at: Site | None = None
-        self.delivery_stack: tuple[Site, ...] = ()
-        self.forwarded_from: CancelRecord | None = None
-        self.absorbed = False  # a task this one's cancellation went into swallowed it
+        self.requests: list[CancelRequest] = []
 
 
 class _Forwarding(threading.local):
@@ -97,7 +109,7 @@ class _Forwarding(threading.local):
     """
 
     def __init__(self) -> None:
-        self.stack: list[tuple[CancelRecord | None, bool, Site | None]] = []
+        self.stack: list[tuple[CancelRequest | None, bool, Site | None]] = []
 
 
 _forwarding = _Forwarding()
@@ -114,7 +126,7 @@ class Task(asyncio.Task):  # type: ignore[type-arg]
     __slots__ = ("_aw_watch", "_aw_code", "_aw_lasti", "_aw_cancel", "_aw_coro")
 
     def cancel(self, msg: Any = None) -> bool:
-        entry: tuple[CancelRecord | None, bool, Site | None] = (None, False, None)
+        entry: tuple[CancelRequest | None, bool, Site | None] = (None, False, None)
         if not self.done():
             try:
                 entry = _note_cancel(self, sys._getframe(1))
@@ -152,7 +164,8 @@ def _is_structured(frame: FrameType) -> bool:
     return names is None or code.co_name in names
 
 
-def _note_cancel(task: Task, caller: FrameType) -> tuple[CancelRecord | None, bool, Site | None]:
+def _note_cancel(task: Task, caller: FrameType) -> tuple[CancelRequest | None, bool, Site | None]:
+    """Record one cancel() of a pending *task*; return its forwarding entry."""
     watch = getattr(task, "_aw_watch", None)
     if watch is None or not watch.detects(FindingKind.CANCELLATION_SWALLOWED):
         return (None, False, None)
@@ -160,13 +173,16 @@ def _note_cancel(task: Task, caller: FrameType) -> tuple[CancelRecord | None, bo
     if record is None:
         record = CancelRecord()
         task._aw_cancel = record
+        if getattr(task, "_aw_coro", None) is None:
+            task._aw_coro = qualname_of(coro_of(task))  # pending: safe to ask now
         task.add_done_callback(_check_swallowed)
     stack = _forwarding.stack
-    if stack and stack[-1][0] is not None and stack[-1][0] is not record:
+    outer: CancelRequest | None = None
+    if stack and stack[-1][0] is not None and stack[-1][0] not in record.requests:
         # Forwarded from an outer task's cancel(): same canceller, same kind.
         outer, structured, canceller = stack[-1]
-        if record.forwarded_from is None:
-            record.forwarded_from = outer
+    elif stack and stack[-1][1]:
+        structured, canceller = True, None  # forwarded from a structured cancel
     else:
         frame: FrameType | None = caller
         while frame is not None and is_own_file(frame.f_code.co_filename):
@@ -174,13 +190,12 @@ def _note_cancel(task: Task, caller: FrameType) -> tuple[CancelRecord | None, bo
         structured = frame is not None and _is_structured(frame)
         app = app_frame(frame)
         canceller = frame_site(app) if app is not None else None
-    if not structured:
-        record.unstructured += 1
-        if record.cancelled_by is None:
-            record.cancelled_by = canceller
-        if record.delivered_at is None:
-            record.delivered_at, record.delivery_stack = _delivery_point(task, canceller)
-    return (record, structured, canceller)
+    if structured:
+        return (None, True, canceller)
+    request = CancelRequest(canceller, outer)
+    request.delivered_at, request.delivery_stack = _delivery_point(task, canceller)
+    record.requests.append(request)
+    return (request, False, canceller)
 
 
 def _delivery_point(task: asyncio.Task[Any], canceller: Site | None) -> tuple[Site | None, tuple[Site, ...]]:
@@ -194,13 +209,25 @@ def _delivery_point(task: asyncio.Task[Any], canceller: Site | None) -> tuple[Si
     chain: list[Site] = []
     obj: Any = coro
     while obj is not None:
-        frame = getattr(obj, "cr_frame", None) or getattr(obj, "gi_frame", None)
+        frame = getattr(obj, "cr_frame", None) or getattr(obj, "gi_frame", None) or getattr(obj, "ag_frame", None)
         if frame is None:
-            break
+            agen = _async_generator_of(obj)
+            if agen is None:
+                break
+            obj = agen  # `async for` / `async with` over an async generator
+            continue
         chain.append(frame_site(frame))
-        obj = getattr(obj, "cr_await", None) or getattr(obj, "gi_yieldfrom", None)
+        obj = getattr(obj, "cr_await", None) or getattr(obj, "gi_yieldfrom", None) or getattr(obj, "ag_await", None)
     delivered = next((s for s in reversed(chain) if not is_library_file(s.file)), None)
     return delivered, tuple(chain)
+
+
+def _async_generator_of(awaitable: Any) -> Any:
+    """The async generator behind an ``asend``/``athrow`` awaitable, which
+    exposes no attribute for it.  Only runs when a task is cancelled."""
+    if type(awaitable).__name__ not in ("async_generator_asend", "async_generator_athrow"):
+        return None
+    return next((r for r in gc.get_referents(awaitable) if inspect.isasyncgen(r)), None)
 
 
 def _check_swallowed(task: asyncio.Task[Any]) -> None:
@@ -209,18 +236,21 @@ def _check_swallowed(task: asyncio.Task[Any]) -> None:
         record: CancelRecord | None = getattr(task, "_aw_cancel", None)
         if record is None or task.cancelled() or task._exception is not None:  # type: ignore[attr-defined]
             return
-        if record.unstructured == 0 or task.cancelling() <= 0 or record.absorbed:
-            # Only structured cancellation, a deliberate uncancel(), or a task
-            # this one awaited swallowed it first (that one is reported).
+        swallowed = [r for r in record.requests if not r.absorbed]
+        if not swallowed or task.cancelling() <= 0:
+            # Only structured cancellation, a deliberate uncancel(), or every
+            # request went into a task that swallowed it (that one is reported).
             return
-        outer = record.forwarded_from
-        while outer is not None:
-            outer.absorbed = True
-            outer = outer.forwarded_from
+        for request in swallowed:
+            outer = request.forwarded_from
+            while outer is not None:
+                outer.absorbed = True
+                outer = outer.forwarded_from
+        request = swallowed[0]
         watch: LoopWatch = task._aw_watch  # type: ignore[attr-defined]
         coro = coro_name(task)
         name = task.get_name()
-        by = f" (cancelled at {_short(record.cancelled_by)})" if record.cancelled_by else ""
+        by = f" (cancelled at {_short(request.cancelled_by)})" if request.cancelled_by else ""
         watch.emit(
             Finding(
                 kind=FindingKind.CANCELLATION_SWALLOWED,
@@ -229,11 +259,11 @@ def _check_swallowed(task: asyncio.Task[Any]) -> None:
                     "raising CancelledError, so the cancellation was swallowed; re-raise "
                     "CancelledError after cleanup"
                 ),
-                site=record.delivered_at,
-                stack=record.delivery_stack,
+                site=request.delivered_at,
+                stack=request.delivery_stack,
                 task=name,
                 coroutine=coro,
-                cancelled_by=record.cancelled_by,
+                cancelled_by=request.cancelled_by,
                 created_at=created_at(task),
             )
         )
@@ -302,15 +332,15 @@ class TaskFactory:
             task: Any = Task(coro, loop=loop, **kwargs)
         elif previous is _eager_task_factory:
             kwargs.setdefault("eager_start", True)
-            name = qualname_of(coro)
             task = Task(coro, loop=loop, **kwargs)
-            task._aw_coro = name
         else:
             task = previous(loop, coro, **kwargs)
         try:
             where = app_code_at(1)
             if type(task) is Task:
                 task._aw_watch = self.watch
+                if kwargs.get("eager_start"):
+                    task._aw_coro = qualname_of(coro)  # get_coro() may be gone (gh-122332)
                 if where is not None:
                     task._aw_code, task._aw_lasti = where
             elif where is not None and isinstance(task, asyncio.Task):

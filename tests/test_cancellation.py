@@ -1,0 +1,804 @@
+"""The ``cancellation_swallowed`` detector: a task that was ``cancel()``-ed and
+still finished normally is reported, at the await where the cancellation was
+delivered; structured cancellation (TaskGroup, timeouts, wait_for, shield,
+uncancel, shutdown) that is handled properly is never reported."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+
+from conftest import base_factory, gc_collect_harder, line_of
+
+import asyncwatch
+from asyncwatch import Finding, FindingKind
+from asyncwatch._reporters import CollectingReporter
+
+SWALLOWED = "cancellation_swallowed"
+LONG = 10  # seconds a task waits when it is about to be cancelled (never elapses)
+TICK = 0.01  # enough for a freshly created task to reach its first await
+
+
+def the_one_swallowed(findings: list[Finding]) -> Finding:
+    swallowed = [f for f in findings if f.kind.value == SWALLOWED]
+    assert len(swallowed) == 1, swallowed
+    return swallowed[0]
+
+
+def assert_reported(
+    finding: Finding,
+    *,
+    site: str,
+    site_in: object,
+    cancelled_by: str,
+    created_at: str,
+    task: str,
+    coroutine: object,
+) -> None:
+    """*site*, *cancelled_by* and *created_at* name the ``# <- marker`` comments of
+    lines in this file; *site_in* is the coroutine function holding the site,
+    *coroutine* the task's coroutine function."""
+    assert finding.kind is FindingKind.CANCELLATION_SWALLOWED
+    assert finding.kind.value == SWALLOWED
+    assert finding.site is not None
+    assert (finding.site.file, finding.site.line) == (__file__, line_of(f"# <- {site}"))
+    assert finding.site.function == site_in.__qualname__  # type: ignore[attr-defined]
+    app_stack = [s for s in finding.stack if s.file == __file__]
+    assert app_stack and app_stack[-1] == finding.site, finding.stack
+    assert finding.cancelled_by is not None
+    assert (finding.cancelled_by.file, finding.cancelled_by.line) == (__file__, line_of(f"# <- {cancelled_by}"))
+    assert finding.created_at is not None
+    assert (finding.created_at.file, finding.created_at.line) == (__file__, line_of(f"# <- {created_at}"))
+    assert finding.task == task
+    assert finding.coroutine == coroutine.__qualname__  # type: ignore[attr-defined]
+    assert "swallowed" in finding.message
+    assert "cancel" in finding.message
+
+
+def assert_silent(findings: list[Finding]) -> None:
+    assert [f for f in findings if f.kind.value == SWALLOWED] == []
+
+
+class TestReported:
+    """A cancelled task that finishes normally is reported once, at the delivery await."""
+
+    def test_except_cancelled_error_pass_is_reported(self, watched):
+        """``except CancelledError: pass`` then return."""
+
+        async def swallower():
+            try:
+                await asyncio.sleep(LONG)  # <- pass: delivered
+            except asyncio.CancelledError:
+                pass
+            return "done"
+
+        async def main():
+            task = asyncio.create_task(swallower(), name="swallower")  # <- pass: created
+            await asyncio.sleep(TICK)
+            task.cancel()  # <- pass: cancel
+            assert await task == "done"
+
+        watched.run(main)
+        assert_reported(
+            the_one_swallowed(watched.findings),
+            site="pass: delivered",
+            site_in=swallower,
+            cancelled_by="pass: cancel",
+            created_at="pass: created",
+            task="swallower",
+            coroutine=swallower,
+        )
+
+    def test_contextlib_suppress_is_reported(self, watched):
+        """``with contextlib.suppress(CancelledError)`` around the await."""
+
+        async def suppressor():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(LONG)  # <- suppress: delivered
+            return "done"
+
+        async def main():
+            task = asyncio.create_task(suppressor(), name="suppressor")  # <- suppress: created
+            await asyncio.sleep(TICK)
+            task.cancel()  # <- suppress: cancel
+            assert await task == "done"
+
+        watched.run(main)
+        assert_reported(
+            the_one_swallowed(watched.findings),
+            site="suppress: delivered",
+            site_in=suppressor,
+            cancelled_by="suppress: cancel",
+            created_at="suppress: created",
+            task="suppressor",
+            coroutine=suppressor,
+        )
+
+    def test_return_in_finally_is_reported(self, watched):
+        """``return`` inside ``finally`` discards the CancelledError."""
+
+        async def finally_returner():
+            try:
+                await asyncio.sleep(LONG)  # <- finally: delivered
+            finally:
+                return "done"  # noqa: B012
+
+        async def main():
+            task = asyncio.create_task(finally_returner(), name="finally-returner")  # <- finally: created
+            await asyncio.sleep(TICK)
+            task.cancel()  # <- finally: cancel
+            assert await task == "done"
+
+        watched.run(main)
+        assert_reported(
+            the_one_swallowed(watched.findings),
+            site="finally: delivered",
+            site_in=finally_returner,
+            cancelled_by="finally: cancel",
+            created_at="finally: created",
+            task="finally-returner",
+            coroutine=finally_returner,
+        )
+
+    def test_swallow_in_nested_coroutine_points_at_the_innermost_await(self, watched):
+        """The site is the await in the nested coroutine; the stack holds both frames."""
+
+        async def inner():
+            try:
+                await asyncio.sleep(LONG)  # <- nested: inner await
+            except asyncio.CancelledError:
+                return "swallowed inside"
+
+        async def outer():
+            return await inner()  # <- nested: outer await
+
+        async def main():
+            task = asyncio.create_task(outer(), name="outer")  # <- nested: created
+            await asyncio.sleep(TICK)
+            task.cancel()  # <- nested: cancel
+            assert await task == "swallowed inside"
+
+        watched.run(main)
+        finding = the_one_swallowed(watched.findings)
+        assert_reported(
+            finding,
+            site="nested: inner await",
+            site_in=inner,
+            cancelled_by="nested: cancel",
+            created_at="nested: created",
+            task="outer",
+            coroutine=outer,
+        )
+        app_stack = [(s.line, s.function) for s in finding.stack if s.file == __file__]
+        assert app_stack == [
+            (line_of("# <- nested: outer await"), outer.__qualname__),
+            (line_of("# <- nested: inner await"), inner.__qualname__),
+        ]
+
+    def test_swallow_inside_an_async_generator_points_at_the_generators_await(self, watched):
+        """Suspended in ``async for`` over an app async generator: the site is the await in the generator."""
+
+        async def ticks():
+            while True:
+                await asyncio.sleep(LONG)  # <- agen: generator await
+                yield 1
+
+        async def consumer():
+            try:
+                async for _ in ticks():  # <- agen: async for
+                    pass
+            except asyncio.CancelledError:
+                return "stopped"
+
+        async def main():
+            task = asyncio.create_task(consumer(), name="consumer")  # <- agen: created
+            await asyncio.sleep(TICK)
+            task.cancel()  # <- agen: cancel
+            assert await task == "stopped"
+
+        watched.run(main)
+        finding = the_one_swallowed(watched.findings)
+        assert_reported(
+            finding,
+            site="agen: generator await",
+            site_in=ticks,
+            cancelled_by="agen: cancel",
+            created_at="agen: created",
+            task="consumer",
+            coroutine=consumer,
+        )
+        app_stack = [s.line for s in finding.stack if s.file == __file__]
+        assert app_stack == [line_of("# <- agen: async for"), line_of("# <- agen: generator await")]
+
+    def test_only_the_awaited_task_that_swallowed_is_reported(self, watched):
+        """A awaits task B; A is cancelled, B swallows: B is reported, A (which just got B's result) is not."""
+
+        async def b_swallows():
+            try:
+                await asyncio.sleep(LONG)  # <- a-b: b await
+            except asyncio.CancelledError:
+                pass
+            return "b result"
+
+        async def a_awaits(b):
+            return await b
+
+        async def main():
+            b = asyncio.create_task(b_swallows(), name="B")  # <- a-b: b created
+            a = asyncio.create_task(a_awaits(b), name="A")
+            await asyncio.sleep(TICK)
+            a.cancel()  # <- a-b: a cancel
+            assert await a == "b result"
+
+        watched.run(main)
+        assert_reported(
+            the_one_swallowed(watched.findings),
+            site="a-b: b await",
+            site_in=b_swallows,
+            cancelled_by="a-b: a cancel",
+            created_at="a-b: b created",
+            task="B",
+            coroutine=b_swallows,
+        )
+
+    def test_only_the_innermost_of_a_chain_of_awaited_tasks_is_reported(self, watched):
+        """A awaits B awaits C; A is cancelled and C swallows: only C is reported."""
+
+        async def c_swallows():
+            try:
+                await asyncio.sleep(LONG)  # <- chain: c await
+            except asyncio.CancelledError:
+                pass
+            return "c result"
+
+        async def relay(task):
+            return await task
+
+        async def main():
+            c = asyncio.create_task(c_swallows(), name="C")  # <- chain: c created
+            b = asyncio.create_task(relay(c), name="B")
+            a = asyncio.create_task(relay(b), name="A")
+            await asyncio.sleep(TICK)
+            a.cancel()  # <- chain: a cancel
+            assert await a == "c result"
+
+        watched.run(main)
+        assert_reported(
+            the_one_swallowed(watched.findings),
+            site="chain: c await",
+            site_in=c_swallows,
+            cancelled_by="chain: a cancel",
+            created_at="chain: c created",
+            task="C",
+            coroutine=c_swallows,
+        )
+
+    def test_awaiting_task_that_catches_the_cancel_of_its_awaited_task_is_reported(self, watched):
+        """A awaits B; A is cancelled, B re-raises properly, A catches at ``await b`` and returns: A is reported."""
+
+        async def b_reraises():
+            await asyncio.sleep(LONG)
+
+        async def a_catches(b):
+            try:
+                await b  # <- converse: a await
+            except asyncio.CancelledError:
+                return "a gave up"
+
+        async def main():
+            b = asyncio.create_task(b_reraises(), name="B")
+            a = asyncio.create_task(a_catches(b), name="A")  # <- converse: a created
+            await asyncio.sleep(TICK)
+            a.cancel()  # <- converse: a cancel
+            assert await a == "a gave up"
+            assert b.cancelled()
+
+        watched.run(main)
+        assert_reported(
+            the_one_swallowed(watched.findings),
+            site="converse: a await",
+            site_in=a_catches,
+            cancelled_by="converse: a cancel",
+            created_at="converse: a created",
+            task="A",
+            coroutine=a_catches,
+        )
+
+    def test_a_later_swallow_is_reported_after_an_earlier_cancel_was_absorbed_by_an_awaited_task(self, watched):
+        """A's first cancel is swallowed by the task it awaits (B reported); A then swallows a second cancel itself."""
+
+        async def b_swallows():
+            try:
+                await asyncio.sleep(LONG)  # <- twice: b await
+            except asyncio.CancelledError:
+                pass
+            return "b result"
+
+        async def a_swallows_later(b):
+            await b
+            try:
+                await asyncio.sleep(LONG)  # <- twice: a await
+            except asyncio.CancelledError:
+                pass
+            return "a result"
+
+        async def main():
+            b = asyncio.create_task(b_swallows(), name="B")
+            a = asyncio.create_task(a_swallows_later(b), name="A")  # <- twice: a created
+            await asyncio.sleep(TICK)
+            a.cancel()  # absorbed by B
+            await asyncio.sleep(TICK)
+            a.cancel()  # <- twice: second cancel
+            assert await a == "a result"
+
+        watched.run(main)
+        by_task = {f.task: f for f in watched.of(SWALLOWED)}
+        assert sorted(by_task) == ["A", "B"], watched.of(SWALLOWED)
+        assert by_task["B"].site is not None and by_task["B"].site.line == line_of("# <- twice: b await")
+        assert_reported(
+            by_task["A"],
+            site="twice: a await",
+            site_in=a_swallows_later,
+            cancelled_by="twice: second cancel",
+            created_at="twice: a created",
+            task="A",
+            coroutine=a_swallows_later,
+        )
+
+    def test_swallowing_the_shutdown_cancel_of_a_runner_points_at_the_runner(self, loop_name):
+        """A task swallows the cancel that ``asyncio.Runner`` sends at shutdown; cancelled_by is the app's runner line."""
+        collector = CollectingReporter()
+        asyncwatch.install(reporters=[collector], log=False)
+        keep = set()
+
+        async def lingerer():
+            try:
+                await asyncio.sleep(LONG)  # <- runner shutdown: delivered
+            except asyncio.CancelledError:
+                pass
+            return "lingered"
+
+        async def main():
+            keep.add(asyncio.create_task(lingerer(), name="lingerer"))  # <- runner shutdown: created
+            await asyncio.sleep(TICK)
+
+        factory = asyncwatch.loop_factory(base_factory(loop_name))
+        try:
+            with asyncio.Runner(loop_factory=factory) as runner:  # <- runner shutdown: with
+                runner.run(main())  # <- runner shutdown: run
+        finally:
+            gc_collect_harder()
+        (task,) = keep
+        assert task.result() == "lingered"
+        finding = the_one_swallowed(collector.findings)
+        # Runner.close() (which cancels the leftover tasks) runs at the exit of the ``with``.
+        assert_reported(
+            finding,
+            site="runner shutdown: delivered",
+            site_in=lingerer,
+            cancelled_by="runner shutdown: with",
+            created_at="runner shutdown: created",
+            task="lingerer",
+            coroutine=lingerer,
+        )
+
+    def test_swallowing_the_shutdown_cancel_of_asyncio_run_points_at_the_run_call(self):
+        """A task swallows the cancel that ``asyncio.run`` sends at shutdown; cancelled_by is the ``asyncio.run`` line."""
+        collector = CollectingReporter()
+        asyncwatch.install(reporters=[collector], log=False)  # no loop yet: watches the loop asyncio.run makes
+        keep = set()
+
+        async def lingerer():
+            try:
+                await asyncio.sleep(LONG)  # <- run shutdown: delivered
+            except asyncio.CancelledError:
+                pass
+            return "lingered"
+
+        async def main():
+            keep.add(asyncio.create_task(lingerer(), name="lingerer"))  # <- run shutdown: created
+            await asyncio.sleep(TICK)
+
+        try:
+            asyncio.run(main())  # <- run shutdown: asyncio.run
+        finally:
+            gc_collect_harder()
+        (task,) = keep
+        assert task.result() == "lingered"
+        assert_reported(
+            the_one_swallowed(collector.findings),
+            site="run shutdown: delivered",
+            site_in=lingerer,
+            cancelled_by="run shutdown: asyncio.run",
+            created_at="run shutdown: created",
+            task="lingerer",
+            coroutine=lingerer,
+        )
+
+
+class TestNeverReported:
+    """Cancellation that is propagated, or structured and handled by asyncio, is never reported."""
+
+    def test_taskgroup_cancelling_siblings_of_a_failing_child(self, watched):
+        """A child fails while the parent is in the TaskGroup body; siblings and parent re-raise."""
+        caught = []
+
+        async def sibling():
+            await asyncio.sleep(LONG)
+
+        async def failing():
+            await asyncio.sleep(TICK)
+            raise ValueError("boom")
+
+        async def main():
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(sibling())
+                    tg.create_task(sibling())
+                    tg.create_task(failing())
+                    await asyncio.sleep(LONG)
+            except* ValueError as eg:
+                caught.append(eg)
+            return "handled"
+
+        assert watched.run(main) == "handled"
+        assert len(caught) == 1
+        assert_silent(watched.findings)
+
+    def test_taskgroup_child_failing_while_parent_waits_in_aexit(self, watched):
+        """gh-116720: the child fails while the parent waits in ``__aexit__``; the parent catches with ``except*``."""
+        cancelling_after = []
+
+        async def sibling():
+            await asyncio.sleep(LONG)
+
+        async def failing():
+            await asyncio.sleep(TICK)
+            raise ValueError("boom")
+
+        async def parent():
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(sibling())
+                    tg.create_task(failing())
+                # the body is done at once: the parent waits in __aexit__ when the child fails
+            except* ValueError:
+                pass
+            cancelling_after.append(asyncio.current_task().cancelling())
+            return "parent done"
+
+        async def main():
+            return await asyncio.create_task(parent(), name="parent")
+
+        assert watched.run(main) == "parent done"
+        # The scenario really happened: 3.11/3.12 leave the parent's cancelling() at 1.
+        assert cancelling_after == [1 if sys.version_info < (3, 13) else 0]
+        assert_silent(watched.findings)
+
+    def test_taskgroup_parent_cancelled_from_outside_reraises(self, watched):
+        """The parent of a TaskGroup is cancelled from outside; children and parent re-raise."""
+
+        async def child():
+            await asyncio.sleep(LONG)
+
+        async def parent():
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(child())
+                tg.create_task(child())
+
+        async def main():
+            task = asyncio.create_task(parent())
+            await asyncio.sleep(TICK)
+            task.cancel()
+            await asyncio.wait([task])
+            assert task.cancelled()
+
+        watched.run(main)
+        assert_silent(watched.findings)
+
+    def test_asyncio_timeout_expiring(self, watched):
+        """``asyncio.timeout`` expires: TimeoutError, the task's cancellation is undone by asyncio."""
+        timed_out = []
+
+        async def main():
+            try:
+                async with asyncio.timeout(TICK):
+                    await asyncio.sleep(LONG)
+            except TimeoutError:
+                timed_out.append(True)
+            return "after timeout"
+
+        assert watched.run(main) == "after timeout"
+        assert timed_out == [True]
+        assert_silent(watched.findings)
+
+    def test_asyncio_timeout_expiring_around_an_awaited_task(self, watched):
+        """``asyncio.timeout`` expires while awaiting a task; the task re-raises, the awaiter gets TimeoutError."""
+        timed_out = []
+
+        async def slow():
+            await asyncio.sleep(LONG)
+
+        async def main():
+            task = asyncio.create_task(slow())
+            try:
+                async with asyncio.timeout(TICK):
+                    await task
+            except TimeoutError:
+                timed_out.append(task.cancelled())
+            return "after timeout"
+
+        assert watched.run(main) == "after timeout"
+        assert timed_out == [True]
+        assert_silent(watched.findings)
+
+    def test_wait_for_timing_out_on_a_coroutine(self, watched):
+        """``asyncio.wait_for`` on a coroutine times out."""
+        timed_out = []
+
+        async def slow():
+            await asyncio.sleep(LONG)
+
+        async def main():
+            try:
+                await asyncio.wait_for(slow(), TICK)
+            except TimeoutError:
+                timed_out.append(True)
+            return "after wait_for"
+
+        assert watched.run(main) == "after wait_for"
+        assert timed_out == [True]
+        assert_silent(watched.findings)
+
+    def test_wait_for_timing_out_on_a_task(self, watched):
+        """``asyncio.wait_for`` on a task times out; the task is cancelled and re-raises."""
+        timed_out = []
+
+        async def slow():
+            await asyncio.sleep(LONG)
+
+        async def main():
+            task = asyncio.create_task(slow(), name="inner")
+            try:
+                await asyncio.wait_for(task, TICK)
+            except TimeoutError:
+                timed_out.append(task.cancelled())
+            return "after wait_for"
+
+        assert watched.run(main) == "after wait_for"
+        assert timed_out == [True]
+        assert_silent(watched.findings)
+
+    def test_wait_for_timing_out_inside_a_task(self, watched):
+        """``asyncio.wait_for`` times out inside a created task, which handles the TimeoutError and returns."""
+
+        async def slow():
+            await asyncio.sleep(LONG)
+
+        async def worker():
+            try:
+                await asyncio.wait_for(asyncio.create_task(slow()), TICK)
+            except TimeoutError:
+                return "timed out"
+
+        async def main():
+            assert await asyncio.create_task(worker()) == "timed out"
+
+        watched.run(main)
+        assert_silent(watched.findings)
+
+    def test_shield_outer_cancelled_and_reraising_while_inner_continues(self, watched):
+        """The task awaiting ``shield(inner)`` is cancelled and re-raises; the shielded task finishes."""
+
+        async def inner():
+            await asyncio.sleep(TICK * 3)
+            return "inner done"
+
+        async def outer(inner_task):
+            await asyncio.shield(inner_task)
+
+        async def main():
+            inner_task = asyncio.create_task(inner())
+            outer_task = asyncio.create_task(outer(inner_task))
+            await asyncio.sleep(TICK)
+            outer_task.cancel()
+            await asyncio.wait([outer_task])
+            assert outer_task.cancelled()
+            assert await inner_task == "inner done"
+
+        watched.run(main)
+        assert_silent(watched.findings)
+
+    def test_deliberate_uncancel(self, watched):
+        """The task catches CancelledError, calls ``uncancel()`` and carries on."""
+
+        async def resilient():
+            try:
+                await asyncio.sleep(LONG)
+            except asyncio.CancelledError:
+                assert asyncio.current_task().uncancel() == 0
+            await asyncio.sleep(0)
+            return "carried on"
+
+        async def main():
+            task = asyncio.create_task(resilient())
+            await asyncio.sleep(TICK)
+            task.cancel()
+            assert await task == "carried on"
+
+        watched.run(main)
+        assert_silent(watched.findings)
+
+    def test_catching_the_cancellation_of_a_future_someone_else_cancelled(self, watched):
+        """Another task cancels the future; the awaiting task (never cancelled itself) catches and returns."""
+
+        async def waiter(fut):
+            try:
+                await fut
+            except asyncio.CancelledError:
+                return "future was cancelled"
+
+        async def canceller(fut):
+            await asyncio.sleep(TICK)
+            fut.cancel()
+
+        async def main():
+            fut = asyncio.get_running_loop().create_future()
+            waiting = asyncio.create_task(waiter(fut))
+            await asyncio.create_task(canceller(fut))
+            assert await waiting == "future was cancelled"
+
+        watched.run(main)
+        assert_silent(watched.findings)
+
+    def test_catching_the_cancellation_of_a_task_someone_else_cancelled(self, watched):
+        """B is cancelled directly (not through A) and re-raises; A catches at ``await b`` and returns."""
+
+        async def b_reraises():
+            await asyncio.sleep(LONG)
+
+        async def a_catches(b):
+            try:
+                await b
+            except asyncio.CancelledError:
+                return "b was cancelled"
+
+        async def main():
+            b = asyncio.create_task(b_reraises())
+            a = asyncio.create_task(a_catches(b))
+            await asyncio.sleep(TICK)
+            b.cancel()
+            assert await a == "b was cancelled"
+
+        watched.run(main)
+        assert_silent(watched.findings)
+
+    def test_task_cancelled_before_its_first_step(self, watched):
+        """A task cancelled before it ever ran is cancelled; its body (which would swallow) never runs."""
+
+        async def would_swallow():
+            try:
+                await asyncio.sleep(LONG)
+            except asyncio.CancelledError:
+                pass
+            return "never"
+
+        async def main():
+            task = asyncio.create_task(would_swallow())
+            task.cancel()
+            await asyncio.wait([task])
+            assert task.cancelled()
+
+        watched.run(main)
+        assert_silent(watched.findings)
+
+    def test_cleanup_then_reraise(self, watched):
+        """``except CancelledError: await cleanup(); raise``."""
+        cleaned = []
+
+        async def cleanup():
+            await asyncio.sleep(0)
+            cleaned.append(True)
+
+        async def worker():
+            try:
+                await asyncio.sleep(LONG)
+            except asyncio.CancelledError:
+                await cleanup()
+                raise
+
+        async def main():
+            task = asyncio.create_task(worker())
+            await asyncio.sleep(TICK)
+            task.cancel()
+            await asyncio.wait([task])
+            assert task.cancelled()
+
+        watched.run(main)
+        assert cleaned == [True]
+        assert_silent(watched.findings)
+
+    def test_background_task_set_cancelled_and_reraising(self, watched):
+        """The "set of background tasks" pattern, cancelled, re-raising."""
+
+        async def background():
+            try:
+                await asyncio.sleep(LONG)
+            finally:
+                await asyncio.sleep(0)
+
+        async def main():
+            tasks = set()
+            for _ in range(3):
+                task = asyncio.create_task(background())
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            await asyncio.sleep(TICK)
+            for task in list(tasks):
+                task.cancel()
+            await asyncio.sleep(TICK)
+            assert not tasks
+
+        watched.run(main)
+        assert_silent(watched.findings)
+
+    def test_to_thread_awaiter_cancelled_and_reraising(self, watched):
+        """The task awaiting ``asyncio.to_thread`` is cancelled and re-raises."""
+
+        async def worker():
+            await asyncio.to_thread(time.sleep, TICK * 3)
+
+        async def main():
+            task = asyncio.create_task(worker())
+            await asyncio.sleep(TICK)
+            task.cancel()
+            await asyncio.wait([task])
+            assert task.cancelled()
+
+        watched.run(main)
+        assert_silent(watched.findings)
+
+    def test_tasks_cancelled_at_runner_shutdown_that_reraise(self, watched):
+        """Leftover tasks that ``asyncio.Runner`` cancels at shutdown re-raise (one after cleanup)."""
+        keep = []
+
+        async def plain():
+            await asyncio.sleep(LONG)
+
+        async def with_cleanup():
+            try:
+                await asyncio.sleep(LONG)
+            except asyncio.CancelledError:
+                await asyncio.sleep(0)
+                raise
+
+        async def main():
+            keep.append(asyncio.create_task(plain()))
+            keep.append(asyncio.create_task(with_cleanup()))
+            await asyncio.sleep(TICK)
+
+        watched.run(main)
+        assert [t.cancelled() for t in keep] == [True, True]
+        assert_silent(watched.findings)
+
+    def test_tasks_cancelled_at_asyncio_run_shutdown_that_reraise(self):
+        """Leftover tasks that ``asyncio.run`` cancels at shutdown re-raise."""
+        collector = CollectingReporter()
+        asyncwatch.install(reporters=[collector], log=False)
+        keep = []
+
+        async def plain():
+            await asyncio.sleep(LONG)
+
+        async def main():
+            keep.append(asyncio.create_task(plain()))
+            await asyncio.sleep(TICK)
+
+        try:
+            asyncio.run(main())
+        finally:
+            gc_collect_harder()
+        assert [t.cancelled() for t in keep] == [True]
+        assert_silent(collector.findings)
