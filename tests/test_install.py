@@ -444,6 +444,40 @@ class TestContainment:
         assert "watchdog exploded" in out.out + out.err
 
 
+class TestLoopLifecycle:
+    def test_a_stall_in_the_first_step_of_a_loop_watched_before_it_ran(self):
+        """A loop attached, left idle, then run, is sampled from its very first step."""
+        collector = CollectingReporter()
+        asyncwatch.install(reporters=[collector], log=False)
+
+        async def main():
+            time.sleep(0.16)  # <- first step blocks
+            await asyncio.sleep(0)
+
+        with asyncio.Runner() as runner:
+            runner.get_loop()
+            time.sleep(0.05)  # the watchdog sees a loop that is not running yet
+            runner.run(main())
+        [finding] = collector.findings
+        assert finding.site.line == line_of("# <- first step blocks")
+        assert 0.14 <= finding.duration_s < 0.4
+
+    def test_asyncio_debug_mode_still_says_where_a_task_was_created(self):
+        """Under asyncio's debug mode, a task's repr names the caller, not asyncwatch."""
+
+        async def main():
+            task = asyncio.create_task(asyncio.sleep(0))
+            text = repr(task)
+            await task
+            return text
+
+        plain = asyncio.run(main(), debug=True)
+        asyncwatch.install(log=False)
+        watched = asyncio.run(main(), debug=True)
+        assert "asyncwatch" not in watched
+        assert watched.split("created at")[1] == plain.split("created at")[1]
+
+
 class TestCaptureFindings:
     def test_requires_an_installation(self):
         """capture_findings() outside an installation says how to fix it."""

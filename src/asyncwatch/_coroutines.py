@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from ._findings import Finding, FindingKind, Site, app_frame, frame_site, is_library_file, qualname_of
+from ._findings import Finding, FindingKind, Site, source_path, app_frame, frame_site, is_library_file, qualname_of
 from ._reporters import report_internal_error
 
 __all__ = ["CoroutineHook"]
@@ -127,7 +127,7 @@ class CoroutineHook:
         origin = getattr(coro, "cr_origin", None)
         if origin:
             # innermost first: (filename, lineno, function)
-            sites = [Site(f, line, fn) for f, line, fn in origin]
+            sites = [Site(source_path(f), line, fn) for f, line, fn in origin]
             site = next((s for s in sites if not is_library_file(s.file)), None)
             stack = tuple(reversed(sites))
         elif not _gc_state.collecting:

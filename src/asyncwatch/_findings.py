@@ -166,16 +166,16 @@ def line_of(code: CodeType, lasti: int) -> int:
 
 def code_site(code: CodeType, lasti: int) -> Site:
     """Make a `Site` from a code object and an instruction offset."""
-    return Site(_abspath(code.co_filename), line_of(code, lasti), code.co_qualname)
+    return Site(source_path(code.co_filename), line_of(code, lasti), code.co_qualname)
 
 
 def frame_site(frame: FrameType) -> Site:
     """Make a `Site` from a live frame (its current line)."""
     code = frame.f_code
-    return Site(_abspath(code.co_filename), frame.f_lineno or code.co_firstlineno, code.co_qualname)
+    return Site(source_path(code.co_filename), frame.f_lineno or code.co_firstlineno, code.co_qualname)
 
 
-def _abspath(filename: str) -> str:
+def source_path(filename: str) -> str:
     return filename if filename.startswith("<") else os.path.abspath(filename)
 
 

@@ -74,6 +74,8 @@ class LoopProbe:
         self.threshold_s = threshold_s
         self.emit = emit
         self.enabled = True
+        self.wake: Callable[[], None] = lambda: None  # set by the Watchdog
+        self.parked = False
         # written by the loop thread (heartbeat)
         self.thread_id: int | None = None
         self.runner_code: CodeType | None = None
@@ -99,6 +101,9 @@ class LoopProbe:
         self.runner_code = None if caller.f_code is _HANDLE_RUN else caller.f_code
         self.beats += 1
         self.beat_pending = False
+        if self.parked:
+            self.parked = False
+            self.wake()
         if self.stall is not None:
             # The blocking callback is over (we run after it): report it now,
             # before the program moves on, instead of at the next sample.
@@ -148,8 +153,12 @@ class LoopProbe:
             self.finish(now)
             return None
         if not loop.is_running():
+            # Park until the loop runs: the queued heartbeat is its first
+            # callback then, and wakes us at once (a stall may start at once).
             self.finish(now)
-            return self.threshold_s
+            self.parked = True
+            self._post_beat(loop)
+            return 1.0
         tick = max(self.threshold_s / 10, 0.001)
         thread_id = getattr(loop, "_thread_id", None) or self.thread_id
         top = frames.get(thread_id) if thread_id is not None else None
@@ -240,6 +249,7 @@ class Watchdog:
             os.register_at_fork(after_in_child=self._after_fork)
 
     def add(self, probe: LoopProbe) -> None:
+        probe.wake = self._wake.set
         with self._lock:
             self._probes.append(probe)
             self._ensure_thread()

@@ -336,6 +336,8 @@ class TaskFactory:
         else:
             task = previous(loop, coro, **kwargs)
         try:
+            if task._source_traceback:
+                _trim_source_traceback(task._source_traceback)
             where = app_code_at(1)
             if type(task) is Task:
                 task._aw_watch = self.watch
@@ -353,6 +355,17 @@ class TaskFactory:
             self.enabled = False
             report_internal_error("task factory", exc)
         return task  # type: ignore[no-any-return]
+
+
+_BASE_EVENTS = os.path.join(_ASYNCIO_DIR, "base_events.py")
+
+
+def _trim_source_traceback(tb: list[Any]) -> None:
+    """In asyncio debug mode, drop our factory's frame and the loop's
+    ``create_task`` from where the task says it was created, as asyncio's
+    own ``create_task`` does, so "created at" still points at the caller."""
+    while tb and (is_own_file(tb[-1].filename) or (tb[-1].filename == _BASE_EVENTS and tb[-1].name == "create_task")):
+        del tb[-1]
 
 
 class ExceptionHandler:
