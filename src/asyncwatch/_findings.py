@@ -33,6 +33,9 @@ class FindingKind(str, enum.Enum):
     COROUTINE_NEVER_AWAITED = "coroutine_never_awaited"
     CANCELLATION_SWALLOWED = "cancellation_swallowed"
     TASK_EXCEPTION_UNRETRIEVED = "task_exception_unretrieved"
+    #: Reported by the pytest plugin only: a task a test started and left
+    #: running when the test ended.
+    TASK_LEAKED = "task_leaked"
 
     def __str__(self) -> str:
         return self.value
