@@ -65,8 +65,9 @@ class Watched:
         """Run ``main()`` with asyncio.Runner on a watched loop; collect garbage after."""
         options.setdefault("log", False)
         factory = asyncwatch.loop_factory(base_factory(self.loop_name), **options)
-        install = asyncwatch.install(reporters=[self.collector], log=options["log"])
-        del install
+        # Process-wide options must reach the engine when it starts.
+        process_wide = {k: v for k, v in options.items() if k in ("log", "findings", "track_coroutine_origins")}
+        asyncwatch.install(reporters=[self.collector], **process_wide)
         try:
             with asyncio.Runner(loop_factory=factory) as runner:
                 result = runner.run(main())

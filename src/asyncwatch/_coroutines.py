@@ -24,7 +24,17 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from ._findings import Finding, FindingKind, Site, source_path, app_frame, frame_site, is_library_file, qualname_of
+from ._findings import (
+    LOOP_DISPATCH_NAMES,
+    Finding,
+    FindingKind,
+    Site,
+    app_frame_in_callback,
+    frame_site,
+    is_library_file,
+    qualname_of,
+    source_path,
+)
 from ._reporters import report_internal_error
 
 __all__ = ["CoroutineHook"]
@@ -35,10 +45,6 @@ class _GcState(threading.local):
 
 
 _gc_state = _GcState()
-
-
-def _gc_callback(phase: str, _info: dict[str, Any]) -> None:
-    _gc_state.collecting = phase == "start"
 
 
 def _is_stdlib_hook(func: Any) -> bool:
@@ -71,8 +77,13 @@ class CoroutineHook:
         self._installed: Callable[[Any], None] | None = None
         self._previous_depth: int | None = None
         self.enabled = True
-        # ids of coroutines already reported as part of a destroyed task
+        # ids of the coroutines of tasks reported as destroyed while pending:
+        # their "never awaited" is the same mistake, reported once.
         self.reported_elsewhere: set[int] = set()
+        # Findings made while the garbage collector runs, held until it is
+        # done: it may finalize a coroutine before the task that owns it.
+        self._held: list[tuple[int, Finding]] = []
+        self._held_lock = threading.Lock()
 
     def install(self) -> None:
         original = getattr(warnings, "_warn_unawaited_coroutine", None)
@@ -98,7 +109,7 @@ class CoroutineHook:
 
         self._installed = _warn_unawaited_coroutine
         warnings._warn_unawaited_coroutine = _warn_unawaited_coroutine  # type: ignore[attr-defined]
-        gc.callbacks.append(_gc_callback)
+        gc.callbacks.append(self._gc_callback)
         if self._track_origins:
             self._previous_depth = sys.get_coroutine_origin_tracking_depth()
             sys.set_coroutine_origin_tracking_depth(max(self._previous_depth, 32))
@@ -111,27 +122,60 @@ class CoroutineHook:
                 # Someone wrapped us after we installed: stay in their chain, inert.
                 self.enabled = False
             self._installed = None
-        if _gc_callback in gc.callbacks:
-            gc.callbacks.remove(_gc_callback)
+        if self._gc_callback in gc.callbacks:
+            gc.callbacks.remove(self._gc_callback)
+        self._flush_held()
         if self._previous_depth is not None:
             sys.set_coroutine_origin_tracking_depth(self._previous_depth)
             self._previous_depth = None
+
+    def _gc_callback(self, phase: str, _info: dict[str, Any]) -> None:
+        if phase == "start":
+            _gc_state.collecting = True
+            return
+        _gc_state.collecting = False
+        try:
+            self._flush_held()
+        except Exception as exc:
+            self.enabled = False
+            report_internal_error("coroutine hook", exc)
+
+    def _flush_held(self) -> None:
+        with self._held_lock:
+            held, self._held = self._held, []
+            claimed, self.reported_elsewhere = self.reported_elsewhere, set()
+        for coro_id, finding in held:
+            if coro_id not in claimed:
+                self._emit(finding)
 
     def _on_never_awaited(self, coro: Any, caller: Any) -> None:
         if id(coro) in self.reported_elsewhere:
             self.reported_elsewhere.discard(id(coro))
             return
+        finding = self._finding(coro, caller)
+        if _gc_state.collecting:
+            with self._held_lock:
+                self._held.append((id(coro), finding))
+        else:
+            self._emit(finding)
+
+    def _finding(self, coro: Any, caller: Any) -> Finding:
         name = qualname_of(coro)
         site: Site | None = None
         stack: tuple[Site, ...] = ()
         origin = getattr(coro, "cr_origin", None)
         if origin:
-            # innermost first: (filename, lineno, function)
-            sites = [Site(source_path(f), line, fn) for f, line, fn in origin]
+            # innermost first: (filename, lineno, function); stop at the loop's
+            # dispatch (a coroutine function called back by the loop).
+            sites = []
+            for filename, line, function in origin:
+                if (filename, function) in LOOP_DISPATCH_NAMES:
+                    break
+                sites.append(Site(source_path(filename), line, function))
             site = next((s for s in sites if not is_library_file(s.file)), None)
             stack = tuple(reversed(sites))
         elif not _gc_state.collecting:
-            frame = app_frame(caller)
+            frame = app_frame_in_callback(caller)
             if frame is not None:
                 site = frame_site(frame)
                 stack = (site,)
@@ -139,8 +183,7 @@ class CoroutineHook:
         defined = ""
         if site is None and code is not None:  # at least say which coroutine function
             defined = f" (defined at {code.co_filename}:{code.co_firstlineno})"
-        self._emit(
-            Finding(
+        return Finding(
                 kind=FindingKind.COROUTINE_NEVER_AWAITED,
                 message=(
                     f"Coroutine {name!r}{defined} was created but never awaited; "
@@ -150,4 +193,3 @@ class CoroutineHook:
                 stack=stack,
                 coroutine=name,
             )
-        )

@@ -78,11 +78,11 @@ class LoopWatch:
             if isinstance(task, asyncio.Task) and self.detects(FindingKind.TASK_DESTROYED_PENDING):
                 coro = coro_of(task)
                 hook = self.engine.coroutine_hook
-                if hook is not None and getattr(coro, "cr_frame", None) is not None:
-                    if getattr(coro.cr_frame, "f_lasti", 0) < 0 or not getattr(coro, "cr_suspended", True):
-                        # Never started: CPython will also warn "never awaited"
-                        # for its coroutine; it is the same mistake.
-                        hook.reported_elsewhere.add(id(coro))
+                if hook is not None and coro is not None:
+                    # If it never started, CPython also warns that its coroutine
+                    # was never awaited (before or after this, depending on the
+                    # collector's order): the same mistake, reported once.
+                    hook.reported_elsewhere.add(id(coro))
                 self.emit(destroyed_pending_finding(task))
                 forget(task)
         elif isinstance(message, str) and message.endswith(NEVER_RETRIEVED):

@@ -191,6 +191,44 @@ def app_frame(frame: FrameType | None) -> FrameType | None:
     return None
 
 
+def _loop_dispatch_codes() -> frozenset[CodeType]:
+    import asyncio.base_events
+    import asyncio.events
+    import asyncio.runners
+
+    base = asyncio.base_events.BaseEventLoop
+    codes = {
+        asyncio.events.Handle._run.__code__,
+        base._run_once.__code__,
+        base.run_forever.__code__,
+        base.run_until_complete.__code__,
+        asyncio.runners.Runner.run.__code__,
+        asyncio.runners.run.__code__,
+    }
+    return frozenset(codes)
+
+
+#: Frames of the event loop's own dispatch: a callback's caller chain ends
+#: here, and whatever lies further out (``asyncio.run(main())``) did not
+#: create what the callback made.
+LOOP_DISPATCH = _loop_dispatch_codes()
+LOOP_DISPATCH_NAMES = frozenset((c.co_filename, c.co_name) for c in LOOP_DISPATCH)
+
+
+def app_frame_in_callback(frame: FrameType | None) -> FrameType | None:
+    """Like `app_frame`, but stop at the event loop's dispatch: code called by
+    the loop itself (a coroutine function used as a callback) has no
+    application caller."""
+    while frame is not None:
+        code = frame.f_code
+        if code in LOOP_DISPATCH:
+            return None
+        if not is_library_file(code.co_filename):
+            return frame
+        frame = frame.f_back
+    return None
+
+
 def app_code_at(depth: int) -> tuple[CodeType, int] | None:
     """Return ``(code, lasti)`` of the innermost application frame, starting
     *depth* frames above the caller.  This runs on task creation: it keeps

@@ -40,8 +40,8 @@ from ._findings import (
     Finding,
     FindingKind,
     Site,
-    app_frame,
     frame_site,
+    is_library_file,
     is_own_file,
     qualname_of,
     stack_of,
@@ -56,13 +56,28 @@ _now = time.perf_counter
 
 
 class _Stall:
-    __slots__ = ("coroutine", "site", "stack", "task")
+    __slots__ = ("callback", "coroutine", "site", "stack", "task")
 
-    def __init__(self, site: Site | None, stack: tuple[Site, ...], task: str | None, coroutine: str | None):
+    def __init__(
+        self,
+        site: Site | None,
+        stack: tuple[Site, ...],
+        task: str | None,
+        coroutine: str | None,
+        callback: str | None,
+    ) -> None:
         self.site = site
         self.stack = stack
         self.task = task
         self.coroutine = coroutine
+        self.callback = callback
+
+
+class _Compiled:
+    """Stands for a callback with no Python frame (a C function, on uvloop)."""
+
+
+_COMPILED = _Compiled()
 
 
 class LoopProbe:
@@ -82,12 +97,14 @@ class LoopProbe:
         self.beats = 0
         self.beat_time = 0.0
         self.beat_pending = False
+        self.beat_posted = 0.0
         # written by the watchdog thread
-        self.held: FrameType | None = None
+        self.held: FrameType | _Compiled | None = None
         self.held_since = 0.0
         self.held_beats = 0
         self.stall: _Stall | None = None
         self._stall_lock = threading.Lock()
+        self.python_seen = 0.0  # last sample that saw a Python callback frame
 
     # -- loop thread ---------------------------------------------------------
 
@@ -127,6 +144,7 @@ class LoopProbe:
     def _post_beat(self, loop: asyncio.AbstractEventLoop) -> None:
         if not self.beat_pending:
             self.beat_pending = True
+            self.beat_posted = _now()
             try:
                 loop.call_soon_threadsafe(self.beat)
             except RuntimeError:  # closed between our check and the call
@@ -140,6 +158,10 @@ class LoopProbe:
         frame: FrameType | None = top
         while frame is not None:
             code = frame.f_code
+            if code is _HANDLE_RUN and not chain:
+                # asyncio is running a callback with no Python frame of its
+                # own (a C function such as time.sleep): follow Handle._run.
+                return frame, []
             if code is _HANDLE_RUN or code is runner:
                 return (chain[-1] if chain else None), chain
             chain.append(frame)
@@ -167,12 +189,34 @@ class LoopProbe:
             self._post_beat(loop)  # learn the loop thread
             return tick
         callback, chain = self.callback_frame(top)
+        if callback is None and self.runner_code is not None and top.f_code is self.runner_code:
+            # uvloop looks idle, or runs compiled code with no Python frame.
+            # A heartbeat queued for longer than the threshold tells them
+            # apart: an idle loop runs it at once.
+            if self.held is _COMPILED and self.beats == self.held_beats:
+                if self.stall is None and now - self.held_since >= self.threshold_s:
+                    self.stall = _Stall(None, (), None, None, None)
+                return min(tick, 0.002) if self.stall is not None else tick
+            self.finish(now)
+            if self.beat_pending and now - self.beat_posted >= tick:
+                # Dated from the last sign of Python running, never earlier:
+                # a sample that falls between two short callbacks of a busy
+                # loop must not inherit the time the heartbeat waited.
+                self.held = _COMPILED
+                self.held_since = max(self.beat_posted, self.python_seen)
+                self.held_beats = self.beats
+            else:
+                # Keep one queued: the stall's start is known to within a tick.
+                # (About 1/tick trivial wake-ups a second of an idle uvloop;
+                # asyncio has a Python dispatch frame and needs none.)
+                self._post_beat(loop)
+            return tick
+        if callback is not None:
+            self.python_seen = now
         if callback is None or any(is_own_file(f.f_code.co_filename) for f in chain):
             # Idle, in the loop's own machinery, or in asyncwatch's own work,
             # which must never make user code look slow.
             self.finish(now)
-            if callback is None and self.runner_code is not None and now - self.beat_time > 1.0:
-                self._post_beat(loop)  # uvloop: the loop may run from another frame now
             return tick
         if callback is self.held and self.beats == self.held_beats:
             if self.stall is None and now - self.held_since >= self.threshold_s:
@@ -188,17 +232,25 @@ class LoopProbe:
         return tick
 
     def _capture(self, loop: asyncio.AbstractEventLoop, top: FrameType, chain: list[FrameType]) -> _Stall:
-        blocking = app_frame(top)
+        # The innermost application frame *of this callback*: never further
+        # out than the loop's dispatch (that is whoever runs the loop).
+        blocking = next((f for f in chain if not is_library_file(f.f_code.co_filename)), None)
         site = frame_site(blocking) if blocking is not None else None
         task: Any = asyncio.current_task(loop)
+        callback: str | None = None
         if task is not None:
             name: str | None = task.get_name()
             coroutine = coro_name(task)
         else:
-            name = None
-            coroutine = chain[-1].f_code.co_qualname if chain else None
+            name = coroutine = None
+            if chain:
+                callback = chain[-1].f_code.co_qualname
+            elif top.f_code is _HANDLE_RUN:
+                handle = top.f_locals.get("self")  # the Handle: names the C callback
+                callback = qualname_of(getattr(handle, "_callback", None))
+                del handle
         del task  # never keep the user's task alive
-        return _Stall(site, stack_of(chain), name, coroutine)
+        return _Stall(site, stack_of(chain), name, coroutine, callback)
 
     def finish(self, now: float) -> None:
         """The followed callback is over (watchdog thread); report a stall."""
@@ -214,11 +266,12 @@ class LoopProbe:
             stall, self.stall = self.stall, None
         if stall is not None:
             duration = end - self.held_since
-            what = (
-                f"Task {stall.task!r} (coroutine {stall.coroutine!r})"
-                if stall.task
-                else f"Callback {stall.coroutine!r}"
-            )
+            if stall.task:
+                what = f"Task {stall.task!r} (coroutine {stall.coroutine!r})"
+            elif stall.callback:
+                what = f"Callback {stall.callback!r}"
+            else:
+                what = "A callback with no Python frame (compiled code)"
             self.emit(
                 Finding(
                     kind=FindingKind.SLOW_CALLBACK,

@@ -125,6 +125,15 @@ class Task(asyncio.Task):  # type: ignore[type-arg]
 
     __slots__ = ("_aw_watch", "_aw_code", "_aw_lasti", "_aw_cancel", "_aw_coro")
 
+    if (3, 13, 0) <= sys.version_info[:3] < (3, 13, 3):
+
+        def set_name(self, value: object) -> None:
+            # gh-130033: with a task factory set, create_task() calls
+            # set_name(None) and the task is renamed "None"; plain asyncio
+            # keeps "Task-N".  Installing asyncwatch must not rename tasks.
+            if value is not None:
+                super().set_name(value)
+
     def cancel(self, msg: Any = None) -> bool:
         entry: tuple[CancelRequest | None, bool, Site | None] = (None, False, None)
         if not self.done():
@@ -399,27 +408,22 @@ class ExceptionHandler:
             previous(loop, context)
 
 
-def suspended_stack(task: asyncio.Task[Any]) -> tuple[Site, ...]:
-    """Sites of the coroutines *task* is suspended in, outermost first."""
-    return _delivery_point(task, None)[1]
-
-
 def destroyed_pending_finding(task: asyncio.Task[Any]) -> Finding:
+    # A pending task is always in a reference cycle (it and the future it
+    # waits on refer to each other), and the collector finalizes its
+    # coroutine first, so where it was waiting is gone by now: the creation
+    # site is what there is.
     name = task.get_name()
     coro = coro_name(task)
     where = created_at(task)
-    stack = suspended_stack(task)
-    waiting = next((s for s in reversed(stack) if not is_library_file(s.file)), None)
-    waiting_text = f" while waiting at {_short(waiting)}" if waiting else ""
     return Finding(
         kind=FindingKind.TASK_DESTROYED_PENDING,
         message=(
             f"Task {name!r} (coroutine {coro!r}) was destroyed by the garbage collector "
-            f"while still pending{waiting_text}; keep a reference to it (a set of "
-            "background tasks, or a TaskGroup)"
+            "while still pending; keep a reference to it (a set of background tasks, or a TaskGroup)"
         ),
         site=where,
-        stack=stack,
+        stack=(where,) if where else (),
         task=name,
         coroutine=coro,
         created_at=where,

@@ -1,0 +1,390 @@
+"""coroutine_never_awaited: a coroutine object created and dropped without being awaited.
+
+The hook is process-wide: it sees coroutines dropped on any loop, and in plain
+synchronous code, as long as asyncwatch is installed.  Tests on a loop use the
+``watched`` harness; synchronous ones install asyncwatch and use
+`asyncwatch.testing.capture_findings`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import json
+import sys
+import warnings
+
+import pytest
+
+import asyncwatch
+from asyncwatch.testing import capture_findings
+from conftest import base_factory, line_of
+
+NEVER_AWAITED = "coroutine_never_awaited"
+
+
+async def save(item):
+    """The coroutine the tests forget to await."""
+    return item
+
+
+def create_save():
+    return save("made by a helper")  # <- created in helper
+
+
+def drop_in_helper():
+    save("dropped by a helper")  # <- dropped in helper
+
+
+def drop_one():
+    save("warned")  # <- warned line
+
+
+@pytest.fixture
+def installed():
+    """asyncwatch installed for synchronous code (no loop); uninstalled by conftest."""
+    asyncwatch.install(log=False)
+
+
+@pytest.fixture
+def installed_with_origins():
+    """asyncwatch installed with exact coroutine origins; uninstalled by conftest."""
+    asyncwatch.install(log=False, track_coroutine_origins=True)
+
+
+def assert_site(finding, label, function):
+    """The finding's site is the line marked ``# <- label`` in this file, in *function*."""
+    assert finding.site is not None, finding.message
+    assert finding.site.file == __file__
+    assert finding.site.line == line_of(f"# <- {label}")
+    assert finding.site.function == function
+
+
+def assert_origin_site(finding, label, function):
+    """Like `assert_site`, for sites read from ``cr_origin``.
+
+    ``cr_origin`` records ``co_name``, not ``co_qualname``, so only the last
+    part of the qualified name is compared here.
+    """
+    assert finding.site is not None, finding.message
+    assert finding.site.file == __file__
+    assert finding.site.line == line_of(f"# <- {label}")
+    assert finding.site.function.rpartition(".")[2] == function.rpartition(".")[2]
+
+
+class TestDroppedCoroutineOnALoop:
+    """A coroutine dropped in a coroutine is reported at the line that dropped it."""
+
+    def test_call_without_await_is_reported_at_its_line(self, watched):
+        """``save(x)`` instead of ``await save(x)``: the site is that line."""
+
+        async def main():
+            save(1)  # <- forgot await in main
+            await asyncio.sleep(0)
+
+        watched.run(main)
+
+        [finding] = watched.findings
+        assert finding.kind.value == NEVER_AWAITED
+        assert_site(finding, "forgot await in main", main.__qualname__)
+        assert finding.coroutine == save.__qualname__
+        assert "save" in finding.message
+        data = json.loads(json.dumps(finding.to_dict()))
+        assert data["kind"] == NEVER_AWAITED
+        assert data["site"]["line"] == line_of("# <- forgot await in main")
+
+    def test_call_in_a_sync_helper_is_reported_inside_the_helper(self, watched):
+        """Dropped inside a plain function called from the coroutine: the helper's line."""
+
+        async def main():
+            drop_in_helper()
+            await asyncio.sleep(0)
+
+        watched.run(main)
+
+        [finding] = watched.of(NEVER_AWAITED)
+        assert_site(finding, "dropped in helper", drop_in_helper.__qualname__)
+
+    def test_coroutine_dropped_later_is_reported_where_it_was_dropped(self, watched):
+        """Without origin tracking, the site is the line that dropped the last reference."""
+
+        async def main():
+            pending = save(2)  # <- kept for a while
+            await asyncio.sleep(0)
+            del pending  # <- dropped later
+            await asyncio.sleep(0)
+
+        watched.run(main)
+
+        [finding] = watched.of(NEVER_AWAITED)
+        assert_site(finding, "dropped later", main.__qualname__)
+
+    def test_each_dropped_coroutine_is_its_own_finding(self, watched):
+        """Three coroutines dropped in a loop: three findings at the same line."""
+
+        async def main():
+            for i in range(3):
+                save(i)  # <- dropped three times
+            await asyncio.sleep(0)
+
+        watched.run(main)
+
+        found = watched.of(NEVER_AWAITED)
+        assert [f.site.line for f in found] == [line_of("# <- dropped three times")] * 3
+
+
+    def test_coroutine_function_used_as_a_callback_has_no_misleading_site(self, watched):
+        """``add_done_callback(async_fn)``: asyncio creates and drops the coroutine; the site
+        is unknown or the scheduling line, never the line that runs the loop."""
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            future = loop.create_future()
+            future.add_done_callback(save)  # <- async function as a callback
+            future.set_result(None)
+            await asyncio.sleep(0)
+
+        watched.run(main)
+
+        [finding] = watched.of(NEVER_AWAITED)
+        assert finding.coroutine == save.__qualname__
+        if finding.site is not None:
+            assert (finding.site.file, finding.site.line) == (__file__, line_of("# <- async function as a callback"))
+
+
+class TestDroppedCoroutineInSyncCode:
+    """The hook is process-wide: plain synchronous code is watched too."""
+
+    def test_call_in_sync_code_is_reported_at_its_line(self, installed):
+        """A coroutine dropped outside any loop is reported at its line."""
+        with capture_findings(NEVER_AWAITED) as found:
+            save(3)  # <- forgot await in sync code
+
+        [finding] = found
+        test_name = type(self).test_call_in_sync_code_is_reported_at_its_line.__qualname__
+        assert_site(finding, "forgot await in sync code", test_name)
+        assert finding.coroutine == save.__qualname__
+
+    def test_coroutine_collected_by_the_gc_has_no_misleading_site(self, installed):
+        """A coroutine freed by the garbage collector: the site is unknown (or exact), never a random line."""
+        with capture_findings(NEVER_AWAITED) as found:
+            box = []
+            box.append(save(box))  # <- created in a cycle
+            del box
+            gc.collect()
+
+        [finding] = found
+        assert finding.coroutine == save.__qualname__
+        if finding.site is None:
+            # documented: the message at least says which coroutine function
+            assert f"{__file__}:{save.__code__.co_firstlineno}" in finding.message
+        else:
+            assert (finding.site.file, finding.site.line) == (__file__, line_of("# <- created in a cycle"))
+
+    def test_closed_coroutine_is_silent(self, installed):
+        """A coroutine closed on purpose with ``close()`` was not forgotten."""
+        with capture_findings(NEVER_AWAITED) as found:
+            coro = save(4)
+            coro.close()
+            del coro
+        assert found == []
+
+
+class TestWithOriginTracking:
+    """With ``track_coroutine_origins=True`` the site is the line that created the coroutine."""
+
+    def test_coroutine_dropped_later_is_reported_where_it_was_created(self, watched, installed_with_origins):
+        """``c = save(1)`` … ``del c`` on another line: the site is the ``save(1)`` line."""
+
+        async def main():
+            pending = save(5)  # <- created, tracked
+            await asyncio.sleep(0)
+            del pending  # <- dropped, tracked
+            await asyncio.sleep(0)
+
+        watched.run(main)
+
+        [finding] = watched.of(NEVER_AWAITED)
+        assert_origin_site(finding, "created, tracked", main.__qualname__)
+        assert finding.stack, "the creation stack is known"
+        assert finding.stack[-1] == finding.site, "stack is outermost first, ending at the creation"
+
+    def test_coroutine_created_in_a_helper_is_reported_in_the_helper(self, watched, installed_with_origins):
+        """Created by a helper, dropped by its caller: the helper's line, the caller in the stack."""
+
+        async def main():
+            pending = create_save()  # <- calls the creating helper
+            del pending
+            await asyncio.sleep(0)
+
+        watched.run(main)
+
+        [finding] = watched.of(NEVER_AWAITED)
+        assert_origin_site(finding, "created in helper", create_save.__qualname__)
+        lines = [(s.file, s.line) for s in finding.stack]
+        caller = (__file__, line_of("# <- calls the creating helper"))
+        assert caller in lines
+        assert lines.index(caller) < lines.index((__file__, line_of("# <- created in helper")))
+
+    def test_coroutine_collected_by_the_gc_is_reported_where_it_was_created(self, installed_with_origins):
+        """Even when the garbage collector frees it, the creation site is exact."""
+        with capture_findings(NEVER_AWAITED) as found:
+            box = []
+            box.append(save(box))  # <- cycle, tracked
+            del box
+            gc.collect()
+
+        [finding] = found
+        assert finding.site is not None
+        assert (finding.site.file, finding.site.line) == (__file__, line_of("# <- cycle, tracked"))
+
+    def test_loop_factory_option_turns_tracking_on(self, loop_name):
+        """``loop_factory(track_coroutine_origins=True)`` alone (no install()) tracks origins."""
+        factory = asyncwatch.loop_factory(base_factory(loop_name), track_coroutine_origins=True, log=False)
+
+        async def main():
+            with capture_findings(NEVER_AWAITED) as found:
+                pending = save(6)  # <- made under the factory option
+                await asyncio.sleep(0)
+                del pending
+            return found
+
+        with asyncio.Runner(loop_factory=factory) as runner:
+            found = runner.run(main())
+
+        [finding] = found
+        assert_origin_site(finding, "made under the factory option", main.__qualname__)
+
+    def test_tracking_depth_is_restored_on_uninstall(self):
+        """Origin tracking costs time on every coroutine: uninstall turns it back off."""
+        before = sys.get_coroutine_origin_tracking_depth()
+        asyncwatch.install(log=False, track_coroutine_origins=True)
+        assert sys.get_coroutine_origin_tracking_depth() > 0
+        asyncwatch.uninstall()
+        assert sys.get_coroutine_origin_tracking_depth() == before
+
+
+def record_warnings(action):
+    """Run *action* and return the RuntimeWarnings it emitted (each one shown)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        action()
+    return [(w.category, str(w.message), w.filename, w.lineno) for w in caught if w.category is RuntimeWarning]
+
+
+class TestCPythonWarningIsKept:
+    """asyncwatch reports the mistake and CPython's RuntimeWarning is still emitted, unchanged."""
+
+    def test_warning_points_at_the_users_line(self, installed):
+        """The warning's file and line are the user's, not asyncwatch's."""
+        with pytest.warns(RuntimeWarning, match="coroutine '.*save' was never awaited") as record:
+            drop_one()
+        [warning] = [w for w in record if w.category is RuntimeWarning]
+        assert warning.filename == __file__
+        assert warning.lineno == line_of("# <- warned line")
+
+    def test_warning_is_the_same_as_without_asyncwatch(self):
+        """Category, text, file and line are exactly what CPython emits on its own."""
+        emitted = []
+        for watching in (False, True):
+            if watching:
+                asyncwatch.install(log=False)
+            emitted.append(record_warnings(drop_one))
+        plain, watched_warnings = emitted
+        assert len(plain) == 1
+        assert watched_warnings == plain
+
+    def test_warning_with_origins_is_the_same_as_without_asyncwatch(self):
+        """With origin tracking, the 'Coroutine created at' text is CPython's too."""
+        previous = sys.get_coroutine_origin_tracking_depth()
+        emitted = []
+        try:
+            for watching in (False, True):
+                if watching:
+                    sys.set_coroutine_origin_tracking_depth(previous)
+                    asyncwatch.install(log=False, track_coroutine_origins=True)
+                else:
+                    sys.set_coroutine_origin_tracking_depth(32)
+                emitted.append(record_warnings(drop_one))
+        finally:
+            asyncwatch.uninstall()
+            sys.set_coroutine_origin_tracking_depth(previous)
+        plain, watched_warnings = emitted
+        assert "Coroutine created at" in plain[0][1]
+        assert watched_warnings == plain
+
+    def test_warning_inside_a_running_loop_points_at_the_users_line(self, watched):
+        """On a watched loop the warning still points at the line in the coroutine."""
+        caught = []
+
+        def forget():
+            save(7)  # <- warned in loop
+
+        async def main():
+            caught.extend(record_warnings(forget))
+            await asyncio.sleep(0)
+
+        watched.run(main)
+
+        assert [(c[2], c[3]) for c in caught] == [(__file__, line_of("# <- warned in loop"))]
+        assert len(watched.of(NEVER_AWAITED)) == 1
+
+    def test_error_filter_still_applies(self):
+        """``-W error``: the warning becomes an unraisable RuntimeWarning, as without asyncwatch."""
+
+        def unraisable_of(action):
+            seen = []
+            old_hook = sys.unraisablehook
+            sys.unraisablehook = lambda unraisable: seen.append(unraisable.exc_type)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", RuntimeWarning)
+                    action()
+            finally:
+                sys.unraisablehook = old_hook
+            return seen
+
+        errors = []
+        for watching in (False, True):
+            if watching:
+                asyncwatch.install(log=False)
+            with capture_findings(NEVER_AWAITED) if watching else contextlib.nullcontext([]) as found:
+                errors.append(unraisable_of(drop_one))
+        plain, watched_errors = errors
+        assert plain == [RuntimeWarning]
+        assert watched_errors == plain
+        assert len(found) == 1
+
+
+class TestAwaitedOrHandledCoroutinesAreSilent:
+    """Coroutines that are awaited, scheduled or closed are not reported."""
+
+    def test_awaited_coroutine_is_silent(self, watched):
+        """``await save(x)`` is the fix."""
+
+        async def main():
+            await save(8)
+
+        watched.run(main)
+        assert watched.findings == []
+
+    def test_scheduled_coroutine_is_silent(self, watched):
+        """A coroutine wrapped in an awaited task was awaited by the task."""
+
+        async def main():
+            await asyncio.create_task(save(9))
+
+        watched.run(main)
+        assert watched.findings == []
+
+    def test_closed_coroutine_on_a_loop_is_silent(self, watched):
+        """``close()`` on purpose inside a coroutine is not a mistake."""
+
+        async def main():
+            coro = save(10)
+            coro.close()
+            await asyncio.sleep(0)
+
+        watched.run(main)
+        assert watched.findings == []

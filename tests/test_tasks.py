@@ -1,0 +1,396 @@
+"""Task detectors: task_destroyed_pending and task_exception_unretrieved.
+
+Both are reported from the task's finalizer, so every test drops the task and
+the harness collects garbage after the run.  The finding's site is the
+application line that created the task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import re
+
+import pytest
+
+import asyncwatch
+from conftest import base_factory, gc_collect_harder, line_of
+
+
+async def wait_forever():
+    """Wait on a future only this coroutine references: the task is unreachable once dropped."""
+    await asyncio.get_running_loop().create_future()  # <- waits forever
+
+
+async def wait_forever_holding(box):
+    """Like `wait_forever`, with an argument the caller can make point back at the task."""
+    await asyncio.get_running_loop().create_future()
+
+
+async def fail():
+    raise ValueError("boom")  # <- raises
+
+
+async def let_tasks_run():
+    """Let freshly created tasks take their first step, then collect the dropped ones."""
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    gc_collect_harder()
+
+
+def sites_of(findings):
+    return [(f.site.file, f.site.line) if f.site else None for f in findings]
+
+
+# Each spawner creates a task of `wait_forever()` and drops it; its marker is
+# the line the finding must point at.
+
+
+def spawn_with_create_task():
+    asyncio.create_task(wait_forever(), name="dropped")  # <- spawned by create_task
+
+
+def spawn_with_ensure_future():
+    asyncio.ensure_future(wait_forever())  # <- spawned by ensure_future
+
+
+def spawn_with_loop_create_task():
+    asyncio.get_running_loop().create_task(wait_forever())  # <- spawned by loop.create_task
+
+
+SPAWNERS = {
+    "create_task": (spawn_with_create_task, "spawned by create_task"),
+    "ensure_future": (spawn_with_ensure_future, "spawned by ensure_future"),
+    "loop.create_task": (spawn_with_loop_create_task, "spawned by loop.create_task"),
+}
+
+
+class TestTaskDestroyedPending:
+    """A pending task the garbage collector destroys is reported where it was created."""
+
+    @pytest.mark.parametrize("how", list(SPAWNERS))
+    def test_dropped_task_is_reported_at_its_creation(self, watched, how):
+        """The site is the line that created the task, whatever created it."""
+        spawn, marker = SPAWNERS[how]
+
+        async def main():
+            spawn()
+            await let_tasks_run()
+
+        watched.run(main)
+
+        assert watched.kinds() == ["task_destroyed_pending"]
+        [finding] = watched.findings
+        assert finding.site is not None
+        assert finding.site.file == __file__
+        assert finding.site.line == line_of(f"# <- {marker}")
+        assert finding.site.function == spawn.__qualname__
+        assert finding.created_at == finding.site
+        assert finding.coroutine == wait_forever.__qualname__
+        assert finding.task is not None
+        if how != "create_task":  # unnamed: asyncio's default name is kept
+            assert re.fullmatch(r"Task-\d+", finding.task), finding.task
+
+    def test_finding_names_the_task_and_has_a_json_form(self, watched):
+        """The task's name is in the finding and its message; ``to_dict()`` is JSON."""
+
+        async def main():
+            spawn_with_create_task()
+            await let_tasks_run()
+
+        watched.run(main)
+
+        [finding] = watched.of("task_destroyed_pending")
+        assert finding.task == "dropped"
+        assert "dropped" in finding.message
+        data = json.loads(json.dumps(finding.to_dict()))
+        assert data["kind"] == "task_destroyed_pending"
+        assert data["site"] == {
+            "file": __file__,
+            "line": line_of("# <- spawned by create_task"),
+            "function": spawn_with_create_task.__qualname__,
+        }
+
+    def test_task_group_task_is_reported_at_create_task(self, watched):
+        """A task of a TaskGroup that is dropped unfinished points at ``tg.create_task``."""
+
+        async def main():
+            # Entered by hand and never exited: `async with` would wait for
+            # the task, and nothing outside the group would reference it.
+            group = asyncio.TaskGroup()
+            await group.__aenter__()
+            group.create_task(wait_forever())  # <- tg.create_task
+            await asyncio.sleep(0)
+            del group  # the group and its task now only reference each other
+            await let_tasks_run()
+
+        watched.run(main)
+
+        [finding] = watched.of("task_destroyed_pending")
+        assert finding.site is not None
+        assert finding.site.file == __file__
+        assert finding.site.line == line_of("# <- tg.create_task")
+        assert finding.coroutine == wait_forever.__qualname__
+
+    def test_each_dropped_task_is_its_own_finding(self, watched):
+        """Three tasks dropped from one line: three findings, all at that line."""
+
+        async def main():
+            for _ in range(3):
+                asyncio.create_task(wait_forever())  # <- in a loop
+            await let_tasks_run()
+
+        watched.run(main)
+
+        found = watched.of("task_destroyed_pending")
+        assert sites_of(found) == [(__file__, line_of("# <- in a loop"))] * 3
+
+    def test_task_that_never_started_is_one_finding(self, watched):
+        """A pending task destroyed before its first step: one finding, no never-awaited duplicate."""
+        asyncwatch.install(reporters=[watched.collector], log=False)
+        loop = asyncwatch.loop_factory(base_factory(watched.loop_name))()
+        try:
+            loop.create_task(wait_forever())  # <- never started, dropped
+        finally:
+            loop.close()  # drops the ready queue, and with it the only reference to the task
+        del loop
+        gc_collect_harder()
+
+        assert watched.kinds() == ["task_destroyed_pending"]
+        [finding] = watched.findings
+        assert finding.site is not None
+        assert finding.site.line == line_of("# <- never started, dropped")
+        assert finding.coroutine == wait_forever.__qualname__
+
+    def test_task_that_never_started_collected_by_gc_is_one_finding(self, watched):
+        """The same when the task is in a reference cycle, so the garbage collector destroys it."""
+        asyncwatch.install(reporters=[watched.collector], log=False)
+        loop = asyncwatch.loop_factory(base_factory(watched.loop_name))()
+        box = []
+        try:
+            box.append(loop.create_task(wait_forever_holding(box)))  # <- never started, in a cycle
+        finally:
+            loop.close()
+        del loop, box
+        gc_collect_harder()
+
+        assert watched.kinds() == ["task_destroyed_pending"]
+        [finding] = watched.findings
+        assert finding.site is not None
+        assert finding.site.line == line_of("# <- never started, in a cycle")
+        assert finding.coroutine == wait_forever_holding.__qualname__
+
+
+class TestPendingTasksThatAreNotLost:
+    """Tasks kept alive, or cancelled by asyncio.run at shutdown, are not destroyed-pending."""
+
+    def test_background_task_set_is_silent(self, watched):
+        """The documented pattern: keep tasks in a set, discard them when done."""
+        background = set()
+
+        async def main():
+            task = asyncio.create_task(wait_forever())
+            background.add(task)
+            task.add_done_callback(background.discard)
+            del task
+            await let_tasks_run()
+
+        watched.run(main)
+        assert watched.findings == []
+
+    def test_task_cancelled_at_shutdown_is_silent(self, watched):
+        """A task still pending when main returns is cancelled by the runner, not destroyed."""
+
+        async def main():
+            asyncio.create_task(asyncio.sleep(10))  # the loop's timer keeps it alive
+            await asyncio.sleep(0)
+
+        watched.run(main)
+        assert watched.findings == []
+
+    def test_task_referenced_until_shutdown_is_silent(self, watched):
+        """A task held by the program, never finished, is cancelled at shutdown: silent."""
+        held = []
+
+        async def main():
+            held.append(asyncio.create_task(wait_forever()))
+            await let_tasks_run()
+
+        watched.run(main)
+        held.clear()
+        gc_collect_harder()
+        assert watched.findings == []
+
+    def test_awaited_task_is_silent(self, watched):
+        """A task awaited to completion is not lost."""
+
+        async def main():
+            await asyncio.create_task(asyncio.sleep(0))
+
+        watched.run(main)
+        assert watched.findings == []
+
+
+class TestTaskExceptionUnretrieved:
+    """A task that failed and whose exception nobody looked at is reported where it was created."""
+
+    def test_dropped_failed_task_is_reported_at_its_creation(self, watched):
+        """``create_task(fail())`` never awaited: the site is the create_task line."""
+
+        async def main():
+            asyncio.create_task(fail(), name="doomed")  # <- failing create_task
+            await let_tasks_run()
+
+        watched.run(main)
+
+        [finding] = watched.of("task_exception_unretrieved")
+        assert finding.site is not None
+        assert finding.site.file == __file__
+        assert finding.site.line == line_of("# <- failing create_task")
+        assert finding.site.function == main.__qualname__
+        assert finding.created_at == finding.site
+        assert finding.task == "doomed"
+        assert finding.coroutine == fail.__qualname__
+        assert "ValueError" in finding.message
+        assert (__file__, line_of("# <- raises")) in [(s.file, s.line) for s in finding.stack]
+        assert watched.of("task_destroyed_pending") == []
+        data = json.loads(json.dumps(finding.to_dict()))
+        assert data["kind"] == "task_exception_unretrieved"
+
+    def test_ensure_future_task_is_reported_at_its_creation(self, watched):
+        """``ensure_future(fail())`` dropped: the site is the ensure_future line."""
+
+        async def main():
+            asyncio.ensure_future(fail())  # <- failing ensure_future
+            await let_tasks_run()
+
+        watched.run(main)
+
+        [finding] = watched.of("task_exception_unretrieved")
+        assert finding.site is not None
+        assert finding.site.line == line_of("# <- failing ensure_future")
+
+    def test_loop_create_task_is_reported_at_its_creation(self, watched):
+        """``loop.create_task(fail())`` dropped: the site is that line."""
+
+        async def main():
+            asyncio.get_running_loop().create_task(fail())  # <- failing loop.create_task
+            await let_tasks_run()
+
+        watched.run(main)
+
+        [finding] = watched.of("task_exception_unretrieved")
+        assert finding.site is not None
+        assert finding.site.line == line_of("# <- failing loop.create_task")
+
+    def test_task_held_until_the_end_is_reported_when_dropped(self, watched):
+        """A failed task kept in a variable is reported once it is finally dropped."""
+
+        async def main():
+            task = asyncio.create_task(fail())  # <- kept, failing
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            assert task.done()
+            del task
+            gc.collect()
+
+        watched.run(main)
+
+        [finding] = watched.of("task_exception_unretrieved")
+        assert finding.site is not None
+        assert finding.site.line == line_of("# <- kept, failing")
+
+
+class TestRetrievedExceptionsAreSilent:
+    """Looking at a task's exception in any of the usual ways means it was retrieved."""
+
+    def test_awaited_task_is_silent(self, watched):
+        """``await task`` inside try/except retrieves the exception."""
+
+        async def main():
+            task = asyncio.create_task(fail())
+            try:
+                await task
+            except ValueError:
+                pass
+
+        watched.run(main)
+        assert watched.findings == []
+
+    def test_exception_method_is_silent(self, watched):
+        """``task.exception()`` retrieves the exception."""
+
+        async def main():
+            task = asyncio.create_task(fail())
+            await asyncio.wait([task])
+            assert isinstance(task.exception(), ValueError)
+
+        watched.run(main)
+        assert watched.findings == []
+
+    def test_result_method_in_try_is_silent(self, watched):
+        """``task.result()`` that raises retrieves the exception."""
+
+        async def main():
+            task = asyncio.create_task(fail())
+            await asyncio.wait([task])
+            try:
+                task.result()
+            except ValueError:
+                pass
+
+        watched.run(main)
+        assert watched.findings == []
+
+    def test_gather_with_return_exceptions_is_silent(self, watched):
+        """``gather(..., return_exceptions=True)`` retrieves every exception."""
+
+        async def main():
+            results = await asyncio.gather(fail(), asyncio.create_task(fail()), return_exceptions=True)
+            assert all(isinstance(r, ValueError) for r in results)
+
+        watched.run(main)
+        assert watched.findings == []
+
+    def test_done_callback_that_checks_is_silent(self, watched):
+        """A done callback calling ``exception()`` retrieves it."""
+        seen = []
+
+        async def main():
+            task = asyncio.create_task(fail())
+            task.add_done_callback(lambda t: seen.append(t.exception()))
+            del task
+            await let_tasks_run()
+
+        watched.run(main)
+        assert len(seen) == 1
+        assert watched.findings == []
+
+    def test_task_group_failure_is_silent(self, watched):
+        """A TaskGroup collects its tasks' exceptions into an ExceptionGroup."""
+
+        async def main():
+            try:
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(fail())
+            except* ValueError:
+                pass
+
+        watched.run(main)
+        assert watched.findings == []
+
+    def test_cancelled_task_is_silent(self, watched):
+        """A task that ends cancelled has no exception to retrieve."""
+
+        async def main():
+            task = asyncio.create_task(wait_forever())
+            await asyncio.sleep(0)
+            task.cancel()
+            await asyncio.sleep(0)
+            assert task.cancelled()
+            del task
+            gc.collect()
+
+        watched.run(main)
+        assert watched.findings == []
