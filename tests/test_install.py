@@ -349,10 +349,11 @@ class TestContainment:
         """If recording a creation site fails, the task is still created and returned."""
         import asyncwatch._tasks as tasks_mod
 
-        def explode(depth):
+        def explode(filename):
             raise RuntimeError("site lookup exploded")
 
-        monkeypatch.setattr(tasks_mod, "app_code_at", explode)
+        monkeypatch.setattr(tasks_mod, "is_library_file", explode)
+        monkeypatch.setattr(tasks_mod, "_library_code", {})
         asyncwatch.install(log=False)
 
         async def child():

@@ -394,3 +394,53 @@ class TestRetrievedExceptionsAreSilent:
 
         watched.run(main)
         assert watched.findings == []
+
+
+class TestCreationSitesOfGatheredTasks:
+    """gather() creates its tasks through asyncio's own code; each one's creation
+    site is the gather() call, even when gather frames are reused."""
+
+    @staticmethod
+    def sites_of(gathering):
+        from asyncwatch._tasks import created_at
+
+        return [created_at(child) for child in gathering._children]
+
+    def test_each_gather_call_has_its_own_site(self, watched):
+        """Two gathers in a row from different lines: each child points at its own line."""
+
+        async def child():
+            await asyncio.sleep(0)
+
+        async def main():
+            first = asyncio.gather(child(), child())  # <- first gather
+            sites_first = self.sites_of(first)
+            await first
+            second = asyncio.gather(child(), child())  # <- second gather
+            sites_second = self.sites_of(second)
+            await second
+            return sites_first, sites_second
+
+        sites_first, sites_second = watched.run(main)
+        assert [s.line for s in sites_first] == [line_of("# <- first gather")] * 2
+        assert [s.line for s in sites_second] == [line_of("# <- second gather")] * 2
+
+    def test_gather_called_from_a_helper_points_at_the_helper(self, watched):
+        """A gather inside an application helper points at the helper's line, each time."""
+
+        async def child():
+            await asyncio.sleep(0)
+
+        def fan_out(n):
+            return asyncio.gather(*[child() for _ in range(n)])  # <- helper gather
+
+        async def main():
+            sites = []
+            for n in (3, 2):
+                gathering = fan_out(n)
+                sites.append(self.sites_of(gathering))
+                await gathering
+            return sites
+
+        for sites in watched.run(main):
+            assert {(s.file, s.line) for s in sites} == {(__file__, line_of("# <- helper gather"))}

@@ -38,6 +38,7 @@ from ._tasks import (
     coro_of,
     forget,
     unretrieved_finding,
+    watches,
 )
 
 __all__ = ["Engine", "Installation", "LoopWatch", "install", "is_installed", "uninstall"]
@@ -54,10 +55,11 @@ class LoopWatch:
         self.settings = settings
         self.loop_ref = weakref.ref(loop)
         self._detect = settings.detect
-        self.factory = TaskFactory(self, loop.get_task_factory())
+        self.factory = TaskFactory(loop.get_task_factory(), loop)
         self.handler = ExceptionHandler(self, loop.get_exception_handler())
         self.probe: LoopProbe | None = None
-        loop.set_task_factory(self.factory)
+        loop.set_task_factory(self.factory.function)
+        watches[loop] = self
         loop.set_exception_handler(self.handler)
         if FindingKind.SLOW_CALLBACK in self._detect:
             self.probe = LoopProbe(loop, settings.slow_callback_s, self.emit)
@@ -100,13 +102,16 @@ class LoopWatch:
         """Restore the loop's hooks, or go inert where someone chained on top of us."""
         self.factory.enabled = False
         self.handler.enabled = False
+        loop = self.loop_ref()
+        if loop is not None and watches.get(loop) is self:
+            del watches[loop]
         if self.probe is not None:
             self.engine.watchdog.remove(self.probe)
         loop = self.loop_ref()
         if loop is None or loop.is_closed():
             return
         try:
-            if loop.get_task_factory() is self.factory:
+            if loop.get_task_factory() is self.factory.function:
                 loop.set_task_factory(self.factory.previous)
             if loop.get_exception_handler() is self.handler:
                 loop.set_exception_handler(self.handler.previous)

@@ -229,23 +229,6 @@ def app_frame_in_callback(frame: FrameType | None) -> FrameType | None:
     return None
 
 
-def app_code_at(depth: int) -> tuple[CodeType, int] | None:
-    """Return ``(code, lasti)`` of the innermost application frame, starting
-    *depth* frames above the caller.  This runs on task creation: it keeps
-    code objects and offsets, never frames (which would keep locals alive)."""
-    frame: FrameType | None = sys._getframe(depth + 1)
-    cache = _is_library_cache
-    while frame is not None:
-        code = frame.f_code
-        lib = cache.get(code.co_filename)
-        if lib is None:
-            lib = is_library_file(code.co_filename)
-        if not lib:
-            return code, frame.f_lasti
-        frame = frame.f_back
-    return None
-
-
 def stack_of(frames: Iterable[FrameType]) -> tuple[Site, ...]:
     """Sites for *frames* (given innermost first), outermost first, with
     asyncwatch's own frames left out."""

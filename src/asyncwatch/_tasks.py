@@ -20,6 +20,7 @@ import inspect
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any
@@ -28,7 +29,6 @@ from ._findings import (
     Finding,
     FindingKind,
     Site,
-    app_code_at,
     app_frame,
     code_site,
     describe_exception,
@@ -49,6 +49,10 @@ DESTROYED_PENDING = "Task was destroyed but it is pending!"
 NEVER_RETRIEVED = " exception was never retrieved"
 
 _eager_task_factory = getattr(asyncio, "eager_task_factory", None)
+
+#: The LoopWatch of each watched loop.  Tasks do not carry it (one slot
+#: less to fill on every task); the rare paths (cancel) look it up.
+watches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopWatch] = weakref.WeakKeyDictionary()
 
 # gh-122332: on 3.12.0-3.12.4, Task.get_coro() dereferences NULL (and kills
 # the interpreter) for a task that completed eagerly.  Never ask a done task
@@ -123,7 +127,9 @@ class Task(asyncio.Task):  # type: ignore[type-arg]
     ``repr``), so code that checks ``isinstance(t, asyncio.Task)`` is unaffected.
     """
 
-    __slots__ = ("_aw_watch", "_aw_code", "_aw_lasti", "_aw_cancel", "_aw_coro")
+    # _aw_site: (code, offset) of the creating line; _aw_cancel: CancelRecord;
+    # _aw_coro: the coroutine's name where get_coro() may be unsafe later.
+    __slots__ = ("_aw_site", "_aw_cancel", "_aw_coro")
 
     if (3, 13, 0) <= sys.version_info[:3] < (3, 13, 3):
 
@@ -175,7 +181,7 @@ def _is_structured(frame: FrameType) -> bool:
 
 def _note_cancel(task: Task, caller: FrameType) -> tuple[CancelRequest | None, bool, Site | None]:
     """Record one cancel() of a pending *task*; return its forwarding entry."""
-    watch = getattr(task, "_aw_watch", None)
+    watch = watches.get(task.get_loop())
     if watch is None or not watch.detects(FindingKind.CANCELLATION_SWALLOWED):
         return (None, False, None)
     record: CancelRecord | None = getattr(task, "_aw_cancel", None)
@@ -256,7 +262,9 @@ def _check_swallowed(task: asyncio.Task[Any]) -> None:
                 outer.absorbed = True
                 outer = outer.forwarded_from
         request = swallowed[0]
-        watch: LoopWatch = task._aw_watch  # type: ignore[attr-defined]
+        watch = watches.get(task.get_loop())
+        if watch is None:
+            return
         coro = coro_name(task)
         name = task.get_name()
         by = f" (cancelled at {_short(request.cancelled_by)})" if request.cancelled_by else ""
@@ -310,9 +318,9 @@ def forget(task: asyncio.Future[Any]) -> None:
 
 def created_at(task: asyncio.Future[Any]) -> Site | None:
     """The application line that created *task*, if asyncwatch saw it."""
-    code = getattr(task, "_aw_code", None)
-    if code is not None:
-        return code_site(code, task._aw_lasti)  # type: ignore[attr-defined]
+    site = getattr(task, "_aw_site", None)
+    if site is not None:
+        return code_site(*site)
     entry = _foreign_sites.get(id(task))
     if entry is not None:
         coro = coro_of(task)
@@ -322,21 +330,60 @@ def created_at(task: asyncio.Future[Any]) -> Site | None:
 
 
 class TaskFactory:
-    """The loop's task factory while asyncwatch watches it; chains *previous*."""
+    """The loop's task factory while asyncwatch watches it; chains *previous*.
 
-    __slots__ = ("enabled", "previous", "watch")
+    `function` is what is installed on the loop: a plain function (cheaper
+    to call than an object with ``__call__``), closing over this state.
+    """
 
-    def __init__(self, watch: LoopWatch, previous: Callable[..., Any] | None) -> None:
-        self.watch = watch
+    __slots__ = ("enabled", "function", "previous")
+
+    def __init__(self, previous: Callable[..., Any] | None, loop: asyncio.AbstractEventLoop) -> None:
         self.previous = previous
         self.enabled = True
+        depth = _first_caller_depth(loop)
+        # depth 2 means an asyncio BaseEventLoop, whose _debug is a plain attribute
+        self.function = _make_factory(self, depth, asyncio_loop=depth == 2)
 
-    def __call__(self, loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Future[Any]:
-        previous = self.previous
-        if not self.enabled:
+
+def _first_caller_depth(loop: asyncio.AbstractEventLoop) -> int:
+    """How far above the factory the caller of ``loop.create_task`` is: on
+    asyncio's loops, ``BaseEventLoop.create_task`` is a Python frame between."""
+    import asyncio.base_events
+
+    create_task = getattr(type(loop), "create_task", None)
+    return 2 if create_task is asyncio.base_events.BaseEventLoop.create_task else 1
+
+
+# Library or not, per file name (a str caches its hash; a code object does
+# not: it hashes its bytecode and constants, which made every lookup cost as
+# much as the rest of the factory).  Capped: exec'd code can invent names.
+_library_code: dict[str, bool] = {}
+
+
+# asyncio functions that create many tasks from one frame, on behalf of their
+# caller, through asyncio's own code only (gather -> ensure_future ->
+# loop.create_task).  While such a frame stays at the same instruction, every
+# task it makes has the same creation site: found once, then reused.
+# Compared by identity: a code object hashes its bytecode, so `in` a set
+# would cost more than the whole walk it saves.
+_GATHER = asyncio.tasks.gather.__code__
+
+
+def _make_factory(state: TaskFactory, depth: int, asyncio_loop: bool) -> Callable[..., Any]:
+    getframe = sys._getframe
+    library = _library_code
+    gather = _GATHER
+    # (depth of the gather frame, site of its caller) from the last walk that
+    # found gather called straight from application code.
+    last_fan_out: list[Any] = [0, None]
+
+    def asyncwatch_task_factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+        previous = state.previous
+        if not state.enabled:
             if previous is None:
                 return asyncio.Task(coro, loop=loop, **kwargs)
-            return previous(loop, coro, **kwargs)  # type: ignore[no-any-return]
+            return previous(loop, coro, **kwargs)
         if previous is None:
             task: Any = Task(coro, loop=loop, **kwargs)
         elif previous is _eager_task_factory:
@@ -345,25 +392,70 @@ class TaskFactory:
         else:
             task = previous(loop, coro, **kwargs)
         try:
-            if task._source_traceback:
+            if (loop._debug if asyncio_loop else loop.get_debug()) and task._source_traceback:  # type: ignore[attr-defined]
                 _trim_source_traceback(task._source_traceback)
-            where = app_code_at(1)
+            site: tuple[CodeType, int] | None = None
+            fan_depth, fan_site = last_fan_out
+            if fan_depth:
+                # Valid only if a gather frame is still right there and its
+                # caller is the same application frame at the same instruction:
+                # gather's own frames are freed and reused at the same address
+                # for gathers called from elsewhere, so identity proves nothing.
+                try:
+                    fan = getframe(fan_depth)
+                    caller = fan.f_back if fan.f_code is gather else None
+                except ValueError:
+                    caller = None
+                if caller is not None and caller.f_code is fan_site[0] and caller.f_lasti == fan_site[1]:
+                    site = fan_site
+                else:
+                    last_fan_out[0] = 0
+                fan = caller = None
+            if site is None:
+                # The innermost application frame: where the task was created.
+                # Only (code, offset) is kept, never the frame (its locals).
+                frame: FrameType | None = getframe(depth)
+                level = depth
+                fan_frame: FrameType | None = None
+                fan_level = 0
+                while frame is not None:
+                    code = frame.f_code
+                    filename = code.co_filename
+                    is_library = library.get(filename)
+                    if is_library is None:
+                        if len(library) > 8192:
+                            library.clear()
+                        is_library = library[filename] = is_library_file(filename)
+                    if not is_library:
+                        break
+                    if code is gather and fan_frame is None:
+                        fan_frame, fan_level = frame, level
+                    frame = frame.f_back
+                    level += 1
+                site = (code, frame.f_lasti) if frame is not None else None
+                if fan_frame is not None and level == fan_level + 1:
+                    last_fan_out[:] = [fan_level, site]  # gather called from application code
+                frame = fan_frame = None
             if type(task) is Task:
-                task._aw_watch = self.watch
-                if kwargs.get("eager_start"):
+                task._aw_site = site
+                if kwargs and kwargs.get("eager_start"):
                     task._aw_coro = qualname_of(coro)  # get_coro() may be gone (gh-122332)
-                if where is not None:
-                    task._aw_code, task._aw_lasti = where
-            elif where is not None and isinstance(task, asyncio.Task):
-                if len(_foreign_sites) >= _FOREIGN_LIMIT:
-                    for key in list(_foreign_sites)[: _FOREIGN_LIMIT // 2]:
-                        del _foreign_sites[key]
-                _foreign_sites[id(task)] = (id(coro), *where)
-                task.add_done_callback(_forget_foreign)
+            elif site is not None and isinstance(task, asyncio.Task):
+                _remember_foreign(task, coro, site)
         except Exception as exc:
-            self.enabled = False
+            state.enabled = False
             report_internal_error("task factory", exc)
-        return task  # type: ignore[no-any-return]
+        return task
+
+    return asyncwatch_task_factory
+
+
+def _remember_foreign(task: asyncio.Task[Any], coro: Any, site: tuple[CodeType, int]) -> None:
+    if len(_foreign_sites) >= _FOREIGN_LIMIT:
+        for key in list(_foreign_sites)[: _FOREIGN_LIMIT // 2]:
+            del _foreign_sites[key]
+    _foreign_sites[id(task)] = (id(coro), *site)
+    task.add_done_callback(_forget_foreign)
 
 
 _BASE_EVENTS = os.path.join(_ASYNCIO_DIR, "base_events.py")
