@@ -34,9 +34,10 @@ from ._tasks import (
     NEVER_RETRIEVED,
     ExceptionHandler,
     TaskFactory,
+    TaskObserver,
     destroyed_pending_finding,
-    coro_of,
     forget,
+    user_coro_of,
     unretrieved_finding,
     watches,
 )
@@ -55,7 +56,7 @@ class LoopWatch:
         self.settings = settings
         self.loop_ref = weakref.ref(loop)
         self._detect = settings.detect
-        self.factory = TaskFactory(loop.get_task_factory(), loop)
+        self.factory = TaskFactory(loop.get_task_factory(), loop, engine.task_observer)
         self.handler = ExceptionHandler(self, loop.get_exception_handler())
         self.probe: LoopProbe | None = None
         loop.set_task_factory(self.factory.function)
@@ -78,7 +79,7 @@ class LoopWatch:
         if message == DESTROYED_PENDING:
             task = context.get("task")
             if isinstance(task, asyncio.Task) and self.detects(FindingKind.TASK_DESTROYED_PENDING):
-                coro = coro_of(task)
+                coro = user_coro_of(task)
                 hook = self.engine.coroutine_hook
                 if hook is not None and coro is not None:
                     # If it never started, CPython also warns that its coroutine
@@ -138,6 +139,8 @@ class Engine:
         for reporter in reporters:
             self.pipeline.add(reporter)
         self.watchdog = Watchdog()
+        # Told about every task's life (OpenTelemetry spans); None costs nothing.
+        self.task_observer: TaskObserver | None = None
         self.watches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopWatch] = weakref.WeakKeyDictionary()
         self._lock = threading.RLock()
         self.coroutine_hook: CoroutineHook | None = None

@@ -15,15 +15,18 @@ Cost model (this runs for every task):
 from __future__ import annotations
 
 import asyncio
+import collections.abc
+import functools
 import gc
 import inspect
 import os
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from types import CodeType, FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ._findings import (
     Finding,
@@ -42,7 +45,7 @@ from ._reporters import report_internal_error
 if TYPE_CHECKING:
     from ._engine import LoopWatch
 
-__all__ = ["Task"]
+__all__ = ["Task", "TaskObserver", "TimedCoroutine"]
 
 DESTROYED_PENDING = "Task was destroyed but it is pending!"
 # asyncio words it "<class name> exception was never retrieved".
@@ -68,14 +71,20 @@ def coro_of(task: asyncio.Future[Any]) -> Any:
     return get_coro() if get_coro is not None else None
 
 
+def user_coro_of(task: asyncio.Future[Any]) -> Any:
+    """`coro_of`, unwrapped from asyncwatch's timing wrapper."""
+    coro = coro_of(task)
+    return coro._aw_inner if type(coro) is TimedCoroutine else coro
+
+
 def coro_name(task: asyncio.Future[Any]) -> str | None:
     """The qualified name of the coroutine *task* runs."""
     name = getattr(task, "_aw_coro", None)
     if name is not None:
         return name  # type: ignore[no-any-return]
     if type(task) is Task:
-        # Our factory names every task it starts eagerly, so this one was not
-        # started eagerly and get_coro() is safe even on 3.12.0-3.12.4.
+        # Our factory names every task it starts eagerly, so this one was
+        # not, and get_coro() is safe even on 3.12.0-3.12.4.
         return qualname_of(task.get_coro())
     return qualname_of(coro_of(task))
 
@@ -119,6 +128,22 @@ class _Forwarding(threading.local):
 _forwarding = _Forwarding()
 
 
+def _recorded_cancel(task: Any, msg: Any, cancel: Callable[[Any], bool], caller: FrameType) -> bool:
+    """``task.cancel(msg)``, recorded: who cancelled, and on whose behalf."""
+    entry: tuple[CancelRequest | None, bool, Site | None] = (None, False, None)
+    if not task.done():
+        try:
+            entry = _note_cancel(task, caller)
+        except Exception as exc:
+            report_internal_error("cancellation tracking", exc)
+    stack = _forwarding.stack
+    stack.append(entry)
+    try:
+        return cancel(msg)
+    finally:
+        stack.pop()
+
+
 class Task(asyncio.Task):  # type: ignore[type-arg]
     """asyncio's Task, with three slots and a recorded ``cancel()``.
 
@@ -141,18 +166,118 @@ class Task(asyncio.Task):  # type: ignore[type-arg]
                 super().set_name(value)
 
     def cancel(self, msg: Any = None) -> bool:
-        entry: tuple[CancelRequest | None, bool, Site | None] = (None, False, None)
-        if not self.done():
+        caller = sys._getframe(1)
+        coro = coro_of(self) if not self.done() else None
+        if type(coro) is TimedCoroutine and coro._aw_observer is not None:
             try:
-                entry = _note_cancel(self, sys._getframe(1))
+                app = app_frame(caller)
+                coro._aw_observer.task_cancel_requested(self, frame_site(app) if app is not None else None, msg)
             except Exception as exc:
-                report_internal_error("cancellation tracking", exc)
-        stack = _forwarding.stack
-        stack.append(entry)
+                coro._aw_observer = None
+                report_internal_error("task observer", exc)
+        return _recorded_cancel(self, msg, super().cancel, caller)
+
+
+# --- Task lifecycle observers (OpenTelemetry spans build on this) -----------
+
+
+@runtime_checkable
+class TaskObserver(Protocol):
+    """Told about each task's life.  Only when an observer is registered do
+    tasks pay for it: they are then `TracedTask`, whose steps are timed."""
+
+    def task_created(self, task: asyncio.Task[Any], created_at: Site | None) -> None:
+        """*task* was just created (on the creating thread, in the creator's context)."""
+
+    def task_step(self, task: asyncio.Task[Any], start: float, duration: float) -> None:
+        """One step ran from *start* (``time.perf_counter()``) for *duration* seconds."""
+
+    def task_cancel_requested(self, task: asyncio.Task[Any], canceller: Site | None, message: Any) -> None:
+        """``task.cancel(message)`` was called from *canceller* while it was pending."""
+
+    def task_done(self, task: asyncio.Task[Any]) -> None:
+        """*task* finished (result, exception or cancelled), inside its last step."""
+
+
+class TimedCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
+    """Wraps a traced task's coroutine to time each step (``send``/``throw``).
+
+    asyncio's C Task has no hook between steps; it drives any coroutine
+    through ``send`` and ``throw``, so this wrapper sees each step and
+    forwards everything else (``cr_frame``, ``cr_await``, ``__qualname__``
+    ...) so that ``repr(task)``, ``task.get_stack()`` and asyncwatch's own
+    introspection see the user's coroutine.  Exceptions pass through
+    untouched.  Used only while an observer (spans) is on.
+    """
+
+    __slots__ = ("_aw_early", "_aw_inner", "_aw_observer", "_aw_task")
+
+    def __init__(self, coro: Any, observer: TaskObserver) -> None:
+        self._aw_inner = coro
+        self._aw_observer = observer
+        self._aw_task: Callable[[], Any] = _no_task
+        # An eager first step runs inside Task.__init__, before the task
+        # exists for the observer: kept here and told right after creation.
+        self._aw_early: tuple[float, float] | None = None
+
+    def send(self, value: Any) -> Any:
+        start = _clock()
         try:
-            return super().cancel(msg)
+            return self._aw_inner.send(value)
         finally:
-            stack.pop()
+            self._stepped(start)
+
+    def throw(self, *args: Any) -> Any:
+        start = _clock()
+        try:
+            return self._aw_inner.throw(*args)
+        finally:
+            self._stepped(start)
+
+    def close(self) -> None:
+        self._aw_inner.close()
+
+    def __await__(self) -> Any:
+        return self._aw_inner.__await__()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._aw_inner, name)
+
+    def _stepped(self, start: float) -> None:
+        observer = self._aw_observer
+        task = self._aw_task()
+        if task is None:
+            self._aw_early = (start, _clock() - start)
+        elif observer is not None:
+            try:
+                observer.task_step(task, start, _clock() - start)
+            except Exception as exc:
+                self._aw_observer = None
+                report_internal_error("task observer", exc)
+
+
+def _no_task() -> None:
+    return None
+
+
+_clock = time.perf_counter
+
+
+def _observed_done(coro: TimedCoroutine, task: asyncio.Task[Any]) -> None:
+    # Handed the wrapper: asking a done task for its coroutine is unsafe on
+    # 3.12.0-3.12.4 (gh-122332).
+    observer = coro._aw_observer
+    if observer is not None:
+        try:
+            observer.task_done(task)
+        except Exception as exc:
+            coro._aw_observer = None
+            report_internal_error("task observer", exc)
+
+
+def inner_coroutine(coro: Any) -> Any:
+    """The user's coroutine, behind asyncwatch's timing wrapper if any."""
+    return coro._aw_inner if type(coro) is TimedCoroutine else coro
 
 
 # Cancellations made by asyncio's structured helpers (they uncancel() when
@@ -189,7 +314,7 @@ def _note_cancel(task: Task, caller: FrameType) -> tuple[CancelRequest | None, b
         record = CancelRecord()
         task._aw_cancel = record
         if getattr(task, "_aw_coro", None) is None:
-            task._aw_coro = qualname_of(coro_of(task))  # pending: safe to ask now
+            task._aw_coro = qualname_of(user_coro_of(task))  # pending: safe to ask now
         task.add_done_callback(_check_swallowed)
     stack = _forwarding.stack
     outer: CancelRequest | None = None
@@ -216,7 +341,7 @@ def _note_cancel(task: Task, caller: FrameType) -> tuple[CancelRequest | None, b
 def _delivery_point(task: asyncio.Task[Any], canceller: Site | None) -> tuple[Site | None, tuple[Site, ...]]:
     """Where CancelledError will be thrown into *task*: its innermost
     application ``await``, found through the chain of awaited coroutines."""
-    coro = coro_of(task)
+    coro = user_coro_of(task)
     if getattr(coro, "cr_running", False):
         # The task cancels itself: the error lands at its next await, which
         # has not happened yet; the cancel() call is the best line we have.
@@ -336,11 +461,17 @@ class TaskFactory:
     to call than an object with ``__call__``), closing over this state.
     """
 
-    __slots__ = ("enabled", "function", "previous")
+    __slots__ = ("enabled", "function", "observer", "previous")
 
-    def __init__(self, previous: Callable[..., Any] | None, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        previous: Callable[..., Any] | None,
+        loop: asyncio.AbstractEventLoop,
+        observer: TaskObserver | None = None,
+    ) -> None:
         self.previous = previous
         self.enabled = True
+        self.observer = observer
         depth = _first_caller_depth(loop)
         # depth 2 means an asyncio BaseEventLoop, whose _debug is a plain attribute
         self.function = _make_factory(self, depth, asyncio_loop=depth == 2)
@@ -384,6 +515,9 @@ def _make_factory(state: TaskFactory, depth: int, asyncio_loop: bool) -> Callabl
             if previous is None:
                 return asyncio.Task(coro, loop=loop, **kwargs)
             return previous(loop, coro, **kwargs)
+        observer = state.observer
+        if observer is not None and (previous is None or previous is _eager_task_factory):
+            coro = TimedCoroutine(coro, observer)
         if previous is None:
             task: Any = Task(coro, loop=loop, **kwargs)
         elif previous is _eager_task_factory:
@@ -440,6 +574,8 @@ def _make_factory(state: TaskFactory, depth: int, asyncio_loop: bool) -> Callabl
                 task._aw_site = site
                 if kwargs and kwargs.get("eager_start"):
                     task._aw_coro = qualname_of(coro)  # get_coro() may be gone (gh-122332)
+                if observer is not None and type(coro) is TimedCoroutine:
+                    _observe(task, coro, observer, site)
             elif site is not None and isinstance(task, asyncio.Task):
                 _remember_foreign(task, coro, site)
         except Exception as exc:
@@ -448,6 +584,18 @@ def _make_factory(state: TaskFactory, depth: int, asyncio_loop: bool) -> Callabl
         return task
 
     return asyncwatch_task_factory
+
+
+def _observe(task: Task, coro: TimedCoroutine, observer: TaskObserver, site: tuple[CodeType, int] | None) -> None:
+    coro._aw_task = weakref.ref(task)  # the task owns the wrapper: no cycle
+    observer.task_created(task, code_site(*site) if site else None)
+    if coro._aw_early is not None:
+        observer.task_step(task, *coro._aw_early)
+        coro._aw_early = None
+    if task.done():  # eager, and finished in that first step
+        observer.task_done(task)
+    else:
+        task.add_done_callback(functools.partial(_observed_done, coro))
 
 
 def _remember_foreign(task: asyncio.Task[Any], coro: Any, site: tuple[CodeType, int]) -> None:

@@ -1,0 +1,204 @@
+"""The task lifecycle hook that OpenTelemetry spans build on."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+import pytest
+
+import asyncwatch
+from asyncwatch._engine import current_engine
+from asyncwatch._tasks import Task, TaskObserver, TimedCoroutine
+from conftest import base_factory, line_of
+
+
+class Recorder:
+    """Records events per task object (kept alive, so that no id is reused):
+    create_task(name=...) names the task only after the factory returned, so
+    after task_created."""
+
+    def __init__(self):
+        self.events = []
+        self.tasks = []
+
+    def _add(self, task, *event):
+        if task not in self.tasks:
+            self.tasks.append(task)
+        self.events.append((task, *event))
+
+    def task_created(self, task, created_at):
+        self._add(task, "created", created_at)
+
+    def task_step(self, task, start, duration):
+        self._add(task, "step", duration)
+
+    def task_cancel_requested(self, task, canceller, message):
+        self._add(task, "cancel", canceller, message)
+
+    def task_done(self, task):
+        state = "cancelled" if task.cancelled() else "exception" if task._exception else "finished"
+        self._add(task, "done", state)
+
+    def of(self, name):
+        [task] = [t for t in self.tasks if t.get_name() == name]
+        return [(e[1], name, *e[2:]) for e in self.events if e[0] is task]
+
+
+def run_observed(loop_name, main, recorder):
+    factory = asyncwatch.loop_factory(base_factory(loop_name), log=False)
+    engine_loop = asyncio.new_event_loop()
+    asyncwatch.install(loop=engine_loop, log=False)
+    engine_loop.close()
+    current_engine().task_observer = recorder
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main())
+
+
+def test_recorder_is_an_observer():
+    """The protocol is runtime-checkable."""
+    assert isinstance(Recorder(), TaskObserver)
+
+
+def test_lifecycle_of_a_task(loop_name):
+    """created (with its site), each step timed, done; busy time is the sum of steps."""
+    recorder = Recorder()
+
+    async def work():
+        time.sleep(0.03)
+        await asyncio.sleep(0)
+        time.sleep(0.02)
+        return 7
+
+    async def main():
+        task = asyncio.create_task(work(), name="worker")  # <- observed task
+        # Still asyncio's C Task (our slotted subclass): isinstance checks hold.
+        assert type(task) is Task and isinstance(task, asyncio.Task)
+        assert type(task.get_coro()) is TimedCoroutine
+        assert task.get_coro().__qualname__.endswith("work") and "work()" in repr(task)
+        return await task
+
+    assert run_observed(loop_name, main, recorder) == 7
+    events = recorder.of("worker")
+    assert events[0][0] == "created" and events[0][2].line == line_of("# <- observed task")
+    steps = [e[2] for e in events if e[0] == "step"]
+    assert len(steps) == 2
+    assert 0.028 <= steps[0] < 0.2 and 0.018 <= steps[1] < 0.2
+    assert events[-1] == ("done", "worker", "finished")
+
+
+def test_cancel_is_reported_with_the_canceller(loop_name):
+    """cancel() reports who cancelled; the task ends cancelled."""
+    recorder = Recorder()
+
+    async def main():
+        task = asyncio.create_task(asyncio.sleep(10), name="sleeper")
+        await asyncio.sleep(0)
+        task.cancel("enough")  # <- canceller
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run_observed(loop_name, main, recorder)
+    [cancel] = [e for e in recorder.of("sleeper") if e[0] == "cancel"]
+    assert cancel[2].line == line_of("# <- canceller") and cancel[3] == "enough"
+    assert recorder.of("sleeper")[-1] == ("done", "sleeper", "cancelled")
+
+
+def test_swallowed_cancellation_is_still_detected_on_traced_tasks(loop_name):
+    """The detectors keep working when tasks are traced."""
+    recorder = Recorder()
+    found = []
+
+    async def swallow():
+        try:
+            await asyncio.sleep(10)  # <- traced swallow
+        except asyncio.CancelledError:
+            pass
+
+    async def main():
+        current_engine().pipeline.add(type("C", (), {"report": lambda self, f: found.append(f)})())
+        task = asyncio.create_task(swallow())
+        await asyncio.sleep(0)
+        task.cancel()
+        await task
+
+    run_observed(loop_name, main, recorder)
+    assert [(f.kind.value, f.site.line) for f in found] == [("cancellation_swallowed", line_of("# <- traced swallow"))]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks are 3.12+")
+def test_eager_first_step_is_observed():
+    """With eager_task_factory chained, the eager first step is announced and timed."""
+    recorder = Recorder()
+
+    async def quick():
+        return 1
+
+    async def main():
+        asyncio.get_running_loop().set_task_factory(asyncio.eager_task_factory)
+        asyncwatch.install(log=False)
+        current_engine().task_observer = recorder
+        # this loop was attached before the observer was set
+        from asyncwatch._tasks import watches
+
+        watches[asyncio.get_running_loop()].factory.observer = recorder
+        task = asyncio.create_task(quick(), name="eager")
+        assert task.done()
+        return await task
+
+    asyncio.run(main())
+    kinds = [e[0] for e in recorder.of("eager")]
+    assert kinds == ["created", "step", "done"]
+
+
+def test_exceptions_and_timeouts_pass_through_the_wrapper(loop_name):
+    """What a task raises, TimeoutError from asyncio.timeout included, is unchanged."""
+    recorder = Recorder()
+
+    async def fails():
+        await asyncio.sleep(0)
+        raise KeyError("k")
+
+    async def times_out():
+        async with asyncio.timeout(0.01):
+            await asyncio.sleep(10)
+
+    async def gen():
+        for i in range(3):
+            await asyncio.sleep(0)
+            yield i
+
+    async def uses_async_generator():
+        return [i async for i in gen()]
+
+    async def main():
+        with pytest.raises(KeyError):
+            await asyncio.create_task(fails(), name="fails")
+        with pytest.raises(TimeoutError):
+            await asyncio.create_task(times_out(), name="times_out")
+        return await asyncio.create_task(uses_async_generator(), name="agen")
+
+    assert run_observed(loop_name, main, recorder) == [0, 1, 2]
+    assert recorder.of("fails")[-1] == ("done", "fails", "exception")
+    assert recorder.of("times_out")[-1] == ("done", "times_out", "exception")
+    assert recorder.of("agen")[-1] == ("done", "agen", "finished")
+
+
+def test_a_failing_observer_is_dropped_and_the_program_runs_on(loop_name, capsys):
+    """An observer that raises is logged once and switched off."""
+
+    class Broken(Recorder):
+        def task_step(self, task, start, duration):
+            raise RuntimeError("observer exploded")
+
+    async def child():
+        await asyncio.sleep(0)
+        return 2
+
+    async def main():
+        return sum([await asyncio.create_task(child()) for _ in range(3)])
+
+    assert run_observed(loop_name, main, Broken()) == 6
+    out = capsys.readouterr()
+    assert (out.out + out.err).count("asyncwatch.internal_error") == 1
