@@ -501,3 +501,16 @@ class TestCaptureFindings:
 
         found = asyncio.run(main())
         assert [f.kind for f in found] == [FindingKind.COROUTINE_NEVER_AWAITED]
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 14), reason="child watchers are gone in 3.14")
+def test_policy_delegates_child_watchers_to_its_base():
+    """get_child_watcher() reaches the wrapped policy (the abstract class defines it)."""
+
+    class Base(asyncio.DefaultEventLoopPolicy):
+        def get_child_watcher(self):
+            return "base watcher"
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        assert asyncwatch.EventLoopPolicy(Base()).get_child_watcher() == "base watcher"

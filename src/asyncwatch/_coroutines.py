@@ -112,7 +112,9 @@ class CoroutineHook:
         gc.callbacks.append(self._gc_callback)
         if self._track_origins:
             self._previous_depth = sys.get_coroutine_origin_tracking_depth()
-            sys.set_coroutine_origin_tracking_depth(max(self._previous_depth, 32))
+            # Deep enough to get past library frames to the creating line; CPython's
+            # own warning prints these frames too, so no deeper.
+            sys.set_coroutine_origin_tracking_depth(max(self._previous_depth, 8))
 
     def uninstall(self) -> None:
         if self._installed is not None:

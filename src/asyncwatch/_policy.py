@@ -123,7 +123,14 @@ class EventLoopPolicy(_AbstractPolicy):  # type: ignore[misc]
     def new_event_loop(self) -> asyncio.AbstractEventLoop:
         return self._watch(self._base.new_event_loop())
 
+    # The abstract policy defines these (3.11, 3.12), so __getattr__ would
+    # never be asked: delegate them explicitly.
+    def get_child_watcher(self) -> Any:
+        return self._base.get_child_watcher()
+
+    def set_child_watcher(self, watcher: Any) -> None:
+        self._base.set_child_watcher(watcher)
+
     def __getattr__(self, name: str) -> Any:
-        # get_child_watcher / set_child_watcher (3.11, 3.12) and anything a
-        # third-party base policy adds.
+        # Anything a third-party base policy adds.
         return getattr(self._base, name)
