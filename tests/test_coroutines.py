@@ -18,6 +18,7 @@ import warnings
 import pytest
 
 import asyncwatch
+from asyncwatch._coroutines import ORIGIN_DEPTH
 from asyncwatch.testing import capture_findings
 from conftest import base_factory, line_of
 
@@ -305,7 +306,7 @@ class TestCPythonWarningIsKept:
                     sys.set_coroutine_origin_tracking_depth(previous)
                     asyncwatch.install(log=False, track_coroutine_origins=True)
                 else:
-                    sys.set_coroutine_origin_tracking_depth(32)
+                    sys.set_coroutine_origin_tracking_depth(ORIGIN_DEPTH)
                 emitted.append(record_warnings(drop_one))
         finally:
             asyncwatch.uninstall()

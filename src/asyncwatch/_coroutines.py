@@ -40,6 +40,12 @@ from ._reporters import report_internal_error
 __all__ = ["CoroutineHook"]
 
 
+#: Frames recorded per coroutine with track_coroutine_origins: enough to get
+#: past library frames to the creating line; CPython prints them in its own
+#: "never awaited" warning too, so no deeper.
+ORIGIN_DEPTH = 8
+
+
 class _GcState(threading.local):
     collecting = False
 
@@ -112,9 +118,7 @@ class CoroutineHook:
         gc.callbacks.append(self._gc_callback)
         if self._track_origins:
             self._previous_depth = sys.get_coroutine_origin_tracking_depth()
-            # Deep enough to get past library frames to the creating line; CPython's
-            # own warning prints these frames too, so no deeper.
-            sys.set_coroutine_origin_tracking_depth(max(self._previous_depth, 8))
+            sys.set_coroutine_origin_tracking_depth(max(self._previous_depth, ORIGIN_DEPTH))
 
     def uninstall(self) -> None:
         if self._installed is not None:
