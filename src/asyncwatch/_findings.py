@@ -11,7 +11,6 @@ import datetime as _dt
 import enum
 import os
 import site as _site
-import sys
 import sysconfig
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -58,7 +57,7 @@ class Site:
 
 
 def _utcnow() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc)
+    return _dt.datetime.now(_dt.UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +198,7 @@ def _loop_dispatch_codes() -> frozenset[CodeType]:
     base = asyncio.base_events.BaseEventLoop
     codes = {
         asyncio.events.Handle._run.__code__,
-        base._run_once.__code__,
+        base._run_once.__code__,  # type: ignore[attr-defined]
         base.run_forever.__code__,
         base.run_until_complete.__code__,
         asyncio.runners.Runner.run.__code__,

@@ -150,7 +150,9 @@ class StructlogReporter:
             else:
                 processors += [_readable_sites, structlog.dev.ConsoleRenderer(colors=_isatty(stream))]
             self._private = structlog.wrap_logger(
-                structlog.PrintLogger(stream), processors=processors, logger_name=LOGGER_NAME
+                structlog.PrintLogger(stream),  # type: ignore[arg-type]
+                processors=processors,
+                logger_name=LOGGER_NAME,
             )
         return self._private
 

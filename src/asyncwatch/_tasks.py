@@ -155,6 +155,9 @@ class Task(asyncio.Task):  # type: ignore[type-arg]
     # _aw_site: (code, offset) of the creating line; _aw_cancel: CancelRecord;
     # _aw_coro: the coroutine's name where get_coro() may be unsafe later.
     __slots__ = ("_aw_site", "_aw_cancel", "_aw_coro")
+    _aw_site: tuple[CodeType, int] | None
+    _aw_cancel: CancelRecord
+    _aw_coro: str | None
 
     if (3, 13, 0) <= sys.version_info[:3] < (3, 13, 3):
 
@@ -214,7 +217,7 @@ class TimedCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
 
     def __init__(self, coro: Any, observer: TaskObserver) -> None:
         self._aw_inner = coro
-        self._aw_observer = observer
+        self._aw_observer: TaskObserver | None = observer
         self._aw_task: Callable[[], Any] = _no_task
         # An eager first step runs inside Task.__init__, before the task
         # exists for the observer: kept here and told right after creation.
@@ -374,7 +377,7 @@ def _check_swallowed(task: asyncio.Task[Any]) -> None:
     """Done callback of a cancelled task: report if it finished normally."""
     try:
         record: CancelRecord | None = getattr(task, "_aw_cancel", None)
-        if record is None or task.cancelled() or task._exception is not None:  # type: ignore[attr-defined]
+        if record is None or task.cancelled() or task._exception is not None:
             return
         swallowed = [r for r in record.requests if not r.absorbed]
         if not swallowed or task.cancelling() <= 0:
@@ -432,7 +435,7 @@ _foreign_sites: dict[int, tuple[int, CodeType, int]] = {}
 def _forget_foreign(task: asyncio.Task[Any]) -> None:
     # A failed task keeps its entry: "exception never retrieved" is reported
     # later, from its finalizer, and needs the site then.
-    if task.cancelled() or task._exception is None:  # type: ignore[attr-defined]
+    if task.cancelled() or task._exception is None:
         _foreign_sites.pop(id(task), None)
 
 
@@ -535,16 +538,17 @@ def _make_factory(state: TaskFactory, depth: int, asyncio_loop: bool) -> Callabl
                 # caller is the same application frame at the same instruction:
                 # gather's own frames are freed and reused at the same address
                 # for gathers called from elsewhere, so identity proves nothing.
+                caller: FrameType | None = None
                 try:
                     fan = getframe(fan_depth)
                     caller = fan.f_back if fan.f_code is gather else None
                 except ValueError:
-                    caller = None
+                    pass
                 if caller is not None and caller.f_code is fan_site[0] and caller.f_lasti == fan_site[1]:
                     site = fan_site
                 else:
                     last_fan_out[0] = 0
-                fan = caller = None
+                del caller
             if site is None:
                 # The innermost application frame: where the task was created.
                 # Only (code, offset) is kept, never the frame (its locals).
