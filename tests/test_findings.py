@@ -104,6 +104,15 @@ class TestStructlogReporter:
         assert event["site"] == SITE.to_dict()
         assert event["task"] == "Task-1" and event["duration_s"] == 0.3
         assert {"message", "stack", "coroutine", "cancelled_by", "created_at", "time", "pid"} <= set(event)
+        assert event["stack"] is None  # no frames: nothing for structlog to print
+
+    def test_structlogs_default_console_renderer_prints_the_stack(self, capsys):
+        """Unconfigured structlog (ConsoleRenderer) renders the event; the stack is text there."""
+        structlog.reset_defaults()
+        StructlogReporter().report(make(stack=(OTHER, SITE)))
+        out = capsys.readouterr().out
+        assert "slow_callback" in out
+        assert 'File "/app/jobs.py", line 40, in spawn' in out and "asyncwatch.internal_error" not in out
 
     def test_library_mode_never_configures_structlog(self):
         """Installing asyncwatch leaves structlog's configuration alone."""

@@ -33,6 +33,7 @@ CLI_ENV = {
     "fail_on_findings": "ASYNCWATCH_FAIL_ON_FINDINGS",
     "log_format": "ASYNCWATCH_LOG_FORMAT",
     "summary": "ASYNCWATCH_SUMMARY",
+    "otlp": "ASYNCWATCH_OTLP",
 }
 LOOPS = ("asyncio", "uvloop")
 LOG_FORMATS = ("console", "json", "off")
@@ -103,6 +104,37 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     run.add_argument(
+        "--spans",
+        metavar="{notable,all,off}",
+        help=(
+            "OpenTelemetry spans for tasks: only notable ones, every task, or none (default; "
+            "notable with --otlp) "
+            f"[{ENV_VARS['spans']}]"
+        ),
+    )
+    run.add_argument(
+        "--spans-min-duration-ms",
+        metavar="N",
+        help=f"a task living at least N ms is notable (default 1000) [{ENV_VARS['spans_min_duration_ms']}]",
+    )
+    run.add_argument(
+        "--no-metrics",
+        dest="metrics",
+        action="store_const",
+        const="0",
+        help=f"no OpenTelemetry metrics (they are on with --otlp) [{ENV_VARS['metrics']}]",
+    )
+    run.add_argument(
+        "--otlp",
+        action="store_const",
+        const="1",
+        help=(
+            "unless the program configures OpenTelemetry itself, set up the SDK and send spans and "
+            "metrics over OTLP/HTTP (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER "
+            f"...; needs asyncwatch[otlp]) [{CLI_ENV['otlp']}]"
+        ),
+    )
+    run.add_argument(
         "--no-summary",
         dest="summary",
         action="store_const",
@@ -137,6 +169,9 @@ def _configure(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[Settin
         "slow_callback_ms": args.slow_callback_ms,
         "detect": args.detect,
         "track_coroutine_origins": args.track_coroutine_origins,
+        "spans": args.spans,
+        "spans_min_duration_ms": args.spans_min_duration_ms,
+        "metrics": args.metrics,
     }
     for name, cli_value in given.items():
         picked = _pick(cli_value, env, ENV_VARS[name])
@@ -157,7 +192,7 @@ def _configure(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[Settin
     extra["loop"] = _choice(picked[0], picked[1], LOOPS) if picked else "asyncio"
     picked = _pick(args.log_format, env, CLI_ENV["log_format"])
     extra["log_format"] = _choice(picked[0], picked[1], LOG_FORMATS) if picked else "console"
-    for key, default in (("fail_on_findings", False), ("summary", True)):
+    for key, default in (("fail_on_findings", False), ("summary", True), ("otlp", False)):
         picked = _pick(getattr(args, key), env, CLI_ENV[key])
         if picked is None:
             extra[key] = default
@@ -191,18 +226,29 @@ def _base_policy(loop: str) -> Any:
     return uvloop.EventLoopPolicy()
 
 
+def _otlp_setup(metrics: bool) -> Any:
+    from ._otel import setup_otlp
+
+    try:
+        return setup_otlp(metrics=metrics)
+    except ImportError as exc:
+        raise _UsageError(f"--otlp: {exc}") from None
+
+
 def _run_target(args: argparse.Namespace) -> int:
     """Run the script or module as ``__main__``; return its exit status."""
-    if args.module:
-        sys.argv = [args.module, *args.target]
-        runner = lambda: runpy.run_module(args.module, run_name="__main__", alter_sys=True)  # noqa: E731
+    module: str | None = args.module
+    if module is not None:
+        sys.argv = [module, *args.target]
     else:
         script = args.target[0]
         sys.argv = list(args.target)
         sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-        runner = lambda: runpy.run_path(script, run_name="__main__")  # noqa: E731
     try:
-        runner()
+        if module is not None:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(script, run_name="__main__")
     except SystemExit as exc:
         return _exit_status(exc.code)
     except KeyboardInterrupt:
@@ -255,8 +301,18 @@ def _run(args: argparse.Namespace) -> int:
     options = {name: getattr(settings, name) for name in ("slow_callback_ms", "detect", "findings")}
     options["track_coroutine_origins"] = settings.track_coroutine_origins
     options["log"] = extra["log_format"] != "off"
+    spans, metrics = settings.spans, settings.metrics
+    if extra["otlp"]:
+        # Asking for OTLP is asking for telemetry: notable spans and metrics,
+        # unless the option or its variable says otherwise.
+        if args.spans is None and ENV_VARS["spans"] not in os.environ:
+            spans = "notable"
+        if args.metrics is None and ENV_VARS["metrics"] not in os.environ:
+            metrics = True
+    options.update(spans=spans, spans_min_duration_ms=settings.spans_min_duration_ms, metrics=metrics)
+    otlp = _otlp_setup(metrics) if extra["otlp"] else None
     try:
-        ensure_engine(
+        engine, _ = ensure_engine(
             options,
             reporters=[summary],
             log_fallback=None if extra["log_format"] == "off" else extra["log_format"],
@@ -264,6 +320,10 @@ def _run(args: argparse.Namespace) -> int:
         )
     except ConfigurationError as exc:
         raise _UsageError(str(exc)) from None
+    if otlp is not None and engine.telemetry is not None:
+        # Set up when the first loop starts, and only if the program has not
+        # configured a provider by then: its own configuration wins.
+        engine.telemetry.fallback = otlp.install
     if base_policy is not None:
         from ._policy import set_policy
 
@@ -277,6 +337,11 @@ def _run(args: argparse.Namespace) -> int:
         for _ in range(3):
             gc.collect()
         uninstall()
+        if otlp is not None and not otlp.shutdown():
+            sys.stderr.write(
+                f"asyncwatch: the OTLP receiver did not take every span within {otlp.FLUSH_TIMEOUT_S:.0f} s; "
+                "some were dropped\n"
+            )
         if extra["summary"]:
             sys.stderr.write(summary.render())
             sys.stderr.flush()

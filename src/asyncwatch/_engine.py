@@ -12,7 +12,7 @@ import asyncio.events
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -37,15 +37,18 @@ from ._tasks import (
     TaskObserver,
     destroyed_pending_finding,
     forget,
-    user_coro_of,
     unretrieved_finding,
+    user_coro_of,
     watches,
 )
+
+if TYPE_CHECKING:
+    from ._otel import Telemetry
 
 __all__ = ["Engine", "Installation", "LoopWatch", "install", "is_installed", "uninstall"]
 
 # Options that belong to the whole process rather than to one loop.
-_ENGINE_OPTIONS = ("findings", "track_coroutine_origins", "log")
+_ENGINE_OPTIONS = ("findings", "track_coroutine_origins", "log", "spans", "spans_min_duration_ms", "metrics")
 
 
 class LoopWatch:
@@ -56,7 +59,7 @@ class LoopWatch:
         self.settings = settings
         self.loop_ref = weakref.ref(loop)
         self._detect = settings.detect
-        self.factory = TaskFactory(loop.get_task_factory(), loop, engine.task_observer)
+        self.factory = TaskFactory(loop.get_task_factory(), loop, engine.observer_for(loop, settings))
         self.handler = ExceptionHandler(self, loop.get_exception_handler())
         self.probe: LoopProbe | None = None
         loop.set_task_factory(self.factory.function)
@@ -123,11 +126,30 @@ class LoopWatch:
 class Engine:
     """Reporters, the watchdog, global hooks, and the loops being watched."""
 
-    def __init__(self, settings: Settings, reporters: Iterable[Reporter] = (), log_fallback: str | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        reporters: Iterable[Reporter] = (),
+        log_fallback: str | None = None,
+        *,
+        tracer_provider: Any = None,
+        meter_provider: Any = None,
+    ):
         self.settings = settings
         self.pipeline = Pipeline()
+        # OpenTelemetry spans and metrics; inert until a provider is configured.
+        self.telemetry: Telemetry | None = None
+        if settings.spans != "off" or settings.metrics:
+            from ._otel import Telemetry
+
+            self.telemetry = Telemetry(settings, tracer_provider=tracer_provider, meter_provider=meter_provider)
+            # First, so that the finding is on its span before it is logged with the span's ids.
+            self.pipeline.add(self.telemetry)
         if settings.log:
-            self.pipeline.add(StructlogReporter(fallback=log_fallback))
+            if self.telemetry is not None:
+                self.pipeline.add(self.telemetry.structlog_reporter(log_fallback))
+            else:
+                self.pipeline.add(StructlogReporter(fallback=log_fallback))
         if settings.findings:
             try:
                 self.pipeline.add(JsonLinesReporter(settings.findings))
@@ -150,6 +172,18 @@ class Engine:
 
     def emit(self, finding: Finding) -> None:
         self.pipeline.emit(finding)
+
+    def observer_for(self, loop: asyncio.AbstractEventLoop, settings: Settings) -> TaskObserver | None:
+        """The task observer for a loop being attached: one set on the engine,
+        else OpenTelemetry's while it has a provider to send to."""
+        if self.task_observer is not None or self.telemetry is None:
+            return self.task_observer
+        try:
+            return self.telemetry.observer_for_loop(loop, settings)
+        except Exception as exc:
+            report_internal_error("OpenTelemetry", exc)
+            self.telemetry = None
+            return None
 
     def attach(self, loop: asyncio.AbstractEventLoop, settings: Settings | None = None) -> LoopWatch:
         with self._lock:
@@ -226,13 +260,21 @@ def ensure_engine(
     reporters: Iterable[Reporter] = (),
     log_fallback: str | None = None,
     base: Settings | None = None,
+    tracer_provider: Any = None,
+    meter_provider: Any = None,
 ) -> tuple[Engine, Settings]:
     """Start the engine if needed; return it and the settings for *options*."""
     with _state.lock:
         settings = (base or _env_settings()).with_options(options)
         engine = _state.engine
         if engine is None:
-            engine = Engine(settings, reporters, log_fallback=log_fallback)
+            engine = Engine(
+                settings,
+                reporters,
+                log_fallback=log_fallback,
+                tracer_provider=tracer_provider,
+                meter_provider=meter_provider,
+            )
             _state.engine = engine
             _state.explicit = {k: getattr(settings, k) for k in _ENGINE_OPTIONS if k in options}
             return engine, settings
@@ -246,6 +288,16 @@ def ensure_engine(
                     option=name,
                     requested=getattr(settings, name),
                     kept=getattr(engine.settings, name),
+                    note="call asyncwatch.uninstall() first to change process-wide options",
+                )
+        for name, provider in (("tracer_provider", tracer_provider), ("meter_provider", meter_provider)):
+            kept = getattr(engine.telemetry, name, None)
+            if provider is not None and provider is not kept:
+                structlog.get_logger(LOGGER_NAME).warning(
+                    "asyncwatch.already_installed",
+                    option=name,
+                    requested=repr(provider),
+                    kept=repr(kept),
                     note="call asyncwatch.uninstall() first to change process-wide options",
                 )
         for reporter in reporters:
@@ -286,6 +338,8 @@ def install(
     *,
     loop: asyncio.AbstractEventLoop | None = None,
     reporters: Iterable[Reporter] = (),
+    tracer_provider: Any = None,
+    meter_provider: Any = None,
     **options: Any,
 ) -> Installation:
     """Start watching for asyncio's silent failures.
@@ -294,10 +348,14 @@ def install(
     runs, watch every loop created or started afterwards; with ``loop=``,
     watch that loop.  Calling it again is harmless (it attaches any new
     loop).  Options: see `Settings`; ``ASYNCWATCH_*`` environment variables
-    give the defaults.  Undo everything with `uninstall()`.
+    give the defaults.  OpenTelemetry spans and metrics go to
+    *tracer_provider* / *meter_provider*, else to the application's global
+    providers.  Undo everything with `uninstall()`.
     """
     with _state.lock:
-        engine, settings = ensure_engine(options, reporters=reporters)
+        engine, settings = ensure_engine(
+            options, reporters=reporters, tracer_provider=tracer_provider, meter_provider=meter_provider
+        )
         if loop is None:
             try:
                 loop = asyncio.get_running_loop()

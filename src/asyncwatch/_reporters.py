@@ -157,9 +157,26 @@ class StructlogReporter:
         return self._private
 
     def report(self, finding: Finding) -> None:
-        fields = finding.to_dict()
+        fields = self.fields(finding)
         kind = fields.pop("kind")
         self._logger().warning(kind, **fields)
+
+    def fields(self, finding: Finding) -> dict[str, Any]:
+        """The event's keys: the finding's JSON form, with ``stack`` as text.
+
+        structlog reserves ``stack`` for a formatted stack (its renderers
+        print it as one, and ConsoleRenderer fails on anything else), so the
+        event carries the frames in that form; the findings file keeps the
+        list.  Subclasses may add keys.
+        """
+        fields = finding.to_dict()
+        fields["stack"] = stack_text(finding.stack) if finding.stack else None
+        return fields
+
+
+def stack_text(stack: Iterable[Site]) -> str:
+    """Frames as text, outermost first, like a traceback's lines."""
+    return "\n".join(f'  File "{s.file}", line {s.line}, in {s.function}' for s in stack)
 
 
 def _isatty(stream: IO[str]) -> bool:
@@ -176,7 +193,7 @@ def _readable_sites(_logger: Any, _method: str, event: dict[str, Any]) -> dict[s
             event[key] = _site_text(event[key])
         elif key in event and event[key] is None:
             del event[key]
-    event.pop("stack", None)
+    event.pop("stack", None)  # the summary line is enough on a console
     for key in ("task", "coroutine", "duration_s", "time", "pid"):
         if event.get(key) is None:
             event.pop(key, None)

@@ -30,7 +30,13 @@ ENV_VARS: Mapping[str, str] = {
     "findings": "ASYNCWATCH_FINDINGS",
     "track_coroutine_origins": "ASYNCWATCH_TRACK_COROUTINE_ORIGINS",
     "log": "ASYNCWATCH_LOG",
+    "spans": "ASYNCWATCH_SPANS",
+    "spans_min_duration_ms": "ASYNCWATCH_SPANS_MIN_DURATION_MS",
+    "metrics": "ASYNCWATCH_METRICS",
 }
+
+#: The values of the ``spans`` option (see `Settings`).
+SPAN_MODES: tuple[str, ...] = ("notable", "all", "off")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -49,6 +55,17 @@ class Settings:
       so it is meant for tests and debugging).
     * ``log``: emit each finding as a structlog event on the ``asyncwatch``
       logger (default True).
+    * ``spans``: OpenTelemetry spans for tasks: ``"off"`` (default), ``"notable"`` (only
+      tasks with a finding, an exception, a cancellation, or a life of at
+      least ``spans_min_duration_ms``) or ``"all"`` (every task).  Off by
+      default: any mode but "off" times every step of every task.
+      Spans go to the application's tracer provider; with none configured,
+      asyncwatch does not trace at all.
+    * ``spans_min_duration_ms``: how long a task must live to be notable
+      (default 1000).
+    * ``metrics``: OpenTelemetry metrics (loop lag, tasks, findings) to the
+      application's meter provider, when it configured one (default False;
+      they too time every task).
     """
 
     slow_callback_ms: float = 100.0
@@ -56,6 +73,9 @@ class Settings:
     findings: str | None = None
     track_coroutine_origins: bool = False
     log: bool = True
+    spans: str = "off"
+    spans_min_duration_ms: float = 1000.0
+    metrics: bool = False
 
     @property
     def slow_callback_s(self) -> float:
@@ -137,11 +157,18 @@ def _bool(value: Any, name: str) -> bool:
     raise ConfigurationError(f"{name}={value!r} is not a boolean; use one of: 1, 0, true, false, yes, no, on, off")
 
 
+def _span_mode(value: Any, name: str) -> str:
+    mode = value.strip().lower() if isinstance(value, str) else value
+    if mode not in SPAN_MODES:
+        raise ConfigurationError(f"{name}={value!r} is not a span mode; use one of: {', '.join(SPAN_MODES)}")
+    return str(mode)
+
+
 def _path(value: Any, name: str) -> str | None:
     if value is None:
         return None
     try:
-        path = os.fspath(value)
+        path: str | bytes = os.fspath(value)
     except TypeError:
         raise ConfigurationError(f"{name}={value!r} must be a file path") from None
     if isinstance(path, bytes):
@@ -157,4 +184,7 @@ _PARSERS: dict[str, Any] = {
     "findings": _path,
     "track_coroutine_origins": _bool,
     "log": _bool,
+    "spans": _span_mode,
+    "spans_min_duration_ms": _float_ms,
+    "metrics": _bool,
 }

@@ -47,11 +47,23 @@ from ._findings import (
     stack_of,
 )
 from ._reporters import report_internal_error
-from ._tasks import coro_name
+from ._tasks import TimedCoroutine, coro_name
 
 __all__ = ["LoopProbe", "Watchdog"]
 
 _HANDLE_RUN = asyncio.events.Handle._run.__code__
+# A traced task's steps run inside our timing wrapper: that frame is the
+# user's step, not asyncwatch's own work.
+_STEP_WRAPPERS = (TimedCoroutine.send.__code__, TimedCoroutine.throw.__code__)
+
+
+def _own_work(chain: list[FrameType]) -> bool:
+    """Whether asyncwatch itself (not a wrapped task step) is running."""
+    for frame in chain:
+        code = frame.f_code
+        if code not in _STEP_WRAPPERS and is_own_file(code.co_filename):
+            return True
+    return False
 _now = time.perf_counter
 
 
@@ -213,7 +225,7 @@ class LoopProbe:
             return tick
         if callback is not None:
             self.python_seen = now
-        if callback is None or any(is_own_file(f.f_code.co_filename) for f in chain):
+        if callback is None or _own_work(chain):
             # Idle, in the loop's own machinery, or in asyncwatch's own work,
             # which must never make user code look slow.
             self.finish(now)

@@ -1,0 +1,62 @@
+"""asyncwatch as an OpenTelemetry instrumentation.
+
+``opentelemetry-instrument python app.py`` finds `AsyncwatchInstrumentor`
+through the ``opentelemetry_instrumentor`` entry point and turns asyncwatch
+on before the application runs; in code::
+
+    from asyncwatch.instrumentation import AsyncwatchInstrumentor
+
+    AsyncwatchInstrumentor().instrument(tracer_provider=provider, spans="all")
+
+Needs the ``opentelemetry-instrumentation`` package (not a dependency of
+asyncwatch: only this module uses it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any
+
+try:
+    from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
+except ImportError as exc:  # pragma: no cover - tested in a subprocess without the package
+    raise ImportError(
+        "asyncwatch.instrumentation needs the opentelemetry-instrumentation package; "
+        "install it with: pip install opentelemetry-instrumentation"
+    ) from exc
+
+from ._engine import Installation, install
+from ._settings import Settings
+
+__all__ = ["AsyncwatchInstrumentor"]
+
+_OPTIONS = frozenset(Settings.__dataclass_fields__)
+
+
+class AsyncwatchInstrumentor(BaseInstrumentor):  # type: ignore[misc]
+    """Install asyncwatch (`instrument`) and remove it (`uninstrument`).
+
+    `instrument` takes ``tracer_provider=``, ``meter_provider=`` and any
+    option of `asyncwatch.install` (``spans="all"``, ``slow_callback_ms=50``
+    ...); other keyword arguments that OpenTelemetry's auto-instrumentation
+    passes to every instrumentor are ignored.  Both calls are idempotent.
+    """
+
+    _installation: Installation | None = None
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        """Return nothing: asyncio is part of Python."""
+        return ()
+
+    def _instrument(self, **kwargs: Any) -> None:
+        options = {name: value for name, value in kwargs.items() if name in _OPTIONS}
+        self._installation = install(
+            tracer_provider=kwargs.get("tracer_provider"),
+            meter_provider=kwargs.get("meter_provider"),
+            **options,
+        )
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        installation, self._installation = self._installation, None
+        if installation is not None:
+            installation.uninstall()

@@ -1,0 +1,808 @@
+"""OpenTelemetry: a span per task, findings on spans, metrics, the instrumentor.
+
+Spans go to an SDK `TracerProvider` with the in-memory exporter, given to
+`install(tracer_provider=...)`: the process-wide provider is never set here
+(it can be set only once per process; ``test_otlp_wire.py`` covers it in
+subprocesses).  Most tests run on asyncio's loop and on uvloop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
+
+import pytest
+import structlog
+from opentelemetry import trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
+from opentelemetry.trace import SpanContext, StatusCode, TraceFlags
+
+import asyncwatch
+import asyncwatch._otel
+import asyncwatch._slow
+import asyncwatch._tasks
+from asyncwatch import ConfigurationError, Settings
+from asyncwatch._reporters import CollectingReporter
+from asyncwatch._tasks import TimedCoroutine
+from conftest import base_factory, gc_collect_harder, line_of
+
+BLOCK_S = 0.25  # a slow step: well over the 100 ms threshold
+
+
+class Spans:
+    """An SDK tracer provider whose spans are kept in memory."""
+
+    def __init__(self, sampler: Any = None) -> None:
+        self.exporter = InMemorySpanExporter()
+        self.provider = TracerProvider(sampler=sampler, shutdown_on_exit=False)
+        self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.tracer = self.provider.get_tracer("test")
+
+    @property
+    def finished(self) -> list[ReadableSpan]:
+        return list(self.exporter.get_finished_spans())
+
+    def names(self) -> list[str]:
+        return sorted(s.name for s in self.finished)
+
+    def named(self, name: str) -> ReadableSpan:
+        found = [s for s in self.finished if s.name == name]
+        assert len(found) == 1, (name, self.names())
+        return found[0]
+
+    def all_named(self, name: str) -> list[ReadableSpan]:
+        return [s for s in self.finished if s.name == name]
+
+    def parent_of(self, span: ReadableSpan) -> ReadableSpan | None:
+        if span.parent is None:
+            return None
+        found = [s for s in self.finished if s.context.span_id == span.parent.span_id]
+        return found[0] if found else None
+
+
+@pytest.fixture
+def spans() -> Iterator[Spans]:
+    recorded = Spans()
+    yield recorded
+    recorded.provider.shutdown()
+
+
+def run_traced(
+    loop_name: str,
+    main: Callable[[], Coroutine[Any, Any, Any]],
+    recorded: Spans | None,
+    /,
+    **options: Any,
+) -> list[Any]:
+    """Run ``main()`` on a watched loop with spans to *recorded*; uninstall; return the findings."""
+    collector = CollectingReporter()
+    options.setdefault("log", False)
+    options.setdefault("spans", "all")
+    options.setdefault("metrics", False)
+    asyncwatch.install(tracer_provider=recorded.provider if recorded else None, reporters=[collector], **options)
+    try:
+        with asyncio.Runner(loop_factory=asyncwatch.loop_factory(base_factory(loop_name))) as runner:
+            runner.run(main())
+    finally:
+        gc_collect_harder()
+        asyncwatch.uninstall()
+    return collector.findings
+
+
+def attributes(span: ReadableSpan) -> dict[str, Any]:
+    return dict(span.attributes or {})
+
+
+def events(span: ReadableSpan) -> list[tuple[str, dict[str, Any]]]:
+    return [(e.name, dict(e.attributes or {})) for e in span.events]
+
+
+async def two_steps() -> int:
+    await asyncio.sleep(0)
+    return 1
+
+
+class TestASpanPerTask:
+    """Each task is one span from creation to completion."""
+
+    def test_named_after_the_coroutine_with_its_attributes(self, loop_name, spans):
+        """Name, task name, creation site, state, steps, scheduling delay."""
+
+        async def worker():
+            await asyncio.sleep(0)
+            return 7
+
+        async def main():
+            return await asyncio.create_task(worker(), name="the-worker")  # <- created here
+
+        run_traced(loop_name, main, spans)
+        span = spans.named(
+            "asyncio.task TestASpanPerTask.test_named_after_the_coroutine_with_its_attributes.<locals>.worker"
+        )
+        attrs = attributes(span)
+        assert attrs["asyncio.task.name"] == "the-worker"
+        assert attrs["asyncio.task.state"] == "finished"
+        assert attrs["asyncio.task.steps"] == 2
+        assert (attrs["code.file.path"], attrs["code.line.number"]) == (__file__, line_of("# <- created here"))
+        assert attrs["code.function.name"].endswith("main")
+        duration_s = (span.end_time - span.start_time) / 1e9
+        assert 0 <= attrs["asyncio.task.scheduling_delay"] <= duration_s
+        assert span.status.status_code is StatusCode.UNSET
+
+    def test_busy_time_is_the_time_spent_holding_the_loop(self, loop_name, spans):
+        """Busy time sums the steps (30 + 20 ms blocking), not the 100 ms awaited in between."""
+
+        async def worker():
+            time.sleep(0.03)
+            await asyncio.sleep(0.1)
+            time.sleep(0.02)
+
+        async def main():
+            await asyncio.create_task(worker(), name="busy")
+
+        run_traced(loop_name, main, spans)
+        [span] = [s for s in spans.finished if attributes(s).get("asyncio.task.name") == "busy"]
+        busy = attributes(span)["asyncio.task.busy_time"]
+        assert 0.05 <= busy < 0.09, busy
+        assert (span.end_time - span.start_time) / 1e9 >= 0.15
+
+    def test_a_cancelled_task_has_the_request_as_an_event(self, loop_name, spans):
+        """State cancelled; the event names the line that called cancel() and the message."""
+
+        async def main():
+            task = asyncio.create_task(asyncio.sleep(10), name="sleeper")
+            await asyncio.sleep(0)
+            task.cancel("enough")  # <- canceller
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        run_traced(loop_name, main, spans)
+        [span] = [s for s in spans.finished if attributes(s).get("asyncio.task.name") == "sleeper"]
+        assert span.name == "asyncio.task sleep"
+        assert attributes(span)["asyncio.task.state"] == "cancelled"
+        [(name, attrs)] = events(span)
+        assert name == "asyncio.task.cancel_requested"
+        assert attrs["code.line.number"] == line_of("# <- canceller")
+        assert attrs["asyncio.task.cancel_message"] == "enough"
+        assert span.status.status_code is StatusCode.UNSET
+
+    def test_an_exception_is_recorded_with_status_error(self, loop_name, spans):
+        """State exception, an ``exception`` event, status ERROR with the exception's text."""
+
+        async def fails():
+            await asyncio.sleep(0)
+            raise KeyError("gone")
+
+        async def main():
+            with pytest.raises(KeyError):
+                await asyncio.create_task(fails())
+
+        run_traced(loop_name, main, spans)
+        span = spans.named(
+            "asyncio.task TestASpanPerTask.test_an_exception_is_recorded_with_status_error.<locals>.fails"
+        )
+        assert attributes(span)["asyncio.task.state"] == "exception"
+        assert span.status.status_code is StatusCode.ERROR
+        assert span.status.description == "KeyError: 'gone'"
+        [(name, attrs)] = events(span)
+        assert name == "exception" and attrs["exception.type"] == "KeyError"
+
+    def test_the_exception_stays_unretrieved_for_asyncwatch(self, loop_name, spans):
+        """Recording it on the span does not mark it retrieved: the finding still comes."""
+
+        async def fails():
+            raise ValueError("lost")
+
+        async def main():
+            asyncio.create_task(fails())
+            await asyncio.sleep(0.01)
+
+        found = run_traced(loop_name, main, spans)
+        assert [f.kind.value for f in found] == ["task_exception_unretrieved"]
+
+
+class TestParenting:
+    """The span current where a task is created is its parent; inside the task, its own span is current."""
+
+    def test_request_span_then_tasks_then_their_child_tasks(self, loop_name, spans):
+        """A request span, the tasks it starts (create_task, TaskGroup, gather), and theirs, form one tree."""
+
+        async def leaf():
+            with spans.tracer.start_as_current_span("user work"):
+                await asyncio.sleep(0)
+
+        async def middle():
+            await asyncio.create_task(leaf())
+
+        async def main():
+            with spans.tracer.start_as_current_span("request"):
+                await asyncio.create_task(middle())
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(leaf())
+                await asyncio.gather(leaf())
+
+        run_traced(loop_name, main, spans)
+        prefix = "asyncio.task TestParenting.test_request_span_then_tasks_then_their_child_tasks.<locals>."
+        request = spans.named("request")
+        assert spans.parent_of(request).name.endswith("<locals>.main")  # the main task's span
+        middle_span = spans.named(prefix + "middle")
+        assert spans.parent_of(middle_span) is request
+        leaves = spans.all_named(prefix + "leaf")
+        assert sorted(spans.parent_of(s).name for s in leaves) == sorted([middle_span.name, "request", "request"])
+        for user in spans.all_named("user work"):
+            assert spans.parent_of(user).name == prefix + "leaf"
+        assert len({s.context.trace_id for s in spans.finished}) == 1
+
+    def test_the_task_span_is_current_inside_the_task(self, loop_name, spans):
+        """trace.get_current_span() inside the task is the task's span, from its first step on."""
+        seen = []
+
+        async def worker():
+            seen.append(trace.get_current_span().get_span_context().span_id)
+            await asyncio.sleep(0)
+            seen.append(trace.get_current_span().get_span_context().span_id)
+
+        async def main():
+            await asyncio.create_task(worker())
+
+        run_traced(loop_name, main, spans)
+        span = spans.named("asyncio.task TestParenting.test_the_task_span_is_current_inside_the_task.<locals>.worker")
+        assert seen == [span.context.span_id] * 2
+
+    @pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks are 3.12+")
+    def test_eager_tasks_have_spans_under_their_creator(self, spans):
+        """With eager_task_factory, a task finished inside create_task and one that awaits both have spans."""
+
+        async def quick():
+            return 1
+
+        async def slow():
+            await asyncio.sleep(0)
+            with spans.tracer.start_as_current_span("after the first step"):
+                pass
+
+        async def main():
+            asyncio.get_running_loop().set_task_factory(asyncio.eager_task_factory)
+            asyncwatch.install(tracer_provider=spans.provider, spans="all", log=False, metrics=False)
+            with spans.tracer.start_as_current_span("request"):
+                assert asyncio.create_task(quick()).done()
+                await asyncio.create_task(slow())
+
+        asyncio.run(main())
+        asyncwatch.uninstall()
+        prefix = "asyncio.task TestParenting.test_eager_tasks_have_spans_under_their_creator.<locals>."
+        quick_span, slow_span = spans.named(prefix + "quick"), spans.named(prefix + "slow")
+        assert attributes(quick_span)["asyncio.task.steps"] == 1
+        assert spans.parent_of(quick_span).name == "request" and spans.parent_of(slow_span).name == "request"
+        assert spans.parent_of(spans.named("after the first step")) is slow_span
+
+
+class TestModes:
+    """spans="all", "notable" and "off" (the default)."""
+
+    def test_off_is_the_default(self):
+        """Spans and metrics are opt-in: any mode but off times every task step."""
+        assert Settings().spans == "off" and Settings().metrics is False
+
+    def test_notable_spans_only_tasks_with_something_to_say(self, loop_name, spans):
+        """Cancelled, failed, long-lived and swallowing tasks get spans; a plain short one does not."""
+
+        async def fails():
+            raise OSError("down")
+
+        async def swallows():
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                pass
+
+        async def main():
+            await asyncio.create_task(two_steps(), name="plain")
+            await asyncio.create_task(asyncio.sleep(0.08), name="long")
+            cancelled = asyncio.create_task(asyncio.sleep(10), name="cancelled")
+            swallowing = asyncio.create_task(swallows(), name="swallowing")
+            await asyncio.sleep(0)
+            cancelled.cancel()
+            swallowing.cancel()
+            await asyncio.gather(cancelled, swallowing, return_exceptions=True)
+            with pytest.raises(OSError):
+                await asyncio.create_task(fails(), name="failed")
+
+        run_traced(loop_name, main, spans, spans="notable", spans_min_duration_ms=50)
+        by_name = {attributes(s)["asyncio.task.name"]: s for s in spans.finished if not s.name.endswith("main")}
+        assert sorted(by_name) == ["cancelled", "failed", "long", "swallowing"]
+        assert [name for name, _ in events(by_name["swallowing"])] == [
+            "asyncio.task.cancel_requested",
+            "asyncwatch.cancellation_swallowed",
+        ]
+        assert attributes(by_name["long"])["asyncio.task.state"] == "finished"
+
+    def test_a_notable_span_starts_when_the_task_was_created(self, loop_name, spans):
+        """Made late (when the task turned notable), it still starts at creation and ends at completion."""
+        times = {}
+
+        async def main():
+            times["before"] = time.time_ns()
+            await asyncio.create_task(asyncio.sleep(0.08), name="long")
+            times["after"] = time.time_ns()
+
+        run_traced(loop_name, main, spans, spans="notable", spans_min_duration_ms=50)
+        [span] = [s for s in spans.finished if attributes(s)["asyncio.task.name"] == "long"]
+        assert times["before"] <= span.start_time <= span.end_time <= times["after"]
+        assert (span.end_time - span.start_time) / 1e9 >= 0.075
+
+    def test_all_spans_every_task(self, loop_name, spans):
+        """Every task, the main one included."""
+
+        async def main():
+            await asyncio.gather(*(two_steps() for _ in range(5)))
+
+        run_traced(loop_name, main, spans, spans="all")
+        assert len(spans.all_named("asyncio.task two_steps")) == 5
+        assert len(spans.finished) == 6
+
+    def test_off_neither_spans_nor_times_tasks(self, loop_name, spans):
+        """No span, and no timing wrapper around coroutines."""
+        wrapped = []
+
+        async def main():
+            wrapped.append(type(asyncio.current_task().get_coro()) is TimedCoroutine)
+            await asyncio.create_task(two_steps())
+
+        run_traced(loop_name, main, spans, spans="off")
+        assert spans.finished == [] and wrapped == [False]
+
+    def test_nothing_is_observed_without_a_configured_provider(self, loop_name):
+        """The API's default (no provider set) means nowhere to send: tasks are not even timed."""
+        assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+        wrapped = []
+
+        async def main():
+            wrapped.append(type(asyncio.current_task().get_coro()) is TimedCoroutine)
+
+        run_traced(loop_name, main, None, spans="all", metrics=True)
+        assert wrapped == [False]
+
+    def test_asyncio_internal_tasks_never_have_spans(self, loop_name, spans):
+        """Runner.close runs shutdown_asyncgens and shutdown_default_executor as tasks: no spans."""
+
+        async def main():
+            await asyncio.to_thread(lambda: None)  # the default executor exists, so it is shut down
+
+        run_traced(loop_name, main, spans, spans="all")
+        assert spans.names() == ["asyncio.task TestModes.test_asyncio_internal_tasks_never_have_spans.<locals>.main"]
+
+    @pytest.mark.parametrize("value", ["some", "ALL ", 3])
+    def test_a_bad_mode_lists_the_valid_ones(self, value):
+        """A wrong value names the option and the valid modes."""
+        if value == "ALL ":
+            assert Settings().with_options({"spans": value}).spans == "all"
+            return
+        with pytest.raises(ConfigurationError, match=r"spans=.* use one of: notable, all, off"):
+            asyncwatch.install(spans=value)
+
+    def test_environment_variables_set_the_span_options(self):
+        """ASYNCWATCH_SPANS, ASYNCWATCH_SPANS_MIN_DURATION_MS, ASYNCWATCH_METRICS."""
+        settings = Settings.from_env(
+            {"ASYNCWATCH_SPANS": "off", "ASYNCWATCH_SPANS_MIN_DURATION_MS": "250", "ASYNCWATCH_METRICS": "0"}
+        )
+        assert (settings.spans, settings.spans_min_duration_ms, settings.metrics) == ("off", 250.0, False)
+        with pytest.raises(ConfigurationError, match="ASYNCWATCH_SPANS_MIN_DURATION_MS"):
+            Settings.from_env({"ASYNCWATCH_SPANS_MIN_DURATION_MS": "-1"})
+
+
+class TestSampling:
+    """The provider's sampler decides, as for any span."""
+
+    @pytest.mark.parametrize("mode", ["all", "notable"])
+    def test_a_sampler_that_drops_everything_drops_task_spans(self, loop_name, mode):
+        """ALWAYS_OFF: no span at all, and the findings still reach the reporters."""
+        dropping = Spans(sampler=ALWAYS_OFF)
+
+        async def swallows():
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                pass
+
+        async def main():
+            task = asyncio.create_task(swallows())
+            await asyncio.sleep(0)
+            task.cancel()
+            await task
+
+        found = run_traced(loop_name, main, dropping, spans=mode)
+        assert dropping.finished == []
+        assert [f.kind.value for f in found] == ["cancellation_swallowed"]
+
+    def test_the_parents_decision_is_followed(self, loop_name):
+        """ParentBased(root=ALWAYS_OFF): tasks of a sampled remote request are kept, root tasks are not."""
+        sampled = Spans(sampler=ParentBased(root=ALWAYS_OFF, remote_parent_sampled=ALWAYS_ON))
+        remote = SpanContext(trace_id=0xABC, span_id=0xDEF, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+
+        async def main():
+            with sampled.tracer.start_as_current_span(
+                "request", context=trace.set_span_in_context(trace.NonRecordingSpan(remote))
+            ):
+                await asyncio.create_task(two_steps())
+
+        run_traced(loop_name, main, sampled)
+        assert sampled.names() == ["asyncio.task two_steps", "request"]
+        assert {s.context.trace_id for s in sampled.finished} == {0xABC}
+
+
+class TestFindingsOnSpans:
+    """Each finding goes on the span of the task it concerns, or on a short span of its own."""
+
+    def test_a_swallowed_cancellation_is_an_event_on_the_task_span(self, loop_name, spans):
+        """The event has the kind, the message, the line where the cancellation landed, and who cancelled."""
+
+        async def swallows():
+            try:
+                await asyncio.sleep(10)  # <- lands here
+            except asyncio.CancelledError:
+                pass
+
+        async def main():
+            task = asyncio.create_task(swallows(), name="swallower")
+            await asyncio.sleep(0)
+            task.cancel()  # <- cancels
+            await task
+
+        run_traced(loop_name, main, spans)
+        [span] = [s for s in spans.finished if attributes(s).get("asyncio.task.name") == "swallower"]
+        (_, _), (name, attrs) = events(span)
+        assert name == "asyncwatch.cancellation_swallowed"
+        assert attrs["asyncwatch.finding.kind"] == "cancellation_swallowed"
+        assert attrs["code.line.number"] == line_of("# <- lands here")
+        assert attrs["asyncwatch.finding.cancelled_by"].startswith(f"{__file__}:{line_of('# <- cancels')} ")
+        assert "swallowed" in attrs["asyncwatch.finding.message"]
+
+    @pytest.mark.parametrize("mode", ["all", "notable"])
+    def test_a_slow_step_is_an_event_with_the_blocking_line(self, loop_name, spans, mode):
+        """slow_callback: an event on the blocking task's span with the line and the duration."""
+
+        async def blocks():
+            await asyncio.sleep(0)
+            time.sleep(BLOCK_S)  # <- blocks the loop
+
+        async def main():
+            await asyncio.create_task(blocks(), name="blocker")
+            await asyncio.sleep(0.01)
+
+        found = run_traced(loop_name, main, spans, spans=mode)
+        assert [f.kind.value for f in found] == ["slow_callback"]
+        [span] = [s for s in spans.finished if attributes(s).get("asyncio.task.name") == "blocker"]
+        [(name, attrs)] = events(span)
+        assert name == "asyncwatch.slow_callback"
+        assert attrs["code.line.number"] == line_of("# <- blocks the loop")
+        # The watchdog and the timing wrapper measure the same step with different clocks.
+        assert (
+            BLOCK_S - 0.05 <= attrs["asyncwatch.finding.duration"] <= attributes(span)["asyncio.task.busy_time"] + 0.02
+        )
+
+    def test_slow_steps_of_traced_tasks_are_detected(self, loop_name, spans):
+        """Turning spans on must not hide slow task steps from the watchdog."""
+
+        async def main():
+            await asyncio.sleep(0)
+            time.sleep(BLOCK_S)
+            await asyncio.sleep(0.01)
+
+        found = run_traced(loop_name, main, spans)
+        assert [f.kind.value for f in found] == ["slow_callback"]
+
+    def test_a_slow_callback_of_no_task_has_a_short_span(self, loop_name, spans):
+        """A blocking plain callback: a span "asyncwatch slow_callback" as long as the block."""
+
+        def blocking_callback():
+            time.sleep(BLOCK_S)  # <- blocking callback
+
+        async def main():
+            asyncio.get_running_loop().call_soon(blocking_callback)
+            await asyncio.sleep(BLOCK_S + 0.05)
+
+        run_traced(loop_name, main, spans, spans="notable")
+        span = spans.named("asyncwatch slow_callback")
+        attrs = attributes(span)
+        assert attrs["code.line.number"] == line_of("# <- blocking callback")
+        assert abs((span.end_time - span.start_time) / 1e9 - attrs["asyncwatch.finding.duration"]) < 0.001
+
+    def test_an_unretrieved_exception_is_a_short_span_under_the_task(self, loop_name, spans):
+        """Reported when the failed task is collected, after its span ended: a child span of it."""
+
+        async def fails():
+            raise ValueError("nobody looks")
+
+        async def main():
+            asyncio.create_task(fails(), name="forgotten")
+            await asyncio.sleep(0.01)
+            gc.collect()
+
+        run_traced(loop_name, main, spans)
+        [task_span] = [s for s in spans.finished if attributes(s).get("asyncio.task.name") == "forgotten"]
+        finding_span = spans.named("asyncwatch task_exception_unretrieved")
+        assert spans.parent_of(finding_span) is task_span
+
+    @pytest.mark.parametrize("mode", ["all", "notable"])
+    def test_a_task_destroyed_while_pending_ends_its_span(self, loop_name, spans, mode):
+        """Its span ends with state destroyed_pending and the finding as an event."""
+
+        async def waits_forever():
+            await asyncio.get_running_loop().create_future()
+
+        async def main():
+            asyncio.create_task(waits_forever())  # <- dropped
+            await asyncio.sleep(0)
+            gc.collect()
+            await asyncio.create_task(two_steps())
+
+        run_traced(loop_name, main, spans, spans=mode)
+        prefix = "asyncio.task TestFindingsOnSpans.test_a_task_destroyed_while_pending_ends_its_span.<locals>."
+        span = spans.named(prefix + "waits_forever")
+        assert attributes(span)["asyncio.task.state"] == "destroyed_pending"
+        assert attributes(span)["code.line.number"] == line_of("# <- dropped")
+        assert [name for name, _ in events(span)] == ["asyncwatch.task_destroyed_pending"]
+
+    def test_the_log_event_carries_the_ids_of_the_span(self, loop_name, spans):
+        """The structlog event of a finding has trace_id and span_id of the span it went to."""
+
+        async def swallows():
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                pass
+
+        async def main():
+            task = asyncio.create_task(swallows(), name="logged")
+            await asyncio.sleep(0)
+            task.cancel()
+            await task
+
+        with structlog.testing.capture_logs() as logs:
+            run_traced(loop_name, main, spans, log=True)
+        [event] = [e for e in logs if e["event"] == "cancellation_swallowed"]
+        [span] = [s for s in spans.finished if attributes(s).get("asyncio.task.name") == "logged"]
+        assert event["trace_id"] == trace.format_trace_id(span.context.trace_id)
+        assert event["span_id"] == trace.format_span_id(span.context.span_id)
+
+    def test_without_tracing_the_log_event_is_unchanged(self, loop_name):
+        """No provider: the event has exactly the finding's fields."""
+
+        async def main():
+            asyncio.get_running_loop().call_soon(time.sleep, BLOCK_S)
+            await asyncio.sleep(BLOCK_S + 0.05)
+
+        with structlog.testing.capture_logs() as logs:
+            run_traced(loop_name, main, None, log=True)
+        [event] = [e for e in logs if e["event"] == "slow_callback"]
+        assert "trace_id" not in event and "span_id" not in event
+
+
+def metric_points(reader: InMemoryMetricReader) -> dict[str, dict[tuple[tuple[str, Any], ...], Any]]:
+    """{instrument name: {sorted attributes: value (sum, or the histogram point)}}."""
+    out: dict[str, dict[tuple[tuple[str, Any], ...], Any]] = {}
+    data = reader.get_metrics_data()
+    for resource_metrics in data.resource_metrics if data else ():
+        for scope_metrics in resource_metrics.scope_metrics:
+            assert scope_metrics.scope.name == "asyncwatch"
+            for metric in scope_metrics.metrics:
+                for point in metric.data.data_points:
+                    key = tuple(sorted((point.attributes or {}).items()))
+                    out.setdefault(metric.name, {})[key] = getattr(point, "value", point)
+    return out
+
+
+@pytest.fixture
+def meter() -> Iterator[tuple[MeterProvider, InMemoryMetricReader]]:
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
+    yield provider, reader
+    provider.shutdown()
+
+
+class TestMetrics:
+    """Loop lag, tasks created / finished / alive, findings, through the metrics API."""
+
+    def test_instruments_have_the_documented_names_and_units(self, loop_name, meter, monkeypatch):
+        """The names and units in the README's table."""
+        provider, reader = meter
+        monkeypatch.setattr(asyncwatch._otel, "LAG_INTERVAL_S", 0.01)
+
+        async def main():
+            await asyncio.sleep(0.05)
+
+        run_traced(loop_name, main, None, spans="off", metrics=True, meter_provider=provider)
+        data = reader.get_metrics_data()
+        units = {m.name: m.unit for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
+        assert units == {
+            "asyncio.event_loop.lag": "s",
+            "asyncio.task.created": "{task}",
+            "asyncio.task.finished": "{task}",
+            "asyncio.task.count": "{task}",
+        }  # asyncwatch.findings ({finding}) appears with the first finding
+
+    def test_tasks_are_counted_by_final_state(self, loop_name, meter):
+        """Created, finished by state, and none alive at the end; asyncio's own tasks are not counted."""
+        provider, reader = meter
+
+        async def fails():
+            raise RuntimeError
+
+        async def main():
+            await asyncio.gather(two_steps(), two_steps(), fails(), return_exceptions=True)
+            task = asyncio.create_task(asyncio.sleep(1))
+            await asyncio.sleep(0)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            points = metric_points(reader)
+            assert points["asyncio.task.count"][()] == 1  # main itself
+
+        run_traced(loop_name, main, None, spans="off", metrics=True, meter_provider=provider)
+        points = metric_points(reader)
+        assert points["asyncio.task.created"][()] == 5
+        finished = {dict(key)["asyncio.task.state"]: value for key, value in points["asyncio.task.finished"].items()}
+        assert finished == {"finished": 3, "exception": 1, "cancelled": 1, "destroyed_pending": 0}
+        assert points["asyncio.task.count"][()] == 0
+
+    def test_findings_are_counted_by_kind(self, loop_name, meter):
+        """asyncwatch.findings, one series per kind."""
+        provider, reader = meter
+
+        async def main():
+            asyncio.get_running_loop().call_soon(time.sleep, BLOCK_S)
+            await asyncio.sleep(BLOCK_S + 0.05)
+
+        run_traced(loop_name, main, None, spans="off", metrics=True, meter_provider=provider)
+        assert metric_points(reader)["asyncwatch.findings"] == {(("asyncwatch.finding.kind", "slow_callback"),): 1}
+
+    def test_loop_lag_shows_a_blocked_loop(self, loop_name, meter, monkeypatch):
+        """A 250 ms block delays the lag timer by about that much."""
+        provider, reader = meter
+        monkeypatch.setattr(asyncwatch._otel, "LAG_INTERVAL_S", 0.02)
+
+        async def main():
+            await asyncio.sleep(0.05)
+            time.sleep(BLOCK_S)
+            await asyncio.sleep(0.05)
+
+        run_traced(loop_name, main, None, spans="off", metrics=True, meter_provider=provider)
+        [lag] = metric_points(reader)["asyncio.event_loop.lag"].values()
+        assert lag.count >= 3
+        assert BLOCK_S - 0.05 <= lag.max < BLOCK_S + 0.2
+
+
+class TestContainment:
+    """A failure inside the OpenTelemetry part never reaches the program or the detectors."""
+
+    def test_a_failing_tracer_is_switched_off_and_findings_still_come(self, loop_name, spans, monkeypatch, capsys):
+        """start_span raising: logged once, the program's result unchanged, findings still detected."""
+
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("exporter exploded")
+
+        monkeypatch.setattr(type(spans.provider.get_tracer("x")), "start_span", broken)
+
+        async def swallows():
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                pass
+
+        async def main():
+            assert await asyncio.gather(two_steps(), two_steps()) == [1, 1]
+            task = asyncio.create_task(swallows())
+            await asyncio.sleep(0)
+            task.cancel()
+            await task
+
+        found = run_traced(loop_name, main, spans)
+        assert [f.kind.value for f in found] == ["cancellation_swallowed"]
+        out = capsys.readouterr()
+        assert (out.out + out.err).count("asyncwatch.internal_error") == 1
+
+
+class TestOtlpExtra:
+    """The SDK and the exporter are the ``otlp`` extra; without it, the message says what to install."""
+
+    def test_a_missing_extra_names_the_install_command(self, monkeypatch):
+        """ImportError with pip install 'asyncwatch[otlp]'."""
+        monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.http.trace_exporter", None)
+        with pytest.raises(ImportError, match=r"pip install 'asyncwatch\[otlp\]'"):
+            asyncwatch._otel.setup_otlp()
+
+    def test_the_command_line_fails_before_running_anything(self, monkeypatch, tmp_path, capsys):
+        """asyncwatch run --otlp: a usage error (status 2) with the command, and the script never runs."""
+        monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.http.trace_exporter", None)
+        script = tmp_path / "app.py"
+        script.write_text("raise SystemExit('ran')\n")
+        from asyncwatch._cli import main
+
+        with pytest.raises(SystemExit) as exit_info:
+            main(["run", "--otlp", str(script)])
+        assert exit_info.value.code == 2
+        assert "pip install 'asyncwatch[otlp]'" in capsys.readouterr().err
+
+    def test_flushing_at_exit_is_bounded_when_the_receiver_is_down(self, monkeypatch):
+        """A receiver that refuses connections holds the exit for at most the flush timeout."""
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")  # discard: nothing listens
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "30")
+        monkeypatch.setattr(trace, "set_tracer_provider", lambda provider: None)  # keep the global unset
+        from opentelemetry import metrics
+
+        monkeypatch.setattr(metrics, "set_meter_provider", lambda provider: None)
+        setup = asyncwatch._otel.setup_otlp(metrics=False)
+        setup.install()
+        setup.tracer_provider.get_tracer("test").start_span("lost").end()
+        started = time.monotonic()
+        assert setup.shutdown(timeout_s=0.5) is False
+        assert time.monotonic() - started < 2.0
+
+
+class TestInstrumentor:
+    """asyncwatch as an OpenTelemetry instrumentation (opentelemetry-instrumentation's BaseInstrumentor)."""
+
+    def test_instrument_and_uninstrument_are_symmetric_and_idempotent(self, spans):
+        """instrument() installs with the given provider and options; uninstrument() removes it; twice is harmless."""
+        from asyncwatch.instrumentation import AsyncwatchInstrumentor
+
+        instrumentor = AsyncwatchInstrumentor()
+        instrumentor.instrument(tracer_provider=spans.provider, spans="all", log=False)
+        instrumentor.instrument(tracer_provider=spans.provider, spans="all", log=False)
+        try:
+            assert asyncwatch.is_installed()
+            asyncio.run(two_steps())
+        finally:
+            instrumentor.uninstrument()
+            instrumentor.uninstrument()
+        assert not asyncwatch.is_installed()
+        assert "asyncio.task two_steps" in spans.names()
+
+    def test_opentelemetry_instrument_turns_asyncwatch_on(self, tmp_path):
+        """The entry point: ``opentelemetry-instrument python app.py``, with a provider the app sets itself."""
+        app = tmp_path / "app.py"
+        app.write_text(
+            textwrap.dedent(
+                """
+                import asyncio, json
+                from opentelemetry import trace
+                from opentelemetry.sdk.trace import TracerProvider
+                from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+                from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+                import asyncwatch
+
+                exporter = InMemorySpanExporter()
+                provider = TracerProvider()
+                provider.add_span_processor(SimpleSpanProcessor(exporter))
+                trace.set_tracer_provider(provider)  # after asyncwatch was installed: still used
+
+                async def work():
+                    await asyncio.sleep(0)
+
+                async def main():
+                    await asyncio.create_task(work())
+
+                asyncio.run(main())
+                print(json.dumps([asyncwatch.is_installed(), sorted(s.name for s in exporter.get_finished_spans())]))
+                """
+            )
+        )
+        instrument = os.path.join(os.path.dirname(sys.executable), "opentelemetry-instrument")
+        env = {**os.environ, "ASYNCWATCH_SPANS": "all", "OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none"}
+        result = subprocess.run(
+            [instrument, sys.executable, str(app)], capture_output=True, text=True, env=env, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip().splitlines()[-1] == '[true, ["asyncio.task main", "asyncio.task work"]]'
