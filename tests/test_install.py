@@ -353,7 +353,7 @@ class TestContainment:
             raise RuntimeError("site lookup exploded")
 
         monkeypatch.setattr(tasks_mod, "is_library_file", explode)
-        monkeypatch.setattr(tasks_mod, "_library_code", {})
+        monkeypatch.setattr(tasks_mod, "_library_cache", {})  # every file a miss
         asyncwatch.install(log=False)
 
         async def child():

@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 from ._engine import ensure_engine, install, uninstall
 from ._reporters import SummaryReporter
-from ._settings import ENV_VARS, ConfigurationError, Settings, parse_kinds
+from ._settings import ENV_VARS, ConfigurationError, Settings, parse_bool, parse_kinds
 from ._version import __version__
 
 __all__ = ["main"]
@@ -198,11 +198,9 @@ def _configure(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[Settin
             extra[key] = default
             continue
         try:
-            extra[key] = Settings().with_options({"log": picked[0]}).log
-        except ConfigurationError:
-            raise _UsageError(
-                f"{picked[1]}={picked[0]!r} is not a boolean; use one of: 1, 0, true, false, yes, no, on, off"
-            ) from None
+            extra[key] = parse_bool(picked[0], picked[1])
+        except ConfigurationError as exc:
+            raise _UsageError(str(exc)) from None
     if settings.findings:
         directory = os.path.dirname(settings.findings) or "."
         if not os.path.isdir(directory) or not os.access(directory, os.W_OK):

@@ -414,10 +414,6 @@ def _watch_future_loops(settings: Settings) -> None:
         asyncio.events._set_running_loop = _set_running_loop
 
 
-def future_loop_settings() -> Settings | None:
-    return _state.future_loops
-
-
 def uninstall() -> None:
     """Stop watching and restore every hook asyncwatch changed.
 

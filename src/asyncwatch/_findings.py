@@ -236,15 +236,6 @@ def stack_of(frames: Iterable[FrameType]) -> tuple[Site, ...]:
     return tuple(sites)
 
 
-def walk_out(frame: FrameType | None, stop: FrameType | None = None) -> list[FrameType]:
-    """Frames from *frame* outwards (innermost first), up to but excluding *stop*."""
-    out = []
-    while frame is not None and frame is not stop:
-        out.append(frame)
-        frame = frame.f_back
-    return out
-
-
 def qualname_of(obj: Any) -> str | None:
     """The qualified name of a coroutine, generator or callable, or None."""
     name = getattr(obj, "__qualname__", None)

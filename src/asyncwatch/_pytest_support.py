@@ -39,7 +39,7 @@ from ._engine import Engine, current_engine, ensure_engine, uninstall
 from ._findings import Finding, FindingKind, Site, frame_site, is_library_file
 from ._policy import EventLoopPolicy, get_policy, set_policy
 from ._reporters import report_internal_error
-from ._settings import ConfigurationError, _bool, _float_ms, parse_kinds
+from ._settings import ConfigurationError, parse_bool, parse_kinds, parse_ms
 from ._tasks import coro_name, created_at
 
 __all__ = ["MARKER", "MODES", "NodeOptions", "RunOptions", "Watcher"]
@@ -92,7 +92,7 @@ def read_options(config: pytest.Config) -> RunOptions:
             return value, "--" + option.replace("_", "-")
         return config.getini(ini), ini
 
-    every_test = bool(config.getoption("asyncwatch")) or _checked(_bool, config.getini("asyncwatch"), "asyncwatch")
+    every_test = bool(config.getoption("asyncwatch")) or _checked(parse_bool, config.getini("asyncwatch"), "asyncwatch")
     mode, mode_name = pick("asyncwatch_mode", "asyncwatch_mode")
     if mode not in MODES:
         raise pytest.UsageError(f"{mode_name}={mode!r} is not a valid mode; valid modes are: {', '.join(MODES)}")
@@ -108,12 +108,12 @@ def read_options(config: pytest.Config) -> RunOptions:
         every_test=every_test,
         mode=mode,
         findings=os.path.abspath(findings) if findings else None,
-        slow_callback_ms=_checked(_float_ms, ms, ms_name),
+        slow_callback_ms=_checked(parse_ms, ms, ms_name),
         allow=_checked(parse_kinds, allow, allow_name),
         track_coroutine_origins=_checked(
-            _bool, config.getini("asyncwatch_track_coroutine_origins"), "asyncwatch_track_coroutine_origins"
+            parse_bool, config.getini("asyncwatch_track_coroutine_origins"), "asyncwatch_track_coroutine_origins"
         ),
-        log=_checked(_bool, config.getini("asyncwatch_log"), "asyncwatch_log"),
+        log=_checked(parse_bool, config.getini("asyncwatch_log"), "asyncwatch_log"),
     )
 
 
@@ -164,7 +164,7 @@ def node_options(node: pytest.Item | pytest.Collector, run: RunOptions) -> NodeO
         if "allow" in mark.kwargs:
             allow |= _checked(parse_kinds, mark.kwargs["allow"], f"{where}(allow=...)")
         if ms is None and "slow_callback_ms" in mark.kwargs:
-            ms = _checked(_float_ms, mark.kwargs["slow_callback_ms"], f"{where}: slow_callback_ms")
+            ms = _checked(parse_ms, mark.kwargs["slow_callback_ms"], f"{where}: slow_callback_ms")
     return NodeOptions(frozenset(allow), run.slow_callback_ms if ms is None else ms)
 
 

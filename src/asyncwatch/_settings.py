@@ -112,7 +112,8 @@ class Settings:
 # --- parsers: each takes the raw value and the name to put in the error ------
 
 
-def _float_ms(value: Any, name: str) -> float:
+def parse_ms(value: Any, name: str) -> float:
+    """Parse a positive, finite number of milliseconds; *name* is what the error blames."""
     if isinstance(value, bool):
         raise ConfigurationError(f"{name}={value!r} is not a number of milliseconds; give a number > 0, e.g. 100")
     try:
@@ -149,7 +150,8 @@ def parse_kinds(value: Any, name: str) -> frozenset[FindingKind]:
     return frozenset(kinds)
 
 
-def _bool(value: Any, name: str) -> bool:
+def parse_bool(value: Any, name: str) -> bool:
+    """Parse a boolean (or 1/0, true/false, yes/no, on/off); *name* is what the error blames."""
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
@@ -179,12 +181,12 @@ def _path(value: Any, name: str) -> str | None:
 
 
 _PARSERS: dict[str, Any] = {
-    "slow_callback_ms": _float_ms,
+    "slow_callback_ms": parse_ms,
     "detect": parse_kinds,
     "findings": _path,
-    "track_coroutine_origins": _bool,
-    "log": _bool,
+    "track_coroutine_origins": parse_bool,
+    "log": parse_bool,
     "spans": _span_mode,
-    "spans_min_duration_ms": _float_ms,
-    "metrics": _bool,
+    "spans_min_duration_ms": parse_ms,
+    "metrics": parse_bool,
 }

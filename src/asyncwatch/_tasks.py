@@ -32,6 +32,7 @@ from ._findings import (
     Finding,
     FindingKind,
     Site,
+    _is_library_cache,
     app_frame,
     code_site,
     describe_exception,
@@ -278,11 +279,6 @@ def _observed_done(coro: TimedCoroutine, task: asyncio.Task[Any]) -> None:
             report_internal_error("task observer", exc)
 
 
-def inner_coroutine(coro: Any) -> Any:
-    """The user's coroutine, behind asyncwatch's timing wrapper if any."""
-    return coro._aw_inner if type(coro) is TimedCoroutine else coro
-
-
 # Cancellations made by asyncio's structured helpers (they uncancel() when
 # they are done, or, on 3.11/3.12, TaskGroup sometimes leaves the count at 1:
 # gh-116720).  Keyed by file name, then by function name (None = any).
@@ -489,10 +485,10 @@ def _first_caller_depth(loop: asyncio.AbstractEventLoop) -> int:
     return 2 if create_task is asyncio.base_events.BaseEventLoop.create_task else 1
 
 
-# Library or not, per file name (a str caches its hash; a code object does
-# not: it hashes its bytecode and constants, which made every lookup cost as
-# much as the rest of the factory).  Capped: exec'd code can invent names.
-_library_code: dict[str, bool] = {}
+# `is_library_file`'s own cache, read inline on the hot path.  Keyed by file
+# name: a str caches its hash, while a code object hashes its bytecode and
+# constants, which made every lookup cost as much as the rest of the factory.
+_library_cache = _is_library_cache
 
 
 # asyncio functions that create many tasks from one frame, on behalf of their
@@ -506,7 +502,7 @@ _GATHER = asyncio.tasks.gather.__code__
 
 def _make_factory(state: TaskFactory, depth: int, asyncio_loop: bool) -> Callable[..., Any]:
     getframe = sys._getframe
-    library = _library_code
+    library = _library_cache
     gather = _GATHER
     # (depth of the gather frame, site of its caller) from the last walk that
     # found gather called straight from application code.
@@ -561,9 +557,7 @@ def _make_factory(state: TaskFactory, depth: int, asyncio_loop: bool) -> Callabl
                     filename = code.co_filename
                     is_library = library.get(filename)
                     if is_library is None:
-                        if len(library) > 8192:
-                            library.clear()
-                        is_library = library[filename] = is_library_file(filename)
+                        is_library = is_library_file(filename)  # fills and caps the cache
                     if not is_library:
                         break
                     if code is gather and fan_frame is None:
