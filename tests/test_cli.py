@@ -242,7 +242,7 @@ class TestBadInput:
     def test_unwritable_findings_path(self, clean, tmp_path):
         """--findings in a missing directory is refused before the program runs."""
         result = run("run", "--findings", str(tmp_path / "no" / "f.jsonl"), str(clean))
-        assert result.returncode == 2 and "does not exist or is not writable" in result.stderr
+        assert result.returncode == 2 and "/no' does not exist; create it, or give a path in an existing" in result.stderr
 
     def test_nothing_to_run(self):
         """`asyncwatch run` alone says what to give."""

@@ -27,7 +27,7 @@ from ._reporters import (
     forget_internal_errors,
     report_internal_error,
 )
-from ._settings import ENV_VARS, ConfigurationError, Settings
+from ._settings import ConfigurationError, Settings, check_install_arguments
 from ._slow import LoopProbe, Watchdog
 from ._tasks import (
     DESTROYED_PENDING,
@@ -237,21 +237,16 @@ def is_installed() -> bool:
 
 
 def _env_settings() -> Settings:
-    """``ASYNCWATCH_*`` variables; a bad one is logged and ignored rather than
+    """``ASYNCWATCH_*`` variables; a bad one (a bad value, an unknown name, a
+    findings file that cannot be written) is logged and ignored rather than
     breaking a production start-up (the command line is strict instead)."""
-    import os
 
-    settings = Settings()
-    for name, var in ENV_VARS.items():
-        if var not in os.environ:
-            continue
-        try:
-            settings = settings.with_options({name: os.environ[var]})
-        except ConfigurationError as exc:
-            structlog.get_logger(LOGGER_NAME).warning(
-                "asyncwatch.bad_environment", variable=var, value=os.environ[var], error=str(exc), using="default"
-            )
-    return settings
+    def warn(variable: str, value: Any, error: str) -> None:
+        structlog.get_logger(LOGGER_NAME).warning(
+            "asyncwatch.bad_environment", variable=variable, value=value, error=error, using="default"
+        )
+
+    return Settings.from_env(on_error=warn)
 
 
 def ensure_engine(
@@ -352,6 +347,7 @@ def install(
     *tracer_provider* / *meter_provider*, else to the application's global
     providers.  Undo everything with `uninstall()`.
     """
+    reporters = check_install_arguments(loop, reporters, tracer_provider, meter_provider)
     with _state.lock:
         engine, settings = ensure_engine(
             options, reporters=reporters, tracer_provider=tracer_provider, meter_provider=meter_provider

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._engine import attach_loop
-from ._settings import Settings
+from ._settings import Settings, check_loop_factory_base, check_policy_base
 
 __all__ = ["EventLoopPolicy", "loop_factory", "new_event_loop"]
 
@@ -72,6 +72,7 @@ def loop_factory(base: LoopFactory | None = None, /, **options: Any) -> LoopFact
     ``asyncio.Runner(loop_factory=...)`` (3.11+).  *options* are those of
     `asyncwatch.install`.
     """
+    check_loop_factory_base(base)
     make = base or asyncio.new_event_loop
     opts = _validated(dict(options))
 
@@ -100,6 +101,7 @@ class EventLoopPolicy(_AbstractPolicy):  # type: ignore[misc]
     """
 
     def __init__(self, base: Any = None, **options: Any) -> None:
+        check_policy_base(base)
         self._base = base if base is not None else _default_policy()
         self._options = _validated(dict(options))
         self.inert = False  # set by uninstall() when someone replaced us

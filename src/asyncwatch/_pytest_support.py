@@ -39,7 +39,7 @@ from ._engine import Engine, current_engine, ensure_engine, uninstall
 from ._findings import Finding, FindingKind, Site, frame_site, is_library_file
 from ._policy import EventLoopPolicy, get_policy, set_policy
 from ._reporters import report_internal_error
-from ._settings import ConfigurationError, parse_bool, parse_kinds, parse_ms
+from ._settings import ConfigurationError, did_you_mean, parse_bool, parse_kinds, parse_ms
 from ._tasks import coro_name, created_at
 
 __all__ = ["MARKER", "MODES", "NodeOptions", "RunOptions", "Watcher"]
@@ -95,7 +95,9 @@ def read_options(config: pytest.Config) -> RunOptions:
     every_test = bool(config.getoption("asyncwatch")) or _checked(parse_bool, config.getini("asyncwatch"), "asyncwatch")
     mode, mode_name = pick("asyncwatch_mode", "asyncwatch_mode")
     if mode not in MODES:
-        raise pytest.UsageError(f"{mode_name}={mode!r} is not a valid mode; valid modes are: {', '.join(MODES)}")
+        raise pytest.UsageError(
+            f"{mode_name}={mode!r} is not a valid mode{did_you_mean(mode, MODES)}; valid modes are: {', '.join(MODES)}"
+        )
     ms, ms_name = pick("asyncwatch_slow_callback_ms", "asyncwatch_slow_callback_ms")
     allow, allow_name = pick("asyncwatch_allow", "asyncwatch_allow")
     findings = config.getoption("asyncwatch_findings")
@@ -157,8 +159,9 @@ def node_options(node: pytest.Item | pytest.Collector, run: RunOptions) -> NodeO
         unknown = set(mark.kwargs) - set(MARKER_OPTIONS)
         if mark.args or unknown:
             got = ", ".join([repr(a) for a in mark.args] + sorted(unknown))
+            hint = did_you_mean(min(unknown), MARKER_OPTIONS) if unknown else ""
             raise pytest.UsageError(
-                f"{where} got {got}; it takes keyword arguments only, and the valid ones are: "
+                f"{where} got {got}{hint}; it takes keyword arguments only, and the valid ones are: "
                 f"{', '.join(MARKER_OPTIONS)}"
             )
         if "allow" in mark.kwargs:
