@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from test_settings import READ_ONLY_CASES, read_only_path
+
 MISTAKES = textwrap.dedent(
     """\
     import asyncio, sys, time
@@ -55,7 +57,7 @@ def run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, 
         cmd = [sys.executable, "-m", "asyncwatch", *args]
     else:
         cmd = [str(Path(sys.executable).parent / "asyncwatch"), *args]
-    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(cmd, check=False, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=60)
 
 
 def line_in(path: Path, marker: str) -> int:
@@ -208,25 +210,74 @@ class TestOutput:
         assert "PROGRAM-RENDERED slow_callback" in result.stderr
 
 
+def main_error(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], env=None) -> str:
+    """Run ``asyncwatch`` in this process; return stderr of a run refused with status 2."""
+    from asyncwatch._cli import main
+
+    for key in [k for k in os.environ if k.startswith("ASYNCWATCH_")]:
+        monkeypatch.delenv(key)
+    for key, value in (env or {}).items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2, captured.err
+    assert captured.out == ""  # the program did not run
+    return captured.err
+
+
 class TestBadInput:
     @pytest.mark.parametrize(
         ("args", "env", "expected"),
         [
-            (["--slow-callback-ms", "-3"], {}, "--slow-callback-ms='-3' must be a finite number"),
+            (["--slow-callback-ms", "-3"], {}, "--slow-callback-ms='-3' must be a finite number of milliseconds > 0"),
+            (["--slow-callback-ms", "0"], {}, "--slow-callback-ms='0' must be a finite number of milliseconds > 0"),
+            (["--slow-callback-ms", "nan"], {}, "--slow-callback-ms='nan' must be a finite number"),
+            (["--slow-callback-ms", "inf"], {}, "--slow-callback-ms='inf' must be a finite number"),
+            (["--slow-callback-ms", "soon"], {}, "--slow-callback-ms='soon' is not a number of milliseconds; give a"),
             ([], {"ASYNCWATCH_SLOW_CALLBACK_MS": "soon"}, "ASYNCWATCH_SLOW_CALLBACK_MS='soon' is not a number"),
-            (["--loop", "trio"], {}, "--loop='trio' is not valid; use one of: asyncio, uvloop"),
-            ([], {"ASYNCWATCH_LOOP": "curio"}, "ASYNCWATCH_LOOP='curio' is not valid"),
-            (["--log-format", "xml"], {}, "use one of: console, json, off"),
-            (["--detect", "slow"], {}, "unknown finding kind 'slow'"),
+            (["--spans-min-duration-ms", "-1"], {}, "--spans-min-duration-ms='-1' must be a finite number"),
+            ([], {"ASYNCWATCH_SPANS_MIN_DURATION_MS": "1e400"}, "ASYNCWATCH_SPANS_MIN_DURATION_MS='1e400' must be"),
+            (["--loop", "trio"], {}, "--loop='trio' is not a valid event loop; use one of: asyncio, uvloop"),
+            (["--loop", "uvlop"], {}, "--loop='uvlop' is not a valid event loop (did you mean 'uvloop'?)"),
+            ([], {"ASYNCWATCH_LOOP": "curio"}, "ASYNCWATCH_LOOP='curio' is not a valid event loop"),
+            (["--log-format", "xml"], {}, "--log-format='xml' is not a valid log format; use one of: console, json"),
+            ([], {"ASYNCWATCH_LOG_FORMAT": "jsn"}, "ASYNCWATCH_LOG_FORMAT='jsn' is not a valid log format (did you"),
+            (["--detect", "slow"], {}, "--detect: unknown finding kind 'slow'; valid kinds are: slow_callback,"),
+            (["--detect", "slow_calback"], {}, "unknown finding kind 'slow_calback' (did you mean 'slow_callback'?)"),
+            (["--detect", ","], {}, "--detect=',' names no finding kind; give a comma-separated list"),
+            ([], {"ASYNCWATCH_DETECT": ""}, "ASYNCWATCH_DETECT='' names no finding kind"),
+            (["--spans", "some"], {}, "--spans='some' is not a valid span mode; use one of: notable, all, off"),
+            ([], {"ASYNCWATCH_SPANS": "notible"}, "ASYNCWATCH_SPANS='notible' is not a valid span mode (did you mean"),
             ([], {"ASYNCWATCH_FAIL_ON_FINDINGS": "perhaps"}, "ASYNCWATCH_FAIL_ON_FINDINGS='perhaps' is not a boolean"),
+            ([], {"ASYNCWATCH_SUMMARY": "maybe"}, "ASYNCWATCH_SUMMARY='maybe' is not a boolean; use one of: 1, 0"),
+            ([], {"ASYNCWATCH_OTLP": "2"}, "ASYNCWATCH_OTLP='2' is not a boolean"),
+            ([], {"ASYNCWATCH_CHILDREN": "sometimes"}, "ASYNCWATCH_CHILDREN='sometimes' is not a boolean"),
+            ([], {"ASYNCWATCH_TRACK_COROUTINE_ORIGINS": "always"}, "ASYNCWATCH_TRACK_COROUTINE_ORIGINS='always'"),
+            ([], {"ASYNCWATCH_LOG": "loud"}, "ASYNCWATCH_LOG='loud' is not a boolean"),
+            ([], {"ASYNCWATCH_METRICS": "many"}, "ASYNCWATCH_METRICS='many' is not a boolean"),
+            (
+                [],
+                {"ASYNCWATCH_SLOW_CALLBACK": "50"},
+                "ASYNCWATCH_SLOW_CALLBACK is not an asyncwatch variable (did you mean 'ASYNCWATCH_SLOW_CALLBACK_MS'?)",
+            ),
+            (
+                ["--slow-calback-ms", "5"],
+                {},
+                "unknown option '--slow-calback-ms' (did you mean '--slow-callback-ms'?)",
+            ),
         ],
     )
-    def test_bad_values_exit_2_naming_the_value_and_the_fix(self, clean, args, env, expected):
+    def test_bad_values_exit_2_naming_the_value_and_the_fix(self, clean, args, env, expected, monkeypatch, capsys):
         """Every bad option or variable names itself, the value and what is accepted."""
-        result = run("run", *args, str(clean), env=env)
+        assert expected in main_error(["run", *args, str(clean)], monkeypatch, capsys, env)
+
+    def test_a_bad_value_stops_the_real_command_before_the_program_runs(self, clean):
+        """End to end: status 2, the message on stderr, nothing from the program."""
+        result = run("run", "--loop", "trio", str(clean))
         assert result.returncode == 2
-        assert expected in result.stderr
-        assert result.stdout == ""  # the program did not run
+        assert "asyncwatch: error: --loop='trio' is not a valid event loop" in result.stderr
+        assert result.stdout == ""
 
     def test_missing_script(self, tmp_path):
         """A script that does not exist is a usage error, not a traceback."""
@@ -239,12 +290,50 @@ class TestBadInput:
         result = run("run", "-m", "no_such_module_here", cwd=tmp_path)
         assert result.returncode == 2 and "no module named 'no_such_module_here'" in result.stderr
 
-    def test_unwritable_findings_path(self, clean, tmp_path):
-        """--findings in a missing directory is refused before the program runs."""
-        result = run("run", "--findings", str(tmp_path / "no" / "f.jsonl"), str(clean))
-        assert result.returncode == 2 and "/no' does not exist; create it, or give a path in an existing" in result.stderr
-
     def test_nothing_to_run(self):
         """`asyncwatch run` alone says what to give."""
         result = run("run")
         assert result.returncode == 2 and "nothing to run" in result.stderr
+
+
+class TestUnwritableFindings:
+    @pytest.mark.parametrize("source", ["--findings", "ASYNCWATCH_FINDINGS"])
+    def test_a_missing_directory_is_refused_naming_it(self, clean, tmp_path, source, monkeypatch, capsys):
+        """--findings (or its variable) in a directory that does not exist: status 2, naming it."""
+        path = tmp_path / "no" / "f.jsonl"
+        args, env = (["--findings", str(path)], {}) if source == "--findings" else ([], {source: str(path)})
+        err = main_error(["run", *args, str(clean)], monkeypatch, capsys, env)
+        assert f"{source}={str(path)!r}: the directory {str(tmp_path / 'no')!r} does not exist; create it" in err
+        assert not path.parent.exists()
+
+    def test_a_directory_is_refused_with_a_file_name_to_give(self, clean, tmp_path, monkeypatch, capsys):
+        """--findings naming a directory suggests a file in it."""
+        err = main_error(["run", "--findings", str(tmp_path), str(clean)], monkeypatch, capsys)
+        assert f"--findings={str(tmp_path)!r} is a directory; give a file path, e.g. " in err
+
+    @pytest.mark.parametrize("how", READ_ONLY_CASES)
+    def test_a_path_that_cannot_be_written_is_refused(self, clean, tmp_path, how, monkeypatch, capsys):
+        """A findings file the process may not create is refused with the system's reason."""
+        path = read_only_path(how, tmp_path)
+        err = main_error(["run", "--findings", str(path), str(clean)], monkeypatch, capsys)
+        assert f"--findings={str(path)!r} cannot be written (" in err
+        assert "give a path in a writable directory" in err
+
+
+class TestOptionsReachTheLoops:
+    def test_the_threshold_option_applies_to_the_programs_loops(self, tmp_path):
+        """--slow-callback-ms 1000 lets a 250 ms step pass, and the variable does too."""
+        script = tmp_path / "block.py"
+        script.write_text("import asyncio, time\nasync def main():\n    time.sleep(0.25)\nasyncio.run(main())\n")
+        for args, env in ((["--slow-callback-ms", "1000"], {}), ([], {"ASYNCWATCH_SLOW_CALLBACK_MS": "1000"})):
+            result = run("run", "--fail-on-findings", *args, str(script), env=env)
+            assert result.returncode == 0, result.stderr
+            assert "asyncwatch: no findings" in result.stderr
+        assert run("run", "--fail-on-findings", "--slow-callback-ms", "50", str(script)).returncode == 3
+
+    def test_the_detect_option_applies_to_the_programs_loops(self, mistakes):
+        """--detect coroutine_never_awaited leaves the slow step unreported."""
+        result = run("run", "--log-format", "off", "--detect", "coroutine_never_awaited", str(mistakes))
+        assert result.returncode == 0, result.stderr
+        assert "asyncwatch: 1 finding in 1 place" in result.stderr
+        assert "slow_callback" not in result.stderr

@@ -3,13 +3,14 @@
 Runs a program under asyncwatch with no code change.  The program sees the
 ``sys.argv``, ``__name__ == "__main__"`` and exit status it would see under
 plain ``python``; asyncwatch adds its findings (structlog events on stderr,
-an optional JSON Lines file) and a short summary on stderr at exit.
+an optional JSON Lines file) and a short summary on stderr at exit.  The
+Python processes the program starts are watched too (see `_children`), and
+the summary counts their findings.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import runpy
 import sys
@@ -17,9 +18,18 @@ import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
-from ._engine import ensure_engine, install, uninstall
-from ._reporters import SummaryReporter
-from ._settings import ENV_VARS, ConfigurationError, Settings, parse_bool, parse_kinds
+from . import _children
+from ._engine import uninstall
+from ._reporters import JsonLinesReporter, Reporter, SummaryReporter
+from ._settings import (
+    ENV_VARS,
+    RUN_ENV_VARS,
+    ConfigurationError,
+    RunSettings,
+    Settings,
+    did_you_mean,
+    resolve_run,
+)
 from ._version import __version__
 
 __all__ = ["main"]
@@ -28,22 +38,15 @@ __all__ = ["main"]
 #: succeeded, and asyncwatch found something.
 FINDINGS_EXIT_STATUS = 3
 
-CLI_ENV = {
-    "loop": "ASYNCWATCH_LOOP",
-    "fail_on_findings": "ASYNCWATCH_FAIL_ON_FINDINGS",
-    "log_format": "ASYNCWATCH_LOG_FORMAT",
-    "summary": "ASYNCWATCH_SUMMARY",
-    "otlp": "ASYNCWATCH_OTLP",
-}
-LOOPS = ("asyncio", "uvloop")
-LOG_FORMATS = ("console", "json", "off")
+CLI_ENV = RUN_ENV_VARS
 
 
 class _UsageError(Exception):
     pass
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The ``asyncwatch`` parser and its ``run`` subparser."""
     parser = argparse.ArgumentParser(
         prog="asyncwatch",
         description="Make asyncio's silent failures visible while a program runs.",
@@ -141,96 +144,52 @@ def _parser() -> argparse.ArgumentParser:
         const="0",
         help=f"do not print the summary on stderr at exit [{CLI_ENV['summary']}]",
     )
+    run.add_argument(
+        "--children",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=(
+            "watch the Python processes the program starts, with the same settings (default; "
+            "--no-children: this process and its forks only) "
+            f"[{CLI_ENV['children']}]"
+        ),
+    )
     run.add_argument("-m", dest="module", metavar="MODULE", help="run a library module as a script")
     run.add_argument("target", nargs=argparse.REMAINDER, help="script.py [args ...], or the module's args with -m")
-    return parser
+    return parser, run
 
 
-def _pick(cli_value: Any, env: Mapping[str, str], var: str) -> tuple[Any, str] | None:
-    """The option's value and the name to blame for it, CLI first."""
-    if cli_value is not None:
-        return cli_value, "--" + var.removeprefix("ASYNCWATCH_").lower().replace("_", "-")
-    if var in env:
-        return env[var], var
-    return None
+# Each option's ``dest`` on the command line, and the name an error blames.
+_OPTIONS = {
+    "findings": "--findings",
+    "slow_callback_ms": "--slow-callback-ms",
+    "detect": "--detect",
+    "track_coroutine_origins": "--track-coroutine-origins",
+    "spans": "--spans",
+    "spans_min_duration_ms": "--spans-min-duration-ms",
+    "metrics": "--no-metrics",
+    "loop": "--loop",
+    "fail_on_findings": "--fail-on-findings",
+    "log_format": "--log-format",
+    "summary": "--no-summary",
+    "otlp": "--otlp",
+    "children": "--children",
+}
 
 
-def _choice(value: str, name: str, choices: Sequence[str]) -> str:
-    value = value.strip().lower()
-    if value not in choices:
-        raise _UsageError(f"{name}={value!r} is not valid; use one of: {', '.join(choices)}")
-    return value
-
-
-def _configure(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[Settings, dict[str, Any]]:
-    settings = Settings()
-    given = {
-        "findings": args.findings,
-        "slow_callback_ms": args.slow_callback_ms,
-        "detect": args.detect,
-        "track_coroutine_origins": args.track_coroutine_origins,
-        "spans": args.spans,
-        "spans_min_duration_ms": args.spans_min_duration_ms,
-        "metrics": args.metrics,
-    }
-    for name, cli_value in given.items():
-        picked = _pick(cli_value, env, ENV_VARS[name])
-        if picked is None:
-            continue
-        value, blame = picked
-        try:
-            if name == "detect":
-                value = parse_kinds(value, blame)
-            settings = settings.with_options({name: value})
-        except ConfigurationError as exc:
-            message = str(exc).replace(f"{name}=", f"{blame}=", 1)
-            if not message.startswith(blame):
-                message = f"{blame}: {message}"
-            raise _UsageError(message) from None
-    extra: dict[str, Any] = {}
-    picked = _pick(args.loop, env, CLI_ENV["loop"])
-    extra["loop"] = _choice(picked[0], picked[1], LOOPS) if picked else "asyncio"
-    picked = _pick(args.log_format, env, CLI_ENV["log_format"])
-    extra["log_format"] = _choice(picked[0], picked[1], LOG_FORMATS) if picked else "console"
-    for key, default in (("fail_on_findings", False), ("summary", True), ("otlp", False)):
-        picked = _pick(getattr(args, key), env, CLI_ENV[key])
-        if picked is None:
-            extra[key] = default
-            continue
-        try:
-            extra[key] = parse_bool(picked[0], picked[1])
-        except ConfigurationError as exc:
-            raise _UsageError(str(exc)) from None
-    if settings.findings:
-        directory = os.path.dirname(settings.findings) or "."
-        if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
-            raise _UsageError(
-                f"--findings={settings.findings!r}: the directory {directory!r} does not exist or is not "
-                "writable; give a path in a writable directory"
-            )
-    return settings, extra
-
-
-def _base_policy(loop: str) -> Any:
-    if loop == "asyncio":
-        return None
+def _configure(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[Settings, RunSettings]:
+    """The run's settings: each option, else its variable, else the default."""
+    given: dict[str, tuple[Any, str]] = {}
+    for name, blame in _OPTIONS.items():
+        value = getattr(args, name)
+        if value is not None:
+            if name == "children" and value is False:
+                blame = "--no-children"
+            given[name] = (value, blame)
     try:
-        import uvloop
-    except ImportError:
-        raise _UsageError(
-            "--loop uvloop needs the uvloop package, which is not installed; "
-            "install it with: pip install 'asyncwatch[uvloop]'"
-        ) from None
-    return uvloop.EventLoopPolicy()
-
-
-def _otlp_setup(metrics: bool) -> Any:
-    from ._otel import setup_otlp
-
-    try:
-        return setup_otlp(metrics=metrics)
-    except ImportError as exc:
-        raise _UsageError(f"--otlp: {exc}") from None
+        return resolve_run(given, env)
+    except ConfigurationError as exc:
+        raise _UsageError(str(exc)) from None
 
 
 def _run_target(args: argparse.Namespace) -> int:
@@ -252,7 +211,7 @@ def _run_target(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         traceback.print_exc()
         return 130
-    except BaseException as exc:
+    except BaseException as exc:  # noqa: BLE001 - the program's crash, reported as python would
         _print_user_traceback(exc)
         return 1
     return 0
@@ -276,7 +235,7 @@ def _print_user_traceback(exc: BaseException) -> None:
     traceback.print_exception(type(exc), exc, tb or exc.__traceback__)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _check_target(args: argparse.Namespace) -> None:
     if not args.module and not args.target:
         raise _UsageError("nothing to run; give a script (asyncwatch run app.py) or a module (asyncwatch run -m pkg)")
     if not args.module and not os.path.isfile(args.target[0]):
@@ -293,68 +252,108 @@ def _run(args: argparse.Namespace) -> int:
             found = False
         if not found:
             raise _UsageError(f"no module named {args.module!r}; check the name and that it is importable from here")
-    settings, extra = _configure(args, os.environ)
-    base_policy = _base_policy(extra["loop"])
-    summary = SummaryReporter()
-    options = {name: getattr(settings, name) for name in ("slow_callback_ms", "detect", "findings")}
-    options["track_coroutine_origins"] = settings.track_coroutine_origins
-    options["log"] = extra["log_format"] != "off"
-    spans, metrics = settings.spans, settings.metrics
-    if extra["otlp"]:
-        # Asking for OTLP is asking for telemetry: notable spans and metrics,
-        # unless the option or its variable says otherwise.
-        if args.spans is None and ENV_VARS["spans"] not in os.environ:
-            spans = "notable"
-        if args.metrics is None and ENV_VARS["metrics"] not in os.environ:
-            metrics = True
-    options.update(spans=spans, spans_min_duration_ms=settings.spans_min_duration_ms, metrics=metrics)
-    otlp = _otlp_setup(metrics) if extra["otlp"] else None
+
+
+def _findings_file(path: str) -> JsonLinesReporter:
+    """Start the run's findings file empty; every process of the run appends to it."""
     try:
-        engine, _ = ensure_engine(
-            options,
-            reporters=[summary],
-            log_fallback=None if extra["log_format"] == "off" else extra["log_format"],
-            base=Settings(),
+        open(path, "w").close()  # truncate once, here
+        return JsonLinesReporter(path, append=True)
+    except OSError as exc:
+        raise _UsageError(
+            f"--findings={path!r} cannot be written ({exc.strerror}); give a path in a writable directory"
+        ) from None
+
+
+def _spool() -> _children.Spool | None:
+    try:
+        return _children.Spool()
+    except OSError as exc:
+        sys.stderr.write(
+            f"asyncwatch: cannot create a temporary file ({exc.strerror}); child processes are not watched, "
+            "and the summary counts this process only\n"
         )
+        return None
+
+
+def _run(args: argparse.Namespace) -> int:
+    _check_target(args)
+    settings, run = _configure(args, os.environ)
+    try:
+        policy = _children.loop_policy(run.loop)
+        otlp = _children.otlp_setup(settings.metrics) if run.otlp else None
     except ConfigurationError as exc:
         raise _UsageError(str(exc)) from None
-    if otlp is not None and engine.telemetry is not None:
-        # Set up when the first loop starts, and only if the program has not
-        # configured a provider by then: its own configuration wins.
-        engine.telemetry.fallback = otlp.install
-    if base_policy is not None:
-        from ._policy import set_policy
-
-        set_policy(base_policy)
-    install()  # no loop is running: watch every loop the program makes
+    summary = SummaryReporter()
+    reporters: list[Reporter] = [summary]
+    if settings.findings:
+        reporters.append(_findings_file(settings.findings))
+    spool = _spool()
+    if spool is not None:
+        reporters.append(spool.reporter())
+    _children.start_watching(settings, run, reporters, policy, otlp)
+    saved_env = None
+    if run.children and spool is not None:
+        saved_env = _children.export(os.environ, settings, run, spool, settings.findings)
+    pid = os.getpid()
     status = 0
     try:
         status = _run_target(args)
     finally:
-        # Surface tasks and coroutines that are garbage but not yet collected.
-        for _ in range(3):
-            gc.collect()
+        _children.collect_garbage()
         uninstall()
-        if otlp is not None and not otlp.shutdown():
-            sys.stderr.write(
-                f"asyncwatch: the OTLP receiver did not take every span within {otlp.FLUSH_TIMEOUT_S:.0f} s; "
-                "some were dropped\n"
-            )
-        if extra["summary"]:
-            sys.stderr.write(summary.render())
-            sys.stderr.flush()
-    if status == 0 and extra["fail_on_findings"] and summary.total:
+        if os.getpid() == pid:  # not a forked child leaving the program through here
+            status = _finish(status, run, summary, spool, saved_env, otlp)
+    return status
+
+
+def _finish(
+    status: int,
+    run: RunSettings,
+    summary: SummaryReporter,
+    spool: _children.Spool | None,
+    saved_env: dict[str, str | None] | None,
+    otlp: Any,
+) -> int:
+    """The parent's end of the run: the children's findings, the summary, the exit status."""
+    if saved_env is not None:
+        _children.restore(os.environ, saved_env)
+    own = summary.total
+    pids: list[int] = []
+    if spool is not None:
+        pids = spool.collect(summary)
+        spool.remove()
+    if otlp is not None and not otlp.shutdown():
+        sys.stderr.write(
+            f"asyncwatch: the OTLP receiver did not take every span within {otlp.FLUSH_TIMEOUT_S:.0f} s; "
+            "some were dropped\n"
+        )
+    if run.summary:
+        text = summary.render()
+        if pids:
+            text += _children.describe_children(summary.total - own, pids)
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    if status == 0 and run.fail_on_findings and summary.total:
         return FINDINGS_EXIT_STATUS
     return status
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """The ``asyncwatch`` command."""
-    parser = _parser()
-    args = parser.parse_args(argv)
+    parser, run = _parsers()
+    args, unknown = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         sys.exit(2)
+    if unknown:
+        # Before the script, so the program's own options are never taken for ours.
+        options = [o for action in run._actions for o in action.option_strings]
+        parser.exit(
+            2,
+            f"asyncwatch: error: unknown option {unknown[0]!r}{did_you_mean(unknown[0], options)}; "
+            "see asyncwatch run --help (the program's own options go after the script)\n",
+        )
     try:
         status = _run(args)
     except _UsageError as exc:
