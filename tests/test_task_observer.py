@@ -47,7 +47,11 @@ class Recorder:
 
 
 def run_observed(loop_name, main, recorder):
-    factory = asyncwatch.loop_factory(base_factory(loop_name), log=False)
+    return run_observed_on(base_factory(loop_name), main, recorder)
+
+
+def run_observed_on(base, main, recorder):
+    factory = asyncwatch.loop_factory(base, log=False)
     engine_loop = asyncio.new_event_loop()
     asyncwatch.install(loop=engine_loop, log=False)
     engine_loop.close()
@@ -135,19 +139,18 @@ def test_eager_first_step_is_observed():
     async def quick():
         return 1
 
-    async def main():
-        asyncio.get_running_loop().set_task_factory(asyncio.eager_task_factory)
-        asyncwatch.install(log=False)
-        current_engine().task_observer = recorder
-        # this loop was attached before the observer was set
-        from asyncwatch._tasks import watches
+    def eager_loop():
+        loop = asyncio.new_event_loop()
+        loop.set_task_factory(asyncio.eager_task_factory)
+        return loop
 
-        watches[asyncio.get_running_loop()].factory.observer = recorder
+    async def main():
         task = asyncio.create_task(quick(), name="eager")
         assert task.done()
         return await task
 
-    asyncio.run(main())
+    # asyncwatch chains the eager factory it finds on the loop.
+    run_observed_on(eager_loop, main, recorder)
     kinds = [e[0] for e in recorder.of("eager")]
     assert kinds == ["created", "step", "done"]
 

@@ -11,6 +11,7 @@ import asyncio
 import gc
 import json
 import re
+import weakref
 
 import pytest
 
@@ -424,6 +425,42 @@ class TestCreationSitesOfGatheredTasks:
         sites_first, sites_second = watched.run(main)
         assert [s.line for s in sites_first] == [line_of("# <- first gather")] * 2
         assert [s.line for s in sites_second] == [line_of("# <- second gather")] * 2
+
+    def test_gathers_in_one_step_each_have_their_own_site(self, watched):
+        """Gathers started one after the other without an await between them
+        (all in one step of the task) still each point at their own line."""
+
+        async def child():
+            await asyncio.sleep(0)
+
+        async def main():
+            first = asyncio.gather(child(), child(), child())  # <- gather one
+            second = asyncio.gather(child(), child())  # <- gather two
+            sites = self.sites_of(first), self.sites_of(second)
+            await asyncio.gather(first, second)
+            return sites
+
+        first, second = watched.run(main)
+        assert [s.line for s in first] == [line_of("# <- gather one")] * 3
+        assert [s.line for s in second] == [line_of("# <- gather two")] * 2
+
+    def test_a_finished_gather_is_not_kept_alive(self, watched):
+        """Telling gather's tasks apart holds gather's frame for one step at
+        most: once awaited and dropped, the gathering future is collected."""
+
+        async def child():
+            await asyncio.sleep(0)
+
+        async def main():
+            gathering = asyncio.gather(child(), child())
+            ref = weakref.ref(gathering)
+            await gathering
+            del gathering
+            await asyncio.sleep(0)
+            gc.collect()
+            return ref() is None
+
+        assert watched.run(main)
 
     def test_gather_called_from_a_helper_points_at_the_helper(self, watched):
         """A gather inside an application helper points at the helper's line, each time."""

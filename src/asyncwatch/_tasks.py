@@ -155,7 +155,7 @@ class Task(asyncio.Task):  # type: ignore[type-arg]
 
     # _aw_site: (code, offset) of the creating line; _aw_cancel: CancelRecord;
     # _aw_coro: the coroutine's name where get_coro() may be unsafe later.
-    __slots__ = ("_aw_site", "_aw_cancel", "_aw_coro")
+    __slots__ = ("_aw_cancel", "_aw_coro", "_aw_site")
     _aw_site: tuple[CodeType, int] | None
     _aw_cancel: CancelRecord
     _aw_coro: str | None
@@ -471,9 +471,7 @@ class TaskFactory:
         self.previous = previous
         self.enabled = True
         self.observer = observer
-        depth = _first_caller_depth(loop)
-        # depth 2 means an asyncio BaseEventLoop, whose _debug is a plain attribute
-        self.function = _make_factory(self, depth, asyncio_loop=depth == 2)
+        self.function = _make_factory(self, _first_caller_depth(loop))
 
 
 def _first_caller_depth(loop: asyncio.AbstractEventLoop) -> int:
@@ -495,83 +493,105 @@ _library_cache = _is_library_cache
 # caller, through asyncio's own code only (gather -> ensure_future ->
 # loop.create_task).  While such a frame stays at the same instruction, every
 # task it makes has the same creation site: found once, then reused.
-# Compared by identity: a code object hashes its bytecode, so `in` a set
-# would cost more than the whole walk it saves.
 _GATHER = asyncio.tasks.gather.__code__
 
+def _make_factory(state: TaskFactory, depth: int) -> Callable[..., Any]:
+    """The task factory function for *state*.
 
-def _make_factory(state: TaskFactory, depth: int, asyncio_loop: bool) -> Callable[..., Any]:
+    Its common path (no chained factory, no observer, a gather child) runs
+    about a dozen bytecodes besides creating the task: this runs for every
+    task of the program, and each bytecode costs about as much as 1% of
+    what asyncio itself spends on a trivial task.
+    """
     getframe = sys._getframe
     library = _library_cache
     gather = _GATHER
-    # (depth of the gather frame, site of its caller) from the last walk that
-    # found gather called straight from application code.
-    last_fan_out: list[Any] = [0, None]
+    # The gather frame of the fan-out in progress, called straight from
+    # application code, its depth below the factory, and the creation site
+    # of every task it makes (its caller's code and offset).  The frame is
+    # held, so that no other frame can take its address while we compare
+    # identities, but only until the loop's next callback: gather makes all
+    # its tasks within one callback, and a finished frame keeps its locals.
+    fan_frame: FrameType | None = None
+    fan_depth = 0
+    fan_site: tuple[CodeType, int] | None = None
+
+    def end_fan_out() -> None:
+        nonlocal fan_frame, fan_depth
+        fan_frame, fan_depth = None, 0
+
+    previous = state.previous
+    observer = state.observer
+    plain = previous is None and observer is None
+
+    def creation_site(
+        loop: asyncio.AbstractEventLoop, frame: FrameType | None, level: int
+    ) -> tuple[CodeType, int] | None:
+        """The innermost application frame from *frame* (at *level* below
+        the factory) outwards, as (code, offset): never the frame (its locals)."""
+        nonlocal fan_frame, fan_depth, fan_site
+        gather_frame: FrameType | None = None
+        gather_level = 0
+        while frame is not None:
+            code = frame.f_code
+            filename = code.co_filename
+            is_library = library.get(filename)
+            if is_library is None:
+                is_library = is_library_file(filename)  # fills and caps the cache
+            if not is_library:
+                break
+            if code is gather and gather_frame is None:
+                gather_frame, gather_level = frame, level
+            frame = frame.f_back
+            level += 1
+        if frame is None:
+            return None
+        site = (frame.f_code, frame.f_lasti)
+        if gather_frame is not None and level == gather_level + 1:  # gather called from application code
+            if fan_frame is None:
+                loop.call_soon(end_fan_out)
+            fan_frame, fan_depth, fan_site = gather_frame, gather_level, site
+        return site
 
     def asyncwatch_task_factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
-        previous = state.previous
         if not state.enabled:
             if previous is None:
                 return asyncio.Task(coro, loop=loop, **kwargs)
             return previous(loop, coro, **kwargs)
-        observer = state.observer
-        if observer is not None and (previous is None or previous is _eager_task_factory):
-            coro = TimedCoroutine(coro, observer)
-        if previous is None:
-            task: Any = Task(coro, loop=loop, **kwargs)
-        elif previous is _eager_task_factory:
-            kwargs.setdefault("eager_start", True)
-            task = Task(coro, loop=loop, **kwargs)
+        if plain:
+            # Without **{} when there are no keywords: merging an empty dict
+            # into the call costs more than the rest of this function's checks.
+            task: Any = Task(coro, loop=loop, **kwargs) if kwargs else Task(coro, loop=loop)
         else:
-            task = previous(loop, coro, **kwargs)
+            if observer is not None and (previous is None or previous is _eager_task_factory):
+                coro = TimedCoroutine(coro, observer)
+            if previous is None:
+                task = Task(coro, loop=loop, **kwargs)
+            elif previous is _eager_task_factory:
+                kwargs.setdefault("eager_start", True)
+                task = Task(coro, loop=loop, **kwargs)
+            else:
+                task = previous(loop, coro, **kwargs)
         try:
-            if (loop._debug if asyncio_loop else loop.get_debug()) and task._source_traceback:  # type: ignore[attr-defined]
+            if task._source_traceback:  # asyncio debug mode
                 _trim_source_traceback(task._source_traceback)
             site: tuple[CodeType, int] | None = None
-            fan_depth, fan_site = last_fan_out
             if fan_depth:
-                # Valid only if a gather frame is still right there and its
-                # caller is the same application frame at the same instruction:
-                # gather's own frames are freed and reused at the same address
-                # for gathers called from elsewhere, so identity proves nothing.
-                caller: FrameType | None = None
                 try:
-                    fan = getframe(fan_depth)
-                    caller = fan.f_back if fan.f_code is gather else None
-                except ValueError:
+                    if getframe(fan_depth) is fan_frame:
+                        site = fan_site
+                except ValueError:  # the stack is not that deep
                     pass
-                if caller is not None and caller.f_code is fan_site[0] and caller.f_lasti == fan_site[1]:
-                    site = fan_site
-                else:
-                    last_fan_out[0] = 0
-                del caller
             if site is None:
-                # The innermost application frame: where the task was created.
-                # Only (code, offset) is kept, never the frame (its locals).
-                frame: FrameType | None = getframe(depth)
-                level = depth
-                fan_frame: FrameType | None = None
-                fan_level = 0
-                while frame is not None:
-                    code = frame.f_code
-                    filename = code.co_filename
-                    is_library = library.get(filename)
-                    if is_library is None:
-                        is_library = is_library_file(filename)  # fills and caps the cache
-                    if not is_library:
-                        break
-                    if code is gather and fan_frame is None:
-                        fan_frame, fan_level = frame, level
-                    frame = frame.f_back
-                    level += 1
-                site = (code, frame.f_lasti) if frame is not None else None
-                if fan_frame is not None and level == fan_level + 1:
-                    last_fan_out[:] = [fan_level, site]  # gather called from application code
-                frame = fan_frame = None
-            if type(task) is Task:
+                site = creation_site(loop, getframe(depth), depth)
+            if plain:
                 task._aw_site = site
                 if kwargs and kwargs.get("eager_start"):
                     task._aw_coro = qualname_of(coro)  # get_coro() may be gone (gh-122332)
+            elif type(task) is Task:
+                task._aw_site = site
+                if kwargs and kwargs.get("eager_start"):
+                    task._aw_coro = qualname_of(coro)
                 if observer is not None and type(coro) is TimedCoroutine:
                     _observe(task, coro, observer, site)
             elif site is not None and isinstance(task, asyncio.Task):
