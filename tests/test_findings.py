@@ -50,17 +50,19 @@ class TestFinding:
             duration_s=0.25,
             cancelled_by=OTHER,
             created_at=OTHER,
+            thread="worker-2",
         )
         d = f.to_dict()
         assert set(d) == {
             "kind", "message", "site", "stack", "task", "coroutine", "duration_s",
-            "cancelled_by", "created_at", "time", "pid",
+            "cancelled_by", "created_at", "time", "pid", "thread",
         }
         assert d["kind"] == "slow_callback"
         assert d["site"] == {"file": "/app/service.py", "line": 12, "function": "handler"}
         assert d["stack"] == [OTHER.to_dict(), SITE.to_dict()]
         assert d["cancelled_by"] == d["created_at"] == OTHER.to_dict()
         assert d["pid"] == os.getpid()
+        assert d["thread"] == "worker-2"
         assert d["time"].endswith("Z")
         parsed = dt.datetime.fromisoformat(d["time"].replace("Z", "+00:00"))
         assert parsed.utcoffset() == dt.timedelta(0)
@@ -69,7 +71,7 @@ class TestFinding:
     def test_unknown_site_is_null(self):
         """A finding whose site is truly unknown says null, not a guess."""
         d = make(kind=FindingKind.COROUTINE_NEVER_AWAITED, site=None).to_dict()
-        assert d["site"] is None and d["created_at"] is None and d["stack"] == []
+        assert d["site"] is None and d["created_at"] is None and d["stack"] == [] and d["thread"] is None
 
 
 class TestJsonLinesReporter:
@@ -97,12 +99,12 @@ class TestStructlogReporter:
     def test_one_warning_event_with_the_finding_fields(self):
         """The event is the kind, at warning level, with the JSON fields as keys."""
         with capture_logs() as logs:
-            StructlogReporter().report(make(task="Task-1", duration_s=0.3))
+            StructlogReporter().report(make(task="Task-1", duration_s=0.3, thread="worker-2"))
         [event] = logs
         assert event["event"] == "slow_callback"
         assert event["log_level"] == "warning"
         assert event["site"] == SITE.to_dict()
-        assert event["task"] == "Task-1" and event["duration_s"] == 0.3
+        assert event["task"] == "Task-1" and event["duration_s"] == 0.3 and event["thread"] == "worker-2"
         assert {"message", "stack", "coroutine", "cancelled_by", "created_at", "time", "pid"} <= set(event)
         assert event["stack"] is None  # no frames: nothing for structlog to print
 

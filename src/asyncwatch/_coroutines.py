@@ -198,4 +198,7 @@ class CoroutineHook:
                 site=site,
                 stack=stack,
                 coroutine=name,
+                # Dropped right here, or finalized by a collection that may be
+                # another thread's: then where it was dropped is unknown.
+                thread=None if _gc_state.collecting else threading.current_thread().name,
             )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import asyncio.events
+import dataclasses
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -47,6 +48,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Engine", "Installation", "LoopWatch", "install", "is_installed", "uninstall"]
 
+# The live threads by ident: threading's own table, read without its lock
+# (taking that lock from a finalizer could deadlock the thread holding it).
+_THREADS: dict[int, threading.Thread] = getattr(threading, "_active", {})
+
 # Options that belong to the whole process rather than to one loop.
 _ENGINE_OPTIONS = ("findings", "track_coroutine_origins", "log", "spans", "spans_min_duration_ms", "metrics")
 
@@ -62,6 +67,10 @@ class LoopWatch:
         self.factory = TaskFactory(loop.get_task_factory(), loop, engine.observer_for(loop, settings))
         self.handler = ExceptionHandler(self, loop.get_exception_handler())
         self.probe: LoopProbe | None = None
+        # The thread running the loop, as last known; a loop is nearly always
+        # run by the thread that makes it, which is the first guess.
+        self.thread: str | None = None
+        self.thread = self._loop_thread(loop) or threading.current_thread().name
         loop.set_task_factory(self.factory.function)
         watches[loop] = self
         loop.set_exception_handler(self.handler)
@@ -75,7 +84,28 @@ class LoopWatch:
 
     def emit(self, finding: Finding) -> None:
         if finding.kind in self._detect:
+            if finding.thread is None:
+                finding = dataclasses.replace(finding, thread=self._loop_thread(self.loop_ref()))
             self.engine.emit(finding)
+
+    def _loop_thread(self, loop: asyncio.AbstractEventLoop | None) -> str | None:
+        """The name of the thread running *loop*, asked only when a finding is
+        made.  Not the current thread: the garbage collector finalizes a task
+        (and so reports it) in whichever thread it happens to run."""
+        if loop is not None:
+            if asyncio.events._get_running_loop() is loop:
+                self.thread = threading.current_thread().name
+                return self.thread
+            ident = getattr(loop, "_thread_id", None)  # asyncio's loops, while they run
+            thread = _THREADS.get(ident) if ident is not None else None
+            if thread is not None:
+                self.thread = thread.name
+                return self.thread
+        probe = self.probe
+        if probe is not None and probe.thread_name is not None:
+            # uvloop's, or a loop no longer running: its heartbeat saw the thread.
+            self.thread = probe.thread_name
+        return self.thread
 
     def on_exception_context(self, context: Mapping[str, Any]) -> None:
         message = context.get("message")

@@ -66,7 +66,10 @@ class Finding:
 
     `site` is the single most useful line to open (see the README for the
     rule of each kind); `stack` lists the frames that explain the finding,
-    outermost first.
+    outermost first.  `thread` names the thread that ran the event loop the
+    finding came from (for `coroutine_never_awaited`, the thread that dropped
+    the coroutine), so that the findings of several loops can be told apart;
+    None where that is unknown.
     """
 
     kind: FindingKind
@@ -80,6 +83,7 @@ class Finding:
     created_at: Site | None = None
     time: _dt.datetime = field(default_factory=_utcnow)
     pid: int = field(default_factory=os.getpid)
+    thread: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON form, the same fields in every output."""
@@ -95,6 +99,7 @@ class Finding:
             "created_at": self.created_at.to_dict() if self.created_at else None,
             "time": self.time.isoformat().replace("+00:00", "Z"),
             "pid": self.pid,
+            "thread": self.thread,
         }
 
 

@@ -77,6 +77,8 @@ ATTR_FINDING_MESSAGE = "asyncwatch.finding.message"
 ATTR_FINDING_DURATION = "asyncwatch.finding.duration"
 ATTR_FINDING_CANCELLED_BY = "asyncwatch.finding.cancelled_by"
 ATTR_FINDING_TASK = "asyncwatch.finding.task"
+#: OpenTelemetry's semantic convention for the thread's name.
+ATTR_THREAD_NAME = "thread.name"
 
 EVENT_CANCEL_REQUESTED = "asyncio.task.cancel_requested"
 
@@ -152,6 +154,8 @@ def _finding_attributes(finding: Finding) -> dict[str, Any]:
         attributes[ATTR_FINDING_CANCELLED_BY] = _site_text(finding.cancelled_by)
     if finding.task is not None:
         attributes[ATTR_FINDING_TASK] = finding.task
+    if finding.thread is not None:
+        attributes[ATTR_THREAD_NAME] = finding.thread
     return attributes
 
 

@@ -105,6 +105,7 @@ class LoopProbe:
         self.parked = False
         # written by the loop thread (heartbeat)
         self.thread_id: int | None = None
+        self.thread_name: str | None = None  # of the thread that last ran a heartbeat
         self.runner_code: CodeType | None = None
         self.beats = 0
         self.beat_time = 0.0
@@ -123,7 +124,10 @@ class LoopProbe:
     def beat(self) -> None:
         """Heartbeat, run by the loop: who runs the loop, and from where."""
         self.beat_time = _now()
-        self.thread_id = threading.get_ident()
+        ident = threading.get_ident()
+        if ident != self.thread_id or self.thread_name is None:
+            self.thread_name = threading.current_thread().name
+        self.thread_id = ident
         caller = sys._getframe(1)
         # asyncio: Handle._run; uvloop: the frame that called run_forever
         # (matched by code, so it survives the loop being run again).
