@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import asyncio.events
 import dataclasses
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -244,7 +245,7 @@ class _State:
     """Everything `install()` changed in the interpreter, to undo it."""
 
     def __init__(self) -> None:
-        self.lock = threading.RLock()
+        self.lock = threading.RLock()  # renewed in a forked child
         self.engine: Engine | None = None
         self.explicit: dict[str, Any] = {}
         self.policy: Any = None  # our EventLoopPolicy while it is the current one
@@ -255,6 +256,19 @@ class _State:
 
 
 _state = _State()
+
+
+def _renew_locks_in_child() -> None:
+    # A forked child has only the thread that called fork(): a lock another
+    # thread held then (installing, attaching a loop) would stay held forever.
+    _state.lock = threading.RLock()
+    engine = _state.engine
+    if engine is not None:
+        engine._lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_locks_in_child)
 
 
 def current_engine() -> Engine | None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import asyncio.events
+import gc
 import os
 import sys
 import threading
@@ -64,7 +65,32 @@ def _own_work(chain: list[FrameType]) -> bool:
         if code not in _STEP_WRAPPERS and is_own_file(code.co_filename):
             return True
     return False
+
+
 _now = time.perf_counter
+
+
+if sys.version_info < (3, 11, 9):
+
+    def _current_frames() -> dict[int, FrameType]:
+        """``sys._current_frames()`` without gh-106883's deadlock.
+
+        Before 3.11.9 it holds the runtime's thread-list lock while it makes
+        frame objects; a collection triggered by one of those allocations
+        that frees a ``threading.local`` (an event-loop policy's, say) takes
+        the same lock and hangs the whole process.  CPython's own fix turns
+        the collector off for the call; so do we, unless it is already off.
+        """
+        if not gc.isenabled():
+            return sys._current_frames()
+        gc.disable()
+        try:
+            return sys._current_frames()
+        finally:
+            gc.enable()
+
+else:
+    _current_frames = sys._current_frames
 
 
 class _Stall:
@@ -314,11 +340,10 @@ class Watchdog:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._after_fork)
+        _watchdogs.add(self)
 
     def add(self, probe: LoopProbe) -> None:
-        probe.wake = self._wake.set
+        probe.wake = self._wake_up
         with self._lock:
             self._probes.append(probe)
             self._ensure_thread()
@@ -352,50 +377,113 @@ class Watchdog:
             self._probes.clear()
             self._stopping = False
 
+    def _wake_up(self) -> None:
+        """A parked probe's loop started running (loop thread)."""
+        if self._thread is None:  # a forked child that had no loop running
+            with self._lock:
+                if self._probes and not self._stopping:
+                    self._ensure_thread()
+        self._wake.set()
+
     def _ensure_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="asyncwatch-watchdog", daemon=True)
             self._thread.start()
 
     def _after_fork(self) -> None:
-        # The child has no watchdog thread, and locks held by a parent thread
-        # at fork stay held forever: make them new, then start a thread if
-        # there are loops to watch.
+        """In a forked child: only the thread that called fork() survives.
+
+        The watchdog thread is gone, and a lock or event some parent thread
+        held at that moment stays held forever: make them all new.  A loop
+        that was running is the parent's: its thread is gone, or, for the
+        thread that forked, asyncio no longer sees it as running (its running
+        loop is per process); stop watching it.  No thread starts here: a
+        loop the child runs (an inherited one that was not running wakes its
+        parked probe, a new one is added) starts one then.
+        """
         self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread = None
+        self._stopping = False
+        kept: list[LoopProbe] = []
         for probe in self._probes:
             probe._stall_lock = threading.Lock()
-        self._thread = None
-        if self._probes and not self._stopping:
-            self._ensure_thread()
+            probe.wake = self._wake_up
+            # What the parent's watchdog was following is the parent's to report.
+            probe.held = None
+            probe.stall = None
+            loop = probe.loop_ref()
+            if loop is None or loop.is_closed() or loop.is_running() or not probe.enabled:
+                probe.enabled = False
+                continue
+            # Parked, with a heartbeat queued, so that the child running it wakes us.
+            probe.parked = True
+            if not probe.beat_pending:
+                probe.beat_pending = True
+                loop.call_soon(probe.beat)
+            kept.append(probe)
+        self._probes = kept
 
     def _run(self) -> None:
         me = threading.current_thread()
         while True:
+            # Cleared before looking, so a wake-up that comes while we sample
+            # is never lost: the wait below then returns at once.
+            self._wake.clear()
             with self._lock:
                 if self._stopping or self._thread is not me:
                     return
-                probes = list(self._probes)
-            if not probes:
+                has_probes = bool(self._probes)
+            if not has_probes:
                 self._wake.wait()
-                self._wake.clear()
                 continue
-            delay = 1.0
-            try:
-                frames = sys._current_frames()
-                now = _now()
-                for probe in probes:
-                    next_in = probe.sample(frames, now)
-                    if next_in is None:
-                        self.remove(probe)
-                    else:
-                        delay = min(delay, next_in)
-                del frames
-            except Exception as exc:
-                report_internal_error("slow-callback watchdog", exc)
-                with self._lock:
-                    for probe in self._probes:
-                        probe.enabled = False
-                    self._probes.clear()
+            delay = self._sample_all()
+            if delay is None:
                 return
             self._wake.wait(delay)
-            self._wake.clear()
+
+    def _sample_all(self) -> float | None:
+        """Sample every probe once; return how long to sleep (None: stop).
+
+        A method of its own so that no probe (and through it the loop's
+        watch) stays referenced from the thread's locals while it sleeps:
+        a closed loop's state is freed as soon as its probe is dropped.
+        """
+        with self._lock:
+            probes = list(self._probes)
+        delay = 1.0
+        try:
+            frames = _current_frames()
+            now = _now()
+            for probe in probes:
+                next_in = probe.sample(frames, now)
+                if next_in is None:
+                    self.remove(probe)
+                else:
+                    delay = min(delay, next_in)
+        except Exception as exc:
+            report_internal_error("slow-callback watchdog", exc)
+            with self._lock:
+                for probe in self._probes:
+                    probe.enabled = False
+                self._probes.clear()
+            return None
+        return delay
+
+
+# Every watchdog, for the fork hook: registered once for the module, so that
+# an engine's watchdog is freed with it (os.register_at_fork keeps forever
+# whatever it is given).
+_watchdogs: weakref.WeakSet[Watchdog] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for watchdog in list(_watchdogs):
+        try:
+            watchdog._after_fork()
+        except Exception as exc:
+            report_internal_error("slow-callback watchdog", exc)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
