@@ -10,11 +10,10 @@ import contextlib
 import sys
 import time
 
-from conftest import base_factory, gc_collect_harder, line_of
-
 import asyncwatch
 from asyncwatch import Finding, FindingKind
 from asyncwatch._reporters import CollectingReporter
+from conftest import base_factory, gc_collect_harder, line_of
 
 SWALLOWED = "cancellation_swallowed"
 LONG = 10  # seconds a task waits when it is about to be cancelled (never elapses)

@@ -293,7 +293,10 @@ class TestSharedFindingsFile:
             )
         )
         out = tmp_path / "findings.jsonl"
-        result = run_cli("run", "--log-format", "off", "--findings", str(out), str(script), cwd=tmp_path)
+        # No rate limit: every finding of the same line must reach the file.
+        result = run_cli(
+            "run", "--log-format", "off", "--report-limit", "0", "--findings", str(out), str(script), cwd=tmp_path
+        )
         assert result.returncode == 0, result.stderr
         found = findings_in(out)  # fails on any torn or interleaved line
         by_pid: dict[int, int] = {}

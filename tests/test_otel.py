@@ -668,6 +668,22 @@ class TestMetrics:
         run_traced(loop_name, main, None, spans="off", metrics=True, meter_provider=provider)
         assert metric_points(reader)["asyncwatch.findings"] == {(("asyncwatch.finding.kind", "slow_callback"),): 1}
 
+    def test_findings_held_back_by_the_report_limit_are_still_counted(self, loop_name, meter):
+        """The report limit keeps repeats out of logs and spans, not out of the metric."""
+        provider, reader = meter
+
+        async def save():
+            pass
+
+        async def main():
+            for _ in range(12):
+                save()
+            await asyncio.sleep(0)
+
+        run_traced(loop_name, main, None, spans="off", metrics=True, meter_provider=provider, report_limit=2)
+        counted = metric_points(reader)["asyncwatch.findings"]
+        assert counted == {(("asyncwatch.finding.kind", "coroutine_never_awaited"),): 12}
+
     def test_loop_lag_shows_a_blocked_loop(self, loop_name, meter, monkeypatch):
         """A 250 ms block delays the lag timer by about that much."""
         provider, reader = meter

@@ -137,6 +137,28 @@ class TestActivation:
         suite.module(KINDS["slow_callback"])
         suite.run().assert_outcomes(failed=1)
 
+    def test_a_site_shared_by_many_tests_fails_each_of_them(self, suite):
+        """The rate limit per place is for logs: fifteen tests that drop a coroutine in
+        the same helper line all fail, not just the first report_limit of them."""
+        suite.module(
+            """
+            import asyncio
+            import pytest
+
+            async def save():
+                pass
+
+            def forget_to_await():
+                save()  # <- shared helper
+
+            @pytest.mark.parametrize("n", range(15))
+            async def test_it(n):
+                forget_to_await()
+                await asyncio.sleep(0)
+            """
+        )
+        suite.run("--asyncwatch").assert_outcomes(failed=15)
+
     def test_marker_watches_the_test_class_or_module_it_marks(self, suite):
         """Only the marked tests are judged; the others run as before."""
         suite.module(

@@ -43,7 +43,15 @@ __all__ = ["BOOTSTRAP_DIR", "Spool", "SpoolReporter", "bootstrap", "start_watchi
 BOOTSTRAP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bootstrap")
 
 # Options of the engine that `start_watching` passes through from `Settings`.
-_ENGINE_FIELDS = ("slow_callback_ms", "detect", "track_coroutine_origins", "spans", "spans_min_duration_ms", "metrics")
+_ENGINE_FIELDS = (
+    "slow_callback_ms",
+    "detect",
+    "track_coroutine_origins",
+    "spans",
+    "spans_min_duration_ms",
+    "metrics",
+    "report_limit",
+)
 
 
 # --- the spool -----------------------------------------------------------------
@@ -68,7 +76,10 @@ class SpoolReporter:
     the spool) writes nowhere rather than leave a stray file.  With
     *skip_pid*, the findings of that process (the parent, which counts its
     own in memory) are not written; those of its forked children are.
+    It counts, so it receives every finding, rate limit or not.
     """
+
+    receives_all = True
 
     def __init__(self, path: str, *, skip_pid: int | None = None) -> None:
         self.path = path

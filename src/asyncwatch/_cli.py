@@ -19,8 +19,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
 from . import _children
-from ._engine import uninstall
-from ._reporters import JsonLinesReporter, Reporter, SummaryReporter
+from ._engine import current_engine, uninstall
+from ._reporters import JsonLinesReporter, RateLimiter, Reporter, SummaryReporter
 from ._settings import (
     ENV_VARS,
     RUN_ENV_VARS,
@@ -70,6 +70,14 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "--slow-callback-ms",
         metavar="N",
         help=f"report callbacks holding the loop at least N ms (default 100) [{ENV_VARS['slow_callback_ms']}]",
+    )
+    run.add_argument(
+        "--report-limit",
+        metavar="N",
+        help=(
+            "log at most N findings of one kind at one site, then one a minute with a count; "
+            f"0: no limit (default 10; the summary counts all) [{ENV_VARS['report_limit']}]"
+        ),
     )
     run.add_argument("--loop", metavar="{asyncio,uvloop}", help=f"the event loop to use (default asyncio) [{CLI_ENV['loop']}]")
     run.add_argument(
@@ -168,6 +176,7 @@ _OPTIONS = {
     "spans": "--spans",
     "spans_min_duration_ms": "--spans-min-duration-ms",
     "metrics": "--no-metrics",
+    "report_limit": "--report-limit",
     "loop": "--loop",
     "fail_on_findings": "--fail-on-findings",
     "log_format": "--log-format",
@@ -292,6 +301,8 @@ def _run(args: argparse.Namespace) -> int:
     if spool is not None:
         reporters.append(spool.reporter())
     _children.start_watching(settings, run, reporters, policy, otlp)
+    engine = current_engine()
+    limiter = engine.pipeline.limiter if engine is not None else None
     saved_env = None
     if run.children and spool is not None:
         saved_env = _children.export(os.environ, settings, run, spool, settings.findings)
@@ -303,7 +314,7 @@ def _run(args: argparse.Namespace) -> int:
         _children.collect_garbage()
         uninstall()
         if os.getpid() == pid:  # not a forked child leaving the program through here
-            status = _finish(status, run, summary, spool, saved_env, otlp)
+            status = _finish(status, run, summary, spool, saved_env, otlp, limiter)
     return status
 
 
@@ -314,6 +325,7 @@ def _finish(
     spool: _children.Spool | None,
     saved_env: dict[str, str | None] | None,
     otlp: Any,
+    limiter: RateLimiter | None = None,
 ) -> int:
     """The parent's end of the run: the children's findings, the summary, the exit status."""
     if saved_env is not None:
@@ -329,7 +341,7 @@ def _finish(
             "some were dropped\n"
         )
     if run.summary:
-        text = summary.render()
+        text = summary.render(held_back=limiter.suppressed if limiter is not None else None)
         if pids:
             text += _children.describe_children(summary.total - own, pids)
         sys.stderr.write(text)

@@ -24,6 +24,7 @@ from ._reporters import (
     LOGGER_NAME,
     JsonLinesReporter,
     Pipeline,
+    RateLimiter,
     Reporter,
     StructlogReporter,
     forget_internal_errors,
@@ -54,7 +55,15 @@ __all__ = ["Engine", "Installation", "LoopWatch", "install", "is_installed", "un
 _THREADS: dict[int, threading.Thread] = getattr(threading, "_active", {})
 
 # Options that belong to the whole process rather than to one loop.
-_ENGINE_OPTIONS = ("findings", "track_coroutine_origins", "log", "spans", "spans_min_duration_ms", "metrics")
+_ENGINE_OPTIONS = (
+    "findings",
+    "track_coroutine_origins",
+    "log",
+    "spans",
+    "spans_min_duration_ms",
+    "metrics",
+    "report_limit",
+)
 
 
 class LoopWatch:
@@ -167,7 +176,7 @@ class Engine:
         meter_provider: Any = None,
     ):
         self.settings = settings
-        self.pipeline = Pipeline()
+        self.pipeline = Pipeline(limiter=RateLimiter(settings.report_limit) if settings.report_limit else None)
         # OpenTelemetry spans and metrics; inert until a provider is configured.
         self.telemetry: Telemetry | None = None
         if settings.spans != "off" or settings.metrics:

@@ -84,6 +84,9 @@ class Finding:
     time: _dt.datetime = field(default_factory=_utcnow)
     pid: int = field(default_factory=os.getpid)
     thread: str | None = None
+    #: How many findings like this one (same kind and site) the rate limit
+    #: held back since the last one reported (see ``report_limit``).
+    suppressed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON form, the same fields in every output."""
@@ -100,6 +103,7 @@ class Finding:
             "time": self.time.isoformat().replace("+00:00", "Z"),
             "pid": self.pid,
             "thread": self.thread,
+            "suppressed": self.suppressed,
         }
 
 

@@ -742,6 +742,12 @@ class Telemetry:
 
     # -- Reporter ---------------------------------------------------------------
 
+    def held_back(self, finding: Finding) -> None:
+        """A finding the report limit kept from the logs and spans: counted all the same."""
+        counter = self._findings_counter
+        if counter is not None:
+            counter.add(1, {ATTR_FINDING_KIND: finding.kind.value})
+
     def report(self, finding: Finding) -> None:
         """Count the finding; put it on its task's span, or on a short span of its own."""
         counter = self._findings_counter

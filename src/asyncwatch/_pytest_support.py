@@ -352,6 +352,11 @@ _HINT = (
 class Watcher:
     """One pytest run's asyncwatch: owners, the engine, loops, and verdicts."""
 
+    # Every test is judged on every finding it made: the rate limit per
+    # place (report_limit) is for logs, and a site shared by many tests
+    # (a helper, a fixture) must fail each of them.
+    receives_all = True
+
     def __init__(self, config: pytest.Config, options: RunOptions) -> None:
         self.config = config
         self.options = options

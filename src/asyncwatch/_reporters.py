@@ -8,12 +8,16 @@ so a broken log handler or a full disk never reaches the watched program.
 
 from __future__ import annotations
 
+import atexit
+import dataclasses
 import json
 import os
 import sys
 import threading
-from collections import Counter
-from collections.abc import Callable, Iterable
+import time
+import weakref
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping
 from typing import IO, Any, Protocol, runtime_checkable
 
 import structlog
@@ -23,6 +27,7 @@ from ._findings import Finding, FindingKind, Site
 __all__ = [
     "CollectingReporter",
     "JsonLinesReporter",
+    "RateLimiter",
     "Reporter",
     "StructlogReporter",
     "SummaryReporter",
@@ -33,7 +38,15 @@ LOGGER_NAME = "asyncwatch"
 
 @runtime_checkable
 class Reporter(Protocol):
-    """Receives findings.  ``report`` may be called from any thread."""
+    """Receives findings.  ``report`` may be called from any thread, often the
+    event loop's: it must not block (hand slow work to a thread, as
+    `JsonLinesReporter` does).
+
+    A reporter receives the findings the pipeline's `RateLimiter` lets
+    through; one with a true ``receives_all`` attribute (counters, such as
+    the exit summary and the testing helpers) receives every finding, and
+    one with a ``held_back(finding)`` method is told of those held back.
+    """
 
     def report(self, finding: Finding) -> None: ...
 
@@ -69,12 +82,58 @@ def forget_internal_errors() -> None:
         _reported_errors.clear()
 
 
+class RateLimiter:
+    """At most *burst* findings of one kind at one site, then one per *interval_s*.
+
+    A hot loop that blocks on every tick, or a line that drops a coroutine a
+    thousand times a second, must not flood logs, the findings file or
+    memory.  The first *burst* findings of each (kind, site) go through; after
+    that one per *interval_s* does, carrying in ``suppressed`` how many like
+    it were held back since the last one that went through.  Counts per place
+    are kept for the exit summary.  The table of places is bounded: past
+    *max_places*, the oldest half is forgotten (a forgotten place starts a
+    new burst, which is the safe direction to err in).
+    """
+
+    def __init__(self, burst: int = 10, interval_s: float = 60.0, max_places: int = 10_000) -> None:
+        self.burst = burst
+        self.interval_s = interval_s
+        self.max_places = max_places
+        # (kind, site) -> [findings seen, time of the last one let through, held back since]
+        self._places: dict[tuple[FindingKind, Site | None], list[Any]] = {}
+        self.suppressed: Counter[tuple[FindingKind, Site | None]] = Counter()
+        self._lock = threading.Lock()
+        self._clock = time.monotonic
+
+    def admit(self, finding: Finding) -> Finding | None:
+        """The finding to report (with ``suppressed`` filled in), or None to hold it back."""
+        key = (finding.kind, finding.site)
+        now = self._clock()
+        with self._lock:
+            place = self._places.get(key)
+            if place is None:
+                if len(self._places) >= self.max_places:
+                    for old in list(self._places)[: self.max_places // 2]:
+                        del self._places[old]
+                self._places[key] = [1, now, 0]
+                return finding
+            place[0] += 1
+            if place[0] <= self.burst or now - place[1] >= self.interval_s:
+                held, place[1], place[2] = place[2], now, 0
+                return dataclasses.replace(finding, suppressed=held) if held else finding
+            place[2] += 1
+            if len(self.suppressed) < self.max_places or key in self.suppressed:
+                self.suppressed[key] += 1
+            return None
+
+
 class Pipeline:
     """Hands findings to reporters; contains and disables failing ones."""
 
-    def __init__(self, reporters: Iterable[Reporter] = ()) -> None:
+    def __init__(self, reporters: Iterable[Reporter] = (), limiter: RateLimiter | None = None) -> None:
         self._reporters: list[Reporter] = list(reporters)
         self._lock = threading.Lock()
+        self.limiter = limiter
 
     def add(self, reporter: Reporter) -> None:
         with self._lock:
@@ -89,12 +148,37 @@ class Pipeline:
         return tuple(self._reporters)
 
     def emit(self, finding: Finding) -> None:
+        limiter = self.limiter
+        admitted: Finding | None = finding
+        if limiter is not None:
+            try:
+                admitted = limiter.admit(finding)
+            except Exception as exc:
+                self.limiter = None
+                report_internal_error("rate limiter", exc)
         for reporter in self._reporters:  # a snapshot: add/remove replace the list
             try:
-                reporter.report(finding)
+                if getattr(reporter, "receives_all", False):
+                    reporter.report(finding)
+                elif admitted is not None:
+                    reporter.report(admitted)
+                else:
+                    held_back = getattr(reporter, "held_back", None)
+                    if held_back is not None:  # e.g. a metric that counts every finding
+                        held_back(finding)
             except Exception as exc:
                 self.remove(reporter)
                 report_internal_error(f"reporter {type(reporter).__name__}", exc)
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait (at most *timeout* seconds each) for reporters that write in the background."""
+        for reporter in self._reporters:
+            flush = getattr(reporter, "flush", None)
+            if flush is not None:
+                try:
+                    flush(timeout)
+                except Exception as exc:
+                    report_internal_error(f"reporter {type(reporter).__name__}", exc)
 
     def close(self) -> None:
         for reporter in self._reporters:
@@ -197,39 +281,166 @@ def _readable_sites(_logger: Any, _method: str, event: dict[str, Any]) -> dict[s
     for key in ("task", "coroutine", "duration_s", "time", "pid"):
         if event.get(key) is None:
             event.pop(key, None)
+    if not event.get("suppressed"):
+        event.pop("suppressed", None)
     event.pop("time", None)  # the renderer prints its own timestamp
     event.pop("pid", None)
     return event
 
 
 class JsonLinesReporter:
-    """Write each finding as one JSON object per line, flushed as it happens.
+    """Write each finding as one JSON object per line, as it happens.
 
-    A crash of the watched program loses nothing already found.
+    Lines are written by a background thread, so a slow or stuck disk never
+    stalls the event loop that found something: `report` only queues the
+    line (at most *max_queued* lines wait; more are counted as dropped and
+    said once).  `flush` waits for the queue; `close` flushes, then closes.
+    The file is opened with ``O_APPEND`` and lines go out in whole
+    ``write()`` calls, so processes sharing it (the children of
+    ``asyncwatch run``, the workers of a pre-forking server) never write
+    over or into each other's lines.  A write that fails (a full or
+    read-only disk) disables this reporter, said once; the other reporters
+    go on.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, append: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, append: bool = False, max_queued: int = 10_000) -> None:
         self.path = os.path.abspath(os.fspath(path))
-        self._file: IO[str] | None = open(self.path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115
-        self._lock = threading.Lock()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC)
+        self._fd: int | None = os.open(self.path, flags, 0o666)
+        self._max_queued = max_queued
+        self._queue: deque[bytes] = deque()
+        self._writing = False
+        self._cond = threading.Condition(threading.Lock())
+        self._thread: threading.Thread | None = None
+        self.dropped = 0
+        self._write = os.write
+        _open_files.add(self)
 
     def report(self, finding: Finding) -> None:
-        line = json.dumps(finding.to_dict(), ensure_ascii=False) + "\n"
-        with self._lock:
-            if self._file is None:
+        data = (json.dumps(finding.to_dict(), ensure_ascii=False) + "\n").encode("utf-8")
+        with self._cond:
+            if self._fd is None:
                 return
-            self._file.write(line)
-            self._file.flush()
+            if len(self._queue) >= self._max_queued:
+                self.dropped += 1
+                if self.dropped == 1:
+                    report_internal_error(
+                        "findings file", RuntimeError(f"{self.path}: writes are not keeping up; dropping findings")
+                    )
+                return
+            self._queue.append(data)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="asyncwatch-findings-writer", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and self._fd is not None:
+                    self._cond.wait()
+                fd = self._fd
+                if fd is None:
+                    return
+                data = b"".join(self._queue)
+                self._queue.clear()
+                self._writing = True
+            try:
+                while data:  # whole lines; the loop only matters for a pipe's short writes
+                    data = data[self._write(fd, data) :]
+            except OSError as exc:
+                with self._cond:
+                    self._queue.clear()
+                    self._close_fd()
+                    self._writing = False
+                    self._cond.notify_all()
+                report_internal_error("findings file", exc)
+                return
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every queued line is written; False if *timeout* ran out."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while (self._queue or self._writing) and self._fd is not None:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._thread is None or not self._thread.is_alive():
+                    return False
+                self._cond.wait(left)
+            return True
 
     def close(self) -> None:
-        with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
+        self.flush()
+        with self._cond:
+            self._close_fd()
+            self._queue.clear()
+            self._cond.notify_all()
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+
+    def _after_fork_in_child(self) -> None:
+        # The writer thread is not in the child, and a lock held by it at the
+        # fork stays held: new ones.  Lines the parent had queued are the
+        # parent's to write.
+        self._cond = threading.Condition(threading.Lock())
+        self._queue.clear()
+        self._writing = False
+        self._thread = None
+
+
+_open_files: weakref.WeakSet[JsonLinesReporter] = weakref.WeakSet()
+
+
+def _flush_open_files() -> None:
+    """At exit: what is queued reaches the disk (the writer is a daemon thread)."""
+    for reporter in list(_open_files):
+        try:
+            reporter.flush()
+        except Exception as exc:
+            report_internal_error("findings file", exc)
+
+
+def _before_fork() -> None:
+    # A multiprocessing "fork" child leaves through os._exit(), which runs no
+    # atexit handler, but runs multiprocessing's own finalizers: have the
+    # child register one (multiprocessing clears those it inherits).
+    util = sys.modules.get("multiprocessing.util")
+    if util is not None:
+        for reporter in list(_open_files):
+            util.register_after_fork(reporter, _flush_at_child_exit)
+
+
+def _flush_at_child_exit(reporter: JsonLinesReporter) -> None:
+    util = sys.modules.get("multiprocessing.util")
+    if util is not None:
+        util.Finalize(reporter, reporter.flush, exitpriority=-100)
+
+
+def _after_fork_in_child() -> None:
+    for reporter in list(_open_files):
+        reporter._after_fork_in_child()
+
+
+atexit.register(_flush_open_files)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 
 class CollectingReporter:
-    """Keep findings in a list (what `asyncwatch.testing.capture_findings` uses)."""
+    """Keep findings in a list (what `asyncwatch.testing.capture_findings` uses).
+
+    It receives every finding, rate limit or not: tests count them.
+    """
+
+    receives_all = True
 
     def __init__(self, predicate: Callable[[Finding], bool] | None = None) -> None:
         self.findings: list[Finding] = []
@@ -243,7 +454,13 @@ class CollectingReporter:
 
 
 class SummaryReporter:
-    """Count findings by kind and site for the human summary at exit."""
+    """Count findings by kind and site for the human summary at exit.
+
+    It receives every finding, including those the rate limit held back
+    from the logs and the findings file.
+    """
+
+    receives_all = True
 
     def __init__(self) -> None:
         self.counts: Counter[tuple[FindingKind, Site | None]] = Counter()
@@ -257,8 +474,10 @@ class SummaryReporter:
     def total(self) -> int:
         return sum(self.counts.values())
 
-    def render(self) -> str:
-        """A short text: findings grouped by kind and site, with counts."""
+    def render(self, held_back: Mapping[tuple[FindingKind, Site | None], int] | None = None) -> str:
+        """A short text: findings grouped by kind and site, with counts, and
+        how many of them the rate limit (*held_back*, per kind and site) kept
+        out of the logs and the findings file."""
         total = self.total
         if not total:
             return "asyncwatch: no findings\n"
@@ -268,5 +487,15 @@ class SummaryReporter:
         order = sorted(self.counts.items(), key=lambda item: (item[0][0].value, -item[1], str(item[0][1])))
         for (kind, site), count in order:
             where = _site_text(site.to_dict()) if site else "(site unknown)"
-            lines.append(f"  {kind.value:<{width}}  {count:>4}x  {where}")
+            line = f"  {kind.value:<{width}}  {count:>4}x  {where}"
+            held = held_back.get((kind, site), 0) if held_back else 0
+            if held:
+                line += f"  ({held} not logged one by one: report limit)"
+            lines.append(line)
+        total_held = sum(held_back.values()) if held_back else 0
+        if total_held:
+            lines.append(
+                f"  ({total_held} finding{'s' if total_held != 1 else ''} repeated a place already reported and "
+                "were only counted; --report-limit / ASYNCWATCH_REPORT_LIMIT sets how many are logged per place)"
+            )
         return "\n".join(lines) + "\n"

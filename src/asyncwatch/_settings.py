@@ -36,6 +36,7 @@ ENV_VARS: Mapping[str, str] = {
     "spans": "ASYNCWATCH_SPANS",
     "spans_min_duration_ms": "ASYNCWATCH_SPANS_MIN_DURATION_MS",
     "metrics": "ASYNCWATCH_METRICS",
+    "report_limit": "ASYNCWATCH_REPORT_LIMIT",
 }
 
 #: Environment variable for each option that only ``asyncwatch run`` has (see `RunSettings`).
@@ -93,6 +94,10 @@ class Settings:
     * ``metrics``: OpenTelemetry metrics (loop lag, tasks, findings) to the
       application's meter provider, when it configured one (default False;
       they too time every task).
+    * ``report_limit``: at most this many findings of one kind at one site
+      are reported one by one; after that, one a minute, which says how many
+      like it were held back (default 10; 0: no limit).  Counting (the exit
+      summary, the test helpers) always sees every finding.
     """
 
     slow_callback_ms: float = 100.0
@@ -103,6 +108,7 @@ class Settings:
     spans: str = "off"
     spans_min_duration_ms: float = 1000.0
     metrics: bool = False
+    report_limit: int = 10
 
     @property
     def slow_callback_s(self) -> float:
@@ -285,6 +291,19 @@ def parse_detect(value: Any, name: str) -> frozenset[FindingKind]:
     return kinds
 
 
+def parse_count(value: Any, name: str) -> int:
+    """Parse a whole number >= 0; *name* is what the error blames."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ConfigurationError(f"{name}={value!r} is not a whole number; give one >= 0, e.g. 10")
+    try:
+        count = int(value)
+    except ValueError:
+        raise ConfigurationError(f"{name}={value!r} is not a whole number; give one >= 0, e.g. 10") from None
+    if count < 0:
+        raise ConfigurationError(f"{name}={value!r} must be >= 0 (0 means no limit)")
+    return count
+
+
 def parse_bool(value: Any, name: str) -> bool:
     """Parse a boolean (or 1/0, true/false, yes/no, on/off); *name* is what the error blames."""
     if isinstance(value, bool):
@@ -444,6 +463,7 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "spans": _span_mode,
     "spans_min_duration_ms": parse_ms,
     "metrics": parse_bool,
+    "report_limit": parse_count,
     "loop": _loop,
     "fail_on_findings": parse_bool,
     "log_format": _log_format,
@@ -464,6 +484,7 @@ def environ_for(settings: Settings, run: RunSettings) -> dict[str, str]:
         ENV_VARS["spans"]: settings.spans,
         ENV_VARS["spans_min_duration_ms"]: repr(settings.spans_min_duration_ms),
         ENV_VARS["metrics"]: _flag(settings.metrics),
+        ENV_VARS["report_limit"]: str(settings.report_limit),
         RUN_ENV_VARS["loop"]: run.loop,
         RUN_ENV_VARS["log_format"]: run.log_format,
         RUN_ENV_VARS["otlp"]: _flag(run.otlp),

@@ -1,0 +1,302 @@
+"""Reporters that are slow, down or flooded never hold up the watched program."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+from structlog.testing import capture_logs
+
+import asyncwatch
+from asyncwatch import Finding, FindingKind, JsonLinesReporter, Site
+from asyncwatch._reporters import CollectingReporter, Pipeline, RateLimiter
+from asyncwatch.testing import capture_findings
+from conftest import line_of
+
+HERE = Site("/app/service.py", 12, "handler")
+THERE = Site("/app/jobs.py", 40, "spawn")
+
+
+def finding(site=HERE, kind=FindingKind.SLOW_CALLBACK):
+    return Finding(kind=kind, message="blocked", site=site)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def limiter(burst=3, interval_s=60.0, **kwargs):
+    limit = RateLimiter(burst, interval_s, **kwargs)
+    limit._clock = FakeClock()
+    return limit
+
+
+class TestRateLimiter:
+    def test_a_burst_per_place_then_one_per_interval_with_the_count_held_back(self):
+        """The first findings at a place go through; then one per interval, which
+        says how many like it were held back since the last one."""
+        limit = limiter(burst=3, interval_s=60)
+        passed = [limit.admit(finding()) for _ in range(10)]
+        assert [f is not None for f in passed] == [True] * 3 + [False] * 7
+        assert all(f.suppressed == 0 for f in passed[:3])
+        limit._clock.now += 61
+        later = limit.admit(finding())
+        assert later is not None and later.suppressed == 7
+        assert later.site == HERE and later.kind is FindingKind.SLOW_CALLBACK
+        assert limit.admit(finding()) is None  # the next interval starts now
+        assert limit.suppressed[(FindingKind.SLOW_CALLBACK, HERE)] == 8
+
+    def test_places_and_kinds_are_limited_separately(self):
+        """A flood at one place does not silence another place, or another kind at the same place."""
+        limit = limiter(burst=2)
+        for _ in range(50):
+            limit.admit(finding(HERE))
+        assert limit.admit(finding(THERE)) is not None
+        assert limit.admit(finding(HERE, FindingKind.CANCELLATION_SWALLOWED)) is not None
+
+    def test_its_table_of_places_stays_bounded(self):
+        """A million distinct places cannot grow the limiter without bound."""
+        limit = limiter(burst=1, max_places=1000)
+        for line in range(20_000):
+            site = Site("/app/generated.py", line, "f")
+            limit.admit(finding(site))
+            limit.admit(finding(site))  # held back: counted
+        assert len(limit._places) <= 1000
+        assert len(limit.suppressed) <= 1000
+
+
+class TestPipelineWithALimit:
+    def test_counters_see_every_finding_and_outputs_the_limited_stream(self):
+        """Reporters that count (receives_all) get every finding; the others only
+        what the rate limit lets through."""
+        counted = CollectingReporter()
+        logged: list[Finding] = []
+
+        class Output:
+            def report(self, f):
+                logged.append(f)
+
+        pipeline = Pipeline([counted, Output()], limiter=limiter(burst=2))
+        for _ in range(5):
+            pipeline.emit(finding())
+        assert len(counted.findings) == 5
+        assert len(logged) == 2
+
+    def test_install_limits_the_log_and_the_file_but_not_capture_findings(self, tmp_path):
+        """install(report_limit=N): N findings of one line reach the findings file and
+        the log; capture_findings (and the exit summary) count all of them."""
+        path = tmp_path / "f.jsonl"
+
+        async def save():
+            pass
+
+        async def main():
+            with capture_findings(FindingKind.COROUTINE_NEVER_AWAITED) as found:
+                for _ in range(25):
+                    save()  # <- dropped 25 times
+                await asyncio.sleep(0)
+            return found
+
+        with capture_logs() as logs, asyncwatch.install(findings=path, report_limit=4):
+            found = asyncio.run(main())
+        assert len(found) == 25
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [(d["kind"], d["site"]["line"]) for d in lines] == [
+            ("coroutine_never_awaited", line_of("# <- dropped 25 times"))
+        ] * 4
+        assert len([e for e in logs if e["event"] == "coroutine_never_awaited"]) == 4
+
+    def test_report_limit_zero_reports_everything(self, tmp_path):
+        """report_limit=0 turns the limit off."""
+        path = tmp_path / "f.jsonl"
+
+        async def save():
+            pass
+
+        async def main():
+            for _ in range(25):
+                save()
+            await asyncio.sleep(0)
+
+        with asyncwatch.install(findings=path, report_limit=0, log=False):
+            asyncio.run(main())
+        assert len(path.read_text().splitlines()) == 25
+
+    @pytest.mark.parametrize("bad", [-1, 2.5, "many", True])
+    def test_a_bad_report_limit_names_the_value(self, bad):
+        with pytest.raises(asyncwatch.ConfigurationError, match="report_limit"):
+            asyncwatch.install(report_limit=bad)
+        assert not asyncwatch.is_installed()
+
+
+class StuckDisk:
+    """os.write that blocks until released: a hung network file system."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def __call__(self, fd, data):
+        self.entered.set()
+        self.release.wait(30)
+        return os.write(fd, data)
+
+
+class TestJsonLinesReporterUnderFaults:
+    def test_a_stuck_disk_does_not_stall_the_event_loop(self, tmp_path):
+        """While the disk hangs, findings are queued and the loop runs on; when it
+        comes back, every queued finding is written."""
+        path = tmp_path / "f.jsonl"
+        reporter = JsonLinesReporter(path)
+        stuck = StuckDisk()
+        reporter._write = stuck
+
+        async def main():
+            ticks = 0
+            started = time.monotonic()
+            for _ in range(20):
+                reporter.report(finding())  # from the loop's own thread, as detectors do
+                await asyncio.sleep(0)
+                ticks += 1
+            return ticks, time.monotonic() - started
+
+        ticks, elapsed = asyncio.run(main())
+        assert stuck.entered.wait(5)
+        assert ticks == 20 and elapsed < 2.0  # generous: the write would block for 30 s
+        stuck.release.set()
+        assert reporter.flush(10)
+        assert len(path.read_text().splitlines()) == 20
+        reporter.close()
+
+    def test_a_queue_that_overflows_drops_and_says_so_once(self, tmp_path):
+        """If the disk never keeps up, at most max_queued findings wait; the rest
+        are counted as dropped and reported once through the asyncwatch logger."""
+        reporter = JsonLinesReporter(tmp_path / "f.jsonl", max_queued=5)
+        stuck = StuckDisk()
+        reporter._write = stuck
+        with capture_logs() as logs:
+            reporter.report(finding())
+            assert stuck.entered.wait(5)  # the writer holds the first, blocked
+            for _ in range(20):
+                reporter.report(finding())
+        assert reporter.dropped == 15
+        errors = [e for e in logs if e["event"] == "asyncwatch.internal_error"]
+        assert len(errors) == 1 and "dropping findings" in errors[0]["error"]
+        stuck.release.set()
+        reporter.close()
+
+    def test_a_full_disk_disables_the_file_and_the_log_goes_on(self):
+        """Writing to a full disk (/dev/full) is reported once; the file reporter
+        stops, the structlog events keep coming."""
+        if not os.path.exists("/dev/full"):
+            pytest.skip("no /dev/full on this system")
+
+        async def save():
+            pass
+
+        async def main():
+            for _ in range(3):
+                save()  # <- on a full disk
+                await asyncio.sleep(0)
+                await asyncio.sleep(0.05)
+
+        with capture_logs() as logs, asyncwatch.install(findings="/dev/full", report_limit=0):
+            asyncio.run(main())
+        events = [e["event"] for e in logs]
+        assert events.count("coroutine_never_awaited") == 3
+        errors = [e for e in logs if e["event"] == "asyncwatch.internal_error"]
+        assert len(errors) == 1 and errors[0]["part"] == "findings file"
+        assert "No space left on device" in errors[0]["error"]
+
+
+def run_python(code, tmp_path):
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+class TestNothingQueuedIsLostAtExit:
+    def test_a_normal_exit_writes_what_is_queued(self, tmp_path):
+        """The writer is a daemon thread; leaving the interpreter still writes every line."""
+        result = run_python(
+            """
+            import asyncio, os, time, asyncwatch
+            from asyncwatch._engine import current_engine
+            asyncwatch.install(findings="f.jsonl", log=False, report_limit=0)
+
+            def slow_write(fd, data):  # a slow disk: lines are still queued at exit
+                time.sleep(0.2)
+                return os.write(fd, data)
+
+            for reporter in current_engine().pipeline.reporters:
+                reporter._write = slow_write
+
+            async def save():
+                pass
+
+            async def main():
+                for _ in range(500):
+                    save()
+                    await asyncio.sleep(0)
+
+            asyncio.run(main())
+            """,
+            tmp_path,
+        )
+        assert result.returncode == 0, result.stderr
+        assert len((tmp_path / "f.jsonl").read_text().splitlines()) == 500
+
+    @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+    def test_a_multiprocessing_fork_child_writes_its_findings_before_os_exit(self, tmp_path):
+        """A multiprocessing "fork" child ends with os._exit(), which skips atexit:
+        its findings still reach the shared file."""
+        result = run_python(
+            """
+            import asyncio, multiprocessing, os, time, asyncwatch
+            from asyncwatch._engine import current_engine
+            asyncwatch.install(findings="f.jsonl", log=False, report_limit=0)
+
+            def slow_write(fd, data):  # a slow disk: lines are still queued at exit
+                time.sleep(0.2)
+                return os.write(fd, data)
+
+            async def save():
+                pass
+
+            async def work():
+                for _ in range(50):
+                    save()
+                    await asyncio.sleep(0)
+
+            def child():
+                for reporter in current_engine().pipeline.reporters:
+                    reporter._write = slow_write
+                asyncio.run(work())
+
+            if __name__ == "__main__":
+                process = multiprocessing.get_context("fork").Process(target=child)
+                process.start()
+                process.join()
+                assert process.exitcode == 0
+                print(process.pid)
+            """,
+            tmp_path,
+        )
+        assert result.returncode == 0, result.stderr
+        pids = [json.loads(line)["pid"] for line in (tmp_path / "f.jsonl").read_text().splitlines()]
+        assert pids == [int(result.stdout)] * 50
