@@ -248,6 +248,8 @@ class TestBadInput:
             (["--detect", ","], {}, "--detect=',' names no finding kind; give a comma-separated list"),
             ([], {"ASYNCWATCH_DETECT": ""}, "ASYNCWATCH_DETECT='' names no finding kind"),
             (["--spans", "some"], {}, "--spans='some' is not a valid span mode; use one of: notable, all, off"),
+            (["--report-limit", "-2"], {}, "--report-limit='-2' must be >= 0 (0 means no limit)"),
+            ([], {"ASYNCWATCH_REPORT_LIMIT": "lots"}, "ASYNCWATCH_REPORT_LIMIT='lots' is not a whole number"),
             ([], {"ASYNCWATCH_SPANS": "notible"}, "ASYNCWATCH_SPANS='notible' is not a valid span mode (did you mean"),
             ([], {"ASYNCWATCH_FAIL_ON_FINDINGS": "perhaps"}, "ASYNCWATCH_FAIL_ON_FINDINGS='perhaps' is not a boolean"),
             ([], {"ASYNCWATCH_SUMMARY": "maybe"}, "ASYNCWATCH_SUMMARY='maybe' is not a boolean; use one of: 1, 0"),

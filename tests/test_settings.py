@@ -139,6 +139,11 @@ BAD_OPTIONS = [
     ({"spans": 3}, "spans=3 is not a valid span mode; use one of: notable, all, off"),
     ({"slow_callback": 50}, "unknown asyncwatch option 'slow_callback' (did you mean 'slow_callback_ms'?)"),
     ({"treshold": 5}, "unknown asyncwatch option 'treshold'; valid options are: detect, findings, log"),
+    ({"report_limit": -1}, "report_limit=-1 must be >= 0 (0 means no limit)"),
+    ({"report_limit": 2.5}, "report_limit=2.5 is not a whole number; give one >= 0, e.g. 10"),
+    ({"report_limit": "ten"}, "report_limit='ten' is not a whole number"),
+    ({"report_limit": True}, "report_limit=True is not a whole number"),
+    ({"report_limit_per_site": 3}, "unknown asyncwatch option 'report_limit_per_site' (did you mean 'report_limit'?)"),
 ]
 
 
