@@ -7,6 +7,7 @@ import gc
 import sys
 import time
 import warnings
+import weakref
 
 import pytest
 
@@ -294,6 +295,38 @@ class TestChaining:
         [finding] = collector.findings
         assert finding.kind is FindingKind.TASK_EXCEPTION_UNRETRIEVED
         assert finding.site.line == line_of("# <- foreign factory task")
+
+    @pytest.mark.parametrize("hook", ["task_factory", "exception_handler"])
+    def test_a_loop_is_freed_though_the_hook_it_chains_refers_to_it(self, loop_name, hook):
+        """A program's task factory or exception handler that refers to its loop
+        (a bound method of an object that keeps the loop) does not make
+        asyncwatch keep the loop alive once the program dropped it."""
+
+        class Owner:
+            def __init__(self, loop):
+                self.loop = loop
+
+            def factory(self, loop, coro, **kwargs):
+                return asyncio.Task(coro, loop=loop, **kwargs)
+
+            def handler(self, loop, context):
+                loop.default_exception_handler(context)
+
+        _engine_only(CollectingReporter())
+        loop = base_factory(loop_name)()
+        owner = Owner(loop)
+        if hook == "task_factory":
+            loop.set_task_factory(owner.factory)
+        else:
+            loop.set_exception_handler(owner.handler)
+        asyncwatch.install(loop=loop)
+        assert asyncwatch._engine.current_engine().is_watching(loop)
+        assert loop.run_until_complete(asyncio.sleep(0, "ran")) == "ran"
+        loop.close()
+        freed = weakref.ref(loop)
+        del loop, owner
+        gc_collect_harder()
+        assert freed() is None
 
     @pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks are 3.12+")
     def test_eager_task_factory_keeps_working(self):

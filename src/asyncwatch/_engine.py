@@ -74,20 +74,37 @@ class LoopWatch:
         self.settings = settings
         self.loop_ref = weakref.ref(loop)
         self._detect = settings.detect
-        self.factory = TaskFactory(loop.get_task_factory(), loop, engine.observer_for(loop, settings))
-        self.handler = ExceptionHandler(self, loop.get_exception_handler())
+        factory = TaskFactory(loop.get_task_factory(), loop, engine.observer_for(loop, settings))
+        handler = ExceptionHandler(self, loop.get_exception_handler())
+        # Held weakly: the loop holds both (its task factory and exception
+        # handler), and what they chain may refer to the loop (a bound method
+        # of an object that keeps it).  From here, a value of the
+        # WeakKeyDictionaries keyed by the loop, a strong reference would
+        # keep the loop, and all it refers to, alive for ever.
+        self._factory = weakref.ref(factory)
+        self._handler = weakref.ref(handler)
         self.probe: LoopProbe | None = None
         # The thread running the loop, as last known; a loop is nearly always
         # run by the thread that makes it, which is the first guess.
         self.thread: str | None = None
         self.thread = self._loop_thread(loop) or threading.current_thread().name
-        loop.set_task_factory(self.factory.function)
+        loop.set_task_factory(factory.function)
         watches[loop] = self
-        loop.set_exception_handler(self.handler)
+        loop.set_exception_handler(handler)
         if FindingKind.SLOW_CALLBACK in self._detect:
             self.probe = LoopProbe(loop, settings.slow_callback_s, self.emit)
             self.probe.start(loop)
             engine.watchdog.add(self.probe)
+
+    @property
+    def factory(self) -> TaskFactory | None:
+        """The task factory asyncwatch gave the loop, while anything holds it."""
+        return self._factory()
+
+    @property
+    def handler(self) -> ExceptionHandler | None:
+        """The exception handler asyncwatch gave the loop, while anything holds it."""
+        return self._handler()
 
     def detects(self, kind: FindingKind) -> bool:
         return kind in self._detect
@@ -144,8 +161,11 @@ class LoopWatch:
 
     def detach(self) -> None:
         """Restore the loop's hooks, or go inert where someone chained on top of us."""
-        self.factory.enabled = False
-        self.handler.enabled = False
+        factory, handler = self.factory, self.handler
+        if factory is not None:
+            factory.enabled = False
+        if handler is not None:
+            handler.enabled = False
         loop = self.loop_ref()
         if loop is not None and watches.get(loop) is self:
             del watches[loop]
@@ -155,10 +175,10 @@ class LoopWatch:
         if loop is None or loop.is_closed():
             return
         try:
-            if loop.get_task_factory() is self.factory.function:
-                loop.set_task_factory(self.factory.previous)
-            if loop.get_exception_handler() is self.handler:
-                loop.set_exception_handler(self.handler.previous)
+            if factory is not None and loop.get_task_factory() is factory.function:
+                loop.set_task_factory(factory.previous)
+            if handler is not None and loop.get_exception_handler() is handler:
+                loop.set_exception_handler(handler.previous)
         except Exception as exc:  # a loop that refuses: stay inert, say so once
             report_internal_error("uninstall", exc)
 

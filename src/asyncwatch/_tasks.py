@@ -460,7 +460,7 @@ class TaskFactory:
     to call than an object with ``__call__``), closing over this state.
     """
 
-    __slots__ = ("enabled", "function", "observer", "previous")
+    __slots__ = ("__weakref__", "enabled", "function", "observer", "previous")
 
     def __init__(
         self,
@@ -645,7 +645,7 @@ class ExceptionHandler:
     default logging) sees exactly what it saw before.
     """
 
-    __slots__ = ("enabled", "previous", "watch")
+    __slots__ = ("__weakref__", "enabled", "previous", "watch")
 
     def __init__(self, watch: LoopWatch, previous: Callable[..., Any] | None) -> None:
         self.watch = watch
