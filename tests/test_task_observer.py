@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 import time
+import weakref
 
 import pytest
 
 import asyncwatch
 from asyncwatch._engine import current_engine
 from asyncwatch._tasks import Task, TaskObserver, TimedCoroutine
-from conftest import base_factory, line_of
+from conftest import base_factory, gc_collect_harder, line_of
 
 
 class Recorder:
@@ -186,6 +188,53 @@ def test_exceptions_and_timeouts_pass_through_the_wrapper(loop_name):
     assert recorder.of("fails")[-1] == ("done", "fails", "exception")
     assert recorder.of("times_out")[-1] == ("done", "times_out", "exception")
     assert recorder.of("agen")[-1] == ("done", "agen", "finished")
+
+
+def test_a_cancelled_traced_task_frees_its_frames_without_the_collector(loop_name):
+    """The timing wrapper's throw() leaves no reference cycle: what a cancelled
+    task's frames held is freed as soon as the task is, as without asyncwatch
+    (a socket or an SSL context is not kept until the next collection)."""
+
+    class Quiet:
+        """An observer that keeps nothing (Recorder keeps the tasks)."""
+
+        def task_created(self, task, created_at):
+            pass
+
+        def task_step(self, task, start, duration):
+            pass
+
+        def task_cancel_requested(self, task, canceller, message):
+            pass
+
+        def task_done(self, task):
+            pass
+
+    class Held:
+        pass
+
+    held = []
+
+    async def victim():
+        resource = Held()
+        held.append(weakref.ref(resource))
+        await asyncio.sleep(3600)
+
+    async def main():
+        task = asyncio.create_task(victim())
+        await asyncio.sleep(0)
+        assert type(task.get_coro()) is TimedCoroutine
+        task.cancel()
+        await asyncio.wait([task])
+        assert task.cancelled()
+
+    gc_collect_harder()
+    gc.disable()
+    try:
+        run_observed(loop_name, main, Quiet())
+        assert held[0]() is None
+    finally:
+        gc.enable()
 
 
 def test_a_failing_observer_is_dropped_and_the_program_runs_on(loop_name, capsys):

@@ -236,6 +236,10 @@ class TimedCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
         try:
             return self._aw_inner.throw(*args)
         finally:
+            # *args holds the exception, whose traceback holds this frame:
+            # a cycle that would keep everything the task's frames refer to
+            # (sockets, SSL contexts) alive until the collector runs.
+            del args
             self._stepped(start)
 
     def close(self) -> None:
