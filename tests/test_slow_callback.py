@@ -8,11 +8,14 @@ and a short step lasts 20 ms, so it is clearly under.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import threading
 import time
+import weakref
 
-from conftest import line_of
+import asyncwatch
+from conftest import base_factory, gc_collect_harder, line_of
 
 THRESHOLD_MS = 100
 BLOCK_S = 0.25
@@ -335,3 +338,32 @@ class TestShortStepsAreNotSlow:
 
         watched.run(main, slow_callback_ms=THRESHOLD_MS)
         assert watched.of("slow_callback") == []
+
+
+class TestTheWatchdogKeepsNoFrame:
+    def test_a_finished_coroutines_locals_are_freed_without_the_collector(self, loop_name):
+        """Once the loop has stopped, what the frames the watchdog sampled
+        held is freed without the garbage collector: a sample leaves no
+        reference cycle (its own frame is among those it looks at)."""
+
+        class Held:
+            pass
+
+        held = []
+
+        async def main():
+            resource = Held()
+            held.append(weakref.ref(resource))
+            time.sleep(SHORT_S * 3)  # several samples see this frame, under the threshold
+            await asyncio.sleep(0)
+
+        asyncwatch.install(log=False, slow_callback_ms=THRESHOLD_MS)
+        gc_collect_harder()
+        gc.disable()
+        try:
+            with asyncio.Runner(loop_factory=base_factory(loop_name)) as runner:
+                runner.run(main())
+            time.sleep(0.1)  # the watchdog sees the loop closed and lets go of what it followed
+            assert held[0]() is None
+        finally:
+            gc.enable()

@@ -452,6 +452,7 @@ class Watchdog:
         with self._lock:
             probes = list(self._probes)
         delay = 1.0
+        frames: dict[int, FrameType] = {}
         try:
             frames = _current_frames()
             now = _now()
@@ -468,6 +469,11 @@ class Watchdog:
                     probe.enabled = False
                 self._probes.clear()
             return None
+        finally:
+            # The dict holds this thread's own frame, which holds the dict:
+            # a cycle that would keep every thread's frames, and their
+            # locals, alive until the next collection.
+            frames.clear()
         return delay
 
 
