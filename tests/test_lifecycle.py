@@ -175,7 +175,9 @@ class TestSeveralLoopsInThreads:
         )
         stalls = [f for f in collector.findings if f.kind.value == "slow_callback"]
         for f in stalls:
-            assert f.duration_s is not None and BLOCK_S - 0.05 <= f.duration_s < BLOCK_S + 0.5, f
+            # Generous: a spinning thread holds the GIL, so the watchdog may
+            # see the stall start late.
+            assert f.duration_s is not None and THRESHOLD_MS / 1000 <= f.duration_s < BLOCK_S + 0.5, f
             # Each thread is named after its main coroutine: the task is its loop's.
             assert f.coroutine is not None and f.coroutine.rsplit(".", 1)[-1] == f.thread
 
