@@ -4,7 +4,8 @@
     python benchmarks/_child.py --probe
 
 `run.py` and `memory.py` start one of these per measurement.  The last line on
-stdout is one JSON object: ``elapsed_s`` is the wall time of
+stdout is one JSON object: ``elapsed_s`` is the wall time (``cpu_s`` the CPU
+time of every thread of the process, asyncwatch's watchdog included) of
 ``runner.run(workload)`` alone (the loop's creation included; interpreter
 start-up, imports, mode set-up, the warm-up and the loop's closing excluded),
 ``peak_rss_bytes`` the process's peak RSS, ``info`` what the workload
@@ -252,9 +253,9 @@ def run_one(workload_name: str, mode: str, sizes: dict[str, int], *, warmup: boo
             runner.run(main(workload.sizes(smoke=True)))
     gc.collect()
     with asyncio.Runner(debug=setup.debug, loop_factory=setup.loop_factory) as runner:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         info = runner.run(main(sizes))
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     for _ in range(3):  # let finalizers report anything they would
         gc.collect()
     extra: dict[str, Any] = {}
@@ -266,6 +267,7 @@ def run_one(workload_name: str, mode: str, sizes: dict[str, int], *, warmup: boo
         "mode": mode,
         "sizes": sizes,
         "elapsed_s": elapsed,
+        "cpu_s": cpu,
         "warmup": warmup,
         "peak_rss_bytes": workloads.peak_rss_bytes(),
         "info": info | extra,

@@ -65,6 +65,7 @@ class Measurement:
     workload: str
     mode: str
     elapsed_s: float | None = None
+    cpu_s: float | None = None
     peak_rss_bytes: int | None = None
     info: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
@@ -175,6 +176,7 @@ def run_child(
         m.error = f"exit status {proc.returncode}\n{tail}"
         return m
     m.elapsed_s = float(record["elapsed_s"])
+    m.cpu_s = float(record["cpu_s"]) if "cpu_s" in record else None
     m.peak_rss_bytes = int(record["peak_rss_bytes"])
     m.info = record.get("info", {})
     m.findings = record.get("findings", [])
@@ -218,10 +220,20 @@ class Cell:
         return statistics.median(self.ratios) if self.ratios else None
 
 
+def _time(m: Measurement | None, clock: str) -> float | None:
+    if m is None:
+        return None
+    return m.cpu_s if clock == "cpu" else m.elapsed_s
+
+
 def summarize(
-    measurements: Sequence[Measurement], workloads_: Sequence[str], modes: Sequence[str]
+    measurements: Sequence[Measurement], workloads_: Sequence[str], modes: Sequence[str], clock: str = "wall"
 ) -> dict[str, dict[str, Cell]]:
-    """Per workload and mode: the median time, the per-round ratios to the baseline, the median peak RSS."""
+    """Per workload and mode: the median time, the per-round ratios to the baseline, the median peak RSS.
+
+    *clock* "wall" compares elapsed times; "cpu" compares the CPU time the
+    process used (all threads), which other load on the machine disturbs far
+    less: use it on a shared machine."""
     by_key: dict[tuple[int, str, str], Measurement] = {(m.round, m.workload, m.mode): m for m in measurements}
     rounds = sorted({m.round for m in measurements})
     table: dict[str, dict[str, Cell]] = {}
@@ -229,13 +241,14 @@ def summarize(
         table[w] = {}
         for mode in modes:
             mine = [by_key[(r, w, mode)] for r in rounds if (r, w, mode) in by_key]
-            times = [m.elapsed_s for m in mine if m.elapsed_s is not None]
+            times = [t for t in (_time(m, clock) for m in mine) if t is not None]
             rss = [m.peak_rss_bytes / 2**20 for m in mine if m.peak_rss_bytes is not None]
             ratios = []
             for r in rounds:
-                this, base = by_key.get((r, w, mode)), by_key.get((r, w, BASELINE[mode]))
-                if this and base and this.elapsed_s and base.elapsed_s:
-                    ratios.append(this.elapsed_s / base.elapsed_s)
+                this = _time(by_key.get((r, w, mode)), clock)
+                base = _time(by_key.get((r, w, BASELINE[mode])), clock)
+                if this and base:
+                    ratios.append(this / base)
             table[w][mode] = Cell(
                 median_s=statistics.median(times) if times else None,
                 ratios=ratios,
@@ -507,19 +520,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             for w in wls
         )
     )
+    cpu_table = summarize(measurements, wls, modes, clock="cpu")
     print()
-    print("Time: plain asyncio's median; every other mode as the median of its per-round ratio")
+    print("Wall time: plain asyncio's median; every other mode as the median of its per-round ratio")
     print("to plain asyncio (asyncwatch-uvloop: to plain uvloop), with the min-max over rounds.")
     print()
     print(render_table(table, modes, markdown=args.markdown))
+    print()
+    print("CPU time of the process (all its threads, asyncwatch's watchdog included), the same way.")
+    print("Other load on the machine disturbs it far less than wall time: trust it on a shared machine.")
+    print()
+    print(render_table(cpu_table, modes, markdown=args.markdown))
     print()
     print(render_rss(table, modes, markdown=args.markdown))
     print()
     if args.smoke:
         print("targets: not evaluated with smoke sizes")
     else:
-        print("targets (issue 5; ratios in this run):")
+        print("targets (issue 5; ratios in this run), wall time:")
         print("\n".join(check_targets(table)) or "  (none applicable to the modes run)")
+        print("the same on CPU time:")
+        print("\n".join(check_targets(cpu_table)) or "  (none applicable to the modes run)")
     for m in failures:
         print(f"\nFAILED: {m.workload} / {m.mode} in round {m.round}: {m.error}")
     for m in false_positives:
