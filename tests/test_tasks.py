@@ -16,6 +16,7 @@ import weakref
 import pytest
 
 import asyncwatch
+from asyncwatch._reporters import CollectingReporter
 from conftest import base_factory, gc_collect_harder, line_of
 
 
@@ -481,3 +482,56 @@ class TestCreationSitesOfGatheredTasks:
 
         for sites in watched.run(main):
             assert {(s.file, s.line) for s in sites} == {(__file__, line_of("# <- helper gather"))}
+
+
+class TestAChainedFactoryMayReturnAnyFutureLikeObject:
+    def test_the_factory_stays_on_and_later_tasks_keep_their_sites(self, loop_name, capsys):
+        """asyncio.Runner accepts any future-like object from a task factory
+        (CPython's test_runners makes one): asyncwatch passes it through,
+        records nothing about it, and stays on for the tasks made after it."""
+
+        class FutureLike:
+            """Wraps a task; not an asyncio Future."""
+
+            def __init__(self, loop, coro, **kwargs):
+                self.task = asyncio.Task(coro, loop=loop, **kwargs)
+
+            def set_name(self, name):  # 3.13's create_task names what the factory made
+                pass
+
+        def factory(loop, coro, **kwargs):
+            if coro.__qualname__.endswith("wrapped"):
+                return FutureLike(loop, coro, **kwargs)
+            return asyncio.Task(coro, loop=loop, **kwargs)
+
+        def new_loop():
+            loop = base_factory(loop_name)()
+            loop.set_task_factory(factory)  # the program's, before asyncwatch chains it
+            return loop
+
+        async def wrapped():
+            return "inner"
+
+        async def boom():
+            raise ValueError("boom")
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            future_like = loop.create_task(wrapped())
+            assert type(future_like) is FutureLike
+            assert await future_like.task == "inner"
+            loop.create_task(boom())  # <- after the future-like one
+            await asyncio.sleep(0.01)
+
+        collector = CollectingReporter()
+        engine_loop = asyncio.new_event_loop()  # start the engine; watch only the loop below
+        asyncwatch.install(loop=engine_loop, reporters=[collector], log=False)
+        engine_loop.close()
+        with asyncio.Runner(loop_factory=asyncwatch.loop_factory(new_loop)) as runner:
+            runner.run(main())
+        gc_collect_harder()
+        out = capsys.readouterr()
+        assert "asyncwatch.internal_error" not in out.out + out.err
+        [finding] = collector.findings
+        assert finding.kind is asyncwatch.FindingKind.TASK_EXCEPTION_UNRETRIEVED
+        assert finding.site.line == line_of("# <- after the future-like one")

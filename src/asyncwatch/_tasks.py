@@ -576,6 +576,10 @@ def _make_factory(state: TaskFactory, depth: int) -> Callable[..., Any]:
                 task = Task(coro, loop=loop, **kwargs)
             else:
                 task = previous(loop, coro, **kwargs)
+                if not hasattr(task, "_source_traceback"):
+                    # asyncio.Runner takes any future-like object from a task
+                    # factory (CPython's test_runners makes one): nothing to record.
+                    return task
         try:
             if task._source_traceback:  # asyncio debug mode
                 _trim_source_traceback(task._source_traceback)
