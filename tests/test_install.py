@@ -36,6 +36,7 @@ def _snapshot(loop: asyncio.AbstractEventLoop | None = None) -> dict[str, object
     snap: dict[str, object] = {
         "warn_unawaited": warnings._warn_unawaited_coroutine,  # type: ignore[attr-defined]
         "set_running_loop": asyncio.events._set_running_loop,
+        "runner_init": asyncio.Runner.__dict__.get("_lazy_init"),
         "policy": get_policy(),
         "origin_depth": sys.get_coroutine_origin_tracking_depth(),
         "gc_callbacks": list(gc.callbacks),
@@ -95,6 +96,23 @@ class TestInstallBeforeAnyLoop:
         finally:
             loop.close()
         assert [f.kind for f in collector.findings] == [FindingKind.SLOW_CALLBACK]
+
+    @pytest.mark.parametrize("how", ["Runner", "uvloop.run"])
+    def test_watches_uvloop_loops_given_to_a_runner(self, how):
+        """uvloop keeps its own reference to asyncio's loop-start hook, so its loops
+        are caught as asyncio.Runner makes them: ``uvloop.run(main())`` and
+        ``asyncio.Runner(loop_factory=uvloop.new_event_loop)`` are watched."""
+        uvloop = pytest.importorskip("uvloop")
+        collector = CollectingReporter()
+        asyncwatch.install(reporters=[collector], log=False)
+        if how == "Runner":
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                runner.run(_block())
+        else:
+            uvloop.run(_block())
+        assert [(f.kind, f.site.line) for f in collector.findings] == [
+            (FindingKind.SLOW_CALLBACK, line_of("# <- install blocks here"))
+        ]
 
     def test_wraps_the_current_policy_and_restores_it(self):
         """A base policy set by the program (uvloop's, say) keeps making the loops."""
@@ -205,6 +223,7 @@ class TestUninstall:
         handle = asyncwatch.install(log=False, track_coroutine_origins=True)
         assert sys.get_coroutine_origin_tracking_depth() > 0
         assert asyncio.events._set_running_loop is not before["set_running_loop"]
+        assert asyncio.Runner.__dict__.get("_lazy_init") is not before["runner_init"]
         handle.uninstall()
         assert _snapshot() == before
         assert not asyncwatch.is_installed()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import asyncio.events
+import asyncio.runners
 import dataclasses
 import os
 import threading
@@ -66,6 +67,21 @@ _ENGINE_OPTIONS = (
 )
 
 
+# The kinds found through the task factory (creation sites, cancel() calls).
+_TASK_KINDS = frozenset(
+    {
+        FindingKind.TASK_DESTROYED_PENDING,
+        FindingKind.TASK_EXCEPTION_UNRETRIEVED,
+        FindingKind.CANCELLATION_SWALLOWED,
+        FindingKind.TASK_LEAKED,
+    }
+)
+
+
+def _nothing() -> None:
+    return None
+
+
 class LoopWatch:
     """asyncwatch attached to one loop: its chained hooks and its probe."""
 
@@ -74,21 +90,27 @@ class LoopWatch:
         self.settings = settings
         self.loop_ref = weakref.ref(loop)
         self._detect = settings.detect
-        factory = TaskFactory(loop.get_task_factory(), loop, engine.observer_for(loop, settings))
+        observer = engine.observer_for(loop, settings)
+        # The task factory runs for every task: only when something needs it
+        # (detect=["slow_callback"] alone costs tasks nothing).
+        factory = None
+        if observer is not None or self._detect & _TASK_KINDS:
+            factory = TaskFactory(loop.get_task_factory(), loop, observer)
         handler = ExceptionHandler(self, loop.get_exception_handler())
         # Held weakly: the loop holds both (its task factory and exception
         # handler), and what they chain may refer to the loop (a bound method
         # of an object that keeps it).  From here, a value of the
         # WeakKeyDictionaries keyed by the loop, a strong reference would
         # keep the loop, and all it refers to, alive for ever.
-        self._factory = weakref.ref(factory)
+        self._factory: Callable[[], TaskFactory | None] = weakref.ref(factory) if factory else _nothing
         self._handler = weakref.ref(handler)
         self.probe: LoopProbe | None = None
         # The thread running the loop, as last known; a loop is nearly always
         # run by the thread that makes it, which is the first guess.
         self.thread: str | None = None
         self.thread = self._loop_thread(loop) or threading.current_thread().name
-        loop.set_task_factory(factory.function)
+        if factory is not None:
+            loop.set_task_factory(factory.function)
         watches[loop] = self
         loop.set_exception_handler(handler)
         if FindingKind.SLOW_CALLBACK in self._detect:
@@ -281,6 +303,8 @@ class _State:
         self.policy_base: Any = None
         self.set_running_loop: Callable[[Any], None] | None = None
         self.original_set_running_loop: Callable[[Any], None] | None = None
+        self.runner_init: Callable[[Any], None] | None = None  # our asyncio.Runner._lazy_init
+        self.original_runner_init: Callable[[Any], None] | None = None
         self.future_loops: Settings | None = None
 
 
@@ -481,6 +505,28 @@ def _watch_future_loops(settings: Settings) -> None:
         _state.original_set_running_loop = original
         _state.set_running_loop = _set_running_loop
         asyncio.events._set_running_loop = _set_running_loop
+    runner = asyncio.runners.Runner
+    if _state.runner_init is None and hasattr(runner, "_lazy_init"):
+        # uvloop keeps its own reference to asyncio's _set_running_loop, so a
+        # uvloop loop given to asyncio.Runner (uvloop.run() does that) never
+        # goes through the hook above: catch it as the Runner makes it,
+        # before the Runner creates the program's main task on it.
+        original_init = runner._lazy_init
+
+        def _lazy_init(self: Any) -> None:
+            original_init(self)
+            engine = _state.engine
+            loop = getattr(self, "_loop", None)
+            if loop is not None and engine is not None and _state.future_loops is not None:
+                try:
+                    if not engine.is_watching(loop):
+                        engine.attach(loop, _state.future_loops)
+                except Exception as exc:
+                    report_internal_error("loop start hook", exc)
+
+        _state.original_runner_init = original_init
+        _state.runner_init = _lazy_init
+        setattr(runner, "_lazy_init", _lazy_init)  # noqa: B010 - private in typeshed
 
 
 def uninstall() -> None:
@@ -497,6 +543,10 @@ def uninstall() -> None:
             if asyncio.events._set_running_loop is _state.set_running_loop:
                 asyncio.events._set_running_loop = _state.original_set_running_loop  # type: ignore[assignment]
             _state.set_running_loop = None
+        if _state.runner_init is not None:
+            if getattr(asyncio.runners.Runner, "_lazy_init", None) is _state.runner_init:
+                setattr(asyncio.runners.Runner, "_lazy_init", _state.original_runner_init)  # noqa: B010
+            _state.runner_init = None
         if _state.policy is not None:
             if get_policy() is _state.policy:
                 set_policy(_state.policy_base)
