@@ -432,17 +432,9 @@ def test_asyncwatch_reports_while_both_are_installed(loop_name, tracklib, order,
     assert kinds == expected
 
 
-_SITE_BUG = (
-    "asyncwatch bug: a task made by a chained foreign factory that wraps the coroutine (Sentry's) "
-    "loses its creation site: _remember_foreign keys it by id() of the coroutine asyncwatch was "
-    "given, created_at() compares with task.get_coro(), the wrapper"
-)
 
 
-@pytest.mark.parametrize(
-    "order",
-    [pytest.param("library_first", marks=pytest.mark.xfail(strict=True, reason=_SITE_BUG)), "asyncwatch_first"],
-)
+@pytest.mark.parametrize("order", ["library_first", "asyncwatch_first"])
 def test_findings_point_at_the_application_line(loop_name, tracklib, order, no_internal_error):
     """Both findings name the application line that created the task and its
     coroutine, not tracklib's factory nor its wrapper (tracklib is library code)."""
@@ -711,12 +703,6 @@ def test_eager_task_factory_set_before_asyncwatch(loop_name, factory_name, no_in
 
 
 @needs_eager
-@pytest.mark.xfail(
-    strict=True,
-    reason="asyncwatch gap: for a task of a chained custom eager factory that finished in its first "
-    "step, get_coro() is None (3.12.0-3.12.4 by asyncwatch's guard, 3.13 by asyncio), and asyncwatch "
-    "records the coroutine's name only for its own Task, so the finding's coroutine is None",
-)
 def test_custom_eager_factory_findings_name_the_coroutine(loop_name):
     """An eagerly failed CustomTask's finding still names its coroutine, as
     the README promises for eagerly completed tasks."""

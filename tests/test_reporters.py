@@ -300,3 +300,50 @@ class TestNothingQueuedIsLostAtExit:
         assert result.returncode == 0, result.stderr
         pids = [json.loads(line)["pid"] for line in (tmp_path / "f.jsonl").read_text().splitlines()]
         assert pids == [int(result.stdout)] * 50
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.parametrize("lock", ["engine.pipeline._lock", "engine.pipeline.limiter._lock"])
+def test_a_fork_while_a_thread_reports_leaves_the_child_able_to_report(tmp_path, lock):
+    """A thread in the middle of reporting holds the pipeline's locks; a child
+    forked then must not inherit them held (it would hang at its first finding)."""
+    result = run_python(
+        f"""
+        import asyncio, os, threading, time
+        import asyncwatch
+        from asyncwatch._engine import current_engine
+        from asyncwatch.testing import capture_findings
+
+        asyncwatch.install(log=False)
+        engine = current_engine()
+        lock = {lock}
+        held, release = threading.Event(), threading.Event()
+
+        def hold():
+            with lock:
+                held.set()
+                release.wait()
+
+        threading.Thread(target=hold, daemon=True).start()
+        held.wait()
+        pid = os.fork()
+        if pid == 0:
+            async def main():
+                time.sleep(0.2)
+                await asyncio.sleep(0)
+
+            with capture_findings() as found:
+                asyncio.run(main())
+            os._exit(0 if [f.kind.value for f in found] == ["slow_callback"] else 1)
+        release.set()
+        for _ in range(200):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                raise SystemExit(os.waitstatus_to_exitcode(status))
+            time.sleep(0.05)
+        os.kill(pid, 9)
+        raise SystemExit("the child hung")
+        """,
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr

@@ -104,6 +104,7 @@ class RateLimiter:
         self.suppressed: Counter[tuple[FindingKind, Site | None]] = Counter()
         self._lock = threading.Lock()
         self._clock = time.monotonic
+        _renew_after_fork.add(self)
 
     def admit(self, finding: Finding) -> Finding | None:
         """The finding to report (with ``suppressed`` filled in), or None to hold it back."""
@@ -134,6 +135,7 @@ class Pipeline:
         self._reporters: list[Reporter] = list(reporters)
         self._lock = threading.Lock()
         self.limiter = limiter
+        _renew_after_fork.add(self)
 
     def add(self, reporter: Reporter) -> None:
         with self._lock:
@@ -424,9 +426,16 @@ def _flush_at_child_exit(reporter: JsonLinesReporter) -> None:
         util.Finalize(reporter, reporter.flush, exitpriority=-100)
 
 
+#: Objects whose lock a thread may hold at a fork: a lock held then stays
+#: held for ever in the child, so the child gets new ones.
+_renew_after_fork: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
 def _after_fork_in_child() -> None:
     for reporter in list(_open_files):
         reporter._after_fork_in_child()
+    for owner in list(_renew_after_fork):
+        owner._lock = threading.Lock()
 
 
 atexit.register(_flush_open_files)

@@ -87,6 +87,9 @@ def coro_name(task: asyncio.Future[Any]) -> str | None:
         # Our factory names every task it starts eagerly, so this one was
         # not, and get_coro() is safe even on 3.12.0-3.12.4.
         return qualname_of(task.get_coro())
+    entry = _foreign_entry(task)
+    if entry is not None:
+        return entry[3]  # the coroutine the program gave, not a library's wrapper of it
     return qualname_of(coro_of(task))
 
 
@@ -214,7 +217,8 @@ class TimedCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
     untouched.  Used only while an observer (spans) is on.
     """
 
-    __slots__ = ("_aw_early", "_aw_inner", "_aw_observer", "_aw_task")
+    # __weakref__: a coroutine can be weakly referenced, so its stand-in must be too.
+    __slots__ = ("__weakref__", "_aw_early", "_aw_inner", "_aw_observer", "_aw_task")
 
     def __init__(self, coro: Any, observer: TaskObserver) -> None:
         self._aw_inner = coro
@@ -426,10 +430,13 @@ def _short(site: Site | None) -> str:
 
 # Tasks made by another library's task factory are not our subclass and have
 # no slots: their creation sites live here, keyed by id(task) and checked
-# against id(coroutine).  Entries leave on completion; the table is capped
-# for tasks that vanish without a word (gather hides their destruction).
+# against id() of the coroutine the task runs (which may be the library's
+# wrapper of the program's coroutine, as Sentry's is), with the name of the
+# program's coroutine (a done task may no longer say it).  Entries leave on
+# completion; the table is capped for tasks that vanish without a word
+# (gather hides their destruction).
 _FOREIGN_LIMIT = 100_000
-_foreign_sites: dict[int, tuple[int, CodeType, int]] = {}
+_foreign_sites: dict[int, tuple[int, CodeType, int, str | None]] = {}
 
 
 def _forget_foreign(task: asyncio.Task[Any]) -> None:
@@ -449,11 +456,18 @@ def created_at(task: asyncio.Future[Any]) -> Site | None:
     site = getattr(task, "_aw_site", None)
     if site is not None:
         return code_site(*site)
+    entry = _foreign_entry(task)
+    return code_site(entry[1], entry[2]) if entry is not None else None
+
+
+def _foreign_entry(task: asyncio.Future[Any]) -> tuple[int, CodeType, int, str | None] | None:
     entry = _foreign_sites.get(id(task))
     if entry is not None:
         coro = coro_of(task)
-        if coro is None or entry[0] == id(coro):
-            return code_site(entry[1], entry[2])
+        # No coroutine to check (finished: asyncio let it go) or none known
+        # at creation (finished eagerly on 3.12.0-3.12.4): trust the id of the task.
+        if coro is None or not entry[0] or entry[0] == id(coro):
+            return entry
     return None
 
 
@@ -572,8 +586,10 @@ def _make_factory(state: TaskFactory, depth: int) -> Callable[..., Any]:
             if previous is None:
                 task = Task(coro, loop=loop, **kwargs)
             elif previous is _eager_task_factory:
-                kwargs.setdefault("eager_start", True)
-                task = Task(coro, loop=loop, **kwargs)
+                # Exactly what asyncio.eager_task_factory does, our Task in place
+                # of asyncio's (so a loop passing eager_start itself, as uvloop
+                # does on 3.13, fails here as it would without asyncwatch).
+                task = Task(coro, loop=loop, eager_start=True, **kwargs)
             else:
                 task = previous(loop, coro, **kwargs)
                 if not hasattr(task, "_source_traceback"):
@@ -598,7 +614,7 @@ def _make_factory(state: TaskFactory, depth: int) -> Callable[..., Any]:
                     task._aw_coro = qualname_of(coro)  # get_coro() may be gone (gh-122332)
             elif type(task) is Task:
                 task._aw_site = site
-                if kwargs and kwargs.get("eager_start"):
+                if previous is _eager_task_factory or kwargs.get("eager_start"):
                     task._aw_coro = qualname_of(coro)
                 if observer is not None and type(coro) is TimedCoroutine:
                     _observe(task, coro, observer, site)
@@ -628,7 +644,8 @@ def _remember_foreign(task: asyncio.Task[Any], coro: Any, site: tuple[CodeType, 
     if len(_foreign_sites) >= _FOREIGN_LIMIT:
         for key in list(_foreign_sites)[: _FOREIGN_LIMIT // 2]:
             del _foreign_sites[key]
-    _foreign_sites[id(task)] = (id(coro), *site)
+    runs = coro_of(task)
+    _foreign_sites[id(task)] = (id(runs) if runs is not None else 0, *site, qualname_of(coro))
     task.add_done_callback(_forget_foreign)
 
 
