@@ -254,3 +254,21 @@ def test_a_failing_observer_is_dropped_and_the_program_runs_on(loop_name, capsys
     assert run_observed(loop_name, main, Broken()) == 6
     out = capsys.readouterr()
     assert (out.out + out.err).count("asyncwatch.internal_error") == 1
+
+
+def test_a_traced_tasks_coroutine_can_be_weakly_referenced(loop_name):
+    """task.get_coro() under an observer is the timing wrapper: like the coroutine
+    it stands for, it takes a weak reference (libraries keep such references)."""
+    recorder = Recorder()
+
+    async def work():
+        await asyncio.sleep(0)
+
+    async def main():
+        task = asyncio.create_task(work())
+        ref = weakref.ref(task.get_coro())
+        alive = ref() is task.get_coro()
+        await task
+        return alive
+
+    assert run_observed(loop_name, main, recorder)
