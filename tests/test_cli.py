@@ -339,3 +339,34 @@ class TestOptionsReachTheLoops:
         assert result.returncode == 0, result.stderr
         assert "asyncwatch: 1 finding in 1 place" in result.stderr
         assert "slow_callback" not in result.stderr
+
+
+def test_asyncwatchs_own_events_go_to_stderr_never_the_programs_stdout(tmp_path):
+    """An internal error under ``asyncwatch run`` is said on stderr: the program's
+    stdout (which may be piped into another program) carries only its own output."""
+    script = tmp_path / "app.py"
+    script.write_text(
+        textwrap.dedent(
+            """\
+            import asyncio
+            import asyncwatch._tasks
+
+            def broken(*args):
+                raise RuntimeError("injected")
+
+            asyncwatch._tasks._delivery_point = broken  # asyncwatch's own bookkeeping fails
+
+            async def main():
+                task = asyncio.create_task(asyncio.sleep(10))
+                await asyncio.sleep(0)
+                task.cancel()
+                print("program output")
+
+            asyncio.run(main())
+            """
+        )
+    )
+    result = run("run", str(script), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "program output\n"
+    assert "asyncwatch.internal_error" in result.stderr and "injected" in result.stderr

@@ -17,18 +17,16 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
 from ._coroutines import CoroutineHook
 from ._findings import Finding, FindingKind
 from ._reporters import (
-    LOGGER_NAME,
     JsonLinesReporter,
     Pipeline,
     RateLimiter,
     Reporter,
     StructlogReporter,
     forget_internal_errors,
+    internal_logger,
     report_internal_error,
 )
 from ._settings import ConfigurationError, Settings, check_install_arguments
@@ -339,7 +337,7 @@ def _env_settings() -> Settings:
     breaking a production start-up (the command line is strict instead)."""
 
     def warn(variable: str, value: Any, error: str) -> None:
-        structlog.get_logger(LOGGER_NAME).warning(
+        internal_logger().warning(
             "asyncwatch.bad_environment", variable=variable, value=value, error=error, using="default"
         )
 
@@ -375,7 +373,7 @@ def ensure_engine(
                 # Whoever installed first (often `asyncwatch run` or the pytest
                 # plugin) owns the process-wide options; a later install()
                 # from the program must not break it, so it is told, not failed.
-                structlog.get_logger(LOGGER_NAME).warning(
+                internal_logger().warning(
                     "asyncwatch.already_installed",
                     option=name,
                     requested=getattr(settings, name),
@@ -385,7 +383,7 @@ def ensure_engine(
         for name, provider in (("tracer_provider", tracer_provider), ("meter_provider", meter_provider)):
             kept = getattr(engine.telemetry, name, None)
             if provider is not None and provider is not kept:
-                structlog.get_logger(LOGGER_NAME).warning(
+                internal_logger().warning(
                     "asyncwatch.already_installed",
                     option=name,
                     requested=repr(provider),

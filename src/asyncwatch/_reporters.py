@@ -62,7 +62,7 @@ def report_internal_error(part: str, exc: BaseException) -> None:
             return
         _reported_errors.add(part)
     try:
-        structlog.get_logger(LOGGER_NAME).error(
+        internal_logger().error(
             "asyncwatch.internal_error",
             part=part,
             error=f"{type(exc).__name__}: {exc}",
@@ -74,6 +74,25 @@ def report_internal_error(part: str, exc: BaseException) -> None:
             sys.stderr.write(f"asyncwatch: internal error in {part}: {type(exc).__name__}: {exc}\n")
         except Exception:
             pass
+
+
+#: The StructlogReporter rendering on the command line's behalf, if any: its
+#: stream (stderr) is where asyncwatch's own events go too, never the
+#: program's stdout.
+_cli_reporter: weakref.ref[StructlogReporter] | None = None
+
+
+def internal_logger() -> Any:
+    """The logger for asyncwatch's own events (internal errors, bad environment).
+
+    The application's structlog configuration when it has one; under
+    ``asyncwatch run``, which owns the process, the command line's stderr
+    rendering; else structlog's default.
+    """
+    reporter = _cli_reporter() if _cli_reporter is not None else None
+    if reporter is not None and not structlog.is_configured():
+        return reporter._logger()
+    return structlog.get_logger(LOGGER_NAME)
 
 
 def forget_internal_errors() -> None:
@@ -221,6 +240,9 @@ class StructlogReporter:
         self._fallback = fallback
         self._stream = stream
         self._private: Any = None
+        if fallback is not None:
+            global _cli_reporter
+            _cli_reporter = weakref.ref(self)
 
     def _logger(self) -> Any:
         if self._fallback is None or structlog.is_configured():

@@ -589,7 +589,7 @@ def _make_factory(state: TaskFactory, depth: int) -> Callable[..., Any]:
                 # Exactly what asyncio.eager_task_factory does, our Task in place
                 # of asyncio's (so a loop passing eager_start itself, as uvloop
                 # does on 3.13, fails here as it would without asyncwatch).
-                task = Task(coro, loop=loop, eager_start=True, **kwargs)
+                task = Task(coro, loop=loop, eager_start=True, **kwargs)  # type: ignore[call-arg]  # 3.12+
             else:
                 task = previous(loop, coro, **kwargs)
                 if not hasattr(task, "_source_traceback"):
