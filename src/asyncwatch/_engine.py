@@ -492,13 +492,7 @@ def _watch_future_loops(settings: Settings) -> None:
 
         def _set_running_loop(loop: Any) -> None:
             original(loop)
-            engine = _state.engine
-            if loop is not None and engine is not None and _state.future_loops is not None:
-                try:
-                    if not engine.is_watching(loop):
-                        engine.attach(loop, _state.future_loops)
-                except Exception as exc:
-                    report_internal_error("loop start hook", exc)
+            _watch_starting_loop(loop)
 
         _state.original_set_running_loop = original
         _state.set_running_loop = _set_running_loop
@@ -513,18 +507,22 @@ def _watch_future_loops(settings: Settings) -> None:
 
         def _lazy_init(self: Any) -> None:
             original_init(self)
-            engine = _state.engine
-            loop = getattr(self, "_loop", None)
-            if loop is not None and engine is not None and _state.future_loops is not None:
-                try:
-                    if not engine.is_watching(loop):
-                        engine.attach(loop, _state.future_loops)
-                except Exception as exc:
-                    report_internal_error("loop start hook", exc)
+            _watch_starting_loop(getattr(self, "_loop", None))
 
         _state.original_runner_init = original_init
         _state.runner_init = _lazy_init
         setattr(runner, "_lazy_init", _lazy_init)  # noqa: B010 - private in typeshed
+
+
+def _watch_starting_loop(loop: Any) -> None:
+    """Attach a loop about to run (the loop-start hooks), unless it is watched."""
+    engine = _state.engine
+    if loop is not None and engine is not None and _state.future_loops is not None:
+        try:
+            if not engine.is_watching(loop):
+                engine.attach(loop, _state.future_loops)
+        except Exception as exc:
+            report_internal_error("loop start hook", exc)
 
 
 def uninstall() -> None:
