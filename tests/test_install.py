@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import sys
 import time
 import warnings
@@ -192,6 +193,38 @@ class TestEventLoopPolicy:
         finally:
             set_policy(original)
         assert [f.kind for f in collector.findings] == [FindingKind.SLOW_CALLBACK]
+
+
+    @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+    @pytest.mark.skipif(sys.version_info < (3, 12), reason="asyncio resets its policy at fork from 3.12")
+    @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+    def test_a_forked_child_does_not_share_the_parents_loop(self):
+        """asyncio makes a forked child forget its policy's event loop (3.12+):
+        with asyncwatch's policy in place too, the child gets a loop of its own."""
+        original = get_policy()
+        set_policy(asyncwatch.EventLoopPolicy())
+        parent = asyncio.new_event_loop()
+        read_end, write_end = os.pipe()
+        try:
+            asyncio.set_event_loop(parent)
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child always leaves through os._exit
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", DeprecationWarning)  # "no current event loop"
+                        child = asyncio.get_event_loop_policy().get_event_loop()
+                    os.write(write_end, b"parent's" if child is parent else b"its own")
+                finally:
+                    os._exit(0)
+            os.close(write_end)
+            answer = os.read(read_end, 100)
+            assert os.waitpid(pid, 0)[1] == 0
+        finally:
+            os.close(read_end)
+            asyncio.set_event_loop(None)
+            parent.close()
+            set_policy(original)
+        assert answer == b"its own"
 
 
 class TestUninstall:

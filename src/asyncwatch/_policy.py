@@ -125,6 +125,17 @@ class EventLoopPolicy(_AbstractPolicy):  # type: ignore[misc]
     def new_event_loop(self) -> asyncio.AbstractEventLoop:
         return self._watch(self._base.new_event_loop())
 
+    # In a forked child, asyncio (3.12+) forgets the parent's event loop by
+    # giving the current policy a new ``_local``: that must reach the base,
+    # which keeps the loops, or the child would share its parent's loop.
+    @property
+    def _local(self) -> Any:
+        return self._base._local
+
+    @_local.setter
+    def _local(self, value: Any) -> None:
+        self._base._local = value
+
     # The abstract policy defines these (3.11, 3.12), so __getattr__ would
     # never be asked: delegate them explicitly.
     def get_child_watcher(self) -> Any:
