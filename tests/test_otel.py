@@ -358,7 +358,7 @@ class TestModes:
         wrapped = []
 
         async def main():
-            wrapped.append(type(asyncio.current_task().get_coro()) is TimedCoroutine)
+            wrapped.append(type(asyncio.Task.get_coro(asyncio.current_task())) is TimedCoroutine)
             await asyncio.create_task(two_steps())
 
         run_traced(loop_name, main, spans, spans="off")
@@ -370,7 +370,7 @@ class TestModes:
         wrapped = []
 
         async def main():
-            wrapped.append(type(asyncio.current_task().get_coro()) is TimedCoroutine)
+            wrapped.append(type(asyncio.Task.get_coro(asyncio.current_task())) is TimedCoroutine)
 
         run_traced(loop_name, main, None, spans="all", metrics=True)
         assert wrapped == [False]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import sys
 import time
+import types
 import weakref
 
 import pytest
@@ -81,7 +83,7 @@ def test_lifecycle_of_a_task(loop_name):
         task = asyncio.create_task(work(), name="worker")  # <- observed task
         # Still asyncio's C Task (our slotted subclass): isinstance checks hold.
         assert type(task) is Task and isinstance(task, asyncio.Task)
-        assert type(task.get_coro()) is TimedCoroutine
+        assert type(asyncio.Task.get_coro(task)) is TimedCoroutine  # the program's get_coro() shows its own
         assert task.get_coro().__qualname__.endswith("work") and "work()" in repr(task)
         return await task
 
@@ -223,7 +225,7 @@ def test_a_cancelled_traced_task_frees_its_frames_without_the_collector(loop_nam
     async def main():
         task = asyncio.create_task(victim())
         await asyncio.sleep(0)
-        assert type(task.get_coro()) is TimedCoroutine
+        assert type(asyncio.Task.get_coro(task)) is TimedCoroutine
         task.cancel()
         await asyncio.wait([task])
         assert task.cancelled()
@@ -256,9 +258,28 @@ def test_a_failing_observer_is_dropped_and_the_program_runs_on(loop_name, capsys
     assert (out.out + out.err).count("asyncwatch.internal_error") == 1
 
 
+def test_a_traced_task_gives_the_program_its_own_coroutine(loop_name):
+    """The timing wrapper stays asyncwatch's: task.get_coro() is the program's
+    coroutine, as without asyncwatch (CPython's test_tasks checks the type)."""
+
+    async def work():
+        await asyncio.sleep(0)
+
+    async def main():
+        coro = work()
+        task = asyncio.create_task(coro)
+        seen = task.get_coro()
+        await task
+        return seen is coro and isinstance(seen, types.CoroutineType) and inspect.iscoroutine(seen), type(
+            asyncio.Task.get_coro(task)
+        )
+
+    assert run_observed(loop_name, main, Recorder()) == (True, TimedCoroutine)
+
+
 def test_a_traced_tasks_coroutine_can_be_weakly_referenced(loop_name):
-    """task.get_coro() under an observer is the timing wrapper: like the coroutine
-    it stands for, it takes a weak reference (libraries keep such references)."""
+    """A traced task's coroutine takes a weak reference, as without asyncwatch
+    (libraries keep such references)."""
     recorder = Recorder()
 
     async def work():
@@ -267,7 +288,8 @@ def test_a_traced_tasks_coroutine_can_be_weakly_referenced(loop_name):
     async def main():
         task = asyncio.create_task(work())
         ref = weakref.ref(task.get_coro())
-        alive = ref() is task.get_coro()
+        wrapper = weakref.ref(asyncio.Task.get_coro(task))  # asyncwatch's, which asyncio holds
+        alive = ref() is task.get_coro() and wrapper() is asyncio.Task.get_coro(task)
         await task
         return alive
 

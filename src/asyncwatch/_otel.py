@@ -410,7 +410,7 @@ class TaskTracer:
         now_ns = time.time_ns() if all_spans else 0  # else worked out if a span is ever made
         # A done task here finished eagerly inside create_task: do not ask
         # for its coroutine (gone, or a crash on 3.12.0-3.12.4: gh-122332).
-        wrapper = None if task.done() else task.get_coro()
+        wrapper = None if task.done() else coro_of(task)
         if type(wrapper) is TimedCoroutine:
             inner = wrapper._aw_inner
             qualname = getattr(inner, "__qualname__", None) or type(inner).__qualname__

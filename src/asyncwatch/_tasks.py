@@ -64,10 +64,16 @@ watches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopWatch] = weakr
 _GET_CORO_UNSAFE_WHEN_DONE = (3, 12) <= sys.version_info[:3] < (3, 12, 5)
 
 
+_task_get_coro = asyncio.Task.get_coro
+
+
 def coro_of(task: asyncio.Future[Any]) -> Any:
-    """``task.get_coro()``, or None where asking would crash CPython."""
+    """``task.get_coro()`` (for a traced task, asyncwatch's timing wrapper),
+    or None where asking would crash CPython."""
     if _GET_CORO_UNSAFE_WHEN_DONE and task.done():
         return None
+    if type(task) is Task:
+        return _task_get_coro(task)  # past Task.get_coro, which shows the program its own coroutine
     get_coro = getattr(task, "get_coro", None)
     return get_coro() if get_coro is not None else None
 
@@ -171,6 +177,13 @@ class Task(asyncio.Task):  # type: ignore[type-arg]
             # keeps "Task-N".  Installing asyncwatch must not rename tasks.
             if value is not None:
                 super().set_name(value)
+
+    def get_coro(self) -> Any:
+        # A traced task runs asyncwatch's timing wrapper around the program's
+        # coroutine; the program gets its own coroutine back, as without
+        # asyncwatch (identity, types.CoroutineType, inspect.iscoroutine).
+        coro = super().get_coro()
+        return coro._aw_inner if type(coro) is TimedCoroutine else coro
 
     def cancel(self, msg: Any = None) -> bool:
         caller = sys._getframe(1)
