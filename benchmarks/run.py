@@ -232,8 +232,8 @@ def summarize(
     """Per workload and mode: the median time, the per-round ratios to the baseline, the median peak RSS.
 
     *clock* "wall" compares elapsed times; "cpu" compares the CPU time the
-    process used (all threads), which other load on the machine disturbs far
-    less: use it on a shared machine."""
+    process used (all threads), which leaves out time spent waiting for a
+    core (but not cache contention, nor, in a VM, stolen time)."""
     by_key: dict[tuple[int, str, str], Measurement] = {(m.round, m.workload, m.mode): m for m in measurements}
     rounds = sorted({m.round for m in measurements})
     table: dict[str, dict[str, Cell]] = {}
@@ -528,7 +528,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(render_table(table, modes, markdown=args.markdown))
     print()
     print("CPU time of the process (all its threads, asyncwatch's watchdog included), the same way.")
-    print("Other load on the machine disturbs it far less than wall time: trust it on a shared machine.")
+    print("It leaves out time spent waiting for a core, not cache and memory contention, nor (in a VM)")
+    print("time the hypervisor gave away; for a count no load disturbs, see benchmarks/instructions.py.")
     print()
     print(render_table(cpu_table, modes, markdown=args.markdown))
     print()

@@ -1,0 +1,124 @@
+"""Per-task cost in CPU instructions, counted by valgrind's callgrind.
+
+    python benchmarks/instructions.py                  # this interpreter
+    python benchmarks/instructions.py --python /path/to/python3.13 --loop uvloop
+
+Wall and even CPU time swing by several percent from run to run on a shared
+machine; an instruction count does not.  This runs a ``gather`` of N trivial
+two-step tasks twice (N and 3N) under ``valgrind --tool=callgrind`` and
+divides the difference by 2N: what one task costs, start-up excluded.  Each
+mode isolates one part of asyncwatch's per-task cost:
+
+* ``plain``: asyncio (or uvloop) alone;
+* ``python-factory``: a task factory written in Python that makes plain Tasks;
+* ``task-subclass``: a Python factory making a subclass of asyncio.Task (the
+  kind asyncwatch needs to see ``cancel()``); CPython's C Task takes slower,
+  generic paths for any type that is not exactly ``asyncio.Task``;
+* ``asyncwatch``: ``asyncwatch.install()`` with every task detector, without
+  the slow-callback watchdog: under valgrind the program runs ~50 times
+  slower while the watchdog keeps its wall-clock period, which would inflate
+  its share fifty-fold (its real cost is what benchmarks/run.py measures).
+
+Requires valgrind (``apt-get install valgrind``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+MODES = ("plain", "python-factory", "task-subclass", "asyncwatch")
+
+PROGRAM = r'''
+import asyncio, sys
+mode, loop_name, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+async def two_steps(i):
+    await asyncio.sleep(0)
+    return i
+
+class SubTask(asyncio.Task):
+    __slots__ = ("a", "b", "c")
+
+def python_factory(loop, coro, **kwargs):
+    return asyncio.Task(coro, loop=loop, **kwargs)
+
+def subclass_factory(loop, coro, **kwargs):
+    return SubTask(coro, loop=loop, **kwargs)
+
+import asyncwatch  # imported in every mode: the same start-up
+if mode == "asyncwatch":
+    asyncwatch.install(log=False, detect=["task_destroyed_pending", "coroutine_never_awaited",
+                                          "cancellation_swallowed", "task_exception_unretrieved"])
+
+async def main():
+    loop = asyncio.get_running_loop()
+    if mode == "python-factory":
+        loop.set_task_factory(python_factory)
+    elif mode == "task-subclass":
+        loop.set_task_factory(subclass_factory)
+    await asyncio.gather(*(two_steps(i) for i in range(n)))
+
+if loop_name == "uvloop":
+    import uvloop
+    factory = uvloop.new_event_loop
+    if mode == "asyncwatch":
+        factory = asyncwatch.loop_factory(factory)
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main())
+else:
+    asyncio.run(main())
+'''
+
+
+def instructions(python: str, program: str, mode: str, loop: str, n: int) -> int:
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    result = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", python, program, mode, loop, str(n)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    match = re.search(r"Collected : (\d+)", result.stderr)
+    if result.returncode != 0 or match is None:
+        raise SystemExit(f"instructions.py: {mode} failed:\n{result.stderr[-2000:]}")
+    return int(match.group(1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--python", default=sys.executable, help="the interpreter to measure (default: this one)")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument("--tasks", type=int, default=10_000, help="N (default 10,000)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    args = parser.parse_args(argv)
+    if shutil.which("valgrind") is None:
+        parser.error("valgrind is not installed (apt-get install valgrind)")
+    version = subprocess.run(
+        [args.python, "-c", "import sys; print(sys.version.split()[0])"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    with tempfile.TemporaryDirectory() as tmp:
+        program = os.path.join(tmp, "churn.py")
+        with open(program, "w", encoding="utf-8") as f:
+            f.write(PROGRAM)
+        per_task: dict[str, float] = {}
+        for mode in args.modes:
+            small = instructions(args.python, program, mode, args.loop, args.tasks)
+            large = instructions(args.python, program, mode, args.loop, 3 * args.tasks)
+            per_task[mode] = (large - small) / (2 * args.tasks)
+    print(f"Python {version}, {args.loop}: instructions per task (gather of two-step tasks)")
+    base = per_task.get("plain")
+    for mode, count in per_task.items():
+        extra = f"  {count / base:.3f}x  ({count - base:+,.0f})" if base and mode != "plain" else ""
+        print(f"  {mode:<15} {count:>10,.0f}{extra}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
