@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -162,3 +163,13 @@ else:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     record = json.loads(proc.stdout.splitlines()[-1])
     assert record["mode"] == "asyncwatch-spans" and "spans_exported" in record["info"]
+
+
+@pytest.mark.skipif(not shutil.which("valgrind"), reason="valgrind is not installed (apt-get install valgrind)")
+def test_instructions_smoke() -> None:
+    """instructions.py counts a per-task cost for each mode it is given (tiny sizes)."""
+    proc = run_script(str(BENCHMARKS / "instructions.py"), "--tasks", "300", "--modes", "plain", "asyncwatch")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("Python ") and "instructions per task" in lines[0]
+    assert [line.split()[0] for line in lines[1:]] == ["plain", "asyncwatch"]
