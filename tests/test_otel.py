@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import weakref
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
@@ -822,3 +823,38 @@ class TestInstrumentor:
         )
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip().splitlines()[-1] == '[true, ["asyncio.task main", "asyncio.task work"]]'
+
+
+def test_a_traced_task_failing_as_its_loop_stops_does_not_keep_its_frames():
+    """loop.run_until_complete(coro) stops the loop right after coro's task ends,
+    before the callback that ends its span runs: that callback must not hold
+    the task's exception, whose traceback holds its frames and their locals
+    (here a stand-in for a socket or an SSL context, as in CPython's
+    test_sslproto.test_handshake_timeout)."""
+
+    class Held:
+        pass
+
+    provider = TracerProvider()
+    held = Held()
+    ref = weakref.ref(held)
+
+    async def client(resource):
+        kept = resource  # noqa: F841 - a local of the failing frame
+        async with asyncio.timeout(0.01):  # cancels the task: its span is watched
+            await asyncio.sleep(10)
+
+    asyncwatch.install(spans="all", tracer_provider=provider, log=False)
+    loop = asyncio.new_event_loop()  # attached now: the task below is traced
+    try:
+        try:
+            loop.run_until_complete(client(held))
+        except TimeoutError:
+            pass
+        del held
+        gc_collect_harder()
+        assert ref() is None
+    finally:
+        loop.close()
+        asyncwatch.uninstall()
+        provider.shutdown()

@@ -33,6 +33,7 @@ import gc
 import os
 import threading
 import time
+import traceback
 import weakref
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -198,6 +199,23 @@ def _task_context_of(task: asyncio.Task[Any]) -> Any:
 # --- per-task bookkeeping ----------------------------------------------------
 
 
+class _Failure:
+    """A task's exception as the span's ``exception`` event will say it: the
+    attributes of OpenTelemetry's ``record_exception`` (type, message,
+    traceback text), made at once, so that nothing keeps the exception."""
+
+    __slots__ = ("attributes", "description")
+
+    def __init__(self, exc: BaseException) -> None:
+        self.description = describe_exception(exc)
+        self.attributes = {
+            "exception.type": type(exc).__name__,
+            "exception.message": str(exc),
+            "exception.stacktrace": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+            "exception.escaped": "False",
+        }
+
+
 class _TaskRecord:
     """One task's life, and its per-task observer.
 
@@ -300,8 +318,13 @@ class _TaskRecord:
             # A swallowed cancellation is reported by a done callback that
             # asyncio runs after this one, a slow last step by the loop's next
             # heartbeat: end the span once they have run.
+            # The exception goes as text: a callback the loop never runs (it
+            # stopped right after this task, as run_until_complete does) must
+            # not keep the exception, its traceback and every frame in it
+            # (sockets, SSL contexts) alive.
+            failure = _Failure(exc) if exc is not None else None
             try:
-                task.get_loop().call_soon(self.finish, state, exc)
+                task.get_loop().call_soon(self.finish, state, failure)
                 return
             except RuntimeError:  # the loop is closing
                 pass
@@ -309,7 +332,7 @@ class _TaskRecord:
 
     # -- spans --------------------------------------------------------------
 
-    def finish(self, state: str, exc: BaseException | None, end_ns: int | None = None) -> None:
+    def finish(self, state: str, exc: BaseException | _Failure | None, end_ns: int | None = None) -> None:
         """End the span (making it first if the task turned out notable)."""
         owner = self.owner
         self.state = state
@@ -323,8 +346,9 @@ class _TaskRecord:
         if span.is_recording():
             span.set_attributes(self._attributes(state))
             if exc is not None:
-                span.record_exception(exc)
-                span.set_status(Status(StatusCode.ERROR, describe_exception(exc)))
+                failure = exc if isinstance(exc, _Failure) else _Failure(exc)
+                span.add_event("exception", failure.attributes)
+                span.set_status(Status(StatusCode.ERROR, failure.description))
                 owner.remember_failed(self)
         if end_ns is None:
             end_ns = _now_ns_for(self.last_end) if self.last_end else time.time_ns()
