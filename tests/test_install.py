@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import asyncio.base_events
 import gc
 import os
 import sys
@@ -38,6 +39,7 @@ def _snapshot(loop: asyncio.AbstractEventLoop | None = None) -> dict[str, object
         "warn_unawaited": warnings._warn_unawaited_coroutine,  # type: ignore[attr-defined]
         "set_running_loop": asyncio.events._set_running_loop,
         "runner_init": asyncio.Runner.__dict__.get("_lazy_init"),
+        "run_until_complete": asyncio.base_events.BaseEventLoop.__dict__["run_until_complete"],
         "policy": get_policy(),
         "origin_depth": sys.get_coroutine_origin_tracking_depth(),
         "gc_callbacks": list(gc.callbacks),
@@ -97,6 +99,32 @@ class TestInstallBeforeAnyLoop:
         finally:
             loop.close()
         assert [f.kind for f in collector.findings] == [FindingKind.SLOW_CALLBACK]
+
+    def test_the_first_task_of_a_hand_made_loop_is_tracked(self):
+        """run_until_complete(coro) makes coro's task before the loop runs: a
+        loop made by hand is attached first, so that task has its creation
+        site and its swallowed cancellation is seen."""
+        collector = CollectingReporter()
+        asyncwatch.install(reporters=[collector], log=False)
+
+        async def swallow():
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                pass
+
+        async def main():
+            task = asyncio.current_task()
+            asyncio.get_running_loop().call_later(0.01, task.cancel)
+            await swallow()
+
+        loop = asyncio.SelectorEventLoop()
+        try:
+            loop.run_until_complete(main())  # <- first task of a hand-made loop
+        finally:
+            loop.close()
+        [found] = [f for f in collector.findings if f.kind is FindingKind.CANCELLATION_SWALLOWED]
+        assert found.created_at.line == line_of("# <- first task of a hand-made loop")
 
     @pytest.mark.parametrize("how", ["Runner", "uvloop.run"])
     def test_watches_uvloop_loops_given_to_a_runner(self, how):
@@ -257,6 +285,7 @@ class TestUninstall:
         assert sys.get_coroutine_origin_tracking_depth() > 0
         assert asyncio.events._set_running_loop is not before["set_running_loop"]
         assert asyncio.Runner.__dict__.get("_lazy_init") is not before["runner_init"]
+        assert asyncio.base_events.BaseEventLoop.__dict__["run_until_complete"] is not before["run_until_complete"]
         handle.uninstall()
         assert _snapshot() == before
         assert not asyncwatch.is_installed()

@@ -8,6 +8,7 @@ hooked is chained and restored by `uninstall()`.
 from __future__ import annotations
 
 import asyncio
+import asyncio.base_events
 import asyncio.events
 import asyncio.runners
 import dataclasses
@@ -303,6 +304,8 @@ class _State:
         self.original_set_running_loop: Callable[[Any], None] | None = None
         self.runner_init: Callable[[Any], None] | None = None  # our asyncio.Runner._lazy_init
         self.original_runner_init: Callable[[Any], None] | None = None
+        self.run_until_complete: Callable[[Any, Any], Any] | None = None  # our BaseEventLoop's
+        self.original_run_until_complete: Callable[[Any, Any], Any] | None = None
         self.future_loops: Settings | None = None
 
 
@@ -512,6 +515,21 @@ def _watch_future_loops(settings: Settings) -> None:
         _state.original_runner_init = original_init
         _state.runner_init = _lazy_init
         setattr(runner, "_lazy_init", _lazy_init)  # noqa: B010 - private in typeshed
+    base_loop = asyncio.base_events.BaseEventLoop
+    if _state.run_until_complete is None:
+        # loop.run_until_complete(coro) makes the task for coro before the
+        # loop starts running: attach a loop made by hand first, so that
+        # task is ours too.
+        original_ruc = base_loop.run_until_complete
+
+        def run_until_complete(self: Any, future: Any) -> Any:
+            if not self.is_closed():
+                _watch_starting_loop(self)
+            return original_ruc(self, future)
+
+        _state.original_run_until_complete = original_ruc
+        _state.run_until_complete = run_until_complete
+        setattr(base_loop, "run_until_complete", run_until_complete)  # noqa: B010
 
 
 def _watch_starting_loop(loop: Any) -> None:
@@ -543,6 +561,11 @@ def uninstall() -> None:
             if getattr(asyncio.runners.Runner, "_lazy_init", None) is _state.runner_init:
                 setattr(asyncio.runners.Runner, "_lazy_init", _state.original_runner_init)  # noqa: B010
             _state.runner_init = None
+        if _state.run_until_complete is not None:
+            base_loop = asyncio.base_events.BaseEventLoop
+            if base_loop.__dict__.get("run_until_complete") is _state.run_until_complete:
+                setattr(base_loop, "run_until_complete", _state.original_run_until_complete)  # noqa: B010
+            _state.run_until_complete = None
         if _state.policy is not None:
             if get_policy() is _state.policy:
                 set_policy(_state.policy_base)
