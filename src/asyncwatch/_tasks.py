@@ -491,7 +491,7 @@ class TaskFactory:
     to call than an object with ``__call__``), closing over this state.
     """
 
-    __slots__ = ("__weakref__", "enabled", "function", "observer", "previous")
+    __slots__ = ("__weakref__", "enabled", "function", "previous")
 
     def __init__(
         self,
@@ -501,8 +501,9 @@ class TaskFactory:
     ) -> None:
         self.previous = previous
         self.enabled = True
-        self.observer = observer
-        self.function = _make_factory(self, _first_caller_depth(loop))
+        # What it chains and whom it tells are fixed here: the function is
+        # specialised for them (see _make_factory).
+        self.function = _make_factory(self, _first_caller_depth(loop), observer)
 
 
 def _first_caller_depth(loop: asyncio.AbstractEventLoop) -> int:
@@ -526,8 +527,8 @@ _library_cache = _is_library_cache
 # task it makes has the same creation site: found once, then reused.
 _GATHER = asyncio.tasks.gather.__code__
 
-def _make_factory(state: TaskFactory, depth: int) -> Callable[..., Any]:
-    """The task factory function for *state*.
+def _make_factory(state: TaskFactory, depth: int, observer: TaskObserver | None) -> Callable[..., Any]:
+    """The task factory function for *state*, telling *observer* about each task.
 
     Its common path (no chained factory, no observer, a gather child) runs
     about a dozen bytecodes besides creating the task: this runs for every
@@ -552,7 +553,6 @@ def _make_factory(state: TaskFactory, depth: int) -> Callable[..., Any]:
         fan_frame, fan_depth = None, 0
 
     previous = state.previous
-    observer = state.observer
     plain = previous is None and observer is None
 
     def creation_site(
