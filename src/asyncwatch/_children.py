@@ -28,13 +28,12 @@ import os
 import sys
 import tempfile
 import threading
-import weakref
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
 from ._engine import ensure_engine, is_installed, uninstall
 from ._findings import Finding, FindingKind, Site
-from ._reporters import JsonLinesReporter, Reporter, SummaryReporter
+from ._reporters import JsonLinesReporter, Reporter, SummaryReporter, in_forked_child, new_lock
 from ._settings import ENV_VARS, RUN_MARKER, ConfigurationError, RunSettings, Settings, environ_for, resolve_run
 
 __all__ = ["BOOTSTRAP_DIR", "Spool", "SpoolReporter", "bootstrap", "start_watching"]
@@ -56,17 +55,6 @@ _ENGINE_FIELDS = (
 
 # --- the spool -----------------------------------------------------------------
 
-_reporters: weakref.WeakSet[SpoolReporter] = weakref.WeakSet()
-
-
-def _renew_locks_in_child() -> None:
-    # A lock another thread held at fork() would stay held in the child forever.
-    for reporter in list(_reporters):
-        reporter._lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_renew_locks_in_child)
 
 
 class SpoolReporter:
@@ -86,7 +74,7 @@ class SpoolReporter:
         self._skip_pid = skip_pid
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND)
         self._lock = threading.Lock()
-        _reporters.add(self)
+        in_forked_child(self, new_lock)  # a lock another thread held at fork() stays held
 
     def report(self, finding: Finding) -> None:
         if finding.pid == self._skip_pid:

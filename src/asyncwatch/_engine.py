@@ -12,7 +12,6 @@ import asyncio.base_events
 import asyncio.events
 import asyncio.runners
 import dataclasses
-import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -27,6 +26,7 @@ from ._reporters import (
     Reporter,
     StructlogReporter,
     forget_internal_errors,
+    in_forked_child,
     internal_logger,
     report_internal_error,
 )
@@ -246,6 +246,7 @@ class Engine:
         self.task_observer: TaskObserver | None = None
         self.watches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopWatch] = weakref.WeakKeyDictionary()
         self._lock = threading.RLock()
+        in_forked_child(self, _new_engine_lock)  # attaching a loop, at fork()
         self.coroutine_hook: CoroutineHook | None = None
         if FindingKind.COROUTINE_NEVER_AWAITED in settings.detect:
             self.coroutine_hook = CoroutineHook(self.emit, settings.track_coroutine_origins)
@@ -291,6 +292,10 @@ class Engine:
 # --- Global state department -------------------------------------------------
 
 
+def _new_engine_lock(engine: Engine) -> None:
+    engine._lock = threading.RLock()
+
+
 class _State:
     """Everything `install()` changed in the interpreter, to undo it."""
 
@@ -312,17 +317,13 @@ class _State:
 _state = _State()
 
 
-def _renew_locks_in_child() -> None:
-    # A forked child has only the thread that called fork(): a lock another
-    # thread held then (installing, attaching a loop) would stay held forever.
-    _state.lock = threading.RLock()
-    engine = _state.engine
-    if engine is not None:
-        engine._lock = threading.RLock()
+def _new_state_lock(state: _State) -> None:
+    state.lock = threading.RLock()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_renew_locks_in_child)
+# A lock another thread held at fork() (installing) would stay held in the
+# child for ever.
+in_forked_child(_state, _new_state_lock)
 
 
 def current_engine() -> Engine | None:

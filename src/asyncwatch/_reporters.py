@@ -95,6 +95,35 @@ def internal_logger() -> Any:
     return structlog.get_logger(LOGGER_NAME)
 
 
+# --- forked children -------------------------------------------------------------
+#
+# A forked child has only the thread that called fork(): a lock another
+# thread held at that moment stays held in the child for ever, and threads
+# asyncwatch started are gone.  Everything that owns such state registers here;
+# one os.register_at_fork hook serves them all (it keeps forever whatever it
+# is given, so owners are held weakly).
+
+_in_forked_child: weakref.WeakKeyDictionary[Any, Callable[[Any], None]] = weakref.WeakKeyDictionary()
+
+
+def in_forked_child(owner: Any, renew: Callable[[Any], None]) -> None:
+    """Have ``renew(owner)`` called in every forked child while *owner* lives."""
+    _in_forked_child[owner] = renew
+
+
+def new_lock(owner: Any) -> None:
+    """`in_forked_child`'s usual *renew*: a new ``owner._lock``."""
+    owner._lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    for owner, renew in list(_in_forked_child.items()):
+        try:
+            renew(owner)
+        except Exception as exc:
+            report_internal_error(f"{type(owner).__name__} after fork", exc)
+
+
 def forget_internal_errors() -> None:
     """Let every part report its next internal error again (after uninstall)."""
     with _reported_lock:
@@ -123,7 +152,7 @@ class RateLimiter:
         self.suppressed: Counter[tuple[FindingKind, Site | None]] = Counter()
         self._lock = threading.Lock()
         self._clock = time.monotonic
-        _renew_after_fork.add(self)
+        in_forked_child(self, new_lock)
 
     def admit(self, finding: Finding) -> Finding | None:
         """The finding to report (with ``suppressed`` filled in), or None to hold it back."""
@@ -154,7 +183,7 @@ class Pipeline:
         self._reporters: list[Reporter] = list(reporters)
         self._lock = threading.Lock()
         self.limiter = limiter
-        _renew_after_fork.add(self)
+        in_forked_child(self, new_lock)
 
     def add(self, reporter: Reporter) -> None:
         with self._lock:
@@ -339,6 +368,7 @@ class JsonLinesReporter:
         self.dropped = 0
         self._write = os.write
         _open_files.add(self)
+        in_forked_child(self, JsonLinesReporter._after_fork_in_child)
 
     def report(self, finding: Finding) -> None:
         data = (json.dumps(finding.to_dict(), ensure_ascii=False) + "\n").encode("utf-8")
@@ -446,18 +476,6 @@ def _flush_at_child_exit(reporter: JsonLinesReporter) -> None:
     util = sys.modules.get("multiprocessing.util")
     if util is not None:
         util.Finalize(reporter, reporter.flush, exitpriority=-100)
-
-
-#: Objects whose lock a thread may hold at a fork: a lock held then stays
-#: held for ever in the child, so the child gets new ones.
-_renew_after_fork: weakref.WeakSet[Any] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for reporter in list(_open_files):
-        reporter._after_fork_in_child()
-    for owner in list(_renew_after_fork):
-        owner._lock = threading.Lock()
 
 
 atexit.register(_flush_open_files)

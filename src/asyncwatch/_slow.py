@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import asyncio.events
 import gc
-import os
 import sys
 import threading
 import time
@@ -47,7 +46,7 @@ from ._findings import (
     qualname_of,
     stack_of,
 )
-from ._reporters import report_internal_error
+from ._reporters import in_forked_child, report_internal_error
 from ._tasks import TimedCoroutine, coro_name
 
 __all__ = ["LoopProbe", "Watchdog"]
@@ -340,7 +339,7 @@ class Watchdog:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        _watchdogs.add(self)
+        in_forked_child(self, Watchdog._after_fork)
 
     def add(self, probe: LoopProbe) -> None:
         probe.wake = self._wake_up
@@ -475,21 +474,3 @@ class Watchdog:
             # locals, alive until the next collection.
             frames.clear()
         return delay
-
-
-# Every watchdog, for the fork hook: registered once for the module, so that
-# an engine's watchdog is freed with it (os.register_at_fork keeps forever
-# whatever it is given).
-_watchdogs: weakref.WeakSet[Watchdog] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for watchdog in list(_watchdogs):
-        try:
-            watchdog._after_fork()
-        except Exception as exc:
-            report_internal_error("slow-callback watchdog", exc)
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
