@@ -11,7 +11,7 @@ work is done by `asyncwatch._pytest_support.Watcher`.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 import pytest
@@ -139,32 +139,29 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     and the short summary working as usual); a test that failed anyway gets
     the findings as a section of its report instead.
     """
-    watcher = item.config.stash[_WATCHER]
-    if not watcher.active:
-        return (yield)
-    try:
-        result = yield
-    except BaseException:
-        watcher.end_call(item, failed=True)
-        raise
-    failure = watcher.end_call(item, failed=False)
-    if failure:
-        pytest.fail(failure, pytrace=False)
-    return result
+    return (yield from _judged(item, Watcher.end_call))
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, None, None]:
     """Fail the teardown for tasks left running and for what teardown produced."""
+    return (yield from _judged(item, Watcher.end_test))
+
+
+def _judged(
+    item: pytest.Item, judge: Callable[[Watcher, pytest.Item, bool], str | None]
+) -> Generator[None, None, None]:
+    """Run the phase, then fail it with the text *judge* gives (a phase that
+    failed anyway is only told, and its own error stands)."""
     watcher = item.config.stash[_WATCHER]
     if not watcher.active:
         return (yield)
     try:
         result = yield
     except BaseException:
-        watcher.end_test(item, failed=True)
+        judge(watcher, item, True)
         raise
-    failure = watcher.end_test(item, failed=False)
+    failure = judge(watcher, item, False)
     if failure:
         pytest.fail(failure, pytrace=False)
     return result
