@@ -132,7 +132,7 @@ def _sdk_tracer_provider() -> tuple[Any, Callable[[], dict[str, Any]]]:
 
 
 def _asyncwatch_collector() -> Any:
-    from asyncwatch._reporters import CollectingReporter
+    from asyncwatch._outputs.collect import CollectingReporter
 
     return CollectingReporter()
 

@@ -384,7 +384,7 @@ class _Watch:
         # None.  asyncwatch caches its answer per file name (a cache that is
         # emptied when it grows), so this is renewed before every test.
         with contextlib.suppress(ImportError):
-            from asyncwatch._findings import _is_library_cache
+            from asyncwatch._core.frames import _is_library_cache
 
             for path in self._suite_files:
                 _is_library_cache[path] = False

@@ -13,7 +13,7 @@ import pytest
 
 import asyncwatch
 from asyncwatch import Finding
-from asyncwatch._reporters import CollectingReporter
+from asyncwatch._outputs.collect import CollectingReporter
 
 try:
     import uvloop

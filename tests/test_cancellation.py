@@ -12,7 +12,7 @@ import time
 
 import asyncwatch
 from asyncwatch import Finding, FindingKind
-from asyncwatch._reporters import CollectingReporter
+from asyncwatch._outputs.collect import CollectingReporter
 from conftest import base_factory, gc_collect_harder, line_of
 
 SWALLOWED = "cancellation_swallowed"

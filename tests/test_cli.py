@@ -349,12 +349,12 @@ def test_asyncwatchs_own_events_go_to_stderr_never_the_programs_stdout(tmp_path)
         textwrap.dedent(
             """\
             import asyncio
-            import asyncwatch._tasks
+            import asyncwatch._detectors.cancellation
 
             def broken(*args):
                 raise RuntimeError("injected")
 
-            asyncwatch._tasks._delivery_point = broken  # asyncwatch's own bookkeeping fails
+            asyncwatch._detectors.cancellation._delivery_point = broken  # asyncwatch's own bookkeeping fails
 
             async def main():
                 task = asyncio.create_task(asyncio.sleep(10))

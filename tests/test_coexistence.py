@@ -28,9 +28,9 @@ from typing import Any
 import pytest
 
 import asyncwatch
-import asyncwatch._findings as findings_mod
+import asyncwatch._core.frames as findings_mod
 from asyncwatch import FindingKind
-from asyncwatch._reporters import CollectingReporter
+from asyncwatch._outputs.collect import CollectingReporter
 from conftest import base_factory, line_of
 
 # --- the other library -----------------------------------------------------------
@@ -688,7 +688,7 @@ def test_eager_task_factory_set_before_asyncwatch(loop_name, factory_name, no_in
         assert state["task_types"] == {CustomTask}
         assert kinds == {FindingKind.TASK_EXCEPTION_UNRETRIEVED: 1, FindingKind.TASK_DESTROYED_PENDING: 1}
     else:
-        assert state["task_types"] == {asyncwatch._tasks.Task}
+        assert state["task_types"] == {asyncwatch._core.tasks.Task}
         assert all(issubclass(t, asyncio.Task) for t in state["task_types"])
         assert kinds == {
             FindingKind.TASK_EXCEPTION_UNRETRIEVED: 1,

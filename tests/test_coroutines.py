@@ -18,7 +18,7 @@ import warnings
 import pytest
 
 import asyncwatch
-from asyncwatch._coroutines import ORIGIN_DEPTH
+from asyncwatch._detectors.never_awaited import ORIGIN_DEPTH
 from asyncwatch.testing import capture_findings
 from conftest import base_factory, line_of
 

@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 
 import asyncwatch
 from asyncwatch import Finding, FindingKind, JsonLinesReporter, Site, StructlogReporter
-from asyncwatch._reporters import SummaryReporter
+from asyncwatch._outputs.collect import SummaryReporter
 
 SITE = Site("/app/service.py", 12, "handler")
 OTHER = Site("/app/jobs.py", 40, "spawn")

@@ -16,7 +16,7 @@ import pytest
 import asyncwatch
 from asyncwatch import FindingKind
 from asyncwatch._policy import get_policy, set_policy
-from asyncwatch._reporters import CollectingReporter
+from asyncwatch._outputs.collect import CollectingReporter
 from asyncwatch.testing import capture_findings
 from conftest import base_factory, gc_collect_harder, line_of
 
@@ -461,7 +461,7 @@ class TestContainment:
 
     def test_an_error_in_the_task_factory_bookkeeping_is_contained(self, monkeypatch, capsys):
         """If recording a creation site fails, the task is still created and returned."""
-        import asyncwatch._tasks as tasks_mod
+        import asyncwatch._core.tasks as tasks_mod
 
         def explode(filename):
             raise RuntimeError("site lookup exploded")
@@ -485,12 +485,12 @@ class TestContainment:
         """A failure inside our handler still hands the context to the next handler."""
         seen = []
         asyncwatch.install(log=False)
-        import asyncwatch._engine as engine_mod
+        from asyncwatch._detectors.task_exception import TaskExceptionDetector
 
-        def explode(self, context):
+        def explode(self, watch, context):
             raise RuntimeError("handler exploded")
 
-        monkeypatch.setattr(engine_mod.LoopWatch, "on_exception_context", explode)
+        monkeypatch.setattr(TaskExceptionDetector, "exception_context", explode)
 
         async def boom():
             raise ValueError("x")
@@ -514,12 +514,12 @@ class TestContainment:
 
     def test_an_error_in_the_coroutine_hook_keeps_the_runtime_warning(self, monkeypatch, capsys):
         """A failing never-awaited hook still lets CPython's RuntimeWarning through."""
-        import asyncwatch._coroutines as coro_mod
+        import asyncwatch._detectors.never_awaited as coro_mod
 
         def explode(self, coro, caller):
             raise RuntimeError("coroutine hook exploded")
 
-        monkeypatch.setattr(coro_mod.CoroutineHook, "_on_never_awaited", explode)
+        monkeypatch.setattr(coro_mod.NeverAwaitedDetector, "_on_never_awaited", explode)
         asyncwatch.install(log=False)
 
         async def save():
@@ -535,7 +535,7 @@ class TestContainment:
 
     def test_an_error_in_the_watchdog_is_contained(self, monkeypatch, capsys):
         """A failing watchdog logs once and stops; the program and other detectors go on."""
-        import asyncwatch._slow as slow_mod
+        import asyncwatch._detectors.slow_callback as slow_mod
 
         def explode(self, frames, now):
             raise RuntimeError("watchdog exploded")

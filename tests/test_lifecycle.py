@@ -31,12 +31,12 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import asyncwatch
-import asyncwatch._findings
-import asyncwatch._tasks
-from asyncwatch import Finding
+import asyncwatch._core.frames
+import asyncwatch._core.tasks
+from asyncwatch import Finding, FindingKind
 from asyncwatch._engine import Engine, LoopWatch, current_engine
-from asyncwatch._reporters import CollectingReporter
-from asyncwatch._slow import LoopProbe, Watchdog
+from asyncwatch._outputs.collect import CollectingReporter
+from asyncwatch._detectors.slow_callback import LoopProbe, SlowCallbackDetector, Watchdog
 from asyncwatch.testing import capture_findings
 from conftest import base_factory, gc_collect_harder, line_of
 
@@ -286,14 +286,14 @@ class TestLoopsClosedAndRecreated:
         while True:
             gc_collect_harder()
             watches, probes = ours()
-            if not (watches or probes or engine.watchdog._probes) or time.monotonic() > deadline:
+            if not (watches or probes or _watchdog(engine)._probes) or time.monotonic() > deadline:
                 break
             del watches, probes
             time.sleep(0.05)
         assert [r for r in loops if r() is not None] == []
-        assert (len(watches), len(probes), len(engine.watchdog._probes)) == (0, 0, 0)
+        assert (len(watches), len(probes), len(_watchdog(engine)._probes)) == (0, 0, 0)
         assert len(engine.watches) == 0
-        assert not any(w.engine is engine for w in asyncwatch._tasks.watches.values())
+        assert not any(w.engine is engine for w in asyncwatch._core.detector.watches.values())
 
 
 class TestInstallFromAThreadWithoutALoop:
@@ -382,6 +382,14 @@ def _child_findings(findings: list[Finding]) -> list[dict[str, Any]]:
     return [{"kind": f.kind.value, "pid": f.pid, "thread": f.thread, "line": f.site and f.site.line} for f in findings]
 
 
+def _watchdog(engine: Engine | None) -> Watchdog:
+    """The slow-callback detector's watchdog thread."""
+    assert engine is not None
+    detector = engine.detector(FindingKind.SLOW_CALLBACK)
+    assert isinstance(detector, SlowCallbackDetector)
+    return detector.watchdog
+
+
 @pytest.fixture
 def parent_loop_running() -> Iterator[Watchdog]:
     """asyncwatch installed, and a watched loop running in another thread,
@@ -400,18 +408,18 @@ def parent_loop_running() -> Iterator[Watchdog]:
     thread.start()
     assert started.wait(30)
     deadline = time.monotonic() + 10
-    while not (engine.watchdog._thread and engine.watchdog._probes) and time.monotonic() < deadline:
+    while not (_watchdog(engine)._thread and _watchdog(engine)._probes) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert engine.watchdog._thread is not None and engine.watchdog._thread.is_alive()
+    assert _watchdog(engine)._thread is not None and _watchdog(engine)._thread.is_alive()
     try:
-        yield engine.watchdog
+        yield _watchdog(engine)
     finally:
         stop.set()
         thread.join(30)
 
 
 def _child_runs_a_slow_loop() -> dict[str, Any]:
-    watchdog = current_engine().watchdog  # type: ignore[union-attr]
+    watchdog = _watchdog(current_engine())
     at_fork = {
         "thread": watchdog._thread is not None,
         "probes": len(watchdog._probes),
@@ -668,8 +676,8 @@ class TestMemory:
         """Tasks of another library's factory (chained before asyncwatch) that
         vanish without completing never grow the table of their sites past its cap."""
         cap = 200
-        monkeypatch.setattr(asyncwatch._tasks, "_FOREIGN_LIMIT", cap)
-        asyncwatch._tasks._foreign_sites.clear()
+        monkeypatch.setattr(asyncwatch._core.tasks, "_FOREIGN_LIMIT", cap)
+        asyncwatch._core.tasks._foreign_sites.clear()
 
         def other_library_factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
             return asyncio.Task(coro, loop=loop, **kwargs)
@@ -689,13 +697,13 @@ class TestMemory:
                 await asyncio.sleep(0)
                 del pending
                 gc.collect()
-                peak = max(peak, len(asyncwatch._tasks._foreign_sites))
+                peak = max(peak, len(asyncwatch._core.tasks._foreign_sites))
 
         loop = asyncio.new_event_loop()
         loop.set_task_factory(other_library_factory)
         asyncwatch.install(loop=loop, log=False)
         try:
-            assert asyncwatch._tasks.watches[loop].factory.previous is other_library_factory
+            assert asyncwatch._core.detector.watches[loop].factory.previous is other_library_factory
             loop.run_until_complete(main())
         finally:
             loop.close()
@@ -706,7 +714,7 @@ class TestMemory:
         """Tasks created from endlessly many file names (exec'd code) leave a
         bounded cache of which files are library code."""
         asyncwatch.install(log=False)
-        cache = asyncwatch._findings._is_library_cache
+        cache = asyncwatch._core.frames._is_library_cache
         peak = 0
 
         async def main():
@@ -728,7 +736,7 @@ class TestMemory:
             asyncio.run(_blocks_briefly())
             engine = current_engine()
             assert isinstance(engine, Engine)
-            refs += [weakref.ref(engine), weakref.ref(engine.watchdog)]
+            refs += [weakref.ref(engine), weakref.ref(_watchdog(engine))]
             del engine
             asyncwatch.uninstall()
         gc_collect_harder()

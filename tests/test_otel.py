@@ -31,12 +31,13 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
 from opentelemetry.trace import SpanContext, StatusCode, TraceFlags
 
 import asyncwatch
-import asyncwatch._otel
-import asyncwatch._slow
-import asyncwatch._tasks
+import asyncwatch._outputs.otel.otlp
+import asyncwatch._outputs.otel.telemetry
+import asyncwatch._detectors.slow_callback
+import asyncwatch._core.tasks
 from asyncwatch import ConfigurationError, Settings
-from asyncwatch._reporters import CollectingReporter
-from asyncwatch._tasks import TimedCoroutine
+from asyncwatch._outputs.collect import CollectingReporter
+from asyncwatch._core.tasks import TimedCoroutine
 from conftest import base_factory, gc_collect_harder, line_of
 
 BLOCK_S = 0.25  # a slow step: well over the 100 ms threshold
@@ -620,7 +621,7 @@ class TestMetrics:
     def test_instruments_have_the_documented_names_and_units(self, loop_name, meter, monkeypatch):
         """The names and units in the README's table."""
         provider, reader = meter
-        monkeypatch.setattr(asyncwatch._otel, "LAG_INTERVAL_S", 0.01)
+        monkeypatch.setattr(asyncwatch._outputs.otel.telemetry, "LAG_INTERVAL_S", 0.01)
 
         async def main():
             await asyncio.sleep(0.05)
@@ -688,7 +689,7 @@ class TestMetrics:
     def test_loop_lag_shows_a_blocked_loop(self, loop_name, meter, monkeypatch):
         """A 250 ms block delays the lag timer by about that much."""
         provider, reader = meter
-        monkeypatch.setattr(asyncwatch._otel, "LAG_INTERVAL_S", 0.02)
+        monkeypatch.setattr(asyncwatch._outputs.otel.telemetry, "LAG_INTERVAL_S", 0.02)
 
         async def main():
             await asyncio.sleep(0.05)
@@ -738,7 +739,7 @@ class TestOtlpExtra:
         """ImportError with pip install 'asyncwatch[otlp]'."""
         monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.http.trace_exporter", None)
         with pytest.raises(ImportError, match=r"pip install 'asyncwatch\[otlp\]'"):
-            asyncwatch._otel.setup_otlp()
+            asyncwatch._outputs.otel.otlp.setup_otlp()
 
     def test_the_command_line_fails_before_running_anything(self, monkeypatch, tmp_path, capsys):
         """asyncwatch run --otlp: a usage error (status 2) with the command, and the script never runs."""
@@ -760,7 +761,7 @@ class TestOtlpExtra:
         from opentelemetry import metrics
 
         monkeypatch.setattr(metrics, "set_meter_provider", lambda provider: None)
-        setup = asyncwatch._otel.setup_otlp(metrics=False)
+        setup = asyncwatch._outputs.otel.otlp.setup_otlp(metrics=False)
         setup.install()
         setup.tracer_provider.get_tracer("test").start_span("lost").end()
         started = time.monotonic()

@@ -16,7 +16,8 @@ from structlog.testing import capture_logs
 
 import asyncwatch
 from asyncwatch import Finding, FindingKind, JsonLinesReporter, Site
-from asyncwatch._reporters import CollectingReporter, Pipeline, RateLimiter
+from asyncwatch._outputs.collect import CollectingReporter
+from asyncwatch._outputs.pipeline import Pipeline, RateLimiter
 from asyncwatch.testing import capture_findings
 from conftest import line_of
 

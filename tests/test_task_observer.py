@@ -1,4 +1,4 @@
-"""The task lifecycle hook that OpenTelemetry spans build on."""
+"""The task hooks of the detector interface, which OpenTelemetry spans build on."""
 
 from __future__ import annotations
 
@@ -13,15 +13,16 @@ import weakref
 import pytest
 
 import asyncwatch
+from asyncwatch._core.detector import Detector, Hooks
+from asyncwatch._core.tasks import Task, TimedCoroutine
 from asyncwatch._engine import current_engine
-from asyncwatch._tasks import Task, TaskObserver, TimedCoroutine
 from conftest import base_factory, gc_collect_harder, line_of
 
 
-class Recorder:
-    """Records events per task object (kept alive, so that no id is reused):
-    create_task(name=...) names the task only after the factory returned, so
-    after task_created."""
+class Recorder(Detector):
+    """A detector that records the task events per task object (kept alive,
+    so that no id is reused): create_task(name=...) names the task only after
+    the factory returned, so after task_created."""
 
     def __init__(self):
         self.events = []
@@ -32,16 +33,19 @@ class Recorder:
             self.tasks.append(task)
         self.events.append((task, *event))
 
-    def task_created(self, task, created_at):
-        self._add(task, "created", created_at)
+    def wrap_coroutine(self, coro):
+        return TimedCoroutine(coro, self)
+
+    def task_created(self, task, coro, site):
+        self._add(task, "created", site)
 
     def task_step(self, task, start, duration):
         self._add(task, "step", duration)
 
-    def task_cancel_requested(self, task, canceller, message):
-        self._add(task, "cancel", canceller, message)
+    def task_cancel_requested(self, task, caller, message):
+        self._add(task, "cancel", caller.f_lineno, message)
 
-    def task_done(self, task):
+    def task_done(self, task, coro):
         state = "cancelled" if task.cancelled() else "exception" if task._exception else "finished"
         self._add(task, "done", state)
 
@@ -59,14 +63,18 @@ def run_observed_on(base, main, recorder):
     engine_loop = asyncio.new_event_loop()
     asyncwatch.install(loop=engine_loop, log=False)
     engine_loop.close()
-    current_engine().task_observer = recorder
+    current_engine().add_detector(recorder)
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main())
 
 
-def test_recorder_is_an_observer():
-    """The protocol is runtime-checkable."""
-    assert isinstance(Recorder(), TaskObserver)
+def test_only_the_hooks_a_detector_overrides_are_dispatched():
+    """A detector of task hooks adds nothing to the loop and exception hooks."""
+    hooks = Hooks([Recorder()], on_failure=lambda detector, exc: None)
+    assert (hooks.loop_attached, hooks.loop_detached, hooks.exception_context) == ((), (), ())
+    assert [len(h) for h in (hooks.wrap_coroutine, hooks.task_created, hooks.task_cancel_requested, hooks.task_done)] == [1] * 4
+    assert hooks.observes_tasks and hooks.needs_task_factory
+    assert not Hooks([Detector()], on_failure=lambda detector, exc: None).needs_task_factory
 
 
 def test_lifecycle_of_a_task(loop_name):
@@ -109,7 +117,7 @@ def test_cancel_is_reported_with_the_canceller(loop_name):
 
     run_observed(loop_name, main, recorder)
     [cancel] = [e for e in recorder.of("sleeper") if e[0] == "cancel"]
-    assert cancel[2].line == line_of("# <- canceller") and cancel[3] == "enough"
+    assert cancel[2] == line_of("# <- canceller") and cancel[3] == "enough"
     assert recorder.of("sleeper")[-1] == ("done", "sleeper", "cancelled")
 
 
@@ -197,19 +205,13 @@ def test_a_cancelled_traced_task_frees_its_frames_without_the_collector(loop_nam
     task's frames held is freed as soon as the task is, as without asyncwatch
     (a socket or an SSL context is not kept until the next collection)."""
 
-    class Quiet:
-        """An observer that keeps nothing (Recorder keeps the tasks)."""
+    class Quiet(Detector):
+        """A step timer that keeps nothing (Recorder keeps the tasks)."""
 
-        def task_created(self, task, created_at):
-            pass
+        def wrap_coroutine(self, coro):
+            return TimedCoroutine(coro, self)
 
         def task_step(self, task, start, duration):
-            pass
-
-        def task_cancel_requested(self, task, canceller, message):
-            pass
-
-        def task_done(self, task):
             pass
 
     class Held:

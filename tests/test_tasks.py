@@ -16,7 +16,7 @@ import weakref
 import pytest
 
 import asyncwatch
-from asyncwatch._reporters import CollectingReporter
+from asyncwatch._outputs.collect import CollectingReporter
 from conftest import base_factory, gc_collect_harder, line_of
 
 
@@ -404,7 +404,7 @@ class TestCreationSitesOfGatheredTasks:
 
     @staticmethod
     def sites_of(gathering):
-        from asyncwatch._tasks import created_at
+        from asyncwatch._core.tasks import created_at
 
         return [created_at(child) for child in gathering._children]
 

@@ -1,10 +1,13 @@
 """asyncwatch: make asyncio's silent failures visible while a program runs."""
 
-from ._engine import Installation, install, is_installed, uninstall
-from ._findings import Finding, FindingKind, Site
+from ._core.findings import Finding, FindingKind, Site
+from ._core.settings import ConfigurationError, Settings
+from ._engine import is_installed
+from ._install import Installation, install, uninstall
+from ._outputs.jsonl import JsonLinesReporter
+from ._outputs.log import StructlogReporter
+from ._outputs.pipeline import Reporter
 from ._policy import EventLoopPolicy, loop_factory, new_event_loop
-from ._reporters import JsonLinesReporter, Reporter, StructlogReporter
-from ._settings import ConfigurationError, Settings
 from ._version import __version__
 
 __all__ = [

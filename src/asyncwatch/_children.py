@@ -31,10 +31,14 @@ import threading
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
-from ._engine import ensure_engine, is_installed, uninstall
-from ._findings import Finding, FindingKind, Site
-from ._reporters import JsonLinesReporter, Reporter, SummaryReporter, in_forked_child, new_lock
-from ._settings import ENV_VARS, RUN_MARKER, ConfigurationError, RunSettings, Settings, environ_for, resolve_run
+from ._core.findings import Finding, FindingKind, Site
+from ._core.runtime import in_forked_child, new_lock
+from ._core.settings import ENV_VARS, RUN_MARKER, ConfigurationError, RunSettings, Settings, environ_for, resolve_run
+from ._engine import ensure_engine, is_installed
+from ._install import uninstall
+from ._outputs.collect import SummaryReporter
+from ._outputs.jsonl import JsonLinesReporter
+from ._outputs.pipeline import Reporter
 
 __all__ = ["BOOTSTRAP_DIR", "Spool", "SpoolReporter", "bootstrap", "start_watching"]
 
@@ -203,7 +207,7 @@ def loop_policy(loop: str) -> Any:
 
 def otlp_setup(metrics: bool) -> Any:
     """The OTLP set-up of ``--otlp``; ConfigurationError names the extra to install."""
-    from ._otel import setup_otlp
+    from ._outputs.otel.otlp import setup_otlp
 
     try:
         return setup_otlp(metrics=metrics)
@@ -219,7 +223,8 @@ def start_watching(
     ``settings.findings`` is not used: the caller passes the findings file
     as a reporter that appends, since several processes share it.
     """
-    from ._engine import _state, _watch_future_loops
+    from ._engine import _state
+    from ._install import _watch_future_loops
     from ._policy import set_policy
 
     options: dict[str, Any] = {name: getattr(settings, name) for name in _ENGINE_FIELDS}

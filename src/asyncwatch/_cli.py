@@ -19,9 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
 from . import _children
-from ._engine import current_engine, uninstall
-from ._reporters import JsonLinesReporter, RateLimiter, Reporter, SummaryReporter
-from ._settings import (
+from ._core.settings import (
     ENV_VARS,
     RUN_ENV_VARS,
     ConfigurationError,
@@ -30,6 +28,11 @@ from ._settings import (
     did_you_mean,
     resolve_run,
 )
+from ._engine import current_engine
+from ._install import uninstall
+from ._outputs.collect import SummaryReporter
+from ._outputs.jsonl import JsonLinesReporter
+from ._outputs.pipeline import RateLimiter, Reporter
 from ._version import __version__
 
 __all__ = ["main"]

@@ -14,8 +14,8 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from ._core.settings import Settings, check_loop_factory_base, check_policy_base
 from ._engine import attach_loop
-from ._settings import Settings, check_loop_factory_base, check_policy_base
 
 __all__ = ["EventLoopPolicy", "loop_factory", "new_event_loop"]
 

@@ -35,12 +35,14 @@ from typing import IO, Any
 
 import pytest
 
-from ._engine import Engine, current_engine, ensure_engine, uninstall
-from ._findings import Finding, FindingKind, Site, frame_site, is_library_file
+from ._core.findings import Finding, FindingKind, Site
+from ._core.frames import frame_site, is_library_file
+from ._core.runtime import report_internal_error
+from ._core.settings import ConfigurationError, did_you_mean, parse_bool, parse_kinds, parse_ms
+from ._core.tasks import coro_name, created_at
+from ._engine import Engine, current_engine, ensure_engine
+from ._install import uninstall
 from ._policy import EventLoopPolicy, get_policy, set_policy
-from ._reporters import report_internal_error
-from ._settings import ConfigurationError, did_you_mean, parse_bool, parse_kinds, parse_ms
-from ._tasks import coro_name, created_at
 
 __all__ = ["MARKER", "MODES", "NodeOptions", "RunOptions", "Watcher"]
 

@@ -25,8 +25,8 @@ except ImportError as exc:  # pragma: no cover - tested in a subprocess without 
         "install it with: pip install opentelemetry-instrumentation"
     ) from exc
 
-from ._engine import Installation, install
-from ._settings import Settings
+from ._core.settings import Settings
+from ._install import Installation, install
 
 __all__ = ["AsyncwatchInstrumentor"]
 

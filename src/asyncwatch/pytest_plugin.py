@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from ._findings import Finding
+from ._core.findings import Finding
 from ._pytest_support import MARKER, MARKER_OPTIONS, MODES, Watcher, read_options
 
 __all__ = ["asyncwatch_findings"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from ._core.findings import Finding, FindingKind
 from ._engine import current_engine
-from ._findings import Finding, FindingKind
-from ._reporters import CollectingReporter
+from ._outputs.collect import CollectingReporter
 
 __all__ = ["capture_findings"]
 

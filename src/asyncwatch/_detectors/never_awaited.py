@@ -24,20 +24,19 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from ._findings import (
+from .._core.detector import CoroutineClaims, Detector, DetectorContext
+from .._core.findings import Finding, FindingKind, Site
+from .._core.frames import (
     LOOP_DISPATCH_NAMES,
-    Finding,
-    FindingKind,
-    Site,
     app_frame_in_callback,
     frame_site,
     is_library_file,
     qualname_of,
     source_path,
 )
-from ._reporters import report_internal_error
+from .._core.runtime import report_internal_error
 
-__all__ = ["CoroutineHook"]
+__all__ = ["ORIGIN_DEPTH", "NeverAwaitedDetector"]
 
 
 #: Frames recorded per coroutine with track_coroutine_origins: enough to get
@@ -73,25 +72,35 @@ def _stdlib_message(coro: Any) -> str:
     return "".join(lines).rstrip("\n")
 
 
-class CoroutineHook:
-    """Owns the ``warnings._warn_unawaited_coroutine`` hook (and origin tracking)."""
+class NeverAwaitedDetector(Detector):
+    """Reports ``coroutine_never_awaited``: owns the
+    ``warnings._warn_unawaited_coroutine`` hook (and origin tracking).
 
-    def __init__(self, emit: Callable[[Finding], None], track_origins: bool) -> None:
-        self._emit = emit
-        self._track_origins = track_origins
+    A process-wide detector: coroutines belong to no loop.
+    """
+
+    kind = FindingKind.COROUTINE_NEVER_AWAITED
+
+    def __init__(self) -> None:
+        self._emit: Callable[[Finding], None] = _nowhere
+        self._track_origins = False
         self._original: Callable[[Any], None] | None = None
         self._installed: Callable[[Any], None] | None = None
         self._previous_depth: int | None = None
         self.enabled = True
-        # ids of the coroutines of tasks reported as destroyed while pending:
-        # their "never awaited" is the same mistake, reported once.
-        self.reported_elsewhere: set[int] = set()
+        # The coroutines of tasks reported as destroyed while pending: their
+        # "never awaited" is the same mistake, reported once.
+        self._claims = CoroutineClaims()
         # Findings made while the garbage collector runs, held until it is
         # done: it may finalize a coroutine before the task that owns it.
         self._held: list[tuple[int, Finding]] = []
         self._held_lock = threading.Lock()
 
-    def install(self) -> None:
+    def install(self, context: DetectorContext) -> None:
+        self._emit = context.emit
+        self._track_origins = context.settings.track_coroutine_origins
+        self._claims = context.claims
+        self._claims.active = True
         original = getattr(warnings, "_warn_unawaited_coroutine", None)
         if original is None:  # pragma: no cover - every supported CPython has it
             return
@@ -105,7 +114,7 @@ class CoroutineHook:
                     self._on_never_awaited(coro, sys._getframe(1))
                 except Exception as exc:
                     self.enabled = False
-                    report_internal_error("coroutine hook", exc)
+                    report_internal_error(self.name, exc)
             if is_stdlib:
                 # Warn from this frame with the stdlib's stacklevel, so the
                 # RuntimeWarning still points at the user's line, not at us.
@@ -121,6 +130,7 @@ class CoroutineHook:
             sys.set_coroutine_origin_tracking_depth(max(self._previous_depth, ORIGIN_DEPTH))
 
     def uninstall(self) -> None:
+        self._claims.active = False
         if self._installed is not None:
             if getattr(warnings, "_warn_unawaited_coroutine", None) is self._installed:
                 warnings._warn_unawaited_coroutine = self._original  # type: ignore[attr-defined]
@@ -144,19 +154,18 @@ class CoroutineHook:
             self._flush_held()
         except Exception as exc:
             self.enabled = False
-            report_internal_error("coroutine hook", exc)
+            report_internal_error(self.name, exc)
 
     def _flush_held(self) -> None:
         with self._held_lock:
             held, self._held = self._held, []
-            claimed, self.reported_elsewhere = self.reported_elsewhere, set()
+            claimed = self._claims.take_all()
         for coro_id, finding in held:
             if coro_id not in claimed:
                 self._emit(finding)
 
     def _on_never_awaited(self, coro: Any, caller: Any) -> None:
-        if id(coro) in self.reported_elsewhere:
-            self.reported_elsewhere.discard(id(coro))
+        if self._claims.take(id(coro)):
             return
         finding = self._finding(coro, caller)
         if _gc_state.collecting:
@@ -190,7 +199,7 @@ class CoroutineHook:
         if site is None and code is not None:  # at least say which coroutine function
             defined = f" (defined at {code.co_filename}:{code.co_firstlineno})"
         return Finding(
-                kind=FindingKind.COROUTINE_NEVER_AWAITED,
+            kind=FindingKind.COROUTINE_NEVER_AWAITED,
                 message=(
                     f"Coroutine {name!r}{defined} was created but never awaited; "
                     "add 'await', or schedule it with asyncio.create_task() and keep the task"
@@ -202,3 +211,7 @@ class CoroutineHook:
                 # another thread's: then where it was dropped is unknown.
                 thread=None if _gc_state.collecting else threading.current_thread().name,
             )
+
+
+def _nowhere(finding: Finding) -> None:
+    """Where findings go before `NeverAwaitedDetector.install`."""

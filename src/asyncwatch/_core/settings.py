@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from ._findings import FindingKind
+from .findings import FindingKind
 
 __all__ = ["ENV_VARS", "ConfigurationError", "Settings"]
 

@@ -21,6 +21,9 @@ the loop thread is executing (``sys._current_frames``):
 
 The site reported is the innermost application frame at the moment the
 threshold was crossed: the blocking line itself, not the next ``await``.
+
+One concept, one module (longer than most): the sampling thread and the
+per-loop probe share their state machine and their locking rules.
 """
 
 from __future__ import annotations
@@ -36,25 +39,45 @@ from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Any
 
-from ._findings import (
-    Finding,
-    FindingKind,
-    Site,
-    frame_site,
-    is_library_file,
-    is_own_file,
-    qualname_of,
-    stack_of,
-)
-from ._reporters import in_forked_child, report_internal_error
-from ._tasks import TimedCoroutine, coro_name
+from .._core.detector import Detector, WatchedLoop
+from .._core.findings import Finding, FindingKind, Site
+from .._core.frames import frame_site, is_library_file, is_own_file, qualname_of, stack_of
+from .._core.runtime import in_forked_child, report_internal_error
+from .._core.tasks import STEP_WRAPPER_CODES, coro_name
 
-__all__ = ["LoopProbe", "Watchdog"]
+__all__ = ["LoopProbe", "SlowCallbackDetector", "Watchdog"]
 
 _HANDLE_RUN = asyncio.events.Handle._run.__code__
-# A traced task's steps run inside our timing wrapper: that frame is the
-# user's step, not asyncwatch's own work.
-_STEP_WRAPPERS = (TimedCoroutine.send.__code__, TimedCoroutine.throw.__code__)
+# A traced task's steps run inside asyncwatch's timing wrapper: that frame is
+# the user's step, not asyncwatch's own work.
+_STEP_WRAPPERS = STEP_WRAPPER_CODES
+
+
+class SlowCallbackDetector(Detector):
+    """Reports ``slow_callback`` (site: the blocking line): a `LoopProbe` per
+    loop, sampled by one `Watchdog` thread for the whole process."""
+
+    kind = FindingKind.SLOW_CALLBACK
+
+    def __init__(self) -> None:
+        self.watchdog = Watchdog()
+
+    def loop_attached(self, watch: WatchedLoop) -> None:
+        loop = watch.loop_ref()
+        if loop is None:
+            return
+        probe = LoopProbe(loop, watch.settings.slow_callback_s, watch.emit, watch.heard_from)
+        watch.state[self] = probe
+        probe.start(loop)
+        self.watchdog.add(probe)
+
+    def loop_detached(self, watch: WatchedLoop) -> None:
+        probe = watch.state.pop(self, None)
+        if probe is not None:
+            self.watchdog.remove(probe)
+
+    def uninstall(self) -> None:
+        self.watchdog.stop()
 
 
 def _own_work(chain: list[FrameType]) -> bool:
@@ -121,10 +144,18 @@ class LoopProbe:
     """The watchdog's view of one loop.  Sampling state is touched only by
     the watchdog thread; the heartbeat fields only by the loop thread."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, threshold_s: float, emit: Callable[[Finding], None]) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        threshold_s: float,
+        emit: Callable[[Finding], None],
+        heard_from: Callable[[str], None] | None = None,
+    ) -> None:
         self.loop_ref = weakref.ref(loop)
         self.threshold_s = threshold_s
         self.emit = emit
+        # Told the name of the thread a heartbeat ran on, when it changes.
+        self.heard_from = heard_from
         self.enabled = True
         self.wake: Callable[[], None] = lambda: None  # set by the Watchdog
         self.parked = False
@@ -152,6 +183,8 @@ class LoopProbe:
         ident = threading.get_ident()
         if ident != self.thread_id or self.thread_name is None:
             self.thread_name = threading.current_thread().name
+            if self.heard_from is not None:
+                self.heard_from(self.thread_name)
         self.thread_id = ident
         caller = sys._getframe(1)
         # asyncio: Handle._run; uvloop: the frame that called run_forever

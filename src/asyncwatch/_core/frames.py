@@ -1,111 +1,23 @@
-"""The findings contract: `Site`, `Finding`, `FindingKind`, and cheap frame helpers.
+"""Frames and sites: application code versus library code, and where things are.
 
-Everything asyncwatch detects becomes a `Finding`; every output (structlog,
-the JSON Lines file, OpenTelemetry, the pytest plugin) renders the same
-object, so the contract lives in one place.
+Detectors point a finding at *application* code: not asyncio, not the
+standard library, not site-packages, not asyncwatch itself.  These helpers
+turn frames, code objects and await chains into `Site`s; the ones on hot
+paths (task creation) are cached per file name.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import enum
+import gc
+import inspect
 import os
 import site as _site
 import sysconfig
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from types import CodeType, FrameType
 from typing import Any
 
-__all__ = ["Finding", "FindingKind", "Site"]
-
-
-class FindingKind(str, enum.Enum):
-    """The stable names of what asyncwatch detects.
-
-    The values are part of the public contract: they appear in logs, in the
-    findings file and in OpenTelemetry events, and they never change.
-    """
-
-    SLOW_CALLBACK = "slow_callback"
-    TASK_DESTROYED_PENDING = "task_destroyed_pending"
-    COROUTINE_NEVER_AWAITED = "coroutine_never_awaited"
-    CANCELLATION_SWALLOWED = "cancellation_swallowed"
-    TASK_EXCEPTION_UNRETRIEVED = "task_exception_unretrieved"
-    #: Reported by the pytest plugin only: a task a test started and left
-    #: running when the test ended.
-    TASK_LEAKED = "task_leaked"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-@dataclass(frozen=True, slots=True)
-class Site:
-    """A place in source code: absolute file path, 1-based line, function name."""
-
-    file: str
-    line: int
-    function: str
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return the JSON form: ``{"file", "line", "function"}``."""
-        return {"file": self.file, "line": self.line, "function": self.function}
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line} in {self.function}"
-
-
-def _utcnow() -> _dt.datetime:
-    return _dt.datetime.now(_dt.UTC)
-
-
-@dataclass(frozen=True, slots=True)
-class Finding:
-    """One detected mistake.
-
-    `site` is the single most useful line to open (see the README for the
-    rule of each kind); `stack` lists the frames that explain the finding,
-    outermost first.  `thread` names the thread that ran the event loop the
-    finding came from (for `coroutine_never_awaited`, the thread that dropped
-    the coroutine), so that the findings of several loops can be told apart;
-    None where that is unknown.
-    """
-
-    kind: FindingKind
-    message: str
-    site: Site | None
-    stack: tuple[Site, ...] = ()
-    task: str | None = None
-    coroutine: str | None = None
-    duration_s: float | None = None
-    cancelled_by: Site | None = None
-    created_at: Site | None = None
-    time: _dt.datetime = field(default_factory=_utcnow)
-    pid: int = field(default_factory=os.getpid)
-    thread: str | None = None
-    #: How many findings like this one (same kind and site) the rate limit
-    #: held back since the last one reported (see ``report_limit``).
-    suppressed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return the JSON form, the same fields in every output."""
-        return {
-            "kind": self.kind.value,
-            "message": self.message,
-            "site": self.site.to_dict() if self.site else None,
-            "stack": [s.to_dict() for s in self.stack],
-            "task": self.task,
-            "coroutine": self.coroutine,
-            "duration_s": self.duration_s,
-            "cancelled_by": self.cancelled_by.to_dict() if self.cancelled_by else None,
-            "created_at": self.created_at.to_dict() if self.created_at else None,
-            "time": self.time.isoformat().replace("+00:00", "Z"),
-            "pid": self.pid,
-            "thread": self.thread,
-            "suppressed": self.suppressed,
-        }
-
+from .findings import Site
 
 # --- Telling application code from library code --------------------------------
 #
@@ -113,7 +25,8 @@ class Finding:
 # library, not site-packages, not asyncwatch itself.  The answer is cached per
 # file name because it is asked on hot paths (task creation).
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# asyncwatch's own package directory (this file is in its _core/).
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
 def _library_prefixes() -> tuple[str, ...]:
@@ -187,6 +100,7 @@ def frame_site(frame: FrameType) -> Site:
 
 
 def source_path(filename: str) -> str:
+    """The absolute path of a code object's file name (``<string>`` and the like as they are)."""
     return filename if filename.startswith("<") else os.path.abspath(filename)
 
 
@@ -263,3 +177,43 @@ def describe_exception(exc: BaseException, limit: int = 200) -> str:
         text = text[: limit - 1] + "…"
     name = type(exc).__qualname__
     return f"{name}: {text}" if text else name
+
+
+def site_text(site: Site, relative: bool = False) -> str:
+    """``file:line in function``; with *relative*, the path relative to the
+    current directory when it is inside it (console output)."""
+    path = site.file
+    if relative:
+        try:
+            rel = os.path.relpath(path)
+            if not rel.startswith(".."):
+                path = rel
+        except ValueError:  # another drive on Windows
+            pass
+    return f"{path}:{site.line} in {site.function}"
+
+
+def await_chain(coro: Any) -> list[Site]:
+    """Where a suspended coroutine waits: the site of each frame along its
+    chain of awaited coroutines and generators, outermost first."""
+    chain: list[Site] = []
+    obj: Any = coro
+    while obj is not None:
+        frame = getattr(obj, "cr_frame", None) or getattr(obj, "gi_frame", None) or getattr(obj, "ag_frame", None)
+        if frame is None:
+            agen = _async_generator_of(obj)
+            if agen is None:
+                break
+            obj = agen  # `async for` / `async with` over an async generator
+            continue
+        chain.append(frame_site(frame))
+        obj = getattr(obj, "cr_await", None) or getattr(obj, "gi_yieldfrom", None) or getattr(obj, "ag_await", None)
+    return chain
+
+
+def _async_generator_of(awaitable: Any) -> Any:
+    """The async generator behind an ``asend``/``athrow`` awaitable, which
+    exposes no attribute for it.  Only asked off the hot path."""
+    if type(awaitable).__name__ not in ("async_generator_asend", "async_generator_athrow"):
+        return None
+    return next((r for r in gc.get_referents(awaitable) if inspect.isasyncgen(r)), None)

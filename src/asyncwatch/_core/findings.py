@@ -1,0 +1,109 @@
+"""The findings contract: `Site`, `Finding`, `FindingKind`.
+
+Everything asyncwatch detects becomes a `Finding`; every output (structlog,
+the JSON Lines file, OpenTelemetry, the pytest plugin) renders the same
+object, so the contract lives in one place.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import enum
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Finding", "FindingKind", "Site"]
+
+
+class FindingKind(str, enum.Enum):
+    """The stable names of what asyncwatch detects.
+
+    The values are part of the public contract: they appear in logs, in the
+    findings file and in OpenTelemetry events, and they never change.
+    """
+
+    SLOW_CALLBACK = "slow_callback"
+    TASK_DESTROYED_PENDING = "task_destroyed_pending"
+    COROUTINE_NEVER_AWAITED = "coroutine_never_awaited"
+    CANCELLATION_SWALLOWED = "cancellation_swallowed"
+    TASK_EXCEPTION_UNRETRIEVED = "task_exception_unretrieved"
+    #: Reported by the pytest plugin only: a task a test started and left
+    #: running when the test ended.
+    TASK_LEAKED = "task_leaked"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True, slots=True)
+class Site:
+    """A place in source code: absolute file path, 1-based line, function name."""
+
+    file: str
+    line: int
+    function: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON form: ``{"file", "line", "function"}``."""
+        return {"file": self.file, "line": self.line, "function": self.function}
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line} in {self.function}"
+
+
+def _utcnow() -> _dt.datetime:
+    return _dt.datetime.now(_dt.UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One detected mistake.
+
+    `site` is the single most useful line to open (see the README for the
+    rule of each kind); `stack` lists the frames that explain the finding,
+    outermost first.  `thread` names the thread that ran the event loop the
+    finding came from (for `coroutine_never_awaited`, the thread that dropped
+    the coroutine), so that the findings of several loops can be told apart;
+    None where that is unknown.
+    """
+
+    kind: FindingKind
+    message: str
+    site: Site | None
+    stack: tuple[Site, ...] = ()
+    task: str | None = None
+    coroutine: str | None = None
+    duration_s: float | None = None
+    cancelled_by: Site | None = None
+    created_at: Site | None = None
+    time: _dt.datetime = field(default_factory=_utcnow)
+    pid: int = field(default_factory=os.getpid)
+    thread: str | None = None
+    #: How many findings like this one (same kind and site) the rate limit
+    #: held back since the last one reported (see ``report_limit``).
+    suppressed: int = 0
+    #: What the pipeline's enrichment stage added for the outputs to show
+    #: beside the finding's own fields, as ``(key, value)`` pairs: the
+    #: ``trace_id`` and ``span_id`` of the span the finding went to.  Not
+    #: part of the JSON form (`to_dict`); the structlog output adds them to
+    #: its event.
+    extra: tuple[tuple[str, str], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON form, the same fields in every output."""
+        return {
+            "kind": self.kind.value,
+            "message": self.message,
+            "site": self.site.to_dict() if self.site else None,
+            "stack": [s.to_dict() for s in self.stack],
+            "task": self.task,
+            "coroutine": self.coroutine,
+            "duration_s": self.duration_s,
+            "cancelled_by": self.cancelled_by.to_dict() if self.cancelled_by else None,
+            "created_at": self.created_at.to_dict() if self.created_at else None,
+            "time": self.time.isoformat().replace("+00:00", "Z"),
+            "pid": self.pid,
+            "thread": self.thread,
+            "suppressed": self.suppressed,
+        }

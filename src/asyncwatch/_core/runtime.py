@@ -1,0 +1,147 @@
+"""Process runtime: asyncwatch's own errors, forked children, interpreter exit.
+
+Everything here is process-wide and independent of any detector or output:
+
+* `report_internal_error`: an error inside asyncwatch is contained by its
+  caller and said once per part, on asyncwatch's own logger;
+* `in_forked_child`: one ``os.register_at_fork`` hook renews the locks and
+  threads of every owner registered (a forked child has only the thread that
+  called fork(); a lock another thread held stays held for ever);
+* `before_fork` / `at_exit`: callbacks run before a fork and at exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+__all__ = [
+    "LOGGER_NAME",
+    "at_exit",
+    "before_fork",
+    "forget_internal_errors",
+    "in_forked_child",
+    "internal_logger",
+    "new_lock",
+    "report_internal_error",
+    "set_own_logger",
+]
+
+LOGGER_NAME = "asyncwatch"
+
+_reported_errors: set[str] = set()
+_reported_lock = threading.Lock()
+
+
+def report_internal_error(part: str, exc: BaseException) -> None:
+    """Log an error inside asyncwatch once per *part*; never raise."""
+    with _reported_lock:
+        if part in _reported_errors:
+            return
+        _reported_errors.add(part)
+    try:
+        internal_logger().error(
+            "asyncwatch.internal_error",
+            part=part,
+            error=f"{type(exc).__name__}: {exc}",
+            note=f"asyncwatch disabled its {part}; the watched program is unaffected",
+            exc_info=exc,
+        )
+    except Exception:  # the logging itself is broken: last resort
+        try:
+            sys.stderr.write(f"asyncwatch: internal error in {part}: {type(exc).__name__}: {exc}\n")
+        except Exception:
+            pass
+
+
+def forget_internal_errors() -> None:
+    """Let every part report its next internal error again (after uninstall)."""
+    with _reported_lock:
+        _reported_errors.clear()
+
+
+#: Where asyncwatch's own events go when structlog is not configured: under
+#: ``asyncwatch run``, the command line's stderr rendering, never the
+#: program's stdout.  Held weakly: it belongs to the output that set it.
+_own_logger: weakref.ref[Any] | None = None
+
+
+def set_own_logger(owner: Any) -> None:
+    """Have *owner*'s ``_logger()`` log asyncwatch's own events while it lives
+    and the application has not configured structlog."""
+    global _own_logger
+    _own_logger = weakref.ref(owner)
+
+
+def internal_logger() -> Any:
+    """The logger for asyncwatch's own events (internal errors, bad environment).
+
+    The application's structlog configuration when it has one; under
+    ``asyncwatch run``, which owns the process, the command line's stderr
+    rendering; else structlog's default.
+    """
+    owner = _own_logger() if _own_logger is not None else None
+    if owner is not None and not structlog.is_configured():
+        return owner._logger()
+    return structlog.get_logger(LOGGER_NAME)
+
+
+# --- forked children -------------------------------------------------------------
+#
+# A forked child has only the thread that called fork(): a lock another
+# thread held at that moment stays held in the child for ever, and threads
+# asyncwatch started are gone.  Everything that owns such state registers here;
+# one os.register_at_fork hook serves them all (it keeps forever whatever it
+# is given, so owners are held weakly).
+
+_in_forked_child: weakref.WeakKeyDictionary[Any, Callable[[Any], None]] = weakref.WeakKeyDictionary()
+_before_fork: list[Callable[[], None]] = []
+_at_exit: list[Callable[[], None]] = []
+
+
+def in_forked_child(owner: Any, renew: Callable[[Any], None]) -> None:
+    """Have ``renew(owner)`` called in every forked child while *owner* lives."""
+    _in_forked_child[owner] = renew
+
+
+def new_lock(owner: Any) -> None:
+    """`in_forked_child`'s usual *renew*: a new ``owner._lock``."""
+    owner._lock = threading.Lock()
+
+
+def before_fork(callback: Callable[[], None]) -> None:
+    """Have *callback* called (contained) before every ``os.fork()``."""
+    _before_fork.append(callback)
+
+
+def at_exit(callback: Callable[[], None]) -> None:
+    """Have *callback* called (contained) when the interpreter exits."""
+    _at_exit.append(callback)
+
+
+def _run_all(callbacks: list[Callable[[], None]], part: str) -> None:
+    for callback in list(callbacks):
+        try:
+            callback()
+        except Exception as exc:
+            report_internal_error(part, exc)
+
+
+def _after_fork_in_child() -> None:
+    for owner, renew in list(_in_forked_child.items()):
+        try:
+            renew(owner)
+        except Exception as exc:
+            report_internal_error(f"{type(owner).__name__} after fork", exc)
+
+
+atexit.register(_run_all, _at_exit, "exit")
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=lambda: _run_all(_before_fork, "fork"), after_in_child=_after_fork_in_child)

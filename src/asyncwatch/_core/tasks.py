@@ -1,0 +1,541 @@
+"""Tasks: asyncwatch's Task subclass, its task factory, and creation sites.
+
+Cost model (this runs for every task):
+
+* The chained task factory records where a task was created as a code object
+  and an instruction offset in two slots of the task itself; turning that into
+  a file and line happens only when a finding is reported.
+* `Task.cancel` is the only overridden method, so a task that is never
+  cancelled pays nothing else.  It tells the ``task_cancel_requested`` hooks
+  of its loop's detectors (the cancellation detector, spans).
+* The factory specialises itself, when it is made, for what it chains and
+  for the loop's task hooks (`Hooks`): with none (the default detectors need
+  only creation sites), it runs its common path of about a dozen bytecodes.
+* Nothing here holds a strong reference to a task or a coroutine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections.abc
+import contextvars
+import functools
+import gc
+import os
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from types import CodeType, FrameType
+from typing import Any, Protocol, runtime_checkable
+
+from .detector import Hooks, watches
+from .findings import Site
+from .frames import _is_library_cache, code_site, is_library_file, is_own_file, qualname_of
+from .runtime import report_internal_error
+
+__all__ = [
+    "CancelCall",
+    "StepObserver",
+    "Task",
+    "TaskFactory",
+    "TimedCoroutine",
+    "cancel_calls",
+    "coro_name",
+    "coro_of",
+    "created_at",
+    "forget",
+    "task_context",
+    "user_coro_of",
+]
+
+_eager_task_factory = getattr(asyncio, "eager_task_factory", None)
+
+# gh-122332: on 3.12.0-3.12.4, Task.get_coro() dereferences NULL (and kills
+# the interpreter) for a task that completed eagerly.  Never ask a done task
+# there; the eager path of our factory keeps the coroutine's name instead.
+_GET_CORO_UNSAFE_WHEN_DONE = (3, 12) <= sys.version_info[:3] < (3, 12, 5)
+
+
+_task_get_coro = asyncio.Task.get_coro
+
+
+def coro_of(task: asyncio.Future[Any]) -> Any:
+    """``task.get_coro()`` (for a traced task, asyncwatch's timing wrapper),
+    or None where asking would crash CPython."""
+    if _GET_CORO_UNSAFE_WHEN_DONE and task.done():
+        return None
+    if type(task) is Task:
+        return _task_get_coro(task)  # past Task.get_coro, which shows the program its own coroutine
+    get_coro = getattr(task, "get_coro", None)
+    return get_coro() if get_coro is not None else None
+
+
+def user_coro_of(task: asyncio.Future[Any]) -> Any:
+    """`coro_of`, unwrapped from asyncwatch's timing wrapper."""
+    coro = coro_of(task)
+    return coro._aw_inner if type(coro) is TimedCoroutine else coro
+
+
+def coro_name(task: asyncio.Future[Any]) -> str | None:
+    """The qualified name of the coroutine *task* runs."""
+    name = getattr(task, "_aw_coro", None)
+    if name is not None:
+        return name  # type: ignore[no-any-return]
+    if type(task) is Task:
+        # Our factory names every task it starts eagerly, so this one was
+        # not, and get_coro() is safe even on 3.12.0-3.12.4.
+        return qualname_of(task.get_coro())
+    entry = _foreign_entry(task)
+    if entry is not None:
+        return entry[3]  # the coroutine the program gave, not a library's wrapper of it
+    return qualname_of(coro_of(task))
+
+
+class CancelCall:
+    """One ``cancel()`` of one of our tasks in progress on this thread.
+
+    ``outer.cancel()`` cancels the future the task waits on; when that is
+    another task, its ``cancel()`` runs inside ours.  Detectors leave a note
+    on the call (keyed by themselves) for the calls it causes to read.
+    """
+
+    __slots__ = ("notes", "task")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.notes: dict[object, Any] = {}
+
+
+class _Cancelling(threading.local):
+    def __init__(self) -> None:
+        self.calls: list[CancelCall] = []
+
+
+_cancelling = _Cancelling()
+
+
+def cancel_calls() -> list[CancelCall]:
+    """This thread's ``cancel()`` calls in progress, innermost (the current one) last."""
+    return _cancelling.calls
+
+
+class Task(asyncio.Task):  # type: ignore[type-arg]
+    """asyncio's Task, with three slots and a recorded ``cancel()``.
+
+    Created by asyncwatch's task factory when no other factory is chained.  It
+    is an `asyncio.Task` in every other respect (same C implementation, same
+    ``repr``), so code that checks ``isinstance(t, asyncio.Task)`` is unaffected.
+    """
+
+    # _aw_site: (code, offset) of the creating line; _aw_cancel: the
+    # cancellation detector's record of cancel() calls;
+    # _aw_coro: the coroutine's name where get_coro() may be unsafe later.
+    __slots__ = ("_aw_cancel", "_aw_coro", "_aw_site")
+    _aw_site: tuple[CodeType, int] | None
+    _aw_cancel: Any
+    _aw_coro: str | None
+
+    if (3, 13, 0) <= sys.version_info[:3] < (3, 13, 3):
+
+        def set_name(self, value: object) -> None:
+            # gh-130033: with a task factory set, create_task() calls
+            # set_name(None) and the task is renamed "None"; plain asyncio
+            # keeps "Task-N".  Installing asyncwatch must not rename tasks.
+            if value is not None:
+                super().set_name(value)
+
+    def get_coro(self) -> Any:
+        # A traced task runs asyncwatch's timing wrapper around the program's
+        # coroutine; the program gets its own coroutine back, as without
+        # asyncwatch (identity, types.CoroutineType, inspect.iscoroutine).
+        coro = super().get_coro()
+        return coro._aw_inner if type(coro) is TimedCoroutine else coro
+
+    def cancel(self, msg: Any = None) -> bool:
+        calls = _cancelling.calls
+        calls.append(CancelCall(self))
+        try:
+            if not self.done():
+                watch = watches.get(self.get_loop())
+                if watch is not None:
+                    hooks = watch.hooks
+                    caller = sys._getframe(1)
+                    for hook in hooks.task_cancel_requested:
+                        try:
+                            hook(self, caller, msg)
+                        except Exception as exc:
+                            hooks.failed(hook, exc)
+                    del caller
+            return super().cancel(msg)
+        finally:
+            calls.pop()
+
+
+# --- Timing each step of a task (spans, and any detector that wraps coroutines) ---
+
+
+@runtime_checkable
+class StepObserver(Protocol):
+    """Told how long each step of a task took, by its `TimedCoroutine`."""
+
+    def task_step(self, task: asyncio.Task[Any], start: float, duration: float) -> None:
+        """One step ran from *start* (``time.perf_counter()``) for *duration* seconds."""
+
+
+class TimedCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
+    """Wraps a traced task's coroutine to time each step (``send``/``throw``).
+
+    asyncio's C Task has no hook between steps; it drives any coroutine
+    through ``send`` and ``throw``, so this wrapper sees each step and
+    forwards everything else (``cr_frame``, ``cr_await``, ``__qualname__``
+    ...) so that ``repr(task)``, ``task.get_stack()`` and asyncwatch's own
+    introspection see the user's coroutine.  Exceptions pass through
+    untouched.  A detector's ``wrap_coroutine`` returns one (spans do); the
+    task factory then points it at its task (`attach`).
+    """
+
+    # __weakref__: a coroutine can be weakly referenced, so its stand-in must be too.
+    __slots__ = ("__weakref__", "_aw_early", "_aw_inner", "_aw_observer", "_aw_task")
+
+    def __init__(self, coro: Any, observer: StepObserver) -> None:
+        self._aw_inner = coro
+        self._aw_observer: StepObserver | None = observer
+        self._aw_task: Callable[[], Any] = _no_task
+        # An eager first step runs inside Task.__init__, before the task
+        # exists for the observer: kept here and told right after creation.
+        self._aw_early: tuple[float, float] | None = None
+
+    def send(self, value: Any) -> Any:
+        start = _clock()
+        try:
+            return self._aw_inner.send(value)
+        finally:
+            self._stepped(start)
+
+    def throw(self, *args: Any) -> Any:
+        start = _clock()
+        try:
+            return self._aw_inner.throw(*args)
+        finally:
+            # *args holds the exception, whose traceback holds this frame:
+            # a cycle that would keep everything the task's frames refer to
+            # (sockets, SSL contexts) alive until the collector runs.
+            del args
+            self._stepped(start)
+
+    def close(self) -> None:
+        self._aw_inner.close()
+
+    def __await__(self) -> Any:
+        return self._aw_inner.__await__()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._aw_inner, name)
+
+    def attach(self, task: asyncio.Task[Any]) -> None:
+        """Time steps for *task* from now on; tell the observer an eager first step."""
+        self._aw_task = weakref.ref(task)  # the task owns the wrapper: no cycle
+        early, self._aw_early = self._aw_early, None
+        observer = self._aw_observer
+        if early is not None and observer is not None:
+            observer.task_step(task, *early)
+
+    def _stepped(self, start: float) -> None:
+        observer = self._aw_observer
+        task = self._aw_task()
+        if task is None:
+            self._aw_early = (start, _clock() - start)
+        elif observer is not None:
+            try:
+                observer.task_step(task, start, _clock() - start)
+            except Exception as exc:
+                self._aw_observer = None
+                report_internal_error("task observer", exc)
+
+
+def _no_task() -> None:
+    return None
+
+
+_clock = time.perf_counter
+
+#: The code of the wrapper's steps: a frame running one of these is the
+#: program's task step, not asyncwatch's own work (the slow-callback
+#: detector must see through it).
+STEP_WRAPPER_CODES = frozenset({TimedCoroutine.send.__code__, TimedCoroutine.throw.__code__})
+
+
+# --- where a task was created ------------------------------------------------
+
+# Tasks made by another library's task factory are not our subclass and have
+# no slots: their creation sites live here, keyed by id(task) and checked
+# against id() of the coroutine the task runs (which may be the library's
+# wrapper of the program's coroutine, as Sentry's is), with the name of the
+# program's coroutine (a done task may no longer say it).  Entries leave on
+# completion; the table is capped for tasks that vanish without a word
+# (gather hides their destruction).
+_FOREIGN_LIMIT = 100_000
+_foreign_sites: dict[int, tuple[int, CodeType, int, str | None]] = {}
+
+
+def _forget_foreign(task: asyncio.Task[Any]) -> None:
+    # A failed task keeps its entry: "exception never retrieved" is reported
+    # later, from its finalizer, and needs the site then.
+    if task.cancelled() or task._exception is None:
+        _foreign_sites.pop(id(task), None)
+
+
+def forget(task: asyncio.Future[Any]) -> None:
+    """Drop what is kept about a reported task (it is being finalized)."""
+    _foreign_sites.pop(id(task), None)
+
+
+def created_at(task: asyncio.Future[Any]) -> Site | None:
+    """The application line that created *task*, if asyncwatch saw it."""
+    site = getattr(task, "_aw_site", None)
+    if site is not None:
+        return code_site(*site)
+    entry = _foreign_entry(task)
+    return code_site(entry[1], entry[2]) if entry is not None else None
+
+
+def _foreign_entry(task: asyncio.Future[Any]) -> tuple[int, CodeType, int, str | None] | None:
+    entry = _foreign_sites.get(id(task))
+    if entry is not None:
+        coro = coro_of(task)
+        # No coroutine to check (finished: asyncio let it go) or none known
+        # at creation (finished eagerly on 3.12.0-3.12.4): trust the id of the task.
+        if coro is None or not entry[0] or entry[0] == id(coro):
+            return entry
+    return None
+
+
+class TaskFactory:
+    """The loop's task factory while asyncwatch watches it; chains *previous*.
+
+    `function` is what is installed on the loop: a plain function (cheaper
+    to call than an object with ``__call__``), closing over this state.
+    """
+
+    __slots__ = ("__weakref__", "enabled", "function", "previous")
+
+    def __init__(
+        self,
+        previous: Callable[..., Any] | None,
+        loop: asyncio.AbstractEventLoop,
+        hooks: Hooks | None = None,
+    ) -> None:
+        self.previous = previous
+        self.enabled = True
+        # What it chains and whether it tells task hooks are fixed here: the
+        # function is specialised for them (see _make_factory).  *hooks* is
+        # given only when the loop's detectors observe tasks.
+        self.function = _make_factory(self, _first_caller_depth(loop), hooks)
+
+
+def _first_caller_depth(loop: asyncio.AbstractEventLoop) -> int:
+    """How far above the factory the caller of ``loop.create_task`` is: on
+    asyncio's loops, ``BaseEventLoop.create_task`` is a Python frame between."""
+    import asyncio.base_events
+
+    create_task = getattr(type(loop), "create_task", None)
+    return 2 if create_task is asyncio.base_events.BaseEventLoop.create_task else 1
+
+
+# `is_library_file`'s own cache, read inline on the hot path.  Keyed by file
+# name: a str caches its hash, while a code object hashes its bytecode and
+# constants, which made every lookup cost as much as the rest of the factory.
+_library_cache = _is_library_cache
+
+
+# asyncio functions that create many tasks from one frame, on behalf of their
+# caller, through asyncio's own code only (gather -> ensure_future ->
+# loop.create_task).  While such a frame stays at the same instruction, every
+# task it makes has the same creation site: found once, then reused.
+_GATHER = asyncio.tasks.gather.__code__
+
+def _make_factory(  # noqa: C901 - the hot path, specialised and measured (benchmarks/instructions.py)
+    state: TaskFactory, depth: int, hooks: Hooks | None
+) -> Callable[..., Any]:
+    """The task factory function for *state*, telling the task *hooks* about each task.
+
+    Its common path (no chained factory, no task hooks, a gather child) runs
+    about a dozen bytecodes besides creating the task: this runs for every
+    task of the program, and each bytecode costs about as much as 1% of
+    what asyncio itself spends on a trivial task.
+    """
+    getframe = sys._getframe
+    library = _library_cache
+    gather = _GATHER
+    # The gather frame of the fan-out in progress, called straight from
+    # application code, its depth below the factory, and the creation site
+    # of every task it makes (its caller's code and offset).  The frame is
+    # held, so that no other frame can take its address while we compare
+    # identities, but only until the loop's next callback: gather makes all
+    # its tasks within one callback, and a finished frame keeps its locals.
+    fan_frame: FrameType | None = None
+    fan_depth = 0
+    fan_site: tuple[CodeType, int] | None = None
+
+    def end_fan_out() -> None:
+        nonlocal fan_frame, fan_depth
+        fan_frame, fan_depth = None, 0
+
+    previous = state.previous
+    plain = previous is None and hooks is None
+
+    def creation_site(
+        loop: asyncio.AbstractEventLoop, frame: FrameType | None, level: int
+    ) -> tuple[CodeType, int] | None:
+        """The innermost application frame from *frame* (at *level* below
+        the factory) outwards, as (code, offset): never the frame (its locals)."""
+        nonlocal fan_frame, fan_depth, fan_site
+        gather_frame: FrameType | None = None
+        gather_level = 0
+        while frame is not None:
+            code = frame.f_code
+            filename = code.co_filename
+            is_library = library.get(filename)
+            if is_library is None:
+                is_library = is_library_file(filename)  # fills and caps the cache
+            if not is_library:
+                break
+            if code is gather and gather_frame is None:
+                gather_frame, gather_level = frame, level
+            frame = frame.f_back
+            level += 1
+        if frame is None:
+            return None
+        site = (frame.f_code, frame.f_lasti)
+        if gather_frame is not None and level == gather_level + 1:  # gather called from application code
+            if fan_frame is None:
+                loop.call_soon(end_fan_out)
+            fan_frame, fan_depth, fan_site = gather_frame, gather_level, site
+        return site
+
+    def asyncwatch_task_factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+        if not state.enabled:
+            if previous is None:
+                return asyncio.Task(coro, loop=loop, **kwargs)
+            return previous(loop, coro, **kwargs)
+        if plain:
+            # Without **{} when there are no keywords: merging an empty dict
+            # into the call costs more than the rest of this function's checks.
+            task: Any = Task(coro, loop=loop, **kwargs) if kwargs else Task(coro, loop=loop)
+        else:
+            if hooks is not None and (previous is None or previous is _eager_task_factory):
+                for wrap in hooks.wrap_coroutine:
+                    try:
+                        coro = wrap(coro)
+                    except Exception as exc:
+                        hooks.failed(wrap, exc)
+            if previous is None:
+                task = Task(coro, loop=loop, **kwargs)
+            elif previous is _eager_task_factory:
+                # Exactly what asyncio.eager_task_factory does, our Task in place
+                # of asyncio's (so a loop passing eager_start itself, as uvloop
+                # does on 3.13, fails here as it would without asyncwatch).
+                task = Task(coro, loop=loop, eager_start=True, **kwargs)  # type: ignore[call-arg]  # 3.12+
+            else:
+                task = previous(loop, coro, **kwargs)
+                if not hasattr(task, "_source_traceback"):
+                    # asyncio.Runner takes any future-like object from a task
+                    # factory (CPython's test_runners makes one): nothing to record.
+                    return task
+        try:
+            if task._source_traceback:  # asyncio debug mode
+                _trim_source_traceback(task._source_traceback)
+            site: tuple[CodeType, int] | None = None
+            if fan_depth:
+                try:
+                    if getframe(fan_depth) is fan_frame:
+                        site = fan_site
+                except ValueError:  # the stack is not that deep
+                    pass
+            if site is None:
+                site = creation_site(loop, getframe(depth), depth)
+            if plain:
+                task._aw_site = site
+                if kwargs and kwargs.get("eager_start"):
+                    task._aw_coro = qualname_of(coro)  # get_coro() may be gone (gh-122332)
+            elif type(task) is Task:
+                task._aw_site = site
+                if previous is _eager_task_factory or kwargs.get("eager_start"):
+                    task._aw_coro = qualname_of(coro)
+                if hooks is not None:
+                    _tell_created(task, coro, site, hooks)
+            elif site is not None and isinstance(task, asyncio.Task):
+                _remember_foreign(task, coro, site)
+        except Exception as exc:
+            state.enabled = False
+            report_internal_error("task factory", exc)
+        return task
+
+    return asyncwatch_task_factory
+
+
+def _tell_created(task: Task, coro: Any, site: tuple[CodeType, int] | None, hooks: Hooks) -> None:
+    """Tell the task hooks about a new task (the factory's slower path)."""
+    created = hooks.task_created
+    if created:
+        where = code_site(*site) if site else None
+        for hook in created:
+            try:
+                hook(task, coro, where)
+            except Exception as exc:
+                hooks.failed(hook, exc)
+    if type(coro) is TimedCoroutine:
+        coro.attach(task)
+    if hooks.task_done:
+        if task.done():  # eager, and finished in that first step
+            _tell_done(hooks, coro, task)
+        else:
+            # Handed the coroutine: asking a done task for it is unsafe on
+            # 3.12.0-3.12.4 (gh-122332).
+            task.add_done_callback(functools.partial(_tell_done, hooks, coro))
+
+
+def _tell_done(hooks: Hooks, coro: Any, task: asyncio.Task[Any]) -> None:
+    for hook in hooks.task_done:
+        try:
+            hook(task, coro)
+        except Exception as exc:
+            hooks.failed(hook, exc)
+
+
+def _remember_foreign(task: asyncio.Task[Any], coro: Any, site: tuple[CodeType, int]) -> None:
+    if len(_foreign_sites) >= _FOREIGN_LIMIT:
+        for key in list(_foreign_sites)[: _FOREIGN_LIMIT // 2]:
+            del _foreign_sites[key]
+    runs = coro_of(task)
+    _foreign_sites[id(task)] = (id(runs) if runs is not None else 0, *site, qualname_of(coro))
+    task.add_done_callback(_forget_foreign)
+
+
+_BASE_EVENTS = os.path.join(os.path.dirname(asyncio.__file__), "base_events.py")
+
+
+def _trim_source_traceback(tb: list[Any]) -> None:
+    """In asyncio debug mode, drop our factory's frame and the loop's
+    ``create_task`` from where the task says it was created, as asyncio's
+    own ``create_task`` does, so "created at" still points at the caller."""
+    while tb and (is_own_file(tb[-1].filename) or (tb[-1].filename == _BASE_EVENTS and tb[-1].name == "create_task")):
+        del tb[-1]
+
+
+def task_context(task: asyncio.Task[Any]) -> contextvars.Context | None:
+    """The `contextvars.Context` *task* runs its steps in.
+
+    ``Task.get_context()`` exists from 3.12.  On 3.11 the C task keeps its
+    context in a slot Python cannot name, but the garbage collector can: it
+    is the task's only referent of type Context.
+    """
+    get_context = getattr(task, "get_context", None)
+    if get_context is not None:
+        return get_context()  # type: ignore[no-any-return]
+    for referent in gc.get_referents(task):
+        if type(referent) is contextvars.Context:
+            return referent
+    return None

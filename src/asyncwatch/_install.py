@@ -1,0 +1,153 @@
+"""`install()` and `uninstall()`: what the program calls, and what they change.
+
+Global state department (with `_engine._state`): the engine, the event-loop
+policy asyncwatch set, and the asyncio patches that see loops start
+(`_patches`), all undone by `uninstall()` in any order relative to other
+libraries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any
+
+from ._core.runtime import forget_internal_errors, report_internal_error
+from ._core.settings import Settings, check_install_arguments
+from ._engine import Engine, _state, ensure_engine
+from ._outputs.pipeline import Reporter
+from ._patches import Patch, loop_start_patches
+from ._policy import EventLoopPolicy, get_policy, set_policy
+
+__all__ = ["Installation", "install", "uninstall"]
+
+
+class _Hooked:
+    """What install() changed in the interpreter, to undo it."""
+
+    def __init__(self) -> None:
+        self.policy: EventLoopPolicy | None = None  # ours, while it is the current one
+        self.policy_base: Any = None
+        self.patches: list[Patch] = []
+
+
+_hooked = _Hooked()
+
+
+class Installation:
+    """What `install()` returns: undo it with `uninstall()` or a ``with`` block."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    @property
+    def settings(self) -> Settings:
+        return self._engine.settings
+
+    def add_reporter(self, reporter: Reporter) -> None:
+        """Send every later finding to *reporter* too."""
+        self._engine.pipeline.add(reporter)
+
+    def remove_reporter(self, reporter: Reporter) -> None:
+        self._engine.pipeline.remove(reporter)
+
+    def uninstall(self) -> None:
+        """Same as `asyncwatch.uninstall()`."""
+        if _state.engine is self._engine:
+            uninstall()
+
+    def __enter__(self) -> Installation:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.uninstall()
+
+
+def install(
+    *,
+    loop: asyncio.AbstractEventLoop | None = None,
+    reporters: Iterable[Reporter] = (),
+    tracer_provider: Any = None,
+    meter_provider: Any = None,
+    **options: Any,
+) -> Installation:
+    """Start watching for asyncio's silent failures.
+
+    Called inside a running loop, watch that loop; called before any loop
+    runs, watch every loop created or started afterwards; with ``loop=``,
+    watch that loop.  Calling it again is harmless (it attaches any new
+    loop).  Options: see `Settings`; ``ASYNCWATCH_*`` environment variables
+    give the defaults.  OpenTelemetry spans and metrics go to
+    *tracer_provider* / *meter_provider*, else to the application's global
+    providers.  Undo everything with `uninstall()`.
+    """
+    reporters = check_install_arguments(loop, reporters, tracer_provider, meter_provider)
+    with _state.lock:
+        engine, settings = ensure_engine(
+            options, reporters=reporters, tracer_provider=tracer_provider, meter_provider=meter_provider
+        )
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+        if loop is not None:
+            engine.attach(loop, settings)
+        else:
+            _watch_future_loops(settings)
+        return Installation(engine)
+
+
+def _watch_future_loops(settings: Settings) -> None:
+    """Watch loops that do not exist yet: through the event-loop policy (it
+    makes the loops of ``asyncio.run()`` and ``new_event_loop()``, uvloop's
+    included), and when any asyncio loop starts running (loops made by hand
+    or by a ``loop_factory``)."""
+    _state.future_loops = settings
+    if _hooked.policy is None:
+        base = get_policy()
+        if not isinstance(base, EventLoopPolicy):
+            policy = EventLoopPolicy(base)
+            set_policy(policy)
+            _hooked.policy = policy
+            _hooked.policy_base = base
+    if not _hooked.patches:
+        _hooked.patches = loop_start_patches(_watch_starting_loop)
+        for patch in _hooked.patches:
+            patch.apply()
+
+
+def _watch_starting_loop(loop: Any) -> None:
+    """Attach a loop about to run (the loop-start hooks), unless it is watched."""
+    engine = _state.engine
+    if loop is not None and engine is not None and _state.future_loops is not None:
+        try:
+            if not engine.is_watching(loop):
+                engine.attach(loop, _state.future_loops)
+        except Exception as exc:
+            report_internal_error("loop start hook", exc)
+
+
+def uninstall() -> None:
+    """Stop watching and restore every hook asyncwatch changed.
+
+    Hooks that another library wrapped after asyncwatch are left in place
+    with asyncwatch's part made inert, so uninstall order never matters.
+    """
+    with _state.lock:
+        engine = _state.engine
+        for patch in _hooked.patches:
+            patch.restore()
+        _hooked.patches = []
+        if _hooked.policy is not None:
+            if get_policy() is _hooked.policy:
+                set_policy(_hooked.policy_base)
+            else:
+                _hooked.policy.inert = True
+            _hooked.policy = None
+            _hooked.policy_base = None
+        _state.future_loops = None
+        _state.engine = None
+        if engine is not None:
+            engine.close()
+        forget_internal_errors()

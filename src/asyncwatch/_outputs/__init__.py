@@ -1,0 +1,1 @@
+"""Outputs: where findings go (the pipeline, structlog, JSON Lines, OpenTelemetry)."""

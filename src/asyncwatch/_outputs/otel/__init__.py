@@ -1,0 +1,1 @@
+"""OpenTelemetry output: names, task spans, findings on spans, metrics, OTLP setup."""

@@ -1,0 +1,89 @@
+"""What asyncwatch patches in asyncio, as records that apply and restore.
+
+Each `Patch` replaces one attribute and remembers what it replaced.
+`restore` puts the original back only while the attribute is still ours: a
+library that wrapped it after asyncwatch keeps its wrapper (which calls ours,
+made inert by the engine being gone), so the order of uninstalls never
+matters (OpenTelemetry contrib's paired instrument/uninstrument).
+"""
+
+from __future__ import annotations
+
+import asyncio.base_events
+import asyncio.events
+import asyncio.runners
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["Patch", "loop_start_patches"]
+
+
+class Patch:
+    """``setattr(owner, name, make(original))``, undone by `restore`."""
+
+    __slots__ = ("_make", "name", "original", "owner", "replacement")
+
+    def __init__(self, owner: Any, name: str, make: Callable[[Any], Any]) -> None:
+        self.owner = owner
+        self.name = name
+        self._make = make
+        self.original: Any = None
+        self.replacement: Any = None
+
+    @property
+    def applied(self) -> bool:
+        return self.replacement is not None
+
+    def apply(self) -> None:
+        """Replace the attribute (once; applying again does nothing)."""
+        if self.replacement is None:
+            self.original = getattr(self.owner, self.name)
+            self.replacement = self._make(self.original)
+            setattr(self.owner, self.name, self.replacement)
+
+    def restore(self) -> None:
+        """Put the original back if the attribute is still ours; forget it either way."""
+        if self.replacement is not None:
+            current = self.owner.__dict__.get(self.name) if isinstance(self.owner, type) else getattr(self.owner, self.name, None)
+            if current is self.replacement:
+                setattr(self.owner, self.name, self.original)
+            self.replacement = self.original = None
+
+
+def loop_start_patches(watch_starting_loop: Callable[[Any], None]) -> list[Patch]:
+    """The hooks that see a loop about to run, for `install()` before any loop exists."""
+
+    def set_running_loop(original: Callable[[Any], None]) -> Callable[[Any], None]:
+        def _set_running_loop(loop: Any) -> None:
+            original(loop)
+            watch_starting_loop(loop)
+
+        return _set_running_loop
+
+    def lazy_init(original: Callable[[Any], None]) -> Callable[[Any], None]:
+        # uvloop keeps its own reference to asyncio's _set_running_loop, so a
+        # uvloop loop given to asyncio.Runner (uvloop.run() does that) never
+        # goes through the hook above: catch it as the Runner makes it,
+        # before the Runner creates the program's main task on it.
+        def _lazy_init(self: Any) -> None:
+            original(self)
+            watch_starting_loop(getattr(self, "_loop", None))
+
+        return _lazy_init
+
+    def run_until_complete(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+        # loop.run_until_complete(coro) makes the task for coro before the
+        # loop starts running: attach a loop made by hand first, so that
+        # task is ours too.
+        def run_until_complete(self: Any, future: Any) -> Any:
+            if not self.is_closed():
+                watch_starting_loop(self)
+            return original(self, future)
+
+        return run_until_complete
+
+    patches = [Patch(asyncio.events, "_set_running_loop", set_running_loop)]
+    if hasattr(asyncio.runners.Runner, "_lazy_init"):
+        patches.append(Patch(asyncio.runners.Runner, "_lazy_init", lazy_init))
+    patches.append(Patch(asyncio.base_events.BaseEventLoop, "run_until_complete", run_until_complete))
+    return patches
