@@ -15,8 +15,8 @@ import pytest
 
 import asyncwatch
 from asyncwatch import FindingKind
-from asyncwatch._policy import get_policy, set_policy
 from asyncwatch._outputs.collect import CollectingReporter
+from asyncwatch._policy import get_policy, set_policy
 from asyncwatch.testing import capture_findings
 from conftest import base_factory, gc_collect_harder, line_of
 

@@ -34,9 +34,9 @@ import asyncwatch
 import asyncwatch._core.frames
 import asyncwatch._core.tasks
 from asyncwatch import Finding, FindingKind
+from asyncwatch._detectors.slow_callback import LoopProbe, SlowCallbackDetector, Watchdog
 from asyncwatch._engine import Engine, LoopWatch, current_engine
 from asyncwatch._outputs.collect import CollectingReporter
-from asyncwatch._detectors.slow_callback import LoopProbe, SlowCallbackDetector, Watchdog
 from asyncwatch.testing import capture_findings
 from conftest import base_factory, gc_collect_harder, line_of
 

@@ -31,13 +31,13 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
 from opentelemetry.trace import SpanContext, StatusCode, TraceFlags
 
 import asyncwatch
+import asyncwatch._core.tasks
+import asyncwatch._detectors.slow_callback
 import asyncwatch._outputs.otel.otlp
 import asyncwatch._outputs.otel.telemetry
-import asyncwatch._detectors.slow_callback
-import asyncwatch._core.tasks
 from asyncwatch import ConfigurationError, Settings
+from asyncwatch._core.stepping import TimedCoroutine
 from asyncwatch._outputs.collect import CollectingReporter
-from asyncwatch._core.tasks import TimedCoroutine
 from conftest import base_factory, gc_collect_harder, line_of
 
 BLOCK_S = 0.25  # a slow step: well over the 100 ms threshold

@@ -14,7 +14,8 @@ import pytest
 
 import asyncwatch
 from asyncwatch._core.detector import Detector, Hooks
-from asyncwatch._core.tasks import Task, TimedCoroutine
+from asyncwatch._core.stepping import TimedCoroutine
+from asyncwatch._core.tasks import Task
 from asyncwatch._engine import current_engine
 from conftest import base_factory, gc_collect_harder, line_of
 

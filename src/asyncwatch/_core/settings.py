@@ -114,9 +114,6 @@ class Settings:
     def slow_callback_s(self) -> float:
         return self.slow_callback_ms / 1000.0
 
-    def enabled(self, kind: FindingKind) -> bool:
-        return kind in self.detect
-
     def with_options(self, options: Mapping[str, Any]) -> Settings:
         """Return a copy with *options* (keyword arguments) validated and applied."""
         known = [f.name for f in fields(self)]

@@ -17,30 +17,26 @@ Cost model (this runs for every task):
 from __future__ import annotations
 
 import asyncio
-import collections.abc
 import contextvars
 import functools
 import gc
 import os
 import sys
 import threading
-import time
-import weakref
 from collections.abc import Callable
 from types import CodeType, FrameType
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple
 
 from .detector import Hooks, watches
 from .findings import Site
 from .frames import _is_library_cache, code_site, is_library_file, is_own_file, qualname_of
 from .runtime import report_internal_error
+from .stepping import TimedCoroutine
 
 __all__ = [
     "CancelCall",
-    "StepObserver",
     "Task",
     "TaskFactory",
-    "TimedCoroutine",
     "cancel_calls",
     "coro_name",
     "coro_of",
@@ -89,7 +85,7 @@ def coro_name(task: asyncio.Future[Any]) -> str | None:
         return qualname_of(task.get_coro())
     entry = _foreign_entry(task)
     if entry is not None:
-        return entry[3]  # the coroutine the program gave, not a library's wrapper of it
+        return entry.coroutine  # the coroutine the program gave, not a library's wrapper of it
     return qualname_of(coro_of(task))
 
 
@@ -173,100 +169,6 @@ class Task(asyncio.Task):  # type: ignore[type-arg]
             calls.pop()
 
 
-# --- Timing each step of a task (spans, and any detector that wraps coroutines) ---
-
-
-@runtime_checkable
-class StepObserver(Protocol):
-    """Told how long each step of a task took, by its `TimedCoroutine`."""
-
-    def task_step(self, task: asyncio.Task[Any], start: float, duration: float) -> None:
-        """One step ran from *start* (``time.perf_counter()``) for *duration* seconds."""
-
-
-class TimedCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
-    """Wraps a traced task's coroutine to time each step (``send``/``throw``).
-
-    asyncio's C Task has no hook between steps; it drives any coroutine
-    through ``send`` and ``throw``, so this wrapper sees each step and
-    forwards everything else (``cr_frame``, ``cr_await``, ``__qualname__``
-    ...) so that ``repr(task)``, ``task.get_stack()`` and asyncwatch's own
-    introspection see the user's coroutine.  Exceptions pass through
-    untouched.  A detector's ``wrap_coroutine`` returns one (spans do); the
-    task factory then points it at its task (`attach`).
-    """
-
-    # __weakref__: a coroutine can be weakly referenced, so its stand-in must be too.
-    __slots__ = ("__weakref__", "_aw_early", "_aw_inner", "_aw_observer", "_aw_task")
-
-    def __init__(self, coro: Any, observer: StepObserver) -> None:
-        self._aw_inner = coro
-        self._aw_observer: StepObserver | None = observer
-        self._aw_task: Callable[[], Any] = _no_task
-        # An eager first step runs inside Task.__init__, before the task
-        # exists for the observer: kept here and told right after creation.
-        self._aw_early: tuple[float, float] | None = None
-
-    def send(self, value: Any) -> Any:
-        start = _clock()
-        try:
-            return self._aw_inner.send(value)
-        finally:
-            self._stepped(start)
-
-    def throw(self, *args: Any) -> Any:
-        start = _clock()
-        try:
-            return self._aw_inner.throw(*args)
-        finally:
-            # *args holds the exception, whose traceback holds this frame:
-            # a cycle that would keep everything the task's frames refer to
-            # (sockets, SSL contexts) alive until the collector runs.
-            del args
-            self._stepped(start)
-
-    def close(self) -> None:
-        self._aw_inner.close()
-
-    def __await__(self) -> Any:
-        return self._aw_inner.__await__()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._aw_inner, name)
-
-    def attach(self, task: asyncio.Task[Any]) -> None:
-        """Time steps for *task* from now on; tell the observer an eager first step."""
-        self._aw_task = weakref.ref(task)  # the task owns the wrapper: no cycle
-        early, self._aw_early = self._aw_early, None
-        observer = self._aw_observer
-        if early is not None and observer is not None:
-            observer.task_step(task, *early)
-
-    def _stepped(self, start: float) -> None:
-        observer = self._aw_observer
-        task = self._aw_task()
-        if task is None:
-            self._aw_early = (start, _clock() - start)
-        elif observer is not None:
-            try:
-                observer.task_step(task, start, _clock() - start)
-            except Exception as exc:
-                self._aw_observer = None
-                report_internal_error("task observer", exc)
-
-
-def _no_task() -> None:
-    return None
-
-
-_clock = time.perf_counter
-
-#: The code of the wrapper's steps: a frame running one of these is the
-#: program's task step, not asyncwatch's own work (the slow-callback
-#: detector must see through it).
-STEP_WRAPPER_CODES = frozenset({TimedCoroutine.send.__code__, TimedCoroutine.throw.__code__})
-
-
 # --- where a task was created ------------------------------------------------
 
 # Tasks made by another library's task factory are not our subclass and have
@@ -277,7 +179,16 @@ STEP_WRAPPER_CODES = frozenset({TimedCoroutine.send.__code__, TimedCoroutine.thr
 # completion; the table is capped for tasks that vanish without a word
 # (gather hides their destruction).
 _FOREIGN_LIMIT = 100_000
-_foreign_sites: dict[int, tuple[int, CodeType, int, str | None]] = {}
+class _ForeignSite(NamedTuple):
+    """Where a task of another library's factory was created."""
+
+    coro_id: int  # id() of what the task runs, 0 if unknown; checked against reuse of the task's id
+    code: CodeType
+    offset: int
+    coroutine: str | None  # the name of the program's coroutine
+
+
+_foreign_sites: dict[int, _ForeignSite] = {}
 
 
 def _forget_foreign(task: asyncio.Task[Any]) -> None:
@@ -298,16 +209,16 @@ def created_at(task: asyncio.Future[Any]) -> Site | None:
     if site is not None:
         return code_site(*site)
     entry = _foreign_entry(task)
-    return code_site(entry[1], entry[2]) if entry is not None else None
+    return code_site(entry.code, entry.offset) if entry is not None else None
 
 
-def _foreign_entry(task: asyncio.Future[Any]) -> tuple[int, CodeType, int, str | None] | None:
+def _foreign_entry(task: asyncio.Future[Any]) -> _ForeignSite | None:
     entry = _foreign_sites.get(id(task))
     if entry is not None:
         coro = coro_of(task)
         # No coroutine to check (finished: asyncio let it go) or none known
         # at creation (finished eagerly on 3.12.0-3.12.4): trust the id of the task.
-        if coro is None or not entry[0] or entry[0] == id(coro):
+        if coro is None or not entry.coro_id or entry.coro_id == id(coro):
             return entry
     return None
 
@@ -510,7 +421,7 @@ def _remember_foreign(task: asyncio.Task[Any], coro: Any, site: tuple[CodeType, 
         for key in list(_foreign_sites)[: _FOREIGN_LIMIT // 2]:
             del _foreign_sites[key]
     runs = coro_of(task)
-    _foreign_sites[id(task)] = (id(runs) if runs is not None else 0, *site, qualname_of(coro))
+    _foreign_sites[id(task)] = _ForeignSite(id(runs) if runs is not None else 0, *site, qualname_of(coro))
     task.add_done_callback(_forget_foreign)
 
 

@@ -43,7 +43,8 @@ from .._core.detector import Detector, WatchedLoop
 from .._core.findings import Finding, FindingKind, Site
 from .._core.frames import frame_site, is_library_file, is_own_file, qualname_of, stack_of
 from .._core.runtime import in_forked_child, report_internal_error
-from .._core.tasks import STEP_WRAPPER_CODES, coro_name
+from .._core.stepping import STEP_WRAPPER_CODES
+from .._core.tasks import coro_name
 
 __all__ = ["LoopProbe", "SlowCallbackDetector", "Watchdog"]
 

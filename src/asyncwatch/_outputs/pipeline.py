@@ -22,7 +22,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from .._core.findings import Finding, FindingKind, Site
 from .._core.runtime import in_forked_child, new_lock, report_internal_error
@@ -52,6 +52,17 @@ class Reporter(Protocol):
 Enricher = Callable[[Finding], Finding]
 
 
+class _Place:
+    """The rate limit's count for one (kind, site)."""
+
+    __slots__ = ("held", "let_through", "seen")
+
+    def __init__(self, now: float) -> None:
+        self.seen = 1  # findings seen
+        self.let_through = now  # when the last one went through
+        self.held = 0  # held back since
+
+
 class RateLimiter:
     """At most *burst* findings of one kind at one site, then one per *interval_s*.
 
@@ -69,8 +80,7 @@ class RateLimiter:
         self.burst = burst
         self.interval_s = interval_s
         self.max_places = max_places
-        # (kind, site) -> [findings seen, time of the last one let through, held back since]
-        self._places: dict[tuple[FindingKind, Site | None], list[Any]] = {}
+        self._places: dict[tuple[FindingKind, Site | None], _Place] = {}
         self.suppressed: Counter[tuple[FindingKind, Site | None]] = Counter()
         self._lock = threading.Lock()
         self._clock = time.monotonic
@@ -86,13 +96,13 @@ class RateLimiter:
                 if len(self._places) >= self.max_places:
                     for old in list(self._places)[: self.max_places // 2]:
                         del self._places[old]
-                self._places[key] = [1, now, 0]
+                self._places[key] = _Place(now)
                 return finding
-            place[0] += 1
-            if place[0] <= self.burst or now - place[1] >= self.interval_s:
-                held, place[1], place[2] = place[2], now, 0
+            place.seen += 1
+            if place.seen <= self.burst or now - place.let_through >= self.interval_s:
+                held, place.let_through, place.held = place.held, now, 0
                 return dataclasses.replace(finding, suppressed=held) if held else finding
-            place[2] += 1
+            place.held += 1
             if len(self.suppressed) < self.max_places or key in self.suppressed:
                 self.suppressed[key] += 1
             return None

@@ -29,7 +29,8 @@ from ..._core.detector import Detector
 from ..._core.findings import Finding, Site
 from ..._core.frames import app_frame, describe_exception, frame_site, is_own_file
 from ..._core.runtime import report_internal_error
-from ..._core.tasks import TimedCoroutine, coro_of, task_context
+from ..._core.stepping import TimedCoroutine
+from ..._core.tasks import coro_of, task_context
 from .names import (
     ATTR_BUSY_TIME,
     ATTR_CANCEL_MESSAGE,

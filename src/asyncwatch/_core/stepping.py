@@ -1,0 +1,109 @@
+"""Timing each step of a task: the wrapper a detector's ``wrap_coroutine`` returns.
+
+asyncio's C Task has no hook between steps; wrapping the coroutine is the
+way to see each one.  Spans use it; so may any detector that needs steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections.abc
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+from .runtime import report_internal_error
+
+__all__ = ["STEP_WRAPPER_CODES", "StepObserver", "TimedCoroutine"]
+
+
+@runtime_checkable
+class StepObserver(Protocol):
+    """Told how long each step of a task took, by its `TimedCoroutine`."""
+
+    def task_step(self, task: asyncio.Task[Any], start: float, duration: float) -> None:
+        """One step ran from *start* (``time.perf_counter()``) for *duration* seconds."""
+
+
+class TimedCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
+    """Wraps a traced task's coroutine to time each step (``send``/``throw``).
+
+    asyncio's C Task has no hook between steps; it drives any coroutine
+    through ``send`` and ``throw``, so this wrapper sees each step and
+    forwards everything else (``cr_frame``, ``cr_await``, ``__qualname__``
+    ...) so that ``repr(task)``, ``task.get_stack()`` and asyncwatch's own
+    introspection see the user's coroutine.  Exceptions pass through
+    untouched.  A detector's ``wrap_coroutine`` returns one (spans do); the
+    task factory then points it at its task (`attach`).
+    """
+
+    # __weakref__: a coroutine can be weakly referenced, so its stand-in must be too.
+    __slots__ = ("__weakref__", "_aw_early", "_aw_inner", "_aw_observer", "_aw_task")
+
+    def __init__(self, coro: Any, observer: StepObserver) -> None:
+        self._aw_inner = coro
+        self._aw_observer: StepObserver | None = observer
+        self._aw_task: Callable[[], Any] = _no_task
+        # An eager first step runs inside Task.__init__, before the task
+        # exists for the observer: kept here and told right after creation.
+        self._aw_early: tuple[float, float] | None = None
+
+    def send(self, value: Any) -> Any:
+        start = _clock()
+        try:
+            return self._aw_inner.send(value)
+        finally:
+            self._stepped(start)
+
+    def throw(self, *args: Any) -> Any:
+        start = _clock()
+        try:
+            return self._aw_inner.throw(*args)
+        finally:
+            # *args holds the exception, whose traceback holds this frame:
+            # a cycle that would keep everything the task's frames refer to
+            # (sockets, SSL contexts) alive until the collector runs.
+            del args
+            self._stepped(start)
+
+    def close(self) -> None:
+        self._aw_inner.close()
+
+    def __await__(self) -> Any:
+        return self._aw_inner.__await__()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._aw_inner, name)
+
+    def attach(self, task: asyncio.Task[Any]) -> None:
+        """Time steps for *task* from now on; tell the observer an eager first step."""
+        self._aw_task = weakref.ref(task)  # the task owns the wrapper: no cycle
+        early, self._aw_early = self._aw_early, None
+        observer = self._aw_observer
+        if early is not None and observer is not None:
+            observer.task_step(task, *early)
+
+    def _stepped(self, start: float) -> None:
+        observer = self._aw_observer
+        task = self._aw_task()
+        if task is None:
+            self._aw_early = (start, _clock() - start)
+        elif observer is not None:
+            try:
+                observer.task_step(task, start, _clock() - start)
+            except Exception as exc:
+                self._aw_observer = None
+                report_internal_error("task observer", exc)
+
+
+def _no_task() -> None:
+    return None
+
+
+_clock = time.perf_counter
+
+#: The code of the wrapper's steps: a frame running one of these is the
+#: program's task step, not asyncwatch's own work (the slow-callback
+#: detector must see through it).
+STEP_WRAPPER_CODES = frozenset({TimedCoroutine.send.__code__, TimedCoroutine.throw.__code__})
