@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 from structlog.testing import capture_logs
 
 import asyncwatch
-from asyncwatch import Finding, FindingKind, JsonLinesReporter, Site
+from asyncwatch import Finding, FindingKind, JsonLinesReporter, Site, StructlogReporter
 from asyncwatch._outputs.collect import CollectingReporter
 from asyncwatch._outputs.pipeline import Pipeline, RateLimiter
 from asyncwatch.testing import capture_findings
@@ -139,6 +140,46 @@ class TestPipelineWithALimit:
         with pytest.raises(asyncwatch.ConfigurationError, match="report_limit"):
             asyncwatch.install(report_limit=bad)
         assert not asyncwatch.is_installed()
+
+
+class TestEnrichment:
+    """The ordered stage between the rate limit and the reporters."""
+
+    def test_enrichers_run_in_order_before_every_reporter_whenever_they_were_added(self):
+        """What an enricher adds reaches the structlog event, even if the log was added first."""
+        log = StructlogReporter()
+        pipeline = Pipeline([log])
+        pipeline.add_enricher(lambda f: dataclasses.replace(f, extra=(*f.extra, ("trace_id", "ab"))))
+        pipeline.add_enricher(lambda f: dataclasses.replace(f, extra=(*f.extra, ("span_id", "cd"))))
+        with capture_logs() as logs:
+            pipeline.emit(finding())
+        [event] = logs
+        assert (event["trace_id"], event["span_id"]) == ("ab", "cd")
+        assert "extra" not in finding().to_dict()  # not part of the JSON form
+
+    def test_a_failing_enricher_is_dropped_said_once_and_findings_go_on(self, capsys):
+        collected = CollectingReporter()
+        calls = []
+
+        def broken(f):
+            calls.append(f)
+            raise RuntimeError("enricher exploded")
+
+        pipeline = Pipeline([collected])
+        pipeline.add_enricher(broken)
+        pipeline.emit(finding())
+        pipeline.emit(finding(THERE))
+        assert len(calls) == 1 and [f.site for f in collected.findings] == [HERE, THERE]
+        out = capsys.readouterr()
+        assert (out.out + out.err).count("asyncwatch.internal_error") == 1
+
+    def test_findings_held_back_by_the_limit_are_not_enriched(self):
+        enriched = []
+        pipeline = Pipeline([CollectingReporter()], limiter=limiter(burst=1))
+        pipeline.add_enricher(lambda f: enriched.append(f) or f)
+        for _ in range(3):
+            pipeline.emit(finding())
+        assert len(enriched) == 1
 
 
 class StuckDisk:

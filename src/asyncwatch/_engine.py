@@ -171,7 +171,7 @@ class Engine:
             self.pipeline.add(reporter)
         self._lock = threading.RLock()
         in_forked_child(self, _new_engine_lock)  # attaching a loop, at fork()
-        self._context = DetectorContext(settings, self.emit, CoroutineClaims())
+        self._context = DetectorContext(settings, self.emit, CoroutineClaims(), self.disable)
         # The built-in detectors, made and installed when first needed.
         self._detectors: dict[FindingKind, Detector] = {}
         # Detectors registered with add_detector(), for every loop.
@@ -232,7 +232,12 @@ class Engine:
             return None
 
     def disable(self, detector: Detector, exc: Exception) -> None:
-        """*detector* raised: stop dispatching to it on every loop; say so once."""
+        """*detector* raised: stop dispatching to it on every loop; say so once.
+
+        The one place a detector's failure is handled: hooks dispatched
+        through `Hooks`, and failures a detector meets on its own
+        (`DetectorContext.failed`), both end here.
+        """
         self._disabled.add(id(detector))
         for watch in self._watches():
             watch.hooks.without(detector)

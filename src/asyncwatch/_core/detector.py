@@ -78,12 +78,22 @@ class CoroutineClaims:
 class DetectorContext:
     """What the engine gives each detector at `Detector.install`."""
 
-    def __init__(self, settings: Settings, emit: Callable[[Finding], None], claims: CoroutineClaims) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        emit: Callable[[Finding], None],
+        claims: CoroutineClaims,
+        failed: Callable[[Detector, Exception], None],
+    ) -> None:
         #: The process-wide settings (a loop's own are on its `WatchedLoop`).
         self.settings = settings
         #: Report a finding not tied to one loop (a loop's go to `WatchedLoop.emit`).
         self.emit = emit
         self.claims = claims
+        #: Say that *detector* failed outside a dispatched hook (its own
+        #: thread, a warnings hook, a done callback): the engine disables it
+        #: on every loop and reports the error once, as for a hook.
+        self.failed = failed
 
 
 class Detector:

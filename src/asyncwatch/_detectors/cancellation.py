@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from .._core.detector import Detector, watches
+from .._core.detector import Detector, DetectorContext, watches
 from .._core.findings import Finding, FindingKind, Site
 from .._core.frames import app_frame, await_chain, frame_site, is_library_file, is_own_file, qualname_of
 from .._core.runtime import report_internal_error
@@ -31,10 +32,26 @@ class CancellationDetector(Detector):
 
     kind = FindingKind.CANCELLATION_SWALLOWED
 
+    def __init__(self) -> None:
+        self._context: DetectorContext | None = None
+
+    def install(self, context: DetectorContext) -> None:
+        self._context = context
+
     def task_cancel_requested(self, task: asyncio.Task[Any], caller: FrameType, message: Any) -> None:
         calls = cancel_calls()
         if type(task) is Task and calls and calls[-1].task is task:
-            _note_cancel(task, caller, calls[-1], calls[-2] if len(calls) > 1 else None)
+            _note_cancel(task, caller, calls[-1], calls[-2] if len(calls) > 1 else None, self._check_swallowed)
+
+    def _check_swallowed(self, task: asyncio.Task[Any]) -> None:
+        """Done callback of a cancelled task: report if it finished normally."""
+        try:
+            _check_swallowed(task)
+        except Exception as exc:
+            if self._context is not None:
+                self._context.failed(self, exc)
+            else:
+                report_internal_error(self.name, exc)
 
 
 class CancelRequest:
@@ -100,7 +117,13 @@ def _is_structured(frame: FrameType) -> bool:
     return names is None or code.co_name in names
 
 
-def _note_cancel(task: Task, caller: FrameType, call: CancelCall, outer_call: CancelCall | None) -> None:
+def _note_cancel(
+    task: Task,
+    caller: FrameType,
+    call: CancelCall,
+    outer_call: CancelCall | None,
+    check_swallowed: Callable[[asyncio.Task[Any]], None],
+) -> None:
     """Record one cancel() of a pending *task*; leave its note on *call*."""
     record: CancelRecord | None = getattr(task, "_aw_cancel", None)
     if record is None:
@@ -108,7 +131,7 @@ def _note_cancel(task: Task, caller: FrameType, call: CancelCall, outer_call: Ca
         task._aw_cancel = record
         if getattr(task, "_aw_coro", None) is None:
             task._aw_coro = qualname_of(user_coro_of(task))  # pending: safe to ask now
-        task.add_done_callback(_check_swallowed)
+        task.add_done_callback(check_swallowed)
     note: _Note | None = outer_call.notes.get(_NOTE) if outer_call is not None else None
     outer: CancelRequest | None = None
     if note is not None and note.request is not None and note.request not in record.requests:
@@ -146,46 +169,43 @@ def _delivery_point(task: asyncio.Task[Any], canceller: Site | None) -> tuple[Si
 
 
 def _check_swallowed(task: asyncio.Task[Any]) -> None:
-    """Done callback of a cancelled task: report if it finished normally."""
-    try:
-        record: CancelRecord | None = getattr(task, "_aw_cancel", None)
-        if record is None or task.cancelled() or task._exception is not None:
-            return
-        swallowed = [r for r in record.requests if not r.absorbed]
-        if not swallowed or task.cancelling() <= 0:
-            # Only structured cancellation, a deliberate uncancel(), or every
-            # request went into a task that swallowed it (that one is reported).
-            return
-        for request in swallowed:
-            outer = request.forwarded_from
-            while outer is not None:
-                outer.absorbed = True
-                outer = outer.forwarded_from
-        request = swallowed[0]
-        watch = watches.get(task.get_loop())
-        if watch is None or not watch.detects(FindingKind.CANCELLATION_SWALLOWED):
-            return
-        coro = coro_name(task)
-        name = task.get_name()
-        by = f" (cancelled at {_short(request.cancelled_by)})" if request.cancelled_by else ""
-        watch.emit(
-            Finding(
-                kind=FindingKind.CANCELLATION_SWALLOWED,
-                message=(
-                    f"Task {name!r} (coroutine {coro!r}) was cancelled{by} but finished without "
-                    "raising CancelledError, so the cancellation was swallowed; re-raise "
-                    "CancelledError after cleanup"
-                ),
-                site=request.delivered_at,
-                stack=request.delivery_stack,
-                task=name,
-                coroutine=coro,
-                cancelled_by=request.cancelled_by,
-                created_at=created_at(task),
-            )
+    """Report *task*, cancelled, if it finished normally (its done callback)."""
+    record: CancelRecord | None = getattr(task, "_aw_cancel", None)
+    if record is None or task.cancelled() or task._exception is not None:
+        return
+    swallowed = [r for r in record.requests if not r.absorbed]
+    if not swallowed or task.cancelling() <= 0:
+        # Only structured cancellation, a deliberate uncancel(), or every
+        # request went into a task that swallowed it (that one is reported).
+        return
+    for request in swallowed:
+        outer = request.forwarded_from
+        while outer is not None:
+            outer.absorbed = True
+            outer = outer.forwarded_from
+    request = swallowed[0]
+    watch = watches.get(task.get_loop())
+    if watch is None or not watch.detects(FindingKind.CANCELLATION_SWALLOWED):
+        return
+    coro = coro_name(task)
+    name = task.get_name()
+    by = f" (cancelled at {_short(request.cancelled_by)})" if request.cancelled_by else ""
+    watch.emit(
+        Finding(
+            kind=FindingKind.CANCELLATION_SWALLOWED,
+            message=(
+                f"Task {name!r} (coroutine {coro!r}) was cancelled{by} but finished without "
+                "raising CancelledError, so the cancellation was swallowed; re-raise "
+                "CancelledError after cleanup"
+            ),
+            site=request.delivered_at,
+            stack=request.delivery_stack,
+            task=name,
+            coroutine=coro,
+            cancelled_by=request.cancelled_by,
+            created_at=created_at(task),
         )
-    except Exception as exc:
-        report_internal_error(FindingKind.CANCELLATION_SWALLOWED.value, exc)
+    )
 
 
 def _short(site: Site | None) -> str:

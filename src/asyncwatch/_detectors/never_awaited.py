@@ -83,6 +83,7 @@ class NeverAwaitedDetector(Detector):
 
     def __init__(self) -> None:
         self._emit: Callable[[Finding], None] = _nowhere
+        self._context: DetectorContext | None = None
         self._track_origins = False
         self._original: Callable[[Any], None] | None = None
         self._installed: Callable[[Any], None] | None = None
@@ -97,6 +98,7 @@ class NeverAwaitedDetector(Detector):
         self._held_lock = threading.Lock()
 
     def install(self, context: DetectorContext) -> None:
+        self._context = context
         self._emit = context.emit
         self._track_origins = context.settings.track_coroutine_origins
         self._claims = context.claims
@@ -114,7 +116,7 @@ class NeverAwaitedDetector(Detector):
                     self._on_never_awaited(coro, sys._getframe(1))
                 except Exception as exc:
                     self.enabled = False
-                    report_internal_error(self.name, exc)
+                    self._failed(exc)
             if is_stdlib:
                 # Warn from this frame with the stdlib's stacklevel, so the
                 # RuntimeWarning still points at the user's line, not at us.
@@ -145,6 +147,12 @@ class NeverAwaitedDetector(Detector):
             sys.set_coroutine_origin_tracking_depth(self._previous_depth)
             self._previous_depth = None
 
+    def _failed(self, exc: Exception) -> None:
+        if self._context is not None:
+            self._context.failed(self, exc)
+        else:
+            report_internal_error(self.name, exc)
+
     def _gc_callback(self, phase: str, _info: dict[str, Any]) -> None:
         if phase == "start":
             _gc_state.collecting = True
@@ -154,7 +162,7 @@ class NeverAwaitedDetector(Detector):
             self._flush_held()
         except Exception as exc:
             self.enabled = False
-            report_internal_error(self.name, exc)
+            self._failed(exc)
 
     def _flush_held(self) -> None:
         with self._held_lock:

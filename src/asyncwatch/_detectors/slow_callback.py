@@ -39,7 +39,7 @@ from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Any
 
-from .._core.detector import Detector, WatchedLoop
+from .._core.detector import Detector, DetectorContext, WatchedLoop
 from .._core.findings import Finding, FindingKind, Site
 from .._core.frames import frame_site, is_library_file, is_own_file, qualname_of, stack_of
 from .._core.runtime import in_forked_child, report_internal_error
@@ -62,6 +62,9 @@ class SlowCallbackDetector(Detector):
 
     def __init__(self) -> None:
         self.watchdog = Watchdog()
+
+    def install(self, context: DetectorContext) -> None:
+        self.watchdog.on_failure = lambda exc: context.failed(self, exc)
 
     def loop_attached(self, watch: WatchedLoop) -> None:
         loop = watch.loop_ref()
@@ -373,6 +376,9 @@ class Watchdog:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        #: Told when sampling fails (the detector disables itself through the
+        #: engine); without one, the error is reported here.
+        self.on_failure: Callable[[Exception], None] | None = None
         in_forked_child(self, Watchdog._after_fork)
 
     def add(self, probe: LoopProbe) -> None:
@@ -395,7 +401,7 @@ class Watchdog:
             try:
                 probe.finish(now)
             except Exception as exc:
-                report_internal_error("slow-callback watchdog", exc)
+                self._failed(exc)
 
     def stop(self) -> None:
         with self._lock:
@@ -409,6 +415,13 @@ class Watchdog:
         with self._lock:
             self._probes.clear()
             self._stopping = False
+
+    def _failed(self, exc: Exception) -> None:
+        on_failure = self.on_failure
+        if on_failure is not None:
+            on_failure(exc)
+        else:
+            report_internal_error("slow-callback watchdog", exc)
 
     def _wake_up(self) -> None:
         """A parked probe's loop started running (loop thread)."""
@@ -496,7 +509,7 @@ class Watchdog:
                 else:
                     delay = min(delay, next_in)
         except Exception as exc:
-            report_internal_error("slow-callback watchdog", exc)
+            self._failed(exc)
             with self._lock:
                 for probe in self._probes:
                     probe.enabled = False
