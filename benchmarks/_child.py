@@ -69,7 +69,7 @@ MODE_DESCRIPTIONS: dict[str, str] = {
 }
 
 #: The mode each mode's ratio is taken against.
-BASELINE: dict[str, str] = {mode: "plain" for mode in MODES} | {"asyncwatch-uvloop": "uvloop"}
+BASELINE: dict[str, str] = dict.fromkeys(MODES, "plain") | {"asyncwatch-uvloop": "uvloop"}
 
 SPANS_UNAVAILABLE = "not available in this asyncwatch (OpenTelemetry spans not implemented yet)"
 

@@ -18,6 +18,7 @@ finding here is a false positive, and the child runner fails loudly on one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import resource
@@ -135,10 +136,8 @@ async def tcp_echo(sizes: Sizes) -> Info:
                 await writer.drain()
         finally:
             writer.close()
-            try:
+            with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
-            except ConnectionError:
-                pass
             handlers_left -= 1
             if handlers_left == 0:
                 all_handled.set()
@@ -157,10 +156,8 @@ async def tcp_echo(sizes: Sizes) -> Info:
                 echoed += 1
         finally:
             writer.close()
-            try:
+            with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
-            except ConnectionError:
-                pass
         return messages
 
     async with asyncio.timeout(sizes["timeout_s"]):

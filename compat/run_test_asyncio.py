@@ -168,7 +168,7 @@ class _Result(unittest.TestResult):
         self._outcome: dict[str, tuple[str, str]] = {}
         self._started = 0.0
 
-    def startTest(self, test: unittest.TestCase) -> None:  # noqa: N802 - unittest's name
+    def startTest(self, test: unittest.TestCase) -> None:
         test_id = test.id()
         self._journal.write({"start": test_id})
         _Current.test = _Current.last = test_id
@@ -177,7 +177,7 @@ class _Result(unittest.TestResult):
         self._started = time.perf_counter()
         super().startTest(test)
 
-    def stopTest(self, test: unittest.TestCase) -> None:  # noqa: N802
+    def stopTest(self, test: unittest.TestCase) -> None:
         super().stopTest(test)
         duration = round(time.perf_counter() - self._started, 3)
         faulthandler.cancel_dump_traceback_later()
@@ -197,31 +197,31 @@ class _Result(unittest.TestResult):
         if previous is None or previous[0] in ("pass", "skip"):
             self._outcome[test_id] = (outcome, detail)
 
-    def addSuccess(self, test: unittest.TestCase) -> None:  # noqa: N802
+    def addSuccess(self, test: unittest.TestCase) -> None:
         super().addSuccess(test)
         self._set(test, "pass")
 
-    def addFailure(self, test: Any, err: Any) -> None:  # noqa: N802
+    def addFailure(self, test: Any, err: Any) -> None:
         super().addFailure(test, err)
         self._set(test, "failure", _traceback_tail(err))
 
-    def addError(self, test: Any, err: Any) -> None:  # noqa: N802
+    def addError(self, test: Any, err: Any) -> None:
         super().addError(test, err)
         self._set(test, "error", _traceback_tail(err))
 
-    def addSkip(self, test: Any, reason: str) -> None:  # noqa: N802
+    def addSkip(self, test: Any, reason: str) -> None:
         super().addSkip(test, reason)
         self._set(test, "skip", reason)
 
-    def addExpectedFailure(self, test: unittest.TestCase, err: Any) -> None:  # noqa: N802
+    def addExpectedFailure(self, test: unittest.TestCase, err: Any) -> None:
         super().addExpectedFailure(test, err)
         self._set(test, "expected_failure")
 
-    def addUnexpectedSuccess(self, test: unittest.TestCase) -> None:  # noqa: N802
+    def addUnexpectedSuccess(self, test: unittest.TestCase) -> None:
         super().addUnexpectedSuccess(test)
         self._set(test, "unexpected_success")
 
-    def addSubTest(self, test: unittest.TestCase, subtest: unittest.TestCase, err: Any) -> None:  # noqa: N802
+    def addSubTest(self, test: unittest.TestCase, subtest: unittest.TestCase, err: Any) -> None:
         super().addSubTest(test, subtest, err)
         if err is not None:
             outcome = "failure" if issubclass(err[0], test.failureException) else "error"
@@ -910,31 +910,36 @@ def render(summary: dict[str, Any]) -> str:
         f"  loops attached: {loops['attached']}; loop runs: {loops['runs']}, not watched: {len(loops['runs_unwatched'])}; "
         f"spans: {summary['spans']['exported']}",
     ]
-    for test_id in summary["skip_list"]["hits"]:
-        lines.append(f"  skip list (differs as expected): {test_id}")
+    lines.extend(f"  skip list (differs as expected): {test_id}" for test_id in summary["skip_list"]["hits"])
     for key, title in (
         ("failing_plain_too", "fails plain too"),
         ("flaky_watched", "failed watched, passed on the watched retry"),
         ("failing_plain_only", "fails plain only"),
     ):
-        for test_id in summary[key]:
-            lines.append(f"  {title}: {test_id}")
-    for entry in summary["skip_list"]["stale"]:
-        lines.append(f"  STALE skip-list entry (watched {entry['watched']}, plain {entry['plain']}): {entry['test']}")
-    for error in summary["internal_errors"]:
-        lines.append(f"  INTERNAL ERROR in {error.get('part')} during {error.get('test')}: {error.get('error')}")
-    for problem in summary["worker_problems"]:
-        lines.append(f"  WORKER: {problem}")
+        lines.extend(f"  {title}: {test_id}" for test_id in summary[key])
+    lines.extend(
+        f"  STALE skip-list entry (watched {entry['watched']}, plain {entry['plain']}): {entry['test']}"
+        for entry in summary["skip_list"]["stale"]
+    )
+    lines.extend(
+        f"  INTERNAL ERROR in {error.get('part')} during {error.get('test')}: {error.get('error')}"
+        for error in summary["internal_errors"]
+    )
+    lines.extend(f"  WORKER: {problem}" for problem in summary["worker_problems"])
     for entry in summary["regressions"]:
         last = [line for line in entry["detail"].splitlines() if line.strip()][-1:] or [""]
         lines.append(f"  REGRESSION ({entry['watched']} watched, {entry['plain']} plain): {entry['test']}")
         lines.append(f"      {last[0].strip()[:200]}")
     lines.append(f"  findings: {summary['findings']['total']} {summary['findings']['by_kind']}")
-    for kind, items in summary["findings"]["items"].items():
-        for item in items:
-            lines.append(f"    {kind}: {item['test']} at {item['site']}")
-    for item in summary["findings"]["unclassified"]:
-        lines.append(f"  UNCLASSIFIED finding: {item['kind']} in {item['test']} at {item['site']}: {item['message']}")
+    lines.extend(
+        f"    {kind}: {item['test']} at {item['site']}"
+        for kind, items in summary["findings"]["items"].items()
+        for item in items
+    )
+    lines.extend(
+        f"  UNCLASSIFIED finding: {item['kind']} in {item['test']} at {item['site']}: {item['message']}"
+        for item in summary["findings"]["unclassified"]
+    )
     lines.append(f"  regressions: {len(summary['regressions'])}; details in {summary['output']}/summary.json")
     return "\n".join(lines)
 

@@ -168,9 +168,11 @@ class TestInstallBeforeAnyLoop:
 class TestLoopFactory:
     def test_runner_with_loop_factory_is_watched(self, loop_name):
         """asyncio.Runner(loop_factory=asyncwatch.loop_factory(base)) watches its loop."""
-        with asyncio.Runner(loop_factory=asyncwatch.loop_factory(base_factory(loop_name), log=False)) as runner:
-            with capture_findings() as found:
-                runner.run(_block())
+        with (
+            asyncio.Runner(loop_factory=asyncwatch.loop_factory(base_factory(loop_name), log=False)) as runner,
+            capture_findings() as found,
+        ):
+            runner.run(_block())
         assert [f.site.line for f in found] == [line_of("# <- install blocks here")]
 
     @pytest.mark.skipif(sys.version_info < (3, 12), reason="asyncio.run(loop_factory=) is 3.12+")
@@ -596,9 +598,8 @@ class TestLoopLifecycle:
 class TestCaptureFindings:
     def test_requires_an_installation(self):
         """capture_findings() outside an installation says how to fix it."""
-        with pytest.raises(RuntimeError, match=r"asyncwatch.install\(\)"):
-            with capture_findings():
-                pass
+        with pytest.raises(RuntimeError, match=r"asyncwatch.install\(\)"), capture_findings():
+            pass
 
     def test_filters_by_kind(self):
         """Only the kinds asked for are captured."""

@@ -7,7 +7,6 @@ what it watches.
 """
 
 # Blocking the loop with time.sleep is what these tests do.
-# ruff: noqa: ASYNC251
 
 from __future__ import annotations
 
@@ -66,7 +65,7 @@ def run_threads(targets: dict[str, Callable[[], object]], barrier: bool = True) 
                 if barrier:
                     start.wait(timeout=30)
                 target()
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            except BaseException as exc:
                 errors.append(exc)
 
         return run
@@ -346,7 +345,7 @@ def in_forked_child(body: Callable[[], dict[str, Any]], timeout: float = 60) -> 
             os.close(read_end)
             try:
                 result = body()
-            except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test
+            except BaseException:
                 result = {"error": traceback.format_exc()}
             os.write(write_end, json.dumps(result).encode())
         finally:
@@ -578,7 +577,7 @@ def _process_main(queue: Any, install_in_child: bool) -> None:
             factory = asyncio.run(main())
             result["task_factory"] = None if factory is None else repr(factory)
             result["findings"] = None
-    except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test
+    except BaseException:
         result = {"error": traceback.format_exc()}
     queue.put(json.dumps(result))
 

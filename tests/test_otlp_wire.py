@@ -82,9 +82,11 @@ class Receiver:
         for request in self.traces:
             for resource_spans in request.resource_spans:
                 resource = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
-                for scope_spans in resource_spans.scope_spans:
-                    for span in scope_spans.spans:
-                        out.append((resource, scope_spans.scope, span))
+                out.extend(
+                    (resource, scope_spans.scope, span)
+                    for scope_spans in resource_spans.scope_spans
+                    for span in scope_spans.spans
+                )
         return out
 
     def metric_names(self) -> set[str]:

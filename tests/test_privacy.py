@@ -31,8 +31,9 @@ async def blocks(token):
 
 
 async def fails(token):
-    api_key = LOCAL
-    raise ConnectionError(MESSAGE) from None if api_key else None
+    api_key = LOCAL  # a secret in a local of the failing frame
+    if api_key:
+        raise ConnectionError(MESSAGE)
 
 
 async def waits(token):
@@ -70,8 +71,10 @@ def test_no_argument_or_local_reaches_any_output(tmp_path):
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     path = tmp_path / "findings.jsonl"
-    with capture_logs() as logs:
-        with asyncwatch.install(findings=path, spans="all", tracer_provider=provider, report_limit=0) as handle:
+    with (
+        capture_logs() as logs,
+        asyncwatch.install(findings=path, spans="all", tracer_provider=provider, report_limit=0) as handle,
+    ):
             loop = asyncio.new_event_loop()
             try:
                 loop.run_until_complete(main())
@@ -95,8 +98,7 @@ def test_no_argument_or_local_reaches_any_output(tmp_path):
     outputs = [path.read_text(), json.dumps(logs, default=str)]
     for span in exporter.get_finished_spans():
         outputs.append(json.dumps(dict(span.attributes or {}), default=str))
-        for event in span.events:
-            outputs.append(event.name + json.dumps(dict(event.attributes or {}), default=str))
+        outputs.extend(event.name + json.dumps(dict(event.attributes or {}), default=str) for event in span.events)
         outputs.append(span.name + str(span.status.description))
     text = "\n".join(outputs)
     assert ARGUMENT not in text

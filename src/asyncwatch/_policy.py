@@ -1,4 +1,4 @@
-"""The loop factory (the way forward) and the event-loop policy (3.11–3.13).
+"""The loop factory (the way forward) and the event-loop policy (3.11 to 3.13).
 
 Python 3.14 deprecates event-loop policies; ``asyncio.run(main(),
 loop_factory=...)`` and ``asyncio.Runner(loop_factory=...)`` are what

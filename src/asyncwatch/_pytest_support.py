@@ -478,7 +478,7 @@ class Watcher:
         settings = dataclasses.replace(engine.settings, slow_callback_ms=owner.options.slow_callback_ms)
         try:
             engine.attach(loop, settings)
-        except Exception as exc:  # noqa: BLE001 - diagnostics never break a test run; it runs on unwatched
+        except Exception as exc:
             report_internal_error("pytest plugin", exc)
 
     # -- findings ------------------------------------------------------------

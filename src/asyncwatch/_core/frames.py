@@ -8,6 +8,7 @@ paths (task creation) are cached per file name.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import inspect
 import os
@@ -35,16 +36,14 @@ def _library_prefixes() -> tuple[str, ...]:
         p = sysconfig.get_paths().get(key)
         if p:
             paths.add(os.path.abspath(p))
-    try:
+    with contextlib.suppress(AttributeError):  # virtualenv's old site module has no getsitepackages
         paths.update(os.path.abspath(p) for p in _site.getsitepackages())
-    except AttributeError:  # pragma: no cover - virtualenv's old site module
-        pass
     user = getattr(_site, "getusersitepackages", lambda: None)()
     if user:
         paths.add(os.path.abspath(user))
     # Resolve symlinked prefixes too (pyenv, Debian's /usr/lib vs /lib).
     paths.update({os.path.realpath(p) for p in paths})
-    return tuple(sorted(p.rstrip(os.sep) + os.sep for p in paths)) + (_PACKAGE_DIR,)
+    return (*tuple(sorted(p.rstrip(os.sep) + os.sep for p in paths)), _PACKAGE_DIR)
 
 
 _LIBRARY_PREFIXES = _library_prefixes()

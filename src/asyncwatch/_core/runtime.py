@@ -13,6 +13,7 @@ Everything here is process-wide and independent of any detector or output:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import sys
 import threading
@@ -55,10 +56,8 @@ def report_internal_error(part: str, exc: BaseException) -> None:
             exc_info=exc,
         )
     except Exception:  # the logging itself is broken: last resort
-        try:
+        with contextlib.suppress(Exception):
             sys.stderr.write(f"asyncwatch: internal error in {part}: {type(exc).__name__}: {exc}\n")
-        except Exception:
-            pass
 
 
 def forget_internal_errors() -> None:

@@ -5,6 +5,7 @@ Needs the ``otlp`` extra; a missing one fails with the command to install it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from typing import Any
@@ -92,10 +93,8 @@ class OtlpSetup:
         if not worker.is_alive():
             return True
         for exporter in self._exporters:
-            try:
+            with contextlib.suppress(Exception):  # already shut down by the provider: fine
                 exporter.shutdown()
-            except Exception:  # already shut down by the provider: fine
-                pass
         worker.join(0.5)
         return False
 
@@ -103,7 +102,7 @@ class OtlpSetup:
 def check_otlp_installed() -> None:
     """Raise ImportError, with the command to run, if the ``otlp`` extra is missing."""
     try:
-        import opentelemetry.exporter.otlp.proto.http.trace_exporter  # noqa: F401  (checks it is there)
+        import opentelemetry.exporter.otlp.proto.http.trace_exporter
         import opentelemetry.sdk.trace  # noqa: F401
     except ImportError as exc:
         raise ImportError(

@@ -255,7 +255,7 @@ class _TaskRecord:
         # pending: hand it over to be ended outside the garbage collector,
         # since ending a span takes the span processor's locks.
         if not self.done:
-            try:
+            try:  # noqa: SIM105 - at interpreter shutdown even contextlib may be gone
                 self.owner.orphaned(self)
             except Exception:  # interpreter shutdown: nothing to do
                 pass

@@ -21,6 +21,7 @@ somewhere to send to.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Iterable
@@ -123,10 +124,8 @@ class Telemetry:
             probe = LagProbe(loop, self._lag_histogram, self.lag_interval_s)
             self._probes = [p for p in self._probes if p.alive()]  # loops come and go (tests)
             self._probes.append(probe)
-            try:
+            with contextlib.suppress(RuntimeError):  # a closed loop
                 probe.schedule()
-            except RuntimeError:  # a closed loop
-                pass
         return tracer if tracer.tracing or self._metering else None
 
     def _activate(self) -> None:
