@@ -213,7 +213,11 @@ class Engine:
 
     def detectors_for(self, loop: asyncio.AbstractEventLoop, settings: Settings) -> list[Detector]:
         """The detectors a loop being attached with *settings* dispatches to, in order."""
-        detectors = [self.detector(kind) for kind in BUILTIN if kind in settings.detect]
+        # Process-wide detectors follow the engine's settings only (a loop
+        # asking for never-awaited coroutines does not hook warnings for the
+        # whole process); they have no loop hooks anyway.
+        detectors = [self.detector(kind) for kind in BUILTIN if kind in settings.detect and kind not in PROCESS_WIDE]
+        detectors += [d for kind, d in list(self._detectors.items()) if kind in PROCESS_WIDE & settings.detect]
         detectors += self._added
         tracer = self._task_tracer_for(loop, settings)
         if tracer is not None:

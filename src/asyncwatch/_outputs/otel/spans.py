@@ -7,6 +7,10 @@ busy time) and turns records into spans: at creation in ``"all"`` mode, or
 in ``"notable"`` mode the moment a task becomes notable (a cancellation, a
 finding, an exception, a long life), with the real start time.  Findings are
 put on these spans by `Telemetry` (telemetry.py).
+
+One concept (a task's record and its span), hence one module a little over
+the usual length: the record's hooks and the tracer's bookkeeping share the
+tracer's lock and its rules about which thread may end a span.
 """
 
 from __future__ import annotations
