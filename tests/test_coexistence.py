@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 import asyncwatch
-import asyncwatch._core.frames as findings_mod
+import asyncwatch._core.frames as frames_mod
 from asyncwatch import FindingKind
 from asyncwatch._outputs.collect import CollectingReporter
 from conftest import base_factory, line_of
@@ -172,12 +172,12 @@ def tracklib_module(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def tracklib(tracklib_module: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """`tracklib`, whose directory asyncwatch treats as library code (like site-packages)."""
     directory = os.path.dirname(os.path.abspath(tracklib_module.__file__)) + os.sep
-    monkeypatch.setattr(findings_mod, "_LIBRARY_PREFIXES", (*findings_mod._LIBRARY_PREFIXES, directory))
-    findings_mod._is_library_cache.clear()  # the same dict the task factory reads
-    assert findings_mod.is_library_file(tracklib_module.__file__)
-    assert not findings_mod.is_library_file(__file__)
+    monkeypatch.setattr(frames_mod, "_LIBRARY_PREFIXES", (*frames_mod._LIBRARY_PREFIXES, directory))
+    frames_mod._is_library_cache.clear()  # the same dict the task factory reads
+    assert frames_mod.is_library_file(tracklib_module.__file__)
+    assert not frames_mod.is_library_file(__file__)
     yield tracklib_module
-    findings_mod._is_library_cache.clear()
+    frames_mod._is_library_cache.clear()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -497,12 +497,12 @@ def test_unmarked_library_code_would_be_taken_for_the_application_on_uvloop(trac
     site skip it.  Unmarked (code in the application's own tree), tracklib's
     line would be taken for the application's."""
     pytest.importorskip("uvloop")
-    findings_mod._is_library_cache.clear()
-    assert not findings_mod.is_library_file(tracklib_module.__file__)
+    frames_mod._is_library_cache.clear()
+    assert not frames_mod.is_library_file(tracklib_module.__file__)
     try:
         s = Scenario("uvloop", tracklib_module, "asyncwatch_first", "library_then_asyncwatch")
     finally:
-        findings_mod._is_library_cache.clear()
+        frames_mod._is_library_cache.clear()
     [unretrieved] = [f for f in s.findings_first if f.kind is FindingKind.TASK_EXCEPTION_UNRETRIEVED]
     assert unretrieved.site.file == os.path.abspath(tracklib_module.__file__)
 

@@ -31,8 +31,6 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
 from opentelemetry.trace import SpanContext, StatusCode, TraceFlags
 
 import asyncwatch
-import asyncwatch._core.tasks
-import asyncwatch._detectors.slow_callback
 import asyncwatch._outputs.otel.otlp
 import asyncwatch._outputs.otel.telemetry
 from asyncwatch import ConfigurationError, Settings
