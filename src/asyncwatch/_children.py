@@ -33,7 +33,16 @@ from typing import Any
 
 from ._core.findings import Finding, FindingKind, Site
 from ._core.runtime import in_forked_child, new_lock
-from ._core.settings import ENV_VARS, RUN_MARKER, ConfigurationError, RunSettings, Settings, environ_for, resolve_run
+from ._core.settings import (
+    ENV_VARS,
+    OPTIONS,
+    RUN_MARKER,
+    ConfigurationError,
+    RunSettings,
+    Settings,
+    environ_for,
+    resolve_run,
+)
 from ._engine import ensure_engine, is_installed
 from ._install import uninstall
 from ._outputs.collect import SummaryReporter
@@ -46,17 +55,6 @@ __all__ = ["BOOTSTRAP_DIR", "Spool", "SpoolReporter", "bootstrap", "start_watchi
 BOOTSTRAP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bootstrap")
 
 # Options of the engine that `start_watching` passes through from `Settings`.
-_ENGINE_FIELDS = (
-    "slow_callback_ms",
-    "detect",
-    "track_coroutine_origins",
-    "spans",
-    "spans_min_duration_ms",
-    "metrics",
-    "report_limit",
-)
-
-
 # --- the spool -----------------------------------------------------------------
 
 
@@ -227,7 +225,7 @@ def start_watching(
     from ._install import _watch_future_loops
     from ._policy import set_policy
 
-    options: dict[str, Any] = {name: getattr(settings, name) for name in _ENGINE_FIELDS}
+    options: dict[str, Any] = {o.name: getattr(settings, o.name) for o in OPTIONS if o.scope != "run"}
     options["findings"] = None
     options["log"] = settings.log and run.log_format != "off"
     with _state.lock:

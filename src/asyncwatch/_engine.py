@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ._core.detector import CoroutineClaims, Detector, DetectorContext, Hooks, WatchedLoop, watches
 from ._core.findings import Finding, FindingKind
 from ._core.runtime import in_forked_child, internal_logger, report_internal_error
-from ._core.settings import ConfigurationError, Settings
+from ._core.settings import PROCESS_OPTIONS, ConfigurationError, Settings
 from ._core.tasks import TaskFactory
 from ._detectors import BUILTIN, PROCESS_WIDE
 from ._outputs.jsonl import JsonLinesReporter
@@ -31,16 +31,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Engine", "LoopWatch", "attach_loop", "current_engine", "ensure_engine", "is_installed"]
 
-# Options that belong to the whole process rather than to one loop.
-_ENGINE_OPTIONS = (
-    "findings",
-    "track_coroutine_origins",
-    "log",
-    "spans",
-    "spans_min_duration_ms",
-    "metrics",
-    "report_limit",
-)
 
 
 def _nothing() -> None:
@@ -354,7 +344,7 @@ def ensure_engine(
             )
             _state.engine = engine
             return engine, settings
-        for name in _ENGINE_OPTIONS:
+        for name in PROCESS_OPTIONS:
             if name in options and getattr(settings, name) != getattr(engine.settings, name):
                 # Whoever installed first (often `asyncwatch run` or the pytest
                 # plugin) owns the process-wide options; a later install()

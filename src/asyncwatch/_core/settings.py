@@ -1,60 +1,62 @@
-"""One `Settings` object; the ``ASYNCWATCH_*`` names and their parsing in one place.
+"""Options, declared once: the `OPTIONS` table, `Settings`, `RunSettings`.
 
-Every option of `install()`, the loop factory, the policy and the command
-line resolves here, so an unknown name or a bad value gets the same error
-wherever it came from: the option, the value, and what is accepted (with a
-"did you mean" where a close name exists).
+Each `Option` says its name, what scope it has (one loop, the whole
+process, or ``asyncwatch run`` only), how its value is parsed, and how the
+command line offers it; its ``ASYNCWATCH_*`` variable, the parser table,
+the command line's flags and help, and the environment a child process of
+``asyncwatch run`` inherits are all derived from that one row.  Every option
+of `install()`, the loop factory, the policy and the command line resolves
+here, so an unknown name or a bad value gets the same error wherever it
+came from: the option, the value, and what is accepted (with a "did you
+mean" where a close name exists).
 """
 
 from __future__ import annotations
 
-import difflib
-import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, Literal
 
 from .findings import FindingKind
+from .parsers import (
+    ConfigurationError,
+    check_install_arguments,
+    check_loop_factory_base,
+    check_policy_base,
+    did_you_mean,
+    parse_bool,
+    parse_choice,
+    parse_count,
+    parse_detect,
+    parse_findings_path,
+    parse_kinds,
+    parse_ms,
+)
 
-__all__ = ["ENV_VARS", "ConfigurationError", "Settings"]
-
-
-class ConfigurationError(ValueError):
-    """An option or environment variable has a value asyncwatch cannot use."""
+__all__ = [
+    "ENV_VARS",
+    "OPTIONS",
+    "RUN_ENV_VARS",
+    "ConfigurationError",
+    "Option",
+    "RunSettings",
+    "Settings",
+    "check_install_arguments",
+    "check_loop_factory_base",
+    "check_policy_base",
+    "did_you_mean",
+    "parse_bool",
+    "parse_kinds",
+    "parse_ms",
+]
 
 
 ALL_KINDS: frozenset[FindingKind] = frozenset(FindingKind)
 
-#: Environment variable for each option of `install()` (and of the command line).
-ENV_VARS: Mapping[str, str] = {
-    "slow_callback_ms": "ASYNCWATCH_SLOW_CALLBACK_MS",
-    "detect": "ASYNCWATCH_DETECT",
-    "findings": "ASYNCWATCH_FINDINGS",
-    "track_coroutine_origins": "ASYNCWATCH_TRACK_COROUTINE_ORIGINS",
-    "log": "ASYNCWATCH_LOG",
-    "spans": "ASYNCWATCH_SPANS",
-    "spans_min_duration_ms": "ASYNCWATCH_SPANS_MIN_DURATION_MS",
-    "metrics": "ASYNCWATCH_METRICS",
-    "report_limit": "ASYNCWATCH_REPORT_LIMIT",
-}
-
-#: Environment variable for each option that only ``asyncwatch run`` has (see `RunSettings`).
-RUN_ENV_VARS: Mapping[str, str] = {
-    "loop": "ASYNCWATCH_LOOP",
-    "fail_on_findings": "ASYNCWATCH_FAIL_ON_FINDINGS",
-    "log_format": "ASYNCWATCH_LOG_FORMAT",
-    "summary": "ASYNCWATCH_SUMMARY",
-    "otlp": "ASYNCWATCH_OTLP",
-    "children": "ASYNCWATCH_CHILDREN",
-}
-
 #: Set by ``asyncwatch run`` for its child processes (a JSON object: where
 #: their findings go); private, but a known name.
 RUN_MARKER = "ASYNCWATCH_RUN"
-
-#: Every ``ASYNCWATCH_*`` name asyncwatch reads; any other is a typo.
-KNOWN_ENV_VARS: frozenset[str] = frozenset([*ENV_VARS.values(), *RUN_ENV_VARS.values(), RUN_MARKER])
 
 #: The values of the ``spans`` option (see `Settings`).
 SPAN_MODES: tuple[str, ...] = ("notable", "all", "off")
@@ -63,8 +65,6 @@ LOOPS: tuple[str, ...] = ("asyncio", "uvloop")
 #: The values of ``asyncwatch run --log-format``.
 LOG_FORMATS: tuple[str, ...] = ("console", "json", "off")
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
 
 #: Told about a bad value instead of raising: (name to blame, value, message).
 ErrorHandler = Callable[[str, Any, str], None]
@@ -219,274 +219,193 @@ def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str]]:
     return unknown
 
 
-def did_you_mean(word: str, candidates: Iterable[str]) -> str:
-    """`` (did you mean 'x'?)`` for the closest of *candidates*, or an empty string."""
-    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _fail(on_error: ErrorHandler | None, blame: str, value: Any, message: str) -> None:
     if on_error is None:
         raise ConfigurationError(message)
     on_error(blame, value, message)
 
 
-# --- parsers: each takes the raw value and the name to put in the error ------
+# --- the options table ------------------------------------------------------------
+
+#: Where an option applies: ``"loop"`` per loop (`install()`, the loop
+#: factory and the policy may differ per loop), ``"process"`` once for the
+#: process (the engine's: whoever installs first owns them), ``"run"`` only
+#: under ``asyncwatch run`` (`RunSettings`).
+Scope = Literal["loop", "process", "run"]
 
 
-def parse_ms(value: Any, name: str) -> float:
-    """Parse a positive, finite number of milliseconds; *name* is what the error blames."""
-    if isinstance(value, bool):
-        raise ConfigurationError(f"{name}={value!r} is not a number of milliseconds; give a number > 0, e.g. 100")
-    try:
-        ms = float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise ConfigurationError(
-            f"{name}={value!r} is not a number of milliseconds; give a number > 0, e.g. 100"
-        ) from None
-    if not ms > 0 or math.isinf(ms):
-        raise ConfigurationError(f"{name}={value!r} must be a finite number of milliseconds > 0, e.g. 100")
-    return ms
+def _flag(value: bool) -> str:
+    return "1" if value else "0"
 
 
-def parse_kinds(value: Any, name: str) -> frozenset[FindingKind]:
-    """Parse a collection (or comma-separated string) of kind names; "all" means every kind."""
-    if isinstance(value, str):
-        items: Iterable[Any] = [p.strip() for p in value.split(",") if p.strip()]
-    elif isinstance(value, Iterable) and not isinstance(value, bytes | bytearray):
-        items = value
-    else:
-        raise ConfigurationError(
-            f"{name}={value!r} must be a list of finding kinds (or a comma-separated string), "
-            "e.g. ['slow_callback', 'cancellation_swallowed']"
-        )
-    kinds: set[FindingKind] = set()
-    names = [k.value for k in FindingKind]
-    for item in items:
-        if item == "all":
-            kinds.update(FindingKind)
-            continue
-        try:
-            kinds.add(FindingKind(item))
-        except ValueError:
-            hint = did_you_mean(item, names) if isinstance(item, str) else ""
-            raise ConfigurationError(
-                f"{name}: unknown finding kind {item!r}{hint}; valid kinds are: {', '.join(names)} (or 'all')"
-            ) from None
-    return frozenset(kinds)
+def _kinds_text(kinds: frozenset[FindingKind]) -> str:
+    return ",".join(sorted(k.value for k in kinds))
 
 
-def parse_detect(value: Any, name: str) -> frozenset[FindingKind]:
-    """`parse_kinds`, refusing a string that names no kind (``ASYNCWATCH_DETECT=``
-    would otherwise turn every detector off without a word)."""
-    kinds = parse_kinds(value, name)
-    if not kinds and isinstance(value, str):
-        raise ConfigurationError(
-            f"{name}={value!r} names no finding kind; give a comma-separated list of kinds, or 'all' "
-            "(to watch nothing, do not install asyncwatch)"
-        )
-    return kinds
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One option of asyncwatch, declared once.
 
-
-def parse_count(value: Any, name: str) -> int:
-    """Parse a whole number >= 0; *name* is what the error blames."""
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ConfigurationError(f"{name}={value!r} is not a whole number; give one >= 0, e.g. 10")
-    try:
-        count = int(value)
-    except ValueError:
-        raise ConfigurationError(f"{name}={value!r} is not a whole number; give one >= 0, e.g. 10") from None
-    if count < 0:
-        raise ConfigurationError(f"{name}={value!r} must be >= 0 (0 means no limit)")
-    return count
-
-
-def parse_bool(value: Any, name: str) -> bool:
-    """Parse a boolean (or 1/0, true/false, yes/no, on/off); *name* is what the error blames."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
-    if isinstance(value, str):
-        raise ConfigurationError(
-            f"{name}={value!r} is not a boolean; use one of: 1, 0, true, false, yes, no, on, off"
-        )
-    raise ConfigurationError(f"{name}={value!r} is not a boolean; give True or False")
-
-
-def parse_choice(value: Any, name: str, choices: Iterable[str], what: str = "value") -> str:
-    """Parse one of *choices* (case and surrounding spaces do not matter)."""
-    valid = list(choices)
-    choice = value.strip().lower() if isinstance(value, str) else value
-    if choice not in valid:
-        hint = did_you_mean(choice, valid) if isinstance(choice, str) else ""
-        raise ConfigurationError(f"{name}={value!r} is not a valid {what}{hint}; use one of: {', '.join(valid)}")
-    return str(choice)
-
-
-def parse_findings_path(value: Any, name: str) -> str | None:
-    """Parse the findings file's path (None or empty: no file) and check that
-    it can be written, so that a mistake shows where the option is given."""
-    if value is None:
-        return None
-    try:
-        raw: str | bytes = os.fspath(value)
-    except TypeError:
-        raise ConfigurationError(f"{name}={value!r} must be a file path (a str or os.PathLike)") from None
-    path = os.fsdecode(raw)
-    if not path:
-        return None
-    path = os.path.abspath(path)
-    check_writable(path, name)
-    return path
-
-
-def check_writable(path: str, name: str) -> None:
-    """Raise `ConfigurationError` naming *path* unless a file there can be appended to.
-
-    Opens it to find out (root passes every permission check, but not a
-    read-only file system), and removes it again if it did not exist.
+    *cli* says how ``asyncwatch run`` takes it: ``"value"`` (``--name VALUE``),
+    ``"on"`` (``--name`` turns it on), ``"off"`` (``--no-name`` turns it
+    off), ``"both"`` (``--name`` / ``--no-name``), or ``""`` (no flag).
+    *inherit* turns a value into its variable's text for the children of
+    ``asyncwatch run`` (None: children do not get it that way).
     """
-    if os.path.isdir(path):
-        raise ConfigurationError(
-            f"{name}={path!r} is a directory; give a file path, e.g. {os.path.join(path, 'findings.jsonl')!r}"
-        )
-    directory = os.path.dirname(path)
-    if not os.path.isdir(directory):
-        raise ConfigurationError(
-            f"{name}={path!r}: the directory {directory!r} does not exist; create it, or give a path in an "
-            "existing, writable directory"
-        )
-    existed = os.path.lexists(path)
-    try:
-        # O_NONBLOCK: a named pipe without a reader fails here rather than hangs.
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NONBLOCK", 0), 0o666)
-    except OSError as exc:
-        raise ConfigurationError(
-            f"{name}={path!r} cannot be written ({exc.strerror}); give a path in a writable directory"
-        ) from None
-    os.close(fd)
-    if not existed:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+
+    name: str
+    scope: Scope
+    parse: Callable[[Any, str], Any]
+    help: str
+    cli: str = "value"
+    metavar: str | None = None
+    inherit: Callable[[Any], str] | None = None
+
+    @property
+    def variable(self) -> str:
+        """Its environment variable."""
+        return "ASYNCWATCH_" + self.name.upper()
+
+    @property
+    def flag(self) -> str | None:
+        """Its command-line flag (the one an error blames), or None."""
+        if not self.cli:
+            return None
+        return ("--no-" if self.cli == "off" else "--") + self.name.replace("_", "-")
 
 
-# --- the arguments that are objects, not settings -------------------------------
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "slow_callback_ms",
+        "loop",
+        parse_ms,
+        "report callbacks holding the loop at least N ms (default 100)",
+        metavar="N",
+        inherit=repr,
+    ),
+    Option(
+        "detect",
+        "loop",
+        parse_detect,
+        "comma-separated finding kinds to detect (default all)",
+        metavar="KINDS",
+        inherit=_kinds_text,
+    ),
+    Option("findings", "process", parse_findings_path, "write each finding as one JSON line to PATH", metavar="PATH"),
+    Option(
+        "track_coroutine_origins",
+        "process",
+        parse_bool,
+        "record where every coroutine is created, for exact never-awaited sites (slower)",
+        cli="on",
+        inherit=_flag,
+    ),
+    Option("log", "process", parse_bool, "log each finding (see --log-format)", cli="", inherit=_flag),
+    Option(
+        "spans",
+        "process",
+        lambda value, name: parse_choice(value, name, SPAN_MODES, "span mode"),
+        "OpenTelemetry spans for tasks: only notable ones, every task, or none (default; notable with --otlp)",
+        metavar="{" + ",".join(SPAN_MODES) + "}",
+        inherit=str,
+    ),
+    Option(
+        "spans_min_duration_ms",
+        "process",
+        parse_ms,
+        "a task living at least N ms is notable (default 1000)",
+        metavar="N",
+        inherit=repr,
+    ),
+    Option(
+        "metrics",
+        "process",
+        parse_bool,
+        "no OpenTelemetry metrics (they are on with --otlp)",
+        cli="off",
+        inherit=_flag,
+    ),
+    Option(
+        "report_limit",
+        "process",
+        parse_count,
+        "log at most N findings of one kind at one site, then one a minute with a count; "
+        "0: no limit (default 10; the summary counts all)",
+        metavar="N",
+        inherit=str,
+    ),
+    Option(
+        "loop",
+        "run",
+        lambda value, name: parse_choice(value, name, LOOPS, "event loop"),
+        "the event loop to use (default asyncio)",
+        metavar="{" + ",".join(LOOPS) + "}",
+        inherit=str,
+    ),
+    Option(
+        "fail_on_findings",
+        "run",
+        parse_bool,
+        "exit with status 3 if anything was found and the program itself succeeded",
+        cli="on",
+    ),
+    Option(
+        "log_format",
+        "run",
+        lambda value, name: parse_choice(value, name, LOG_FORMATS, "log format"),
+        "how findings are logged to stderr when the program does not configure structlog itself (default console)",
+        metavar="{" + ",".join(LOG_FORMATS) + "}",
+        inherit=str,
+    ),
+    Option("summary", "run", parse_bool, "do not print the summary on stderr at exit", cli="off"),
+    Option(
+        "otlp",
+        "run",
+        parse_bool,
+        "unless the program configures OpenTelemetry itself, set up the SDK and send spans and metrics over "
+        "OTLP/HTTP (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER ...; needs asyncwatch[otlp])",
+        cli="on",
+        inherit=_flag,
+    ),
+    Option(
+        "children",
+        "run",
+        parse_bool,
+        "watch the Python processes the program starts, with the same settings (default; "
+        "--no-children: this process and its forks only)",
+        cli="both",
+    ),
+)
 
-
-def check_install_arguments(
-    loop: Any = None, reporters: Any = (), tracer_provider: Any = None, meter_provider: Any = None
-) -> list[Any]:
-    """Check the object arguments of `install()`; return the reporters as a list.
-
-    Wrong ones would otherwise fail later, far from the call (an internal
-    error the first time a finding is reported), or half-install asyncwatch.
-    """
-    if loop is not None:
-        if not all(callable(getattr(loop, m, None)) for m in ("set_task_factory", "set_exception_handler")):
-            raise ConfigurationError(
-                f"loop={loop!r} is not an event loop; pass the loop to watch (e.g. asyncio.get_running_loop()), "
-                "or no loop to watch every loop"
-            )
-        if loop.is_closed():
-            raise ConfigurationError(f"loop={loop!r} is closed; pass a loop that has not been closed")
-    if isinstance(reporters, str | bytes) or not isinstance(reporters, Iterable):
-        raise ConfigurationError(
-            f"reporters={reporters!r} must be a list of reporters, e.g. [asyncwatch.JsonLinesReporter('f.jsonl')]"
-        )
-    checked = list(reporters)
-    for i, reporter in enumerate(checked):
-        if not callable(getattr(reporter, "report", None)):
-            raise ConfigurationError(
-                f"reporters[{i}]={reporter!r} has no report(finding) method; give objects that implement "
-                "asyncwatch.Reporter"
-            )
-    for name, provider, method, example in (
-        ("tracer_provider", tracer_provider, "get_tracer", "opentelemetry.sdk.trace.TracerProvider()"),
-        ("meter_provider", meter_provider, "get_meter", "opentelemetry.sdk.metrics.MeterProvider()"),
-    ):
-        if provider is not None and (isinstance(provider, type) or not callable(getattr(provider, method, None))):
-            raise ConfigurationError(
-                f"{name}={provider!r} is not an OpenTelemetry provider (it has no {method}()); "
-                f"pass an instance such as {example}, or None for the global one"
-            )
-    return checked
-
-
-def check_loop_factory_base(base: Any) -> None:
-    """Check the base of `loop_factory()`: something that makes a loop when called."""
-    if base is not None and not callable(base):  # a loop class is fine: calling it makes a loop
-        raise ConfigurationError(
-            f"loop_factory({base!r}): the base must be a function that returns a new event loop, "
-            "e.g. asyncio.new_event_loop or uvloop.new_event_loop"
-        )
-
-
-def check_policy_base(base: Any) -> None:
-    """Check the base of `EventLoopPolicy()`: an event-loop policy instance."""
-    if base is None:
-        return
-    if isinstance(base, type):
-        raise ConfigurationError(
-            f"EventLoopPolicy({base.__qualname__}): pass an instance of the policy, "
-            f"e.g. EventLoopPolicy({base.__qualname__}()), not the class"
-        )
-    if not all(callable(getattr(base, m, None)) for m in ("new_event_loop", "get_event_loop", "set_event_loop")):
-        raise ConfigurationError(
-            f"EventLoopPolicy({base!r}): the base must be an event-loop policy, e.g. uvloop.EventLoopPolicy()"
-        )
-
-
-def _span_mode(value: Any, name: str) -> str:
-    return parse_choice(value, name, SPAN_MODES, "span mode")
-
-
-def _loop(value: Any, name: str) -> str:
-    return parse_choice(value, name, LOOPS, "event loop")
-
-
-def _log_format(value: Any, name: str) -> str:
-    return parse_choice(value, name, LOG_FORMATS, "log format")
-
-
-_PARSERS: dict[str, Callable[[Any, str], Any]] = {
-    "slow_callback_ms": parse_ms,
-    "detect": parse_detect,
-    "findings": parse_findings_path,
-    "track_coroutine_origins": parse_bool,
-    "log": parse_bool,
-    "spans": _span_mode,
-    "spans_min_duration_ms": parse_ms,
-    "metrics": parse_bool,
-    "report_limit": parse_count,
-    "loop": _loop,
-    "fail_on_findings": parse_bool,
-    "log_format": _log_format,
-    "summary": parse_bool,
-    "otlp": parse_bool,
-    "children": parse_bool,
-}
+#: The options by name.
+OPTIONS_BY_NAME: Mapping[str, Option] = {o.name: o for o in OPTIONS}
+#: Environment variable for each option of `install()` (and of the command line).
+ENV_VARS: Mapping[str, str] = {o.name: o.variable for o in OPTIONS if o.scope != "run"}
+#: Environment variable for each option that only ``asyncwatch run`` has (see `RunSettings`).
+RUN_ENV_VARS: Mapping[str, str] = {o.name: o.variable for o in OPTIONS if o.scope == "run"}
+#: The options that belong to the whole process rather than to one loop.
+PROCESS_OPTIONS: tuple[str, ...] = tuple(o.name for o in OPTIONS if o.scope == "process")
+#: Every ``ASYNCWATCH_*`` name asyncwatch reads; any other is a typo.
+KNOWN_ENV_VARS: frozenset[str] = frozenset([*(o.variable for o in OPTIONS), RUN_MARKER])
+_PARSERS: Mapping[str, Callable[[Any, str], Any]] = {o.name: o.parse for o in OPTIONS}
 
 
 def environ_for(settings: Settings, run: RunSettings) -> dict[str, str]:
     """The ``ASYNCWATCH_*`` variables that give *settings* and *run* again
     (for child processes); ``findings`` is left out (see `_children`)."""
     return {
-        ENV_VARS["slow_callback_ms"]: repr(settings.slow_callback_ms),
-        ENV_VARS["detect"]: ",".join(sorted(k.value for k in settings.detect)),
-        ENV_VARS["track_coroutine_origins"]: _flag(settings.track_coroutine_origins),
-        ENV_VARS["log"]: _flag(settings.log),
-        ENV_VARS["spans"]: settings.spans,
-        ENV_VARS["spans_min_duration_ms"]: repr(settings.spans_min_duration_ms),
-        ENV_VARS["metrics"]: _flag(settings.metrics),
-        ENV_VARS["report_limit"]: str(settings.report_limit),
-        RUN_ENV_VARS["loop"]: run.loop,
-        RUN_ENV_VARS["log_format"]: run.log_format,
-        RUN_ENV_VARS["otlp"]: _flag(run.otlp),
+        o.variable: o.inherit(getattr(run if o.scope == "run" else settings, o.name))
+        for o in OPTIONS
+        if o.inherit is not None
     }
 
 
-def _flag(value: bool) -> str:
-    return "1" if value else "0"
+def _check_table() -> None:
+    """Every field of `Settings` and `RunSettings` is a row of the table, and
+    every row a field (checked at import: a missing row is a bug)."""
+    fields_of = {f.name for f in fields(Settings)} | {f.name for f in fields(RunSettings)}
+    if fields_of != set(OPTIONS_BY_NAME):
+        raise AssertionError(f"options table and settings differ: {sorted(fields_of ^ set(OPTIONS_BY_NAME))}")
+
+
+_check_table()
