@@ -268,27 +268,7 @@ class LoopProbe:
             return tick
         callback, chain = self.callback_frame(top)
         if callback is None and self.runner_code is not None and top.f_code is self.runner_code:
-            # uvloop looks idle, or runs compiled code with no Python frame.
-            # A heartbeat queued for longer than the threshold tells them
-            # apart: an idle loop runs it at once.
-            if self.held is _COMPILED and self.beats == self.held_beats:
-                if self.stall is None and now - self.held_since >= self.threshold_s:
-                    self.stall = _Stall(None, (), None, None, None)
-                return min(tick, 0.002) if self.stall is not None else tick
-            self.finish(now)
-            if self.beat_pending and now - self.beat_posted >= tick:
-                # Dated from the last sign of Python running, never earlier:
-                # a sample that falls between two short callbacks of a busy
-                # loop must not inherit the time the heartbeat waited.
-                self.held = _COMPILED
-                self.held_since = max(self.beat_posted, self.python_seen)
-                self.held_beats = self.beats
-            else:
-                # Keep one queued: the stall's start is known to within a tick.
-                # (About 1/tick trivial wake-ups a second of an idle uvloop;
-                # asyncio has a Python dispatch frame and needs none.)
-                self._post_beat(loop)
-            return tick
+            return self._sample_compiled(loop, now, tick)
         if callback is not None:
             self.python_seen = now
         if callback is None or _own_work(chain):
@@ -307,6 +287,29 @@ class LoopProbe:
         self.held_since = now
         self.held_beats = self.beats
         self._post_beat(loop)
+        return tick
+
+    def _sample_compiled(self, loop: asyncio.AbstractEventLoop, now: float, tick: float) -> float:
+        """`sample` when uvloop looks idle or runs compiled code with no Python
+        frame: a heartbeat queued for longer than the threshold tells them
+        apart (an idle loop runs it at once)."""
+        if self.held is _COMPILED and self.beats == self.held_beats:
+            if self.stall is None and now - self.held_since >= self.threshold_s:
+                self.stall = _Stall(None, (), None, None, None)
+            return min(tick, 0.002) if self.stall is not None else tick
+        self.finish(now)
+        if self.beat_pending and now - self.beat_posted >= tick:
+            # Dated from the last sign of Python running, never earlier:
+            # a sample that falls between two short callbacks of a busy
+            # loop must not inherit the time the heartbeat waited.
+            self.held = _COMPILED
+            self.held_since = max(self.beat_posted, self.python_seen)
+            self.held_beats = self.beats
+        else:
+            # Keep one queued: the stall's start is known to within a tick.
+            # (About 1/tick trivial wake-ups a second of an idle uvloop;
+            # asyncio has a Python dispatch frame and needs none.)
+            self._post_beat(loop)
         return tick
 
     def _capture(self, loop: asyncio.AbstractEventLoop, top: FrameType, chain: list[FrameType]) -> _Stall:
