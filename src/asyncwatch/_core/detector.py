@@ -33,6 +33,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .findings import Finding, FindingKind, Site
+from .runtime import report_internal_error
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -211,6 +212,8 @@ class Hooks:
         detector = getattr(hook, "__self__", None)
         if isinstance(detector, Detector):
             self._on_failure(detector, exc)
+        else:  # not built by `build` (cannot happen): say so at least
+            report_internal_error(getattr(hook, "__qualname__", repr(hook)), exc)
 
     def dispatch(self, hook: str, *args: Any) -> None:
         """Call every *hook*, containing each failure."""
