@@ -46,7 +46,7 @@ from ._core.settings import (
 from ._engine import ensure_engine, is_installed
 from ._install import uninstall
 from ._outputs.collect import SummaryReporter
-from ._outputs.jsonl import JsonLinesReporter
+from ._outputs.jsonl import JsonLinesReporter, finding_line, write_all
 from ._outputs.pipeline import Reporter
 
 __all__ = ["BOOTSTRAP_DIR", "Spool", "SpoolReporter", "bootstrap", "start_watching"]
@@ -81,12 +81,10 @@ class SpoolReporter:
     def report(self, finding: Finding) -> None:
         if finding.pid == self._skip_pid:
             return
-        data = (json.dumps(finding.to_dict(), ensure_ascii=False) + "\n").encode("utf-8")
+        data = finding_line(finding)
         with self._lock:
-            if self._fd is None:
-                return
-            while data:  # one write() for a regular file; the loop is for the odd short write
-                data = data[os.write(self._fd, data) :]
+            if self._fd is not None:
+                write_all(self._fd, data)
 
     def close(self) -> None:
         with self._lock:

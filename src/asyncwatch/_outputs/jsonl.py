@@ -10,11 +10,25 @@ import threading
 import time
 import weakref
 from collections import deque
+from typing import Any
 
 from .._core.findings import Finding
 from .._core.runtime import at_exit, before_fork, in_forked_child, report_internal_error
 
-__all__ = ["JsonLinesReporter"]
+__all__ = ["JsonLinesReporter", "finding_line", "write_all"]
+
+
+def finding_line(finding: Finding, **extra: Any) -> bytes:
+    """One line of a findings file: the finding's JSON form (after *extra*'s
+    keys), UTF-8, ending in a newline; every writer of findings uses it."""
+    return (json.dumps({**extra, **finding.to_dict()}, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write *data* whole: one ``write()`` for a regular file (O_APPEND keeps
+    the lines of several processes apart); the loop is for a pipe's short writes."""
+    while data:
+        data = data[os.write(fd, data) :]
 
 
 class JsonLinesReporter:
@@ -47,7 +61,7 @@ class JsonLinesReporter:
         in_forked_child(self, JsonLinesReporter._after_fork_in_child)
 
     def report(self, finding: Finding) -> None:
-        data = (json.dumps(finding.to_dict(), ensure_ascii=False) + "\n").encode("utf-8")
+        data = finding_line(finding)
         with self._cond:
             if self._fd is None:
                 return
