@@ -108,3 +108,31 @@ class TestRegisteredDetectors:
         out = capsys.readouterr()
         assert (out.out + out.err).count("asyncwatch.internal_error") == 1
         assert "detector exploded" in out.out + out.err
+
+    def test_flush_asks_every_detector_for_what_it_has_in_progress(self):
+        """Engine.flush_detectors (exit, a signal): each detector's flush, a failing one disabled."""
+        flushed = []
+
+        class Holds(Detector):
+            def flush(self):
+                flushed.append("holds")
+
+        class Broken(Detector):
+            def flush(self):
+                raise RuntimeError("flush exploded")
+
+        engine_loop = asyncio.new_event_loop()
+        asyncwatch.install(loop=engine_loop, log=False)
+        engine_loop.close()
+        engine = current_engine()
+        broken = Broken()
+        engine.add_detector(Holds())
+        engine.add_detector(broken)
+        engine.flush_detectors()
+        assert flushed == ["holds"]
+        loop = asyncio.new_event_loop()
+        try:
+            assert broken not in engine.detectors_for(loop, engine.settings)
+        finally:
+            loop.close()
+

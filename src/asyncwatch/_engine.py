@@ -258,6 +258,14 @@ class Engine:
     def _watches(self) -> list[LoopWatch]:
         return list(self.watches.values())
 
+    def flush_detectors(self) -> None:
+        """Have every detector report what it has in progress (exit, a signal)."""
+        for detector in [*self._detectors.values(), *self._added]:
+            try:
+                detector.flush()
+            except Exception as exc:
+                self.disable(detector, exc)
+
     def close(self) -> None:
         with self._lock:
             for watch in self._watches():

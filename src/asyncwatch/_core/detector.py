@@ -7,6 +7,7 @@ method named after the event, in the spirit of trio's ``Instrument``:
 =========================  ==============================================
 ``install(context)``       asyncwatch starts in this process
 ``uninstall()``            asyncwatch stops; restore what was hooked
+``flush()``                report what is in progress now (exit, a signal)
 ``loop_attached(watch)``   a loop is watched from now on
 ``loop_detached(watch)``   the loop is no longer watched
 ``exception_context(...)`` the loop's exception handler got a context
@@ -122,6 +123,10 @@ class Detector:
 
     def uninstall(self) -> None:
         """asyncwatch stops: restore whatever `install` hooked, in any order."""
+
+    def flush(self) -> None:
+        """Report now what is in progress (a stall not over yet): the process
+        is about to exit, or a signal is ending it."""
 
     def loop_attached(self, watch: WatchedLoop) -> None:
         """*watch*'s loop is watched from now on."""

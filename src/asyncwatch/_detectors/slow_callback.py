@@ -80,6 +80,9 @@ class SlowCallbackDetector(Detector):
         if probe is not None:
             self.watchdog.remove(probe)
 
+    def flush(self) -> None:
+        self.watchdog.flush()
+
     def uninstall(self) -> None:
         self.watchdog.stop()
 
