@@ -168,7 +168,7 @@ class _Result(unittest.TestResult):
         self._outcome: dict[str, tuple[str, str]] = {}
         self._started = 0.0
 
-    def startTest(self, test: unittest.TestCase) -> None:
+    def startTest(self, test: unittest.TestCase) -> None:  # noqa: N802 - unittest's name
         test_id = test.id()
         self._journal.write({"start": test_id})
         _Current.test = _Current.last = test_id
@@ -177,7 +177,7 @@ class _Result(unittest.TestResult):
         self._started = time.perf_counter()
         super().startTest(test)
 
-    def stopTest(self, test: unittest.TestCase) -> None:
+    def stopTest(self, test: unittest.TestCase) -> None:  # noqa: N802
         super().stopTest(test)
         duration = round(time.perf_counter() - self._started, 3)
         faulthandler.cancel_dump_traceback_later()
@@ -197,31 +197,31 @@ class _Result(unittest.TestResult):
         if previous is None or previous[0] in ("pass", "skip"):
             self._outcome[test_id] = (outcome, detail)
 
-    def addSuccess(self, test: unittest.TestCase) -> None:
+    def addSuccess(self, test: unittest.TestCase) -> None:  # noqa: N802
         super().addSuccess(test)
         self._set(test, "pass")
 
-    def addFailure(self, test: Any, err: Any) -> None:
+    def addFailure(self, test: Any, err: Any) -> None:  # noqa: N802
         super().addFailure(test, err)
         self._set(test, "failure", _traceback_tail(err))
 
-    def addError(self, test: Any, err: Any) -> None:
+    def addError(self, test: Any, err: Any) -> None:  # noqa: N802
         super().addError(test, err)
         self._set(test, "error", _traceback_tail(err))
 
-    def addSkip(self, test: Any, reason: str) -> None:
+    def addSkip(self, test: Any, reason: str) -> None:  # noqa: N802
         super().addSkip(test, reason)
         self._set(test, "skip", reason)
 
-    def addExpectedFailure(self, test: unittest.TestCase, err: Any) -> None:
+    def addExpectedFailure(self, test: unittest.TestCase, err: Any) -> None:  # noqa: N802
         super().addExpectedFailure(test, err)
         self._set(test, "expected_failure")
 
-    def addUnexpectedSuccess(self, test: unittest.TestCase) -> None:
+    def addUnexpectedSuccess(self, test: unittest.TestCase) -> None:  # noqa: N802
         super().addUnexpectedSuccess(test)
         self._set(test, "unexpected_success")
 
-    def addSubTest(self, test: unittest.TestCase, subtest: unittest.TestCase, err: Any) -> None:
+    def addSubTest(self, test: unittest.TestCase, subtest: unittest.TestCase, err: Any) -> None:  # noqa: N802
         super().addSubTest(test, subtest, err)
         if err is not None:
             outcome = "failure" if issubclass(err[0], test.failureException) else "error"

@@ -7,6 +7,7 @@ what it watches.
 """
 
 # Blocking the loop with time.sleep is what these tests do.
+# ruff: noqa: ASYNC251
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def run_threads(targets: dict[str, Callable[[], object]], barrier: bool = True) 
                 if barrier:
                     start.wait(timeout=30)
                 target()
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
                 errors.append(exc)
 
         return run
@@ -345,7 +346,7 @@ def in_forked_child(body: Callable[[], dict[str, Any]], timeout: float = 60) -> 
             os.close(read_end)
             try:
                 result = body()
-            except BaseException:
+            except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test
                 result = {"error": traceback.format_exc()}
             os.write(write_end, json.dumps(result).encode())
         finally:

@@ -263,13 +263,13 @@ def bootstrap(environ: Mapping[str, str] | None = None) -> None:
     problems: list[str] = []
     try:
         _bootstrap(os.environ if environ is None else environ, problems)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a child must start whatever happens here
         problems.append(f"not watched: {type(exc).__name__}: {exc}")
     if problems:
         try:
             sys.stderr.write(f"asyncwatch: child process {os.getpid()} ({sys.executable}): {'; '.join(problems)}\n")
             sys.stderr.flush()
-        except Exception:
+        except Exception:  # noqa: BLE001, S110 - no stderr to complain to
             pass
 
 

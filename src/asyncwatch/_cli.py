@@ -223,7 +223,7 @@ def _run_target(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         traceback.print_exc()
         return 130
-    except BaseException as exc:
+    except BaseException as exc:  # noqa: BLE001 - the program's crash, reported as python would
         _print_user_traceback(exc)
         return 1
     return 0

@@ -32,7 +32,7 @@ def _watch():  # type: () -> None
             return  # not installed for this interpreter: not ours to watch
         _warn(exc)
         return
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a broken install must not stop the program
         _warn(exc)
         return
     bootstrap()  # never raises
@@ -44,7 +44,7 @@ def _warn(exc):  # type: (BaseException) -> None
             "asyncwatch: child process %d (%s): not watched: cannot import asyncwatch: %s: %s\n"  # noqa: UP031 - no f-strings in Python 2
             % (os.getpid(), sys.executable, type(exc).__name__, exc)
         )
-    except Exception:
+    except Exception:  # noqa: BLE001, S110 - no stderr to complain to
         pass
 
 
@@ -63,7 +63,7 @@ class _WatchAfterAsyncio(object):  # noqa: UP004 - Python 2 syntax
             if spec is not None and hasattr(spec.loader, "exec_module"):
                 spec.loader = _ThenWatch(spec.loader)  # type: ignore[assignment] # a Loader in all but name
                 return spec
-        except Exception:
+        except Exception:  # noqa: BLE001, S110 - the import goes on unwatched
             pass
         return None
 
@@ -84,7 +84,7 @@ class _ThenWatch(object):  # noqa: UP004 - Python 2 syntax
             if module.__spec__ is not None:
                 module.__spec__.loader = self.loader
             _watch()
-        except Exception:
+        except Exception:  # noqa: BLE001, S110 - _watch never raises; belt and braces
             pass
 
     def __getattr__(self, name):  # type: (str) -> Any

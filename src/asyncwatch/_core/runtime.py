@@ -129,7 +129,7 @@ def _run_all(callbacks: list[Callable[[], None]], part: str) -> None:
     for callback in list(callbacks):
         try:
             callback()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - diagnostics never break a test run; it runs on unwatched
             report_internal_error(part, exc)
 
 

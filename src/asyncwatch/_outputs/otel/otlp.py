@@ -102,7 +102,7 @@ class OtlpSetup:
 def check_otlp_installed() -> None:
     """Raise ImportError, with the command to run, if the ``otlp`` extra is missing."""
     try:
-        import opentelemetry.exporter.otlp.proto.http.trace_exporter
+        import opentelemetry.exporter.otlp.proto.http.trace_exporter  # (checks it is there)
         import opentelemetry.sdk.trace  # noqa: F401
     except ImportError as exc:
         raise ImportError(
