@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import json
+import logging
 import os
 import sys
 import threading
@@ -27,6 +28,7 @@ from ._findings import Finding, FindingKind, Site
 __all__ = [
     "CollectingReporter",
     "JsonLinesReporter",
+    "LoggingReporter",
     "RateLimiter",
     "Reporter",
     "StructlogReporter",
@@ -89,10 +91,37 @@ def internal_logger() -> Any:
     ``asyncwatch run``, which owns the process, the command line's stderr
     rendering; else structlog's default.
     """
+    if structlog.is_configured():
+        return structlog.get_logger(LOGGER_NAME)
     reporter = _cli_reporter() if _cli_reporter is not None else None
-    if reporter is not None and not structlog.is_configured():
+    if reporter is not None and not _logging_configured():
         return reporter._logger()
-    return structlog.get_logger(LOGGER_NAME)
+    # Never structlog's unconfigured default: it prints on stdout.
+    return _StdlibEvents(logging.getLogger(LOGGER_NAME))
+
+
+def _logging_configured() -> bool:
+    """Whether a record of the ``asyncwatch`` logger reaches a handler the
+    application set up (its own, or the root logger's)."""
+    return logging.getLogger(LOGGER_NAME).hasHandlers()
+
+
+class _StdlibEvents:
+    """structlog's calling convention (``error("event", key=value)``) on a
+    standard library logger: one line, the keys on the record as ``asyncwatch``."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+
+    def _log(self, level: int, event: str, exc_info: Any = None, **fields: Any) -> None:
+        text = " ".join(f"{key}={value!r}" for key, value in fields.items() if value is not None)
+        self._logger.log(level, f"{event} {text}".rstrip(), exc_info=exc_info, extra={"asyncwatch": fields})
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._log(logging.WARNING, event, **fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._log(logging.ERROR, event, **fields)
 
 
 # --- forked children -------------------------------------------------------------
@@ -254,13 +283,21 @@ def _site_text(site: dict[str, Any] | None) -> str | None:
 
 
 class StructlogReporter:
-    """One warning-level structlog event per finding on the ``asyncwatch`` logger.
+    """One warning per finding on the ``asyncwatch`` logger, where the
+    application logs.  Which logger is decided at each finding:
 
-    The event is the finding's kind; the finding's JSON fields are the keys.
-    In library mode the application's structlog configuration decides how it
-    is rendered.  With *fallback* ("console" or "json"), used by the command
-    line, findings are rendered to stderr by asyncwatch's own private logger
-    *unless* the program configured structlog itself.
+    * the application configured structlog (``structlog.is_configured()``):
+      a structlog event; the event is the finding's kind, the finding's JSON
+      fields are the keys, and the application's configuration renders it;
+    * else, in library mode (no *fallback*): a standard library ``logging``
+      record (see `LoggingReporter`), which the application's handlers
+      receive, or ``logging.lastResort`` prints on stderr;
+    * else, under the command line (*fallback* "console" or "json"): the
+      standard library's ``logging`` if the application's logging
+      configuration has a handler for the ``asyncwatch`` logger (its own or
+      the root logger's), otherwise asyncwatch's own rendering on stderr.
+
+    Never structlog's unconfigured default, which prints on stdout.
     """
 
     def __init__(self, fallback: str | None = None, stream: IO[str] | None = None) -> None:
@@ -269,6 +306,7 @@ class StructlogReporter:
         self._fallback = fallback
         self._stream = stream
         self._private: Any = None
+        self._stdlib = LoggingReporter()
         if fallback is not None:
             global _cli_reporter
             _cli_reporter = weakref.ref(self)
@@ -295,6 +333,11 @@ class StructlogReporter:
 
     def report(self, finding: Finding) -> None:
         fields = self.fields(finding)
+        if not structlog.is_configured() and (self._fallback is None or _logging_configured()):
+            # The record keeps the findings file's form (``stack`` a list),
+            # plus what a subclass adds (trace ids).
+            self._stdlib.emit(finding, {**fields, **finding.to_dict()})
+            return
         kind = fields.pop("kind")
         self._logger().warning(kind, **fields)
 
@@ -309,6 +352,34 @@ class StructlogReporter:
         fields = finding.to_dict()
         fields["stack"] = stack_text(finding.stack) if finding.stack else None
         return fields
+
+
+class LoggingReporter:
+    """One WARNING record per finding on the standard library's ``asyncwatch`` logger.
+
+    The message is one line: the kind, the site and the finding's message.
+    The record carries the finding's JSON form as ``record.asyncwatch`` (a
+    dict: ``kind``, ``site``, ``task``, ... as in the findings file), so that
+    a handler or formatter can use the fields.  Records go to whatever
+    handlers the application configured; with none, ``logging.lastResort``
+    prints them on stderr.
+    """
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self._logger = logger or logging.getLogger(LOGGER_NAME)
+
+    def report(self, finding: Finding) -> None:
+        fields = finding.to_dict()
+        self.emit(finding, fields)
+
+    def emit(self, finding: Finding, fields: dict[str, Any]) -> None:
+        if not self._logger.isEnabledFor(logging.WARNING):
+            return
+        site = _site_text(fields.get("site")) or "site unknown"
+        text = f"{finding.kind.value} at {site}: {finding.message}"
+        if finding.suppressed:
+            text += f" ({finding.suppressed} more like it held back by the report limit)"
+        self._logger.warning(" ".join(text.split()), extra={"asyncwatch": fields})
 
 
 def stack_text(stack: Iterable[Site]) -> str:
