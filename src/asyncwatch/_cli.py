@@ -89,7 +89,8 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         const="1",
         help=(
             f"exit with status {FINDINGS_EXIT_STATUS} if anything was found and the program "
-            f"itself succeeded [{CLI_ENV['fail_on_findings']}]"
+            "itself succeeded (stalls inside an import, start-up work, are reported but not counted) "
+            f"[{CLI_ENV['fail_on_findings']}]"
         ),
     )
     run.add_argument(
@@ -466,7 +467,7 @@ def _finish(
         # One write() on the descriptor: under a signal, the main thread may
         # be inside sys.stderr's buffer.
         _write_stderr(text, raw=signum is not None)
-    if status == 0 and run.fail_on_findings and summary.total:
+    if status == 0 and run.fail_on_findings and summary.verdict_total:
         return FINDINGS_EXIT_STATUS
     return status
 
