@@ -315,10 +315,12 @@ def _bootstrap(environ: Mapping[str, str], problems: list[str]) -> None:
 
 def _flush_before_signal(_signum: int) -> None:
     from ._engine import current_engine
+    from ._reporters import wait_for_emitters
 
     engine = current_engine()
     if engine is not None:
         engine.watchdog.flush()
+        wait_for_emitters(ignore=threading.main_thread().ident)
         engine.pipeline.flush()
 
 

@@ -16,6 +16,7 @@ import os
 import runpy
 import signal
 import sys
+import threading
 import traceback
 import types
 from collections.abc import Mapping, Sequence
@@ -23,7 +24,7 @@ from typing import Any, NoReturn
 
 from . import _children, _signals
 from ._engine import current_engine, uninstall
-from ._reporters import JsonLinesReporter, RateLimiter, Reporter, SummaryReporter
+from ._reporters import JsonLinesReporter, RateLimiter, Reporter, SummaryReporter, wait_for_emitters
 from ._settings import (
     ENV_VARS,
     RUN_ENV_VARS,
@@ -404,12 +405,14 @@ def _run(args: argparse.Namespace, command: _Command) -> int:
     if run.children and spool is not None:
         saved_env = _children.export(os.environ, settings, run, spool, settings.findings)
     pid = os.getpid()
+    main_thread = threading.get_ident()
 
     def finish_before_signal(signum: int) -> None:
         """SIGTERM/SIGHUP at their default: what a normal exit would do, minus
         the program's exit work, which the signal skips under plain python too."""
         if engine is not None:
             engine.watchdog.flush()  # a stall the signal interrupted
+            wait_for_emitters(ignore=main_thread)  # a stall the watchdog thread is reporting
             engine.pipeline.flush()
         if os.getpid() != pid:  # a forked child: its findings are on file, no summary
             return

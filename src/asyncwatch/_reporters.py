@@ -9,6 +9,7 @@ so a broken log handler or a full disk never reaches the watched program.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import json
 import logging
@@ -18,7 +19,7 @@ import threading
 import time
 import weakref
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import IO, Any, Protocol, runtime_checkable
 
 import structlog
@@ -205,6 +206,40 @@ class RateLimiter:
             return None
 
 
+#: Thread id -> how many findings it is handing to reporters (each thread
+#: touches only its own key).
+_emitting: dict[int, int] = {}
+
+
+def emitting(thread_id: int) -> bool:
+    """Whether *thread_id* is handing a finding to the reporters right now."""
+    return thread_id in _emitting
+
+
+@contextlib.contextmanager
+def reporting() -> Iterator[None]:
+    """Mark this thread as handing a finding to the reporters (from before the
+    finding is built, for a detector that takes it from shared state): a
+    signal that lands in the middle waits for it (see _signals)."""
+    thread = threading.get_ident()
+    _emitting[thread] = _emitting.get(thread, 0) + 1
+    try:
+        yield
+    finally:
+        depth = _emitting.pop(thread, 1) - 1
+        if depth:
+            _emitting[thread] = depth
+
+
+def wait_for_emitters(ignore: int | None = None, timeout: float = 2.0) -> None:
+    """Wait until no thread (but *ignore*) is handing a finding to the
+    reporters: a signal is ending the process, and the summary must count
+    what the watchdog thread is reporting at that moment."""
+    deadline = time.monotonic() + timeout
+    while any(thread != ignore for thread in list(_emitting)) and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
 class Pipeline:
     """Hands findings to reporters; contains and disables failing ones."""
 
@@ -227,6 +262,10 @@ class Pipeline:
         return tuple(self._reporters)
 
     def emit(self, finding: Finding) -> None:
+        with reporting():
+            self._emit(finding)
+
+    def _emit(self, finding: Finding) -> None:
         limiter = self.limiter
         admitted: Finding | None = finding
         if limiter is not None:
@@ -402,7 +441,7 @@ def _readable_sites(_logger: Any, _method: str, event: dict[str, Any]) -> dict[s
         elif key in event and event[key] is None:
             del event[key]
     event.pop("stack", None)  # the summary line is enough on a console
-    for key in ("task", "coroutine", "duration_s", "time", "pid"):
+    for key in ("task", "coroutine", "duration_s", "time", "pid", "cause"):
         if event.get(key) is None:
             event.pop(key, None)
     if not event.get("suppressed"):

@@ -23,8 +23,11 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
+
+from ._reporters import emitting
 
 __all__ = ["CAUGHT", "SignalExit", "die_by"]
 
@@ -77,9 +80,25 @@ class SignalExit:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         del frame  # never keep the program's frame
         self.uninstall()  # a second signal now kills at once, as it would have
+        thread = threading.get_ident()
+        if emitting(thread):
+            # The signal landed while this thread was handing a finding to
+            # the reporters: let it complete (the summary and the file must
+            # have it), and finish and die from a thread once it has.
+            threading.Thread(
+                target=self._finish_when_reported, args=(signum, thread), name="asyncwatch-exit", daemon=True
+            ).start()
+            return
         worker = threading.Thread(target=self._run_finish, args=(signum,), name="asyncwatch-exit", daemon=True)
         worker.start()
         worker.join(FINISH_TIMEOUT_S)
+        die_by(signum)
+
+    def _finish_when_reported(self, signum: int, thread: int) -> None:
+        deadline = time.monotonic() + FINISH_TIMEOUT_S
+        while emitting(thread) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        self._run_finish(signum)
         die_by(signum)
 
     def _run_finish(self, signum: int) -> None:

@@ -46,7 +46,7 @@ from ._findings import (
     qualname_of,
     stack_of,
 )
-from ._reporters import in_forked_child, report_internal_error
+from ._reporters import in_forked_child, report_internal_error, reporting
 from ._tasks import TimedCoroutine, coro_name
 
 __all__ = ["LoopProbe", "Watchdog"]
@@ -329,6 +329,10 @@ class LoopProbe:
 
     def _end_stall(self, end: float) -> None:
         """Report the stall in progress, once (from either thread)."""
+        with reporting():  # from the moment it is taken: a signal's exit waits for it
+            self._report_stall(end)
+
+    def _report_stall(self, end: float) -> None:
         with self._stall_lock:
             stall, self.stall = self.stall, None
         if stall is not None:
