@@ -22,7 +22,7 @@ SITE = Site("/app/service.py", 12, "handler")
 OTHER = Site("/app/jobs.py", 40, "spawn")
 
 
-def wait_for_lines(path, count, timeout=10.0):
+def wait_for_lines(path, count, timeout=300.0):
     """The kinds in *path* once it has *count* lines (the writer is a thread)."""
     deadline = time.monotonic() + timeout
     while True:

@@ -301,7 +301,15 @@ class LoopProbe:
     def _capture(self, loop: asyncio.AbstractEventLoop, top: FrameType, chain: list[FrameType]) -> _Stall:
         # The innermost application frame *of this callback*: never further
         # out than the loop's dispatch (that is whoever runs the loop).
+        importing = _importing(chain)
         blocking = next((f for f in chain if not is_library_file(f.f_code.co_filename)), None)
+        if importing is not None and blocking is not None and blocking.f_code.co_filename.startswith("<"):
+            # Code a library exec'd while being imported (dataclasses'
+            # "<string>" __init__): the application's line is the import.
+            blocking = next(
+                (f for f in chain if not is_library_file(f.f_code.co_filename) and not f.f_code.co_filename.startswith("<")),
+                blocking,
+            )
         site = frame_site(blocking) if blocking is not None else None
         task: Any = asyncio.current_task(loop)
         callback: str | None = None
@@ -317,7 +325,7 @@ class LoopProbe:
                 callback = qualname_of(getattr(handle, "_callback", None))
                 del handle
         del task  # never keep the user's task alive
-        return _Stall(site, stack_of(chain), name, coroutine, callback, _importing(chain))
+        return _Stall(site, stack_of(chain), name, coroutine, callback, importing)
 
     def finish(self, now: float) -> None:
         """The followed callback is over (watchdog thread); report a stall."""
