@@ -98,8 +98,8 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "--log-format",
         metavar="{console,json,off}",
         help=(
-            "how findings are logged to stderr when the program does not configure structlog "
-            f"itself (default console) [{CLI_ENV['log_format']}]"
+            "how findings are logged to stderr when the program's structlog or logging "
+            f"configuration does not take them (default console) [{CLI_ENV['log_format']}]"
         ),
     )
     run.add_argument(
