@@ -337,6 +337,8 @@ class LoopProbe:
 
     def _end_stall(self, end: float) -> None:
         """Report the stall in progress, once (from either thread)."""
+        if self.stall is None:  # every sample comes here: allocate nothing then
+            return
         with reporting():  # from the moment it is taken: a signal's exit waits for it
             self._report_stall(end)
 
