@@ -15,7 +15,9 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -176,8 +178,10 @@ WAITS = textwrap.dedent(
 )
 
 
-def signalled(cmd: list[str], cwd: Path, signum: int, env: dict[str, str]) -> tuple[int, str]:
-    """Start *cmd*, wait for its "ready" line, send *signum*; its status and stderr."""
+def signalled(
+    cmd: list[str], cwd: Path, signum: int, env: dict[str, str], when: Callable[[], bool] = lambda: True
+) -> tuple[int, str]:
+    """Start *cmd*, wait for its "ready" line (and *when*), send *signum*; its status and stderr."""
     err = cwd / f"stderr-{os.getpid()}-{len(list(cwd.iterdir()))}.txt"
     with open(err, "w") as stderr:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
@@ -185,6 +189,9 @@ def signalled(cmd: list[str], cwd: Path, signum: int, env: dict[str, str]) -> tu
             assert proc.stdout is not None
             line = proc.stdout.readline()
             assert line == "ready\n", (line, err.read_text())
+            while not when():
+                assert proc.poll() is None, err.read_text()
+                time.sleep(0.01)
             proc.send_signal(signum)
             proc.wait(timeout=HANG_GUARD_S)
         finally:
@@ -242,8 +249,11 @@ class TestSignals:
         env = clean_env(OWN_HANDLER="1")
         plain, _ = signalled([sys.executable, str(waits)], waits.parent, signal.SIGTERM, env)
         out = waits.parent / "findings.jsonl"
+        # The handler's SystemExit may land anywhere, asyncwatch's reporting
+        # included: this test is about the exit, so it waits for both findings.
         status, stderr = signalled(
-            asyncwatch("--findings", str(out), str(waits)), waits.parent, signal.SIGTERM, env
+            asyncwatch("--findings", str(out), str(waits)), waits.parent, signal.SIGTERM, env,
+            when=lambda: len(findings(out)) == 2,
         )
         failing, _ = signalled(asyncwatch("--fail-on-findings", str(waits)), waits.parent, signal.SIGTERM, env)
         assert plain == 0 and status == 0, stderr
@@ -481,3 +491,22 @@ class TestUvicorn:
         assert all(f["cause"] == "import" and f["site"]["file"] == str(asgi / "slowapp.py") for f in found), found
         assert all("while importing module 'slowapp'" in f["message"] for f in found)
         assert "not counted by --fail-on-findings" in stderr
+
+
+class TestAProgramsSignalHandlerInsideReporting:
+    def test_every_reporter_gets_the_finding_and_the_programs_exception_goes_on(self):
+        """SystemExit raised by the program's handler inside one reporter: the others still report, then it propagates."""
+        from asyncwatch import Finding, FindingKind
+        from asyncwatch._reporters import CollectingReporter, Pipeline
+
+        class HandlerRanHere:
+            def report(self, finding):
+                raise SystemExit(0)  # what `signal.signal(SIGTERM, lambda *_: sys.exit(0))` does mid-report
+
+        before, after = CollectingReporter(), CollectingReporter()
+        pipeline = Pipeline([before, HandlerRanHere(), after])
+        finding = Finding(kind=FindingKind.SLOW_CALLBACK, message="m", site=None)
+        with pytest.raises(SystemExit):
+            pipeline.emit(finding)
+        assert before.findings == [finding] and after.findings == [finding]
+        assert len(pipeline.reporters) == 3  # not a broken reporter: nothing disabled

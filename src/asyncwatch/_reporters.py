@@ -274,6 +274,7 @@ class Pipeline:
             except Exception as exc:
                 self.limiter = None
                 report_internal_error("rate limiter", exc)
+        interrupted: BaseException | None = None
         for reporter in self._reporters:  # a snapshot: add/remove replace the list
             try:
                 if getattr(reporter, "receives_all", False):
@@ -287,6 +288,14 @@ class Pipeline:
             except Exception as exc:
                 self.remove(reporter)
                 report_internal_error(f"reporter {type(reporter).__name__}", exc)
+            except BaseException as exc:
+                # The program's signal handler raised here (SystemExit from a
+                # SIGTERM handler, KeyboardInterrupt): it is the program's, and
+                # goes on once the other reporters have the finding.
+                if interrupted is None:
+                    interrupted = exc
+        if interrupted is not None:
+            raise interrupted
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait (at most *timeout* seconds each) for reporters that write in the background."""
