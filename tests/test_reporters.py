@@ -226,7 +226,7 @@ def run_python(code, tmp_path):
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=900,
     )
 
 

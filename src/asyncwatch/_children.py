@@ -140,6 +140,7 @@ def _finding_from_line(line: str) -> Finding | None:
             message=str(record.get("message", "")),
             site=Site(str(site["file"]), int(site["line"]), str(site["function"])) if site else None,
             pid=int(record["pid"]),
+            cause=record.get("cause") if isinstance(record.get("cause"), str) else None,
         )
     except (ValueError, KeyError, TypeError):
         return None
@@ -305,6 +306,22 @@ def _bootstrap(environ: Mapping[str, str], problems: list[str]) -> None:
             problems.append(f"{exc}; not exporting")
     start_watching(settings, run, reporters, policy, otlp)
     atexit.register(_at_exit, otlp)
+    # SIGTERM (multiprocessing's terminate(), a supervisor) would end the
+    # child before its findings file and spool are written out.
+    from ._signals import SignalExit
+
+    SignalExit(_flush_before_signal).install()
+
+
+def _flush_before_signal(_signum: int) -> None:
+    from ._engine import current_engine
+    from ._reporters import wait_for_emitters
+
+    engine = current_engine()
+    if engine is not None:
+        engine.watchdog.flush()
+        wait_for_emitters(ignore=threading.main_thread().ident)
+        engine.pipeline.flush()
 
 
 def _at_exit(otlp: Any) -> None:

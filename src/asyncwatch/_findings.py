@@ -87,6 +87,10 @@ class Finding:
     #: How many findings like this one (same kind and site) the rate limit
     #: held back since the last one reported (see ``report_limit``).
     suppressed: int = 0
+    #: What the stall was part of, when asyncwatch can tell: ``"import"`` for a
+    #: ``slow_callback`` whose stack is inside the import system (start-up
+    #: work such as a server importing the application in its loop).
+    cause: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON form, the same fields in every output."""
@@ -104,6 +108,7 @@ class Finding:
             "pid": self.pid,
             "thread": self.thread,
             "suppressed": self.suppressed,
+            "cause": self.cause,
         }
 
 

@@ -9,15 +9,17 @@ so a broken log handler or a full disk never reaches the watched program.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import sys
 import threading
 import time
 import weakref
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import IO, Any, Protocol, runtime_checkable
 
 import structlog
@@ -27,6 +29,7 @@ from ._findings import Finding, FindingKind, Site
 __all__ = [
     "CollectingReporter",
     "JsonLinesReporter",
+    "LoggingReporter",
     "RateLimiter",
     "Reporter",
     "StructlogReporter",
@@ -89,10 +92,37 @@ def internal_logger() -> Any:
     ``asyncwatch run``, which owns the process, the command line's stderr
     rendering; else structlog's default.
     """
+    if structlog.is_configured():
+        return structlog.get_logger(LOGGER_NAME)
     reporter = _cli_reporter() if _cli_reporter is not None else None
-    if reporter is not None and not structlog.is_configured():
+    if reporter is not None and not _logging_configured():
         return reporter._logger()
-    return structlog.get_logger(LOGGER_NAME)
+    # Never structlog's unconfigured default: it prints on stdout.
+    return _StdlibEvents(logging.getLogger(LOGGER_NAME))
+
+
+def _logging_configured() -> bool:
+    """Whether a record of the ``asyncwatch`` logger reaches a handler the
+    application set up (its own, or the root logger's)."""
+    return logging.getLogger(LOGGER_NAME).hasHandlers()
+
+
+class _StdlibEvents:
+    """structlog's calling convention (``error("event", key=value)``) on a
+    standard library logger: one line, the keys on the record as ``asyncwatch``."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+
+    def _log(self, level: int, event: str, exc_info: Any = None, **fields: Any) -> None:
+        text = " ".join(f"{key}={value!r}" for key, value in fields.items() if value is not None)
+        self._logger.log(level, f"{event} {text}".rstrip(), exc_info=exc_info, extra={"asyncwatch": fields})
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._log(logging.WARNING, event, **fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._log(logging.ERROR, event, **fields)
 
 
 # --- forked children -------------------------------------------------------------
@@ -176,6 +206,40 @@ class RateLimiter:
             return None
 
 
+#: Thread id -> how many findings it is handing to reporters (each thread
+#: touches only its own key).
+_emitting: dict[int, int] = {}
+
+
+def emitting(thread_id: int) -> bool:
+    """Whether *thread_id* is handing a finding to the reporters right now."""
+    return thread_id in _emitting
+
+
+@contextlib.contextmanager
+def reporting() -> Iterator[None]:
+    """Mark this thread as handing a finding to the reporters (from before the
+    finding is built, for a detector that takes it from shared state): a
+    signal that lands in the middle waits for it (see _signals)."""
+    thread = threading.get_ident()
+    _emitting[thread] = _emitting.get(thread, 0) + 1
+    try:
+        yield
+    finally:
+        depth = _emitting.pop(thread, 1) - 1
+        if depth:
+            _emitting[thread] = depth
+
+
+def wait_for_emitters(ignore: int | None = None, timeout: float = 2.0) -> None:
+    """Wait until no thread (but *ignore*) is handing a finding to the
+    reporters: a signal is ending the process, and the summary must count
+    what the watchdog thread is reporting at that moment."""
+    deadline = time.monotonic() + timeout
+    while any(thread != ignore for thread in list(_emitting)) and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
 class Pipeline:
     """Hands findings to reporters; contains and disables failing ones."""
 
@@ -198,6 +262,10 @@ class Pipeline:
         return tuple(self._reporters)
 
     def emit(self, finding: Finding) -> None:
+        with reporting():
+            self._emit(finding)
+
+    def _emit(self, finding: Finding) -> None:
         limiter = self.limiter
         admitted: Finding | None = finding
         if limiter is not None:
@@ -206,6 +274,7 @@ class Pipeline:
             except Exception as exc:
                 self.limiter = None
                 report_internal_error("rate limiter", exc)
+        interrupted: BaseException | None = None
         for reporter in self._reporters:  # a snapshot: add/remove replace the list
             try:
                 if getattr(reporter, "receives_all", False):
@@ -219,6 +288,14 @@ class Pipeline:
             except Exception as exc:
                 self.remove(reporter)
                 report_internal_error(f"reporter {type(reporter).__name__}", exc)
+            except BaseException as exc:
+                # The program's signal handler raised here (SystemExit from a
+                # SIGTERM handler, KeyboardInterrupt): it is the program's, and
+                # goes on once the other reporters have the finding.
+                if interrupted is None:
+                    interrupted = exc
+        if interrupted is not None:
+            raise interrupted
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait (at most *timeout* seconds each) for reporters that write in the background."""
@@ -254,13 +331,21 @@ def _site_text(site: dict[str, Any] | None) -> str | None:
 
 
 class StructlogReporter:
-    """One warning-level structlog event per finding on the ``asyncwatch`` logger.
+    """One warning per finding on the ``asyncwatch`` logger, where the
+    application logs.  Which logger is decided at each finding:
 
-    The event is the finding's kind; the finding's JSON fields are the keys.
-    In library mode the application's structlog configuration decides how it
-    is rendered.  With *fallback* ("console" or "json"), used by the command
-    line, findings are rendered to stderr by asyncwatch's own private logger
-    *unless* the program configured structlog itself.
+    * the application configured structlog (``structlog.is_configured()``):
+      a structlog event; the event is the finding's kind, the finding's JSON
+      fields are the keys, and the application's configuration renders it;
+    * else, in library mode (no *fallback*): a standard library ``logging``
+      record (see `LoggingReporter`), which the application's handlers
+      receive, or ``logging.lastResort`` prints on stderr;
+    * else, under the command line (*fallback* "console" or "json"): the
+      standard library's ``logging`` if the application's logging
+      configuration has a handler for the ``asyncwatch`` logger (its own or
+      the root logger's), otherwise asyncwatch's own rendering on stderr.
+
+    Never structlog's unconfigured default, which prints on stdout.
     """
 
     def __init__(self, fallback: str | None = None, stream: IO[str] | None = None) -> None:
@@ -269,6 +354,7 @@ class StructlogReporter:
         self._fallback = fallback
         self._stream = stream
         self._private: Any = None
+        self._stdlib = LoggingReporter()
         if fallback is not None:
             global _cli_reporter
             _cli_reporter = weakref.ref(self)
@@ -295,6 +381,11 @@ class StructlogReporter:
 
     def report(self, finding: Finding) -> None:
         fields = self.fields(finding)
+        if not structlog.is_configured() and (self._fallback is None or _logging_configured()):
+            # The record keeps the findings file's form (``stack`` a list),
+            # plus what a subclass adds (trace ids).
+            self._stdlib.emit(finding, {**fields, **finding.to_dict()})
+            return
         kind = fields.pop("kind")
         self._logger().warning(kind, **fields)
 
@@ -309,6 +400,34 @@ class StructlogReporter:
         fields = finding.to_dict()
         fields["stack"] = stack_text(finding.stack) if finding.stack else None
         return fields
+
+
+class LoggingReporter:
+    """One WARNING record per finding on the standard library's ``asyncwatch`` logger.
+
+    The message is one line: the kind, the site and the finding's message.
+    The record carries the finding's JSON form as ``record.asyncwatch`` (a
+    dict: ``kind``, ``site``, ``task``, ... as in the findings file), so that
+    a handler or formatter can use the fields.  Records go to whatever
+    handlers the application configured; with none, ``logging.lastResort``
+    prints them on stderr.
+    """
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self._logger = logger or logging.getLogger(LOGGER_NAME)
+
+    def report(self, finding: Finding) -> None:
+        fields = finding.to_dict()
+        self.emit(finding, fields)
+
+    def emit(self, finding: Finding, fields: dict[str, Any]) -> None:
+        if not self._logger.isEnabledFor(logging.WARNING):
+            return
+        site = _site_text(fields.get("site")) or "site unknown"
+        text = f"{finding.kind.value} at {site}: {finding.message}"
+        if finding.suppressed:
+            text += f" ({finding.suppressed} more like it held back by the report limit)"
+        self._logger.warning(" ".join(text.split()), extra={"asyncwatch": fields})
 
 
 def stack_text(stack: Iterable[Site]) -> str:
@@ -331,7 +450,7 @@ def _readable_sites(_logger: Any, _method: str, event: dict[str, Any]) -> dict[s
         elif key in event and event[key] is None:
             del event[key]
     event.pop("stack", None)  # the summary line is enough on a console
-    for key in ("task", "coroutine", "duration_s", "time", "pid"):
+    for key in ("task", "coroutine", "duration_s", "time", "pid", "cause"):
         if event.get(key) is None:
             event.pop(key, None)
     if not event.get("suppressed"):
@@ -513,15 +632,24 @@ class SummaryReporter:
 
     def __init__(self) -> None:
         self.counts: Counter[tuple[FindingKind, Site | None]] = Counter()
+        #: Of `counts`, the stalls inside an import (``cause="import"``): start-up work.
+        self.imports: Counter[tuple[FindingKind, Site | None]] = Counter()
         self._lock = threading.Lock()
 
     def report(self, finding: Finding) -> None:
         with self._lock:
             self.counts[(finding.kind, finding.site)] += 1
+            if finding.cause == "import":
+                self.imports[(finding.kind, finding.site)] += 1
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+    @property
+    def verdict_total(self) -> int:
+        """The findings that fail ``--fail-on-findings``: all but start-up imports."""
+        return self.total - sum(self.imports.values())
 
     def render(self, held_back: Mapping[tuple[FindingKind, Site | None], int] | None = None) -> str:
         """A short text: findings grouped by kind and site, with counts, and
@@ -537,6 +665,8 @@ class SummaryReporter:
         for (kind, site), count in order:
             where = _site_text(site.to_dict()) if site else "(site unknown)"
             line = f"  {kind.value:<{width}}  {count:>4}x  {where}"
+            if self.imports.get((kind, site)):
+                line += "  (inside an import: start-up; not counted by --fail-on-findings)"
             held = held_back.get((kind, site), 0) if held_back else 0
             if held:
                 line += f"  ({held} not logged one by one: report limit)"
