@@ -496,9 +496,9 @@ class TestUvicorn:
 class TestAProgramsSignalHandlerInsideReporting:
     def test_every_reporter_gets_the_finding_and_the_programs_exception_goes_on(self):
         """SystemExit raised by the program's handler inside one reporter: the others still report, then it propagates."""
-        from asyncwatch._reporters import CollectingReporter, Pipeline
-
         from asyncwatch import Finding, FindingKind
+        from asyncwatch._outputs.collect import CollectingReporter
+        from asyncwatch._outputs.pipeline import Pipeline
 
         class HandlerRanHere:
             def report(self, finding):
