@@ -60,6 +60,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="KINDS",
         help="finding kinds that never fail a test (comma-separated)",
     )
+    group.addoption(
+        "--asyncwatch-fail-on",
+        dest="asyncwatch_fail_on",
+        default=None,
+        metavar="WHERE",
+        help="project: fail a test only for findings sited in the project's own code (under the rootdir, not an "
+        "installed package), report the others (default); all: fail for every finding",
+    )
+    group.addoption(
+        "--asyncwatch-allow-site",
+        dest="asyncwatch_allow_site",
+        action="append",
+        default=None,
+        metavar="PATTERN",
+        help="never fail a test for findings sited at PATTERN: a module (anyio._backends), a path glob "
+        "(*/anyio/*), either with :LINE; repeatable",
+    )
     parser.addini("asyncwatch", "watch every test (true/false)", default="false")
     parser.addini("asyncwatch_mode", f"default for --asyncwatch-mode ({', '.join(MODES)})", default="fail")
     parser.addini("asyncwatch_findings", "default for --asyncwatch-findings", default="")
@@ -71,6 +88,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="true",
     )
     parser.addini("asyncwatch_log", "also log each finding as a structlog event (true/false)", default="false")
+    parser.addini("asyncwatch_fail_on", "default for --asyncwatch-fail-on (project, all)", default="project")
+    parser.addini("asyncwatch_allow_sites", "sites whose findings never fail a test (see --asyncwatch-allow-site)",
+                  type="linelist", default=[])
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -105,8 +125,10 @@ def pytest_pycollect_makeitem(
 ) -> Generator[None, Any, Any]:
     # Start before pytest-asyncio parametrizes the first test that asks for
     # asyncwatch with its loop factories, so that those loops are watched.
+    # Nothing here may raise or look into what a test module holds beyond a
+    # plain function (`Watcher.asks`).
     watcher = collector.config.stash[_WATCHER]
-    if not watcher.active and watcher.wants(collector, obj):
+    if not watcher.active and watcher.asks(collector, obj):
         watcher.activate()
     return (yield)
 
