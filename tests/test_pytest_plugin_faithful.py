@@ -205,6 +205,40 @@ class TestFaithfulWhenOn:
         result.stdout.fnmatch_lines(["*test_drops FAILED*", "*test_next PASSED*"])
 
 
+    def test_what_the_collection_makes_a_finalizer_raise_is_the_dropping_tests(self, suite):
+        """The garbage asyncwatch collects at a test's end is reported, by
+        pytest's unraisable-exception check, in that test: never in the next
+        test's setup."""
+        suite.module(
+            """
+            import asyncio
+
+            import pytest
+
+            class Cycle:
+                def __del__(self):
+                    raise ValueError("finalizer of the first test's garbage")
+
+            @pytest.fixture
+            def holder():
+                held = [Cycle()]
+                held[0].me = held[0]
+                yield held
+                held.clear()  # garbage from the fixture's teardown on
+
+            async def test_drops(holder):
+                pass
+
+            async def test_next():
+                await asyncio.sleep(0)
+            """
+        )
+        result = suite.run("--asyncwatch", "-v", "-W", "error::pytest.PytestUnraisableExceptionWarning")
+        result.stdout.fnmatch_lines(["*test_drops ERROR*", "*test_next PASSED*"])
+        result.assert_outcomes(passed=2, errors=1)
+        result.stdout.fnmatch_lines(["*ValueError: finalizer of the first test's garbage*"])
+
+
 class TestEveryLoop:
     """Every loop a test runs is watched, with the plugin's settings."""
 
@@ -397,3 +431,46 @@ async def test_{i}():
         assert {r["kind"] for r in records} == {"coroutine_never_awaited"}
         assert {r["worker"] for r in records} <= {"gw0", "gw1"}
         assert all(r["coroutine"].endswith(r["nodeid"].rsplit("_", 1)[1]) for r in records)
+
+
+class TestHiddenThreads:
+    """asyncwatch's own threads never show in ``threading`` (they are shared with `install()`)."""
+
+    def test_watchdog_and_findings_writer_are_not_in_threading_enumerate(self, tmp_path):
+        import asyncio
+        import threading
+        import time
+
+        before = threading.enumerate()
+        findings = tmp_path / "f.jsonl"
+
+        async def main():
+            time.sleep(0.15)  # a slow callback: the watchdog samples, the writer writes
+
+        with asyncwatch.install(findings=str(findings), slow_callback_ms=50):
+            asyncio.run(main())
+            assert threading.enumerate() == before
+            assert threading.active_count() == len(before)
+        assert json.loads(findings.read_text().splitlines()[0])["kind"] == "slow_callback"
+        assert threading.enumerate() == before
+
+    @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="fork")
+    def test_a_hidden_thread_is_not_alive_in_a_forked_child(self):
+        import os
+        import threading
+
+        from asyncwatch._reporters import start_hidden_thread
+
+        release = threading.Event()
+        thread = start_hidden_thread(lambda: release.wait(60), "asyncwatch-test")
+        try:
+            assert thread.is_alive()
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0 if not thread.is_alive() else 1)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+        finally:
+            release.set()
+            thread.join(60)
+        assert not thread.is_alive()

@@ -228,6 +228,7 @@ class Owner:
         # id() of findings sited outside the project -> why they do not fail (kept with the finding)
         self.not_ours: dict[int, str] = {}
         self.location: Site | None = None  # the test's own line: the site of last resort
+        self.collected = ""  # the last phase whose garbage `Watcher.collect_after` collected
         self._lock = threading.Lock()
 
     def counts(self, finding: Finding) -> bool:
@@ -668,12 +669,23 @@ class Watcher:
         _OWNER.set(owner)
         owner.location = _test_line(item)
 
+    def collect_after(self, item: pytest.Item, when: str) -> None:
+        """Collect *item*'s garbage once its phase *when* has run, before
+        pytest reports the phase's unraisable exceptions: what a finalizer
+        of the test's garbage raises is reported in the test's own phase,
+        never in the next test's setup."""
+        owner = item.stash.get(_OWNER_KEY, None)
+        if owner is not None and owner.judged:
+            _collect_garbage()
+            owner.collected = when
+
     def end_call(self, item: pytest.Item, failed: bool) -> str | None:
         """Judge what setup and the test body produced; return the failure text, if it fails."""
         owner = item.stash.get(_OWNER_KEY, None)
         if owner is None or not owner.judged:
             return None
-        _collect_garbage()
+        if owner.collected != "call":  # the phase failed before `collect_after`
+            _collect_garbage()
         new = owner.take_new()
         if owner.expected:
             return None  # the test took them with the fixture: its own to check
@@ -687,7 +699,8 @@ class Watcher:
         try:
             if not owner.judged:
                 return None
-            _collect_garbage()
+            if owner.collected != "teardown":
+                _collect_garbage()
             self._report_leaks(self._open_loops(), only=owner)
             return self._verdict(owner, owner.take_new(), item, "teardown", failed)
         finally:

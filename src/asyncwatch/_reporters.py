@@ -112,7 +112,7 @@ class HiddenThread:
     for it.  It does not exist in a forked child: `is_alive` says so there.
     """
 
-    __slots__ = ("_done", "_pid", "ident", "name")
+    __slots__ = ("_done", "_pid", "ident", "name", "native_id")
 
     def __init__(self, target: Callable[[], None], name: str) -> None:
         self.name = name
@@ -120,9 +120,11 @@ class HiddenThread:
         self._done = _thread.allocate_lock()
         self._done.acquire()
         self.ident: int | None = None
+        self.native_id: int | None = None
         done = self._done
 
         def run() -> None:
+            self.native_id = _thread.get_native_id()
             try:
                 target()
             except BaseException as exc:  # noqa: BLE001 - nothing above us would report it

@@ -103,6 +103,7 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     watcher = Watcher(config, read_options(config))
     config.stash[_WATCHER] = watcher
+    config.pluginmanager.register(_GarbageCollection(watcher), "asyncwatch-garbage-collection")
     if watcher.options.every_test:
         watcher.activate()
 
@@ -237,6 +238,49 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         terminalreporter.write_line(
             "asyncwatch: the findings outside any test above fail the run (no test is theirs to fail)", red=True
         )
+
+
+class _GarbageCollection:
+    """Collect a judged test's garbage at the end of its call and teardown phases.
+
+    Plain ``trylast`` implementations: they run after the phase itself (the
+    test body; the fixtures' teardown), inside it.  pluggy calls the
+    ``trylast`` ones last registered first, so this runs after pytest's
+    unraisable-exception plugin has reported what the phase's finalizers
+    raised; what the collection makes a finalizer raise is then reported
+    here, as pytest reports it, so that it is the test's own, in its own
+    phase, and never lands in the next test's setup.
+    """
+
+    def __init__(self, watcher: Watcher) -> None:
+        self._watcher = watcher
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_runtest_call(self, item: pytest.Item) -> None:
+        if self._watcher.active:
+            self._watcher.collect_after(item, "call")
+            _report_unraisable(item.config)
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_runtest_teardown(self, item: pytest.Item, nextitem: pytest.Item | None) -> None:
+        if self._watcher.active:
+            self._watcher.collect_after(item, "teardown")
+            _report_unraisable(item.config)
+
+
+def _report_unraisable(config: pytest.Config) -> None:
+    """Have pytest (8.4 and later) report the unraisable exceptions queued so far, in this phase.
+
+    Earlier pytest versions catch them with a wrapper around the whole
+    phase, which this already runs inside of.
+    """
+    if not config.pluginmanager.has_plugin("unraisableexception"):
+        return
+    try:
+        from _pytest.unraisableexception import collect_unraisable
+    except ImportError:  # pytest < 8.4
+        return
+    collect_unraisable(config)
 
 
 @pytest.fixture
