@@ -212,6 +212,34 @@ def run_leg(suite: Suite, leg: str, tree: Path, vpython: Path, out: Path, paths:
     return data
 
 
+def recheck(suite: Suite, legs: dict[str, dict[str, Any]], tree: Path, vpython: Path, out: Path, extra: list[str]) -> None:
+    """Run each test that differs from ``plain`` again, both ways, twice: a
+    difference that does not come back, or a test whose plain outcome
+    changes, is the suite's own flakiness (timing races on a loaded machine),
+    listed as such rather than blamed on asyncwatch."""
+    plain = legs["plain"]["tests"]
+    for leg, data in legs.items():
+        if leg == "plain":
+            continue
+        differing = sorted(k for k, v in data["tests"].items() if v["outcome"] != plain.get(k, {}).get("outcome"))
+        differing = [k for k in differing if "::" in k][:200]
+        data["flaky"] = {}
+        if not differing:
+            continue
+        outcomes: dict[str, dict[str, set[str]]] = {k: {"plain": set(), leg: set()} for k in differing}
+        for attempt in (1, 2):
+            for way in ("plain", leg):
+                again = run_leg(suite, way, tree, vpython, out / f"recheck-{leg}-{attempt}", differing, extra)
+                for k in differing:
+                    outcomes[k][way].add(again["tests"].get(k, {}).get("outcome", "absent"))
+        for k in differing:
+            first_plain, first_leg = plain.get(k, {}).get("outcome", "absent"), data["tests"][k]["outcome"]
+            seen_plain = outcomes[k]["plain"] | {first_plain}
+            seen_leg = outcomes[k][leg] | {first_leg}
+            if len(seen_plain) > 1 or len(seen_leg) > 1 or seen_plain & seen_leg:
+                data["flaky"][k] = {"plain": sorted(seen_plain), leg: sorted(seen_leg)}
+
+
 def compare(name: str, legs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     plain = legs["plain"]["tests"]
     out: dict[str, Any] = {
@@ -238,8 +266,15 @@ def compare(name: str, legs: dict[str, dict[str, Any]]) -> dict[str, Any]:
                         "why": tests.get(nodeid, {}).get("why", ""),
                     }
                 )
-        allowed = [d for d in diffs if leg == "fail" and d["has_finding"]]
-        out[leg] = {"differences": diffs, "unexplained": [d for d in diffs if d not in allowed]}
+        flaky = legs[leg].get("flaky", {})
+        for d in diffs:
+            d["flaky"] = flaky.get(d["test"])
+        allowed = [d for d in diffs if (leg == "fail" and d["has_finding"]) or d["flaky"]]
+        out[leg] = {
+            "differences": diffs,
+            "flaky": [d for d in diffs if d["flaky"]],
+            "unexplained": [d for d in diffs if d not in allowed],
+        }
     findings = legs.get("fail", {}).get("findings", [])
     distinct: collections.Counter[tuple[str, str, bool]] = collections.Counter()
     for f in findings:
@@ -271,14 +306,22 @@ def main(argv: list[str] | None = None) -> int:
         suite = SUITES[name]
         tree, vpython = prepare(suite, work, ns.python)
         paths = list(suite.ci_paths) if ns.subset == "ci" else []
-        results = {leg: run_leg(suite, leg, tree, vpython, work / f"out-{name}", paths, ns.pytest_args) for leg in legs}
+        out = work / f"out-{name}"
+        results = {leg: run_leg(suite, leg, tree, vpython, out, paths, ns.pytest_args) for leg in legs}
+        recheck(suite, results, tree, vpython, out, ns.pytest_args)
         report = summary[name] = compare(name, results)
         print(f"\n== {name} {suite.version}: {report['tests']} tests; seconds per leg {report['seconds']}")
         print(f"   failing in plain too ({len(report['failing_plain'])}): {report['failing_plain'][:20]}")
         for leg in legs[1:]:
             diffs = report[leg]["differences"]
             bad = report[leg]["unexplained"]
-            print(f"   {leg}: {len(diffs)} differences from plain, {len(bad)} not explained by a finding")
+            flaky = report[leg]["flaky"]
+            print(
+                f"   {leg}: {len(diffs)} differences from plain: {len(flaky)} flaky (the suite's own races, "
+                f"seen both ways on a rerun), {len(bad)} not explained by a finding"
+            )
+            for d in flaky:
+                print(f"      flaky: {d['test']}: {d['flaky']}")
             for d in bad[:40]:
                 print(f"      {d['test']}: {d['plain']} -> {d[leg]}  {d['why']}")
             if bad:

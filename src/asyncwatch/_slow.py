@@ -25,8 +25,8 @@ threshold was crossed: the blocking line itself, not the next ``await``.
 
 from __future__ import annotations
 
-import asyncio
 import _thread
+import asyncio
 import asyncio.events
 import gc
 import sys
