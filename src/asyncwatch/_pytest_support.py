@@ -295,9 +295,9 @@ def _site_matches(pattern: str, file: str, line: int, root: str) -> bool:
     else:
         glob = pattern
     if "/" not in glob and "*" not in glob and not glob.endswith(".py"):
-        stem = os.sep + glob.replace(".", os.sep)
-        path = os.path.splitext(os.path.abspath(file))[0]
-        return path.endswith(stem) or (os.sep + stem.strip(os.sep) + os.sep) in path + os.sep
+        # A module or package: its file, or a file under its directory.
+        stem = os.sep + glob.replace(".", os.sep) + os.sep
+        return stem in os.path.splitext(os.path.abspath(file))[0] + os.sep
     rel = os.path.relpath(file, root) if os.path.isabs(file) else file
     return fnmatch.fnmatch(file, glob) or fnmatch.fnmatch(rel, glob)
 
@@ -620,10 +620,12 @@ class Watcher:
     def _outside_project(self, finding: Finding) -> str | None:
         """Why *finding* does not fail its test for where it is (None: it may)."""
         site = finding.site
-        where = f"{site.file}:{site.line}" if site is not None else None
-        for pattern in self.options.allow_sites:
-            if where is not None and _site_matches(pattern, site.file, site.line, self.options.root):  # type: ignore[union-attr]
-                return f"its site matches the allowed site {pattern!r}"
+        # Without an application frame, the place is where the stack ends.
+        place = site or (finding.stack[-1] if finding.stack else None)
+        if place is not None:
+            for pattern in self.options.allow_sites:
+                if _site_matches(pattern, place.file, place.line, self.options.root):
+                    return f"its site matches the allowed site {pattern!r}"
         if self.options.fail_on == "all":
             return None
         if site is None:
