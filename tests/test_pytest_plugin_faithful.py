@@ -206,6 +206,35 @@ class TestFaithfulWhenOn:
         result.stdout.fnmatch_lines(["*test_drops FAILED*", "*test_next PASSED*"])
 
 
+    def test_garbage_that_grew_old_during_the_test_is_still_the_tests(self, suite):
+        """A collection during the test moves its objects to the old
+        generation; asyncwatch then collects in full at the test's end."""
+        suite.module(
+            """
+            import asyncio
+            import gc
+
+            async def save():
+                pass
+
+            class Cycle:
+                pass
+
+            async def test_drops_old_garbage():
+                cycle = Cycle()
+                cycle.me = cycle
+                cycle.coro = save()  # <-
+                gc.collect()  # everything alive is old now
+                del cycle
+
+            async def test_next():
+                await asyncio.sleep(0)
+            """
+        )
+        result = suite.run("--asyncwatch", "-v")
+        result.stdout.fnmatch_lines(["*test_drops_old_garbage FAILED*", "*test_next PASSED*"])
+        result.stdout.fnmatch_lines([f"*coroutine_never_awaited at test_it.py:{suite.line_of()}*"])
+
     def test_what_the_collection_makes_a_finalizer_raise_is_the_dropping_tests(self, suite):
         """The garbage asyncwatch collects at a test's end is reported, by
         pytest's unraisable-exception check, in that test: never in the next

@@ -229,6 +229,7 @@ class Owner:
         self.not_ours: dict[int, str] = {}
         self.location: Site | None = None  # the test's own line: the site of last resort
         self.collected = ""  # the last phase whose garbage `Watcher.collect_after` collected
+        self.gc_clock = _GcClock()
         self._lock = threading.Lock()
 
     def counts(self, finding: Finding) -> bool:
@@ -253,18 +254,44 @@ YOUNG = 1  # the generations the garbage collector's cheap collections look at: 
 def _collect_garbage(generation: int = 2) -> None:
     """Collect until nothing more is freed: finalizers can free more.
 
-    A judged test's garbage is collected young (*generation* `YOUNG`) at the
-    end of its body, where most of what it dropped still is, and in full
-    after its teardown, so that what the test dropped is reported in that
-    test.  Nothing is frozen (an earlier version froze everything older than
-    the test with `gc.freeze` to make these collections cheap: tests saw it,
+    A judged test's garbage is collected at the end of its body and after
+    its teardown, so that what the test dropped is reported in that test.
+    Nothing is frozen (an earlier version froze everything older than the
+    test with `gc.freeze` to make these collections cheap: tests saw it,
     `gc.get_referrers` missed old referrers and `gc.collect` could not free
-    cycles through old objects), so each test pays for one full collection:
-    15 ms (median) in anyio's suite, measured in compat/README.md.
+    cycles through old objects).  A full collection costs 15-100 ms in a
+    large session (anyio's), so `_GcClock` says when a young one is enough.
     """
     for _ in range(4):
         if not gc.collect(generation):
             break
+
+
+class _GcClock:
+    """Whether the garbage a test made can be old.
+
+    Objects start in generation 0 and reach the old generation only by
+    surviving a collection of generation 1 or a full one.  If the
+    interpreter ran none since the test began, the test's garbage is young,
+    and a young collection finds what a full one would have found of it.
+    asyncwatch's own young collection at the end of the body is not
+    counted: what it promotes was still alive then; should teardown drop it
+    in a cycle, it is found by the interpreter's next full collection
+    (compat/README.md: measured, and what it costs).
+    """
+
+    def __init__(self) -> None:
+        self._mark = self._now()
+
+    @staticmethod
+    def _now() -> tuple[int, int]:
+        stats = gc.get_stats()
+        return stats[1]["collections"], stats[2]["collections"]
+
+    def collect(self) -> None:
+        """Collect the test's garbage: young if it all is, else in full."""
+        _collect_garbage(YOUNG if self._now() == self._mark else 2)
+        self._mark = self._now()
 
 
 def _test_line(item: pytest.Item) -> Site | None:
@@ -683,7 +710,7 @@ class Watcher:
         never in the next test's setup."""
         owner = item.stash.get(_OWNER_KEY, None)
         if owner is not None and owner.judged:
-            _collect_garbage(YOUNG if when == "call" else 2)
+            owner.gc_clock.collect()
             owner.collected = when
 
     def end_call(self, item: pytest.Item, failed: bool) -> str | None:
@@ -692,7 +719,7 @@ class Watcher:
         if owner is None or not owner.judged:
             return None
         if owner.collected != "call":  # the phase failed before `collect_after`
-            _collect_garbage(YOUNG)
+            owner.gc_clock.collect()
         new = owner.take_new()
         if owner.expected:
             return None  # the test took them with the fixture: its own to check
@@ -707,7 +734,7 @@ class Watcher:
             if not owner.judged:
                 return None
             if owner.collected != "teardown":
-                _collect_garbage()
+                owner.gc_clock.collect()
             self._report_leaks(self._open_loops(), only=owner)
             return self._verdict(owner, owner.take_new(), item, "teardown", failed)
         finally:
@@ -799,7 +826,7 @@ class Watcher:
         except RuntimeError:  # already closed
             return
         if any(o.judged for o in self._owners):
-            _collect_garbage(YOUNG)  # (the full one comes after the teardown)
+            _collect_garbage(YOUNG)  # (the test's own collection follows its teardown)
         self._report_leaks([loop], only=None)
 
     # -- leaks ---------------------------------------------------------------
