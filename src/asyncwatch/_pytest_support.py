@@ -273,11 +273,8 @@ class _GcClock:
     Objects start in generation 0 and reach the old generation only by
     surviving a collection of generation 1 or a full one.  If the
     interpreter ran none since the test began, the test's garbage is young,
-    and a young collection finds what a full one would have found of it.
-    asyncwatch's own young collection at the end of the body is not
-    counted: what it promotes was still alive then; should teardown drop it
-    in a cycle, it is found by the interpreter's next full collection
-    (compat/README.md: measured, and what it costs).
+    and a young collection finds what a full one would have found of it
+    (compat/README.md: what that saves on anyio's suite).
     """
 
     def __init__(self) -> None:
@@ -288,9 +285,18 @@ class _GcClock:
         stats = gc.get_stats()
         return stats[1]["collections"], stats[2]["collections"]
 
-    def collect(self) -> None:
-        """Collect the test's garbage: young if it all is, else in full."""
-        _collect_garbage(YOUNG if self._now() == self._mark else 2)
+    def collect(self, last: bool) -> None:
+        """Collect the test's garbage: young if it all is, else in full.
+
+        Before the *last* collection of the test, only generation 0 is
+        collected when all is young: a collection of generation 1 would
+        make what is still alive (the fixtures' objects, dropped by
+        teardown) old, out of reach of the last, young, collection.
+        """
+        if self._now() != self._mark:
+            _collect_garbage(2)
+        else:
+            _collect_garbage(YOUNG if last else 0)
         self._mark = self._now()
 
 
@@ -710,7 +716,7 @@ class Watcher:
         never in the next test's setup."""
         owner = item.stash.get(_OWNER_KEY, None)
         if owner is not None and owner.judged:
-            owner.gc_clock.collect()
+            owner.gc_clock.collect(last=when == "teardown")
             owner.collected = when
 
     def end_call(self, item: pytest.Item, failed: bool) -> str | None:
@@ -719,7 +725,7 @@ class Watcher:
         if owner is None or not owner.judged:
             return None
         if owner.collected != "call":  # the phase failed before `collect_after`
-            owner.gc_clock.collect()
+            owner.gc_clock.collect(last=False)
         new = owner.take_new()
         if owner.expected:
             return None  # the test took them with the fixture: its own to check
@@ -734,7 +740,7 @@ class Watcher:
             if not owner.judged:
                 return None
             if owner.collected != "teardown":
-                owner.gc_clock.collect()
+                owner.gc_clock.collect(last=True)
             self._report_leaks(self._open_loops(), only=owner)
             return self._verdict(owner, owner.take_new(), item, "teardown", failed)
         finally:
