@@ -47,6 +47,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 LEGS = ("plain", "inert", "report", "fail")
+FAILING = {"failed", "error"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,21 +66,18 @@ SUITES = {
         "pytest-asyncio",
         "1.5.0",
         ("test",),
-        # Most of its suite runs pytest in pytest (pytester), ~1 s per inner
-        # run on a loaded 2-core machine: the CI subset keeps the files whose
-        # tests are async tests and fixtures themselves, of every loop scope,
-        # and a few pytester files (the inert path: inner runs load
-        # asyncwatch without enabling it).
+        # Most of its suite runs pytest in pytest (pytester): 2-5 s per test
+        # on a loaded 2-core machine.  The CI subset keeps the files whose
+        # tests are async tests and fixtures themselves (function, module
+        # and class scopes, subprocesses, the docs' examples) and one
+        # pytester file (inner runs load asyncwatch without enabling it:
+        # the inert path): 46 tests, ~15 s a leg.
         ci_paths=(
             "tests/test_simple.py",
-            "tests/test_task_cleanup.py",
             "tests/test_subprocess.py",
-            "tests/async_fixtures",
-            "tests/hypothesis",
-            "tests/test_asyncio_fixture.py",
-            "tests/test_event_loop_fixture.py",
-            "tests/test_is_async_test.py",
-            "tests/markers/test_class_scope.py",
+            "tests/async_fixtures/test_async_fixtures.py",
+            "tests/async_fixtures/test_nested.py",
+            "tests/async_fixtures/test_shared_module_fixture.py",
             "tests/markers/test_mixed_scope.py",
             "docs",
         ),
@@ -91,13 +89,17 @@ SUITES = {
         # The trio backend is not installed: those parameters are skipped by
         # anyio's own conftest.  Network tests need the internet.
         args=("-m", "not network"),
+        # The CI subset: task groups (cancellation, the bulk of what
+        # asyncwatch watches), threads (thread counts, a loop's leak check
+        # through gc), the event loop and debugging helpers, and the module
+        # that stopped collection before.  Sockets are left out: with no
+        # IPv6 on this machine a third of them fail in every leg.
         ci_paths=(
             "tests/test_taskgroups.py",
-            "tests/test_synchronization.py",
+            "tests/test_to_thread.py",
             "tests/test_eventloop.py",
             "tests/test_debugging.py",
             "tests/test_all_attributes.py",
-            "tests/test_to_thread.py",
         ),
     ),
 }
@@ -287,10 +289,16 @@ def compare(name: str, legs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         flaky = legs[leg].get("flaky", {})
         for d in diffs:
             d["flaky"] = flaky.get(d["test"])
-        allowed = [d for d in diffs if (leg == "fail" and d["has_finding"]) or d["flaky"]]
+            # A test failing both ways, once as a failure and once with an
+            # error at teardown as well: its own unclosed resources, which
+            # asyncwatch's collection after its teardown finalizes there
+            # (plain, the interpreter finalizes them in some later test).
+            d["failing_both_ways"] = {d["plain"], d[leg]} <= FAILING
+        allowed = [d for d in diffs if (leg == "fail" and d["has_finding"]) or d["flaky"] or d["failing_both_ways"]]
         out[leg] = {
             "differences": diffs,
             "flaky": [d for d in diffs if d["flaky"]],
+            "failing_both_ways": [d for d in diffs if d["failing_both_ways"] and not d["flaky"]],
             "unexplained": [d for d in diffs if d not in allowed],
         }
     findings = legs.get("fail", {}).get("findings", [])
@@ -340,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             for d in flaky:
                 print(f"      flaky: {d['test']}: {d['flaky']}")
+            for d in report[leg]["failing_both_ways"]:
+                print(f"      failing both ways: {d['test']}: {d['plain']} -> {d[leg]}")
             for d in bad[:40]:
                 print(f"      {d['test']}: {d['plain']} -> {d[leg]}  {d['why']}")
             if bad:
