@@ -4,8 +4,9 @@ The runner is ``compat/run_peer_suites.py`` (see compat/README.md): released
 sdists of pytest-asyncio and anyio, fetched from the package index, each run
 ``-p no:asyncwatch``, installed-not-enabled, ``--asyncwatch --asyncwatch-mode
 report`` and ``--asyncwatch``.  Here the CI subset (``--subset ci``), on 3.11
-only: the four legs of both suites take ~4-6 minutes on a 2-core machine,
-which CI can afford once, not per interpreter.
+only: 46 tests of pytest-asyncio and 535 of anyio, four legs each, ~3.5
+minutes on a loaded 2-core machine with the downloads and installs, which CI
+can afford once, not per interpreter.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def test_installing_or_enabling_asyncwatch_changes_no_outcome_but_through_findin
     summary = json.loads(summary_file.read_text(encoding="utf-8"))
     assert set(summary) == {"pytest-asyncio", "anyio"}, report
     for name, suite in summary.items():
-        assert suite["tests"] > 50, (name, report)
+        assert suite["tests"] > 40, (name, report)  # the run collected the subset
         for leg in ("inert", "report", "fail"):
             assert suite[leg]["unexplained"] == [], (name, leg, report)
         # Installed but not enabled, asyncwatch does nothing at all: only the
