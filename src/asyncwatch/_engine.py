@@ -476,6 +476,12 @@ def attach_loop(loop: asyncio.AbstractEventLoop, options: Mapping[str, Any]) -> 
         return engine.attach(loop, settings)
 
 
+def watch_future_loops(settings: Settings) -> None:
+    """`_watch_future_loops` under the install lock (the pytest plugin's way in)."""
+    with _state.lock:
+        _watch_future_loops(settings)
+
+
 def _watch_future_loops(settings: Settings) -> None:
     """Watch loops that do not exist yet: through the event-loop policy (it
     makes the loops of ``asyncio.run()`` and ``new_event_loop()``, uvloop's

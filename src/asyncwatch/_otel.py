@@ -43,7 +43,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.trace import Status, StatusCode
 
 from ._findings import Finding, FindingKind, Site, describe_exception, is_own_file
-from ._reporters import StructlogReporter, report_internal_error
+from ._reporters import StructlogReporter, report_internal_error, start_hidden_thread
 from ._tasks import TimedCoroutine, coro_name, coro_of
 from ._version import __version__
 
@@ -956,8 +956,7 @@ class OtlpSetup:
                 except Exception as exc:
                     report_internal_error("OpenTelemetry shutdown", exc)
 
-        worker = threading.Thread(target=shut, name="asyncwatch-otlp-flush", daemon=True)
-        worker.start()
+        worker = start_hidden_thread(shut, "asyncwatch-otlp-flush")
         worker.join(timeout)
         if not worker.is_alive():
             return True

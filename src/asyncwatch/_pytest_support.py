@@ -11,7 +11,7 @@ Three ideas carry the design:
   or a fixture wider than the test while it is set up or torn down) receives
   each finding as it is reported.  The garbage is collected at the end of the
   test body and again after teardown, so objects the test dropped are
-  reported in that test (and only those: see `_TestHeap`).
+  reported in that test (see `_collect_garbage`).
 * **A task belongs to the code that created it**, traced with a context
   variable that every task copies at creation: a task a test started is that
   test's, a task a module-scoped fixture (or the server it runs) started is
@@ -23,19 +23,21 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import fnmatch
 import gc
 import json
 import linecache
 import os
 import sys
 import threading
+import types
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from typing import IO, Any
+from typing import Any
 
 import pytest
 
-from ._engine import Engine, current_engine, ensure_engine, uninstall
+from ._engine import Engine, current_engine, ensure_engine, uninstall, watch_future_loops
 from ._findings import Finding, FindingKind, Site, frame_site, is_library_file
 from ._policy import EventLoopPolicy, get_policy, set_policy
 from ._reporters import report_internal_error
@@ -71,6 +73,9 @@ class RunOptions:
     allow: frozenset[FindingKind] = frozenset()
     track_coroutine_origins: bool = True
     log: bool = False
+    fail_on: str = "project"
+    allow_sites: tuple[str, ...] = ()
+    root: str = ""
 
     def header(self) -> str:
         """Return the report header line."""
@@ -79,7 +84,8 @@ class RunOptions:
         return (
             f"asyncwatch: watching {who}; mode={self.mode}, slow_callback_ms={self.slow_callback_ms:g}, "
             f"allow={allow}, findings={self.findings or 'none'}, "
-            f"track_coroutine_origins={self.track_coroutine_origins}, log={self.log}"
+            f"track_coroutine_origins={self.track_coroutine_origins}, log={self.log}, "
+            f"fail_on={self.fail_on}, allow_sites={','.join(self.allow_sites) or 'none'}"
         )
 
 
@@ -116,7 +122,38 @@ def read_options(config: pytest.Config) -> RunOptions:
             parse_bool, config.getini("asyncwatch_track_coroutine_origins"), "asyncwatch_track_coroutine_origins"
         ),
         log=_checked(parse_bool, config.getini("asyncwatch_log"), "asyncwatch_log"),
+        fail_on=_fail_on(*pick("asyncwatch_fail_on", "asyncwatch_fail_on")),
+        allow_sites=_allow_sites(config),
+        root=os.fspath(config.rootpath),
     )
+
+
+FAIL_ON = ("project", "all")
+
+
+def _fail_on(value: Any, name: str) -> str:
+    if value not in FAIL_ON:
+        raise pytest.UsageError(
+            f"asyncwatch: {name}={value!r} is not valid{did_you_mean(str(value), FAIL_ON)}; valid values are: "
+            "project (fail only for findings sited in the project's own code), all"
+        )
+    return str(value)
+
+
+def _allow_sites(config: pytest.Config) -> tuple[str, ...]:
+    given = [*(config.getoption("asyncwatch_allow_site") or []), *config.getini("asyncwatch_allow_sites")]
+    out = []
+    for pattern in given:
+        pattern = str(pattern).strip()
+        if not pattern:
+            continue
+        if any(c.isspace() for c in pattern):
+            raise pytest.UsageError(
+                f"asyncwatch: allow-site pattern {pattern!r} holds a space; give a module (anyio._backends), "
+                "a path glob (*/anyio/*) or a path glob with a line (tests/test_x.py:12)"
+            )
+        out.append(pattern)
+    return tuple(out)
 
 
 def _checked(parse: Callable[[Any, str], Any], value: Any, name: str) -> Any:
@@ -188,7 +225,16 @@ class Owner:
         self.expected = False  # the test took the fixture: findings until its body ends are its to check
         self.verdict_upto = 0  # findings before this index have been judged
         self.counted: list[Finding] = []  # judged findings that count, for the summary
+        # id() of findings sited outside the project -> why they do not fail (kept with the finding)
+        self.not_ours: dict[int, str] = {}
+        self.location: Site | None = None  # the test's own line: the site of last resort
+        self.collected = ""  # the last phase whose garbage `Watcher.collect_after` collected
+        self.gc_clock = _GcClock()
         self._lock = threading.Lock()
+
+    def counts(self, finding: Finding) -> bool:
+        """Return whether *finding* fails (in report mode: is listed for) this owner."""
+        return id(finding) not in self.not_ours and self.options.counts(finding)
 
     def add(self, finding: Finding) -> None:
         with self._lock:
@@ -202,46 +248,113 @@ class Owner:
         return new
 
 
-def _collect_garbage() -> None:
-    """Collect until nothing more is freed: finalizers can free more."""
+YOUNG = 1  # the generations the garbage collector's cheap collections look at: 0 and 1
+
+
+def _collect_garbage(generation: int = 2) -> None:
+    """Collect until nothing more is freed: finalizers can free more.
+
+    A judged test's garbage is collected at the end of its body and after
+    its teardown, so that what the test dropped is reported in that test.
+    Nothing is frozen (an earlier version froze everything older than the
+    test with `gc.freeze` to make these collections cheap: tests saw it,
+    `gc.get_referrers` missed old referrers and `gc.collect` could not free
+    cycles through old objects).  A full collection costs 15-100 ms in a
+    large session (anyio's), so `_GcClock` says when a young one is enough.
+    """
     for _ in range(4):
-        if not gc.collect():
+        if not gc.collect(generation):
             break
 
 
-class _TestHeap:
-    """Keep each judged test's garbage collections about that test's objects.
+class _GcClock:
+    """Whether the garbage a test made can be old.
 
-    A full collection walks every object in the process, and a test session
-    holds a lot of them (pytest's items and reports grow with every test):
-    collecting at the end of each test made a suite of small tests a hundred
-    times slower.  So while a judged test runs, everything older than the
-    test is frozen (`gc.freeze`, a constant-time move in CPython): the
-    collections at its end see only what the test made.  Garbage older than
-    the test is not the test's anyway; it is collected once the test is
-    over, or, for a wider fixture, right after its teardown.
+    Objects start in generation 0 and reach the old generation only by
+    surviving a collection of generation 1 or a full one.  If the
+    interpreter ran none since the test began, the test's garbage is young,
+    and a young collection finds what a full one would have found of it
+    (compat/README.md: what that saves on anyio's suite).
     """
 
     def __init__(self) -> None:
-        self.frozen = False
+        self._mark = self._now()
 
-    def freeze(self) -> None:
-        if not self.frozen:
-            gc.freeze()
-            self.frozen = True
+    @staticmethod
+    def _now() -> tuple[int, int]:
+        stats = gc.get_stats()
+        return stats[1]["collections"], stats[2]["collections"]
 
-    def unfreeze(self) -> None:
-        if self.frozen:
-            gc.unfreeze()
-            self.frozen = False
+    def collect(self, last: bool) -> None:
+        """Collect the test's garbage: young if it all is, else in full.
 
-    def collect_all(self) -> None:
-        """Collect every generation, old objects included, then freeze again."""
-        frozen = self.frozen
-        self.unfreeze()
-        _collect_garbage()
-        if frozen:
-            self.freeze()
+        Before the *last* collection of the test, only generation 0 is
+        collected when all is young: a collection of generation 1 would
+        make what is still alive (the fixtures' objects, dropped by
+        teardown) old, out of reach of the last, young, collection.
+        """
+        if self._now() != self._mark:
+            _collect_garbage(2)
+        else:
+            _collect_garbage(YOUNG if last else 0)
+        self._mark = self._now()
+
+
+def _test_line(item: pytest.Item) -> Site | None:
+    """The line where *item*'s test is defined, from pytest's own report info."""
+    try:
+        path, line, name = item.reportinfo()
+        if line is None:
+            return None
+        return Site(os.path.abspath(os.fspath(path)), int(line) + 1, str(name).rsplit(".", 1)[-1])
+    except Exception:  # noqa: BLE001 - a custom item's reportinfo: no fallback site then
+        return None
+
+
+def _in_project(file: str, root: str) -> bool:
+    """Whether *file* is the project's own code: under the rootdir, not an installed package."""
+    path = os.path.abspath(file)
+    return (path == root or path.startswith(root.rstrip(os.sep) + os.sep)) and not is_library_file(path)
+
+
+def _site_matches(pattern: str, file: str, line: int, root: str) -> bool:
+    """Whether a site matches an allow-site *pattern*: a module name
+    (``anyio._backends``: that module or package), a path glob matched against
+    the absolute and the rootdir-relative path, or either with ``:LINE``."""
+    if ":" in pattern and pattern.rsplit(":", 1)[1].isdigit():
+        glob, want = pattern.rsplit(":", 1)
+        if int(want) != line:
+            return False
+    else:
+        glob = pattern
+    if "/" not in glob and "*" not in glob and not glob.endswith(".py"):
+        # A module or package: its file, or a file under its directory.
+        stem = os.sep + glob.replace(".", os.sep) + os.sep
+        return stem in os.path.splitext(os.path.abspath(file))[0] + os.sep
+    rel = os.path.relpath(file, root) if os.path.isabs(file) else file
+    return fnmatch.fnmatch(file, glob) or fnmatch.fnmatch(rel, glob)
+
+
+def _sited(finding: Finding, fallback: Site | None, root: str) -> Finding:
+    """*finding* with a site to open when asyncwatch found no frame of the
+    application (every frame library code, as when a library's own suite
+    runs against its installed copy): the innermost frame of its stack in
+    the project (under the rootdir, not an installed package), else the
+    test's own line, else the innermost frame of its stack; the message says
+    which line it is."""
+    if finding.site is not None:
+        return finding
+    stack = finding.stack
+    site = next((s for s in reversed(stack) if _in_project(s.file, root)), None)
+    how = "the innermost frame of the project's own code in its stack"
+    if site is None and fallback is not None:
+        site, how = fallback, "the test's own line"
+    if site is None and stack:
+        site, how = stack[-1], "the innermost frame of its stack"
+    if site is None:
+        return finding
+    note = f" (no frame of the application was found: the site given is {how})"
+    return dataclasses.replace(finding, site=site, message=finding.message + note)
 
 
 def _context_of(task: asyncio.Task[Any]) -> contextvars.Context | None:
@@ -345,7 +458,8 @@ _OPTIONS_KEY = pytest.StashKey[NodeOptions]()
 
 _HINT = (
     f"(a test with asyncwatch findings fails: allow a kind with @pytest.mark.{MARKER}(allow=[...]), "
-    "or only report findings with --asyncwatch-mode=report)"
+    "a place with --asyncwatch-allow-site=MODULE|GLOB[:LINE], or only report findings with "
+    "--asyncwatch-mode=report)"
 )
 
 
@@ -373,12 +487,19 @@ class Watcher:
         self._failed_tests: list[Owner] = []  # tests with findings that count, for the summary
         self._reported: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
         self._wrapped: dict[Any, LoopFactory] = {}
-        self._heap = _TestHeap()
-        self._file: IO[str] | None = None
+        self._not_ours_seen: list[tuple[Owner, Finding]] = []  # for the summary
+        self._file: int | None = None
         self._file_lock = threading.Lock()
+        self._worker: str | None = getattr(config, "workerinput", {}).get("workerid")
         if options.findings:
+            # One file for a whole run, pytest-xdist's workers included: the
+            # controller (or a run without workers) starts it empty, each
+            # worker appends; O_APPEND with one write() per line keeps the
+            # lines whole however the processes interleave.
+            worker = hasattr(config, "workerinput")
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if worker else os.O_TRUNC)
             try:
-                self._file = open(options.findings, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+                self._file = os.open(options.findings, flags, 0o666)
             except OSError as exc:
                 raise pytest.UsageError(
                     f"asyncwatch: cannot write the findings file {options.findings!r} ({exc.strerror}); "
@@ -387,16 +508,35 @@ class Watcher:
 
     # -- activation ----------------------------------------------------------
 
-    def wants(self, node: pytest.Item | pytest.Collector, obj: object = None) -> bool:
-        """Return whether *node* (or the function *obj* being collected in it) asks to be judged."""
-        if self.options.every_test or node.get_closest_marker(MARKER) is not None:
+    def wants(self, item: pytest.Item) -> bool:
+        """Return whether *item* asks to be judged (pytest's own APIs only)."""
+        if self.options.every_test or item.get_closest_marker(MARKER) is not None:
             return True
-        if any(getattr(m, "name", None) == MARKER for m in getattr(obj, "pytestmark", ())):
-            return True
-        if FIXTURE in getattr(node, "fixturenames", ()):
-            return True
-        code = getattr(obj, "__code__", None)
-        return code is not None and FIXTURE in code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+        return FIXTURE in getattr(item, "fixturenames", ())
+
+    def asks(self, collector: pytest.Collector, obj: object) -> bool:
+        """Return whether the plain function *obj*, being collected in
+        *collector*, will ask to be judged; never raises.
+
+        Test modules hold anything (a MarkDecorator as a class's
+        ``pytestmark``, Mocks, descriptors, objects whose attribute access
+        raises): only objects whose type is exactly a function are looked
+        into, and only through what a function always has.
+        """
+        try:
+            if collector.get_closest_marker(MARKER) is not None:
+                return True
+            if type(obj) is not types.FunctionType:
+                return False
+            marks = obj.__dict__.get("pytestmark", ())
+            if not isinstance(marks, (list, tuple)):
+                marks = [marks]
+            if any(getattr(m, "name", None) == MARKER for m in marks):
+                return True
+            code = obj.__code__
+            return FIXTURE in code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+        except Exception:  # noqa: BLE001 - collection is pytest's; the item check after it still runs
+            return False
 
     def activate(self) -> None:
         """Start watching: the engine, the event-loop policy, and pytest-asyncio's loop factories."""
@@ -417,6 +557,12 @@ class Watcher:
         self._engine.pipeline.add(self)
         self._policy = _WatchingPolicy(get_policy(), self.attach)
         set_policy(self._policy)
+        if self._owns_engine:
+            # Loops the policy does not make (a loop_factory given to
+            # asyncio.Runner or asyncio.run, uvloop.run, anyio's backend
+            # options, a loop made by hand) are watched as install() watches
+            # them, when they start; uninstall() in close() undoes it.
+            watch_future_loops(self._engine.settings)
         if hasattr(self.config.hook, "pytest_asyncio_loop_factories"):  # pytest-asyncio >= 1.4
             self.config.pluginmanager.register(LoopFactories(self), "asyncwatch-loop-factories")
 
@@ -433,10 +579,9 @@ class Watcher:
             if self._owns_engine and current_engine() is self._engine:
                 uninstall()
             self._engine = None
-        self._heap.unfreeze()
         with self._file_lock:
             if self._file is not None:
-                self._file.close()
+                os.close(self._file)
                 self._file = None
 
     # -- loops ---------------------------------------------------------------
@@ -486,13 +631,41 @@ class Watcher:
         owner = self._current()
         if not owner.judged:
             return
+        outside = self._outside_project(finding)
+        finding = _sited(finding, owner.location, self.options.root)
+        if outside is not None:
+            owner.not_ours[id(finding)] = outside
         owner.add(finding)
         if self._file is not None:
-            line = json.dumps({"nodeid": owner.nodeid, "fixture": owner.fixture, **finding.to_dict()})
+            record = {"nodeid": owner.nodeid, "fixture": owner.fixture, "counts": owner.counts(finding)}
+            if outside is not None:
+                record["not_counted"] = outside
+            if self._worker:
+                record["worker"] = self._worker
+            data = (json.dumps({**record, **finding.to_dict()}) + "\n").encode("utf-8")
             with self._file_lock:
                 if self._file is not None:
-                    self._file.write(line + "\n")
-                    self._file.flush()
+                    try:
+                        os.write(self._file, data)
+                    except OSError as exc:
+                        report_internal_error("pytest plugin findings file", exc)
+
+    def _outside_project(self, finding: Finding) -> str | None:
+        """Why *finding* does not fail its test for where it is (None: it may)."""
+        site = finding.site
+        # Without an application frame, the place is where the stack ends.
+        place = site or (finding.stack[-1] if finding.stack else None)
+        if place is not None:
+            for pattern in self.options.allow_sites:
+                if _site_matches(pattern, place.file, place.line, self.options.root):
+                    return f"its site matches the allowed site {pattern!r}"
+        if self.options.fail_on == "all":
+            return None
+        if site is None:
+            return "no frame of the project's own code was running (fail_on=project)"
+        if not _in_project(site.file, self.options.root):
+            return "its site is outside the project, in code it does not own (fail_on=project)"
+        return None
 
     def _current(self) -> Owner:
         try:
@@ -534,15 +707,25 @@ class Watcher:
         item.stash[_OWNER_KEY] = owner
         self._push(owner)
         _OWNER.set(owner)
-        if judged:
-            self._heap.freeze()
+        owner.location = _test_line(item)
+
+    def collect_after(self, item: pytest.Item, when: str) -> None:
+        """Collect *item*'s garbage once its phase *when* has run, before
+        pytest reports the phase's unraisable exceptions: what a finalizer
+        of the test's garbage raises is reported in the test's own phase,
+        never in the next test's setup."""
+        owner = item.stash.get(_OWNER_KEY, None)
+        if owner is not None and owner.judged:
+            owner.gc_clock.collect(last=when == "teardown")
+            owner.collected = when
 
     def end_call(self, item: pytest.Item, failed: bool) -> str | None:
         """Judge what setup and the test body produced; return the failure text, if it fails."""
         owner = item.stash.get(_OWNER_KEY, None)
         if owner is None or not owner.judged:
             return None
-        _collect_garbage()
+        if owner.collected != "call":  # the phase failed before `collect_after`
+            owner.gc_clock.collect(last=False)
         new = owner.take_new()
         if owner.expected:
             return None  # the test took them with the fixture: its own to check
@@ -556,11 +739,11 @@ class Watcher:
         try:
             if not owner.judged:
                 return None
-            _collect_garbage()
+            if owner.collected != "teardown":
+                owner.gc_clock.collect(last=True)
             self._report_leaks(self._open_loops(), only=owner)
             return self._verdict(owner, owner.take_new(), item, "teardown", failed)
         finally:
-            self._heap.unfreeze()
             self._pop(owner)
             _OWNER.set(None)
             del item.stash[_OWNER_KEY]  # the summary keeps the ones with findings
@@ -574,7 +757,8 @@ class Watcher:
         return owner.findings
 
     def _verdict(self, owner: Owner, findings: list[Finding], item: pytest.Item, when: str, failed: bool) -> str | None:
-        counted = [f for f in findings if owner.options.counts(f)]
+        counted = [f for f in findings if owner.counts(f)]
+        self._not_ours_seen += [(owner, f) for f in findings if id(f) in owner.not_ours]
         if not counted:
             return None
         if not owner.counted:
@@ -639,7 +823,7 @@ class Watcher:
         owner = self._fixtures.pop(fixturedef, None)
         if owner is not None:
             if owner.judged:
-                self._heap.collect_all()
+                _collect_garbage()
             self._pop(owner)
 
     def _before_loop_closes(self, runner: asyncio.Runner) -> None:
@@ -648,7 +832,7 @@ class Watcher:
         except RuntimeError:  # already closed
             return
         if any(o.judged for o in self._owners):
-            _collect_garbage()
+            _collect_garbage(YOUNG)  # (the test's own collection follows its teardown)
         self._report_leaks([loop], only=None)
 
     # -- leaks ---------------------------------------------------------------
@@ -683,7 +867,7 @@ class Watcher:
         """Judged fixtures and the session itself, with the findings that count."""
         out = []
         for owner in [*self._fixture_owners, self._outside]:
-            owner.counted = [f for f in owner.findings if owner.options.counts(f)]
+            owner.counted = [f for f in owner.findings if owner.counts(f)]
             if owner.counted:
                 out.append(owner)
         return out
@@ -697,11 +881,30 @@ class Watcher:
         shown = [] if self.options.mode == "fail" else self._failed_tests  # failures show their own
         out = []
         for owner in [*shown, *self._outside_findings()]:
-            title = owner.nodeid if owner.fixture is None and owner.nodeid else owner.what
-            if owner.fixture is not None and owner.nodeid:
-                title += f" of {owner.nodeid}"
-            out.append((title or "outside any test", render(owner.counted, self.config.rootpath)))
+            out.append((_title(owner), render(owner.counted, self.config.rootpath)))
+        not_ours: dict[str, list[Finding]] = {}
+        for owner, finding in self._not_ours_seen:
+            if owner.options.counts(finding):
+                not_ours.setdefault(_title(owner), []).append(finding)
+        for title, findings in not_ours.items():
+            why = sorted({o.not_ours[id(f)] for o, f in self._not_ours_seen if _title(o) == title and id(f) in o.not_ours})
+            text = render(findings, self.config.rootpath) + "\n\nnot failing the test: " + "; ".join(why) + "\n" + _WHERE_HINT
+            out.append((f"{title} (reported, not failing)", text))
         return out
+
+
+def _title(owner: Owner) -> str:
+    title = owner.nodeid if owner.fixture is None and owner.nodeid else owner.what
+    if owner.fixture is not None and owner.nodeid:
+        title += f" of {owner.nodeid}"
+    return title or "outside any test"
+
+
+_WHERE_HINT = (
+    "(findings sited outside the project's own code are reported, not failed: "
+    "--asyncwatch-fail-on=all fails them too; --asyncwatch-allow-site=PATTERN or asyncwatch_allow_sites "
+    "never fails findings at a module, path glob or path:line)"
+)
 
 
 def _run_node_options(options: RunOptions) -> NodeOptions:
