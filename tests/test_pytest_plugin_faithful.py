@@ -421,6 +421,25 @@ class TestSites:
         other = library.run("--asyncwatch", "--asyncwatch-fail-on=all", "--asyncwatch-allow-site=fakelib.sub")
         other.assert_outcomes(failed=1)
 
+    def test_a_stall_inside_an_import_is_reported_not_failed(self, suite):
+        """Importing a slow module inside a test's loop is start-up work, as under `asyncwatch run`."""
+        suite.file("slowmod.py", "import time\ntime.sleep(0.3)\n")
+        suite.module(
+            """
+            import importlib
+
+            async def test_imports_lazily():
+                importlib.import_module("slowmod")
+            """
+        )
+        result = suite.run("--asyncwatch", "--asyncwatch-fail-on=all", "--asyncwatch-findings", "f.jsonl")
+        result.assert_outcomes(passed=1)
+        result.stdout.fnmatch_lines(["*reported, not failing*", "*inside an import*cause=import*"])
+        (record,) = [json.loads(x) for x in (suite.path / "f.jsonl").read_text().splitlines()]
+        assert record["kind"] == "slow_callback" and record["cause"] == "import"
+        assert record["site"]["file"].endswith("slowmod.py") and record["site"]["line"] == 2  # the line importing ran
+        assert record["counts"] is False
+
     def test_bad_fail_on_is_a_usage_error(self, suite):
         suite.module("def test_it(): pass")
         result = suite.run("--asyncwatch", "--asyncwatch-fail-on=everything")

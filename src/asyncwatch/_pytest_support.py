@@ -659,6 +659,11 @@ class Watcher:
             for pattern in self.options.allow_sites:
                 if _site_matches(pattern, place.file, place.line, self.options.root):
                     return f"its site matches the allowed site {pattern!r}"
+        if finding.cause == "import":
+            # A module imported inside the running loop (a lazy import, an
+            # app factory): start-up work, not a mistake of the test's, as
+            # `asyncwatch run --fail-on-findings` also judges it (issue 13).
+            return "it is a stall inside an import, start-up work (cause=import)"
         if self.options.fail_on == "all":
             return None
         if site is None:
