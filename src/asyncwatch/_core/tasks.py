@@ -287,10 +287,22 @@ def _make_factory(state: TaskFactory, depth: int, hooks: Hooks | None) -> Callab
     fan_frame: FrameType | None = None
     fan_depth = 0
     fan_site: tuple[CodeType, int] | None = None
+    # Every gather frame that made tasks since the loop's last callback, with
+    # its creation site: once gather has returned, its future goes to the
+    # `gather_made` hooks (gather silences "Task was destroyed but it is
+    # pending!" for its children).  Once per gather call, never per task.
+    gathered: list[tuple[FrameType, tuple[CodeType, int] | None]] = []
 
-    def end_fan_out() -> None:
+    def end_fan_out(loop: asyncio.AbstractEventLoop) -> None:
         nonlocal fan_frame, fan_depth
         fan_frame, fan_depth = None, 0
+        made = gathered.copy()
+        gathered.clear()
+        try:
+            _tell_gathered(loop, made)
+        except Exception as exc:
+            state.enabled = False
+            report_internal_error("task factory", exc)
 
     previous = state.previous
     plain = previous is None and hooks is None
@@ -318,10 +330,13 @@ def _make_factory(state: TaskFactory, depth: int, hooks: Hooks | None) -> Callab
         if frame is None:
             return None
         site = (frame.f_code, frame.f_lasti)
-        if gather_frame is not None and level == gather_level + 1:  # gather called from application code
-            if fan_frame is None:
-                loop.call_soon(end_fan_out)
-            fan_frame, fan_depth, fan_site = gather_frame, gather_level, site
+        if gather_frame is not None:
+            if not gathered:
+                loop.call_soon(end_fan_out, loop)
+            if not any(f is gather_frame for f, _ in gathered):
+                gathered.append((gather_frame, site))
+            if level == gather_level + 1:  # gather called from application code
+                fan_frame, fan_depth, fan_site = gather_frame, gather_level, site
         return site
 
     # One function with every path inline: each call or branch moved out costs
@@ -385,6 +400,24 @@ def _make_factory(state: TaskFactory, depth: int, hooks: Hooks | None) -> Callab
         return task
 
     return asyncwatch_task_factory
+
+
+def _tell_gathered(loop: asyncio.AbstractEventLoop, made: list[tuple[FrameType, tuple[CodeType, int] | None]]) -> None:
+    """Tell the `gather_made` hooks about the futures of the gathers in *made*,
+    which have returned: a finished frame keeps its locals, ``outer`` among them."""
+    watch = watches.get(loop)
+    if watch is None or not watch.hooks.gather_made:
+        return
+    hooks = watch.hooks
+    for frame, site in made:
+        outer = frame.f_locals.get("outer")
+        if isinstance(outer, asyncio.Future) and not outer.done():
+            where = code_site(*site) if site is not None else None
+            for hook in hooks.gather_made:
+                try:
+                    hook(watch, outer, where)
+                except Exception as exc:
+                    hooks.failed(hook, exc)
 
 
 def _tell_created(task: Task, coro: Any, site: tuple[CodeType, int] | None, hooks: Hooks) -> None:
