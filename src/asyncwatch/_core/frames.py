@@ -9,6 +9,8 @@ paths (task creation) are cached per file name.
 from __future__ import annotations
 
 import contextlib
+import dis
+import functools
 import gc
 import inspect
 import os
@@ -216,3 +218,105 @@ def _async_generator_of(awaitable: Any) -> Any:
     if type(awaitable).__name__ not in ("async_generator_asend", "async_generator_athrow"):
         return None
     return next((r for r in gc.get_referents(awaitable) if inspect.isasyncgen(r)), None)
+
+
+# --- Which ``async with`` a frame is in ------------------------------------------
+
+# Instructions that end the expression of an ``async with`` when read backwards
+# from its BEFORE_ASYNC_WITH: the previous statement's last instruction.
+_STATEMENT_ENDS = frozenset({"POP_TOP", "RESUME", "NOP", "RETURN_VALUE", "RETURN_CONST", "POP_EXCEPT"})
+
+
+class AsyncWith:
+    """One ``async with`` statement of a code object: its line, the names its
+    expression loads and the name its ``as`` binds (None without one)."""
+
+    __slots__ = ("as_name", "line", "loads", "setup")
+
+    def __init__(self, line: int, loads: frozenset[str], as_name: str | None, setup: int) -> None:
+        self.line = line
+        self.loads = loads
+        self.as_name = as_name
+        self.setup = setup  # the offset of its BEFORE_ASYNC_WITH
+
+
+class _WithTable:
+    """A code object's exception table, and its ``async with`` blocks by the
+    offset of their exit handler."""
+
+    __slots__ = ("blocks", "entries")
+
+    def __init__(self, entries: tuple[tuple[int, int, int], ...], blocks: dict[int, AsyncWith]) -> None:
+        self.entries = entries  # (start, end, target), non-overlapping
+        self.blocks = blocks
+
+    def handler_of(self, offset: int) -> int | None:
+        return next((target for start, end, target in self.entries if start <= offset < end), None)
+
+
+@functools.lru_cache(maxsize=256)
+def _with_table(code: CodeType) -> _WithTable:
+    """Read *code*'s ``async with`` blocks from its exception table (3.11+): a
+    handler that starts with PUSH_EXC_INFO, WITH_EXCEPT_START is a with-block's
+    exit, and the BEFORE_ASYNC_WITH just before the first range it covers is
+    the statement.  Asked only when a structured cancellation is explained."""
+    try:
+        bytecode = dis.Bytecode(code)
+        raw = getattr(bytecode, "exception_entries", ())  # 3.11+
+    except Exception:  # pragma: no cover - a code object dis cannot read
+        return _WithTable((), {})
+    entries = tuple((e.start, e.end, e.target) for e in raw)
+    instructions = list(bytecode)
+    by_offset = {ins.offset: n for n, ins in enumerate(instructions)}
+    starts: dict[int, int] = {}
+    for start, _end, target in entries:
+        n = by_offset.get(target)
+        if n is None or n + 1 >= len(instructions):
+            continue
+        if instructions[n].opname == "PUSH_EXC_INFO" and instructions[n + 1].opname == "WITH_EXCEPT_START":
+            starts[target] = min(start, starts.get(target, start))
+    blocks: dict[int, AsyncWith] = {}
+    for target, start in starts.items():
+        setup = max(
+            (n for n, ins in enumerate(instructions) if ins.offset < start and ins.opname.startswith("BEFORE_")),
+            default=None,
+        )
+        if setup is None or instructions[setup].opname != "BEFORE_ASYNC_WITH":
+            continue  # a plain ``with``
+        positions = instructions[setup].positions
+        if positions is None or positions.lineno is None:
+            continue
+        loads = set()
+        for ins in reversed(instructions[:setup]):
+            if ins.opname in _STATEMENT_ENDS or ins.opname.startswith(("STORE_", "JUMP", "POP_JUMP")):
+                break
+            if ins.opname.startswith("LOAD_") and isinstance(ins.argval, str):
+                loads.add(ins.argval)
+        first = instructions[by_offset[start]] if start in by_offset else None
+        as_name = first.argval if first is not None and first.opname.startswith("STORE_") else None
+        blocks[target] = AsyncWith(positions.lineno, frozenset(loads), as_name, instructions[setup].offset)
+    return _WithTable(entries, blocks)
+
+
+def enclosing_async_withs(frame: FrameType) -> list[AsyncWith]:
+    """The ``async with`` blocks *frame* is inside now, innermost first.
+
+    Each instruction has one handler in the exception table: a with-block's
+    exit means it is in that block (whose own statement is then looked up
+    the same way, for the blocks around it); any other handler (an
+    ``except``, the cleanup of an ``await``) is code in the same blocks."""
+    table = _with_table(frame.f_code)
+    offset = frame.f_lasti
+    inside: list[AsyncWith] = []
+    seen: set[int] = set()
+    while True:
+        target = table.handler_of(offset)
+        if target is None or target in seen:
+            return inside
+        seen.add(target)
+        block = table.blocks.get(target)
+        if block is not None:
+            inside.append(block)
+            offset = block.setup
+        else:
+            offset = target
