@@ -15,7 +15,9 @@ import gc
 import inspect
 import os
 import site as _site
+import sys
 import sysconfig
+import types
 from collections.abc import Iterable
 from types import CodeType, FrameType
 from typing import Any
@@ -320,3 +322,123 @@ def enclosing_async_withs(frame: FrameType) -> list[AsyncWith]:
             offset = block.setup
         else:
             offset = target
+
+
+# --- Which function a call made ---------------------------------------------------
+
+_CALLS = frozenset({"CALL", "CALL_KW", "PRECALL"})
+_NAME_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_DEREF", "LOAD_ATTR", "LOAD_METHOD"})
+
+
+@functools.lru_cache(maxsize=256)
+def _instructions(code: CodeType) -> tuple[dis.Instruction, ...]:
+    return tuple(dis.get_instructions(code))
+
+
+def _stack_effect(ins: dis.Instruction) -> int | None:
+    if ins.opname.startswith(("JUMP", "POP_JUMP", "FOR_ITER", "SEND")) or ins.opname in ("RETURN_VALUE", "YIELD_VALUE"):
+        return None  # control flow: the walk below is only for straight-line code
+    try:
+        if ins.opcode >= dis.HAVE_ARGUMENT:
+            return dis.stack_effect(ins.opcode, ins.arg or 0)
+        return dis.stack_effect(ins.opcode)
+    except ValueError:
+        return None
+
+
+def dropped_call_result(frame: FrameType) -> dis.Instruction | None:
+    """When *frame* is discarding the result of a call (an expression
+    statement ``f(x)``: the call, then POP_TOP at ``f_lasti``), the
+    instruction that loaded the function called, else None.
+
+    Read backwards from the call through its arguments with each
+    instruction's stack effect: the instruction that pushes past the
+    arguments pushed the callable.  Straight-line code only."""
+    instructions = _instructions(frame.f_code)
+    at = next((n for n, ins in enumerate(instructions) if ins.offset == frame.f_lasti), None)
+    if at is None or at < 2 or instructions[at].opname != "POP_TOP":
+        return None
+    n = at - 1
+    consumed = 0
+    while n >= 0 and instructions[n].opname in _CALLS:
+        effect = _stack_effect(instructions[n])
+        if effect is None:
+            return None
+        consumed -= effect
+        n -= 1
+    if consumed == 0:
+        return None  # not a call (an attribute, a property)
+    arguments = consumed + 1 - 2  # the call pushes its result; below the arguments, the callable and self/NULL
+    pushed = 0
+    while n >= 0:
+        ins = instructions[n]
+        effect = _stack_effect(ins)
+        if effect is None:
+            return None
+        pushed += effect
+        if pushed > arguments:
+            if ins.opname == "PUSH_NULL" and n > 0:  # 3.13 pushes NULL after the callable
+                n -= 1
+            # An attribute that replaces what is below it (``mod.f`` as
+            # PUSH_NULL, LOAD_NAME mod, LOAD_ATTR f on 3.11) is the callable.
+            while instructions[n + 1].opname in ("LOAD_ATTR", "LOAD_METHOD") and _stack_effect(instructions[n + 1]) == 0:
+                n += 1
+            ins = instructions[n]
+            return ins if ins.opname in _NAME_LOADS else None
+        n -= 1
+    return None
+
+
+_MISSING = object()
+
+
+def called_function_code(frame: FrameType) -> CodeType | None:
+    """The code object of the function whose result *frame* is discarding
+    (see `dropped_call_result`), when the callable is a name or an attribute
+    of a name that can be read without running any code (no property, no
+    ``__getattr__``: ``inspect.getattr_static``); else None."""
+    load = dropped_call_result(frame)
+    if load is None or not isinstance(load.argval, str):
+        return None
+    name = load.argval
+    target: Any = _MISSING
+    if load.opname in ("LOAD_ATTR", "LOAD_METHOD"):
+        instructions = _instructions(frame.f_code)
+        at = instructions.index(load)
+        base = instructions[at - 1] if at > 0 else None
+        if base is None or base.opname == "LOAD_ATTR" or base.opname not in _NAME_LOADS:
+            return None  # a longer chain: reading it could run code
+        owner = _read_name(frame, base.opname, base.argval)
+        if owner is not _MISSING:
+            try:
+                target = inspect.getattr_static(owner, name)
+            except AttributeError:
+                return None
+    else:
+        target = _read_name(frame, load.opname, name)
+    if isinstance(target, (staticmethod, classmethod)):
+        target = target.__func__
+    if isinstance(target, types.MethodType):
+        target = target.__func__
+    return target.__code__ if isinstance(target, types.FunctionType) else None
+
+
+# Before 3.13 (PEP 667), reading a function frame's f_locals leaves a
+# snapshot of its locals on the frame, which keeps them alive after the
+# program deletes them: never asked there.
+_LOCALS_ARE_A_VIEW = sys.version_info >= (3, 13)
+
+
+def _read_name(frame: FrameType, opname: str, name: Any) -> Any:
+    if not isinstance(name, str):
+        return _MISSING
+    if opname in ("LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_DEREF"):
+        return frame.f_locals.get(name, _MISSING) if _LOCALS_ARE_A_VIEW else _MISSING
+    if opname == "LOAD_NAME" and frame.f_locals is frame.f_globals:
+        return frame.f_globals.get(name, _MISSING)  # module level: the namespace itself
+    if opname == "LOAD_NAME":
+        return _MISSING  # a class body or exec() with separate locals
+    value = frame.f_globals.get(name, _MISSING)
+    if value is _MISSING:
+        value = frame.f_builtins.get(name, _MISSING)
+    return value

@@ -158,10 +158,10 @@ def _structured_cancel(frame: FrameType, task: asyncio.Task[Any]) -> tuple[str, 
     owner: Any = frame.f_locals.get("self")
     if base == "taskgroups.py" and isinstance(owner, asyncio.TaskGroup):
         parent = getattr(owner, "_parent_task", None)
-        line = _structure_line(parent, frame, owner, frozenset({"TaskGroup"}), "taskgroups.py")
+        line = _structure_line(parent, frame, frozenset({"TaskGroup"}), "taskgroups.py")
         return (_OWN if task is parent else _REQUEST), line, "the TaskGroup"
     if base == "timeouts.py" and isinstance(owner, asyncio.Timeout) and task is getattr(owner, "_task", None):
-        return _OWN, _structure_line(task, frame, owner, _TIMEOUT_NAMES, "timeouts.py"), "the timeout"
+        return _OWN, _structure_line(task, frame, _TIMEOUT_NAMES, "timeouts.py"), "the timeout"
     if base == "tasks.py" and frame.f_code.co_name == "_cancel_and_wait":
         app = app_frame_in_callback(frame)
         if app is None:
@@ -177,13 +177,13 @@ def _structured_cancel(frame: FrameType, task: asyncio.Task[Any]) -> tuple[str, 
 
 
 def _structure_line(
-    owner: asyncio.Task[Any] | None, caller: FrameType, structure: object, names: frozenset[str], library: str
+    owner: asyncio.Task[Any] | None, caller: FrameType, names: frozenset[str], library: str
 ) -> Site | None:
-    """The application line that set *structure* up (an ``async with``): in
+    """The application line that set a structure up (an ``async with``): in
     the frames of *owner*, the task it belongs to, the innermost ``async with``
-    block around the current line whose expression is *structure* (bound to a
-    name) or calls one of *names*; a frame awaiting the structure's exit, or
-    wait_for, is at that line.  None when it cannot be told."""
+    block around the current line whose expression calls one of *names*; a
+    frame awaiting the structure's exit (in *library*), or wait_for, is at
+    that line.  None when it cannot be told."""
     if owner is None:
         return None
     previous: FrameType | None = None
@@ -197,9 +197,11 @@ def _structure_line(
         ):
             return frame_site(frame)  # awaiting wait_for, or the structure's __aexit__, on that line
         previous = frame
-        bound = {name for name, value in frame.f_locals.items() if value is structure}
+        # Matched by what the ``async with`` expression calls, not by the
+        # object: reading an application frame's f_locals would keep its
+        # locals alive on 3.11/3.12 (a snapshot stays on the frame).
         for block in enclosing_async_withs(frame):
-            if block.as_name in bound or block.loads & bound or block.loads & names:
+            if block.loads & names:
                 return Site(source_path(code.co_filename), block.line, code.co_qualname)
     return None
 
