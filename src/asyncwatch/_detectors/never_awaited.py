@@ -6,13 +6,20 @@ moment.  asyncwatch chains that function: it records a finding, then calls
 the original, so the RuntimeWarning (and any filter that turns it into an
 error) behaves exactly as before.
 
-The creation site comes from ``coro.cr_origin`` when coroutine-origin
+A finding says where the coroutine was created (``created_at``) and where
+it was dropped (``dropped_at``), each where known, and the message says
+which line is which: a site never presents one as the other.
+
+The creation line comes from ``coro.cr_origin`` when coroutine-origin
 tracking is on (``track_coroutine_origins=True``; it costs time on every
-coroutine, so it is off by default).  Without it, when the coroutine is
-dropped synchronously (``save(x)`` as a statement, the common mistake), the
-innermost application frame at that moment is the creating line.  When the
-garbage collector finalizes it, the stack says nothing about its creation and
-the site is left unknown.
+coroutine, so it is off by default).  The drop line is the innermost
+application frame when the coroutine is dropped synchronously.  Without
+tracking, the drop line is also the creation line when the dropping
+instruction discards the result of a call of the coroutine's own function
+(``save(x)`` as a statement, the common mistake), checked exactly (see
+`called_function_code`); a property returning ``self._ping()`` is not.  When
+the garbage collector finalizes the coroutine, the stack says nothing about
+either line.
 """
 
 from __future__ import annotations
