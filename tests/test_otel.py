@@ -818,7 +818,7 @@ class TestInstrumentor:
         instrument = os.path.join(os.path.dirname(sys.executable), "opentelemetry-instrument")
         env = {**os.environ, "ASYNCWATCH_SPANS": "all", "OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none"}
         result = subprocess.run(
-            [instrument, sys.executable, str(app)], capture_output=True, text=True, env=env, timeout=60
+            [instrument, sys.executable, str(app)], capture_output=True, text=True, env=env, timeout=900
         )
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip().splitlines()[-1] == '[true, ["asyncio.task main", "asyncio.task work"]]'

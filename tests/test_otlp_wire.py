@@ -109,7 +109,7 @@ def receiver() -> Iterator[Receiver]:
 
 
 def run_otlp(
-    endpoint: str, script: Path, *args: str, findings: Path, timeout: float = 60
+    endpoint: str, script: Path, *args: str, findings: Path, timeout: float = 900
 ) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,

@@ -83,6 +83,10 @@ class Finding:
     #: How many findings like this one (same kind and site) the rate limit
     #: held back since the last one reported (see ``report_limit``).
     suppressed: int = 0
+    #: What the stall was part of, when asyncwatch can tell: ``"import"`` for a
+    #: ``slow_callback`` whose stack is inside the import system (start-up
+    #: work such as a server importing the application in its loop).
+    cause: str | None = None
     #: What the pipeline's enrichment stage added for the outputs to show
     #: beside the finding's own fields, as ``(key, value)`` pairs: the
     #: ``trace_id`` and ``span_id`` of the span the finding went to.  Not
@@ -112,4 +116,5 @@ class Finding:
             "pid": self.pid,
             "thread": self.thread,
             "suppressed": self.suppressed,
+            "cause": self.cause,
         }

@@ -42,7 +42,7 @@ from typing import Any
 from .._core.detector import Detector, DetectorContext, WatchedLoop
 from .._core.findings import Finding, FindingKind, Site
 from .._core.frames import frame_site, is_library_file, is_own_file, qualname_of, stack_of
-from .._core.runtime import in_forked_child, report_internal_error
+from .._core.runtime import in_forked_child, report_internal_error, reporting
 from .._core.stepping import STEP_WRAPPER_CODES
 from .._core.tasks import coro_name
 
@@ -122,8 +122,32 @@ else:
     _current_frames = sys._current_frames
 
 
+# The import system's own frames: a stall with one of these on its stack is
+# start-up work (a module's top level running inside the loop, as uvicorn's
+# workers import the application), not a stall of the running program.
+_IMPORT_FILES = frozenset(("<frozen importlib._bootstrap>", "<frozen importlib._bootstrap_external>"))
+
+
+def _importing(chain: list[FrameType]) -> str | None:
+    """The module the outermost import on *chain* (innermost first) is
+    loading; "" for an import whose name cannot be read; None for no import."""
+    found: str | None = None
+    for frame in chain:
+        if frame.f_code.co_filename in _IMPORT_FILES:
+            if found is None:
+                found = ""
+            if frame.f_code.co_name == "_find_and_load":  # outer ones overwrite inner ones
+                # As _capture reads a Handle: the loop thread is paused here.
+                try:
+                    name = frame.f_locals.get("name")
+                except Exception:
+                    name = None
+                found = name if isinstance(name, str) else found
+    return found
+
+
 class _Stall:
-    __slots__ = ("callback", "coroutine", "site", "stack", "task")
+    __slots__ = ("callback", "coroutine", "importing", "site", "stack", "task")
 
     def __init__(
         self,
@@ -132,7 +156,9 @@ class _Stall:
         task: str | None,
         coroutine: str | None,
         callback: str | None,
+        importing: str | None = None,
     ) -> None:
+        self.importing = importing
         self.site = site
         self.stack = stack
         self.task = task
@@ -318,7 +344,15 @@ class LoopProbe:
     def _capture(self, loop: asyncio.AbstractEventLoop, top: FrameType, chain: list[FrameType]) -> _Stall:
         # The innermost application frame *of this callback*: never further
         # out than the loop's dispatch (that is whoever runs the loop).
+        importing = _importing(chain)
         blocking = next((f for f in chain if not is_library_file(f.f_code.co_filename)), None)
+        if importing is not None and blocking is not None and blocking.f_code.co_filename.startswith("<"):
+            # Code a library exec'd while being imported (dataclasses'
+            # "<string>" __init__): the application's line is the import.
+            blocking = next(
+                (f for f in chain if not is_library_file(f.f_code.co_filename) and not f.f_code.co_filename.startswith("<")),
+                blocking,
+            )
         site = frame_site(blocking) if blocking is not None else None
         task: Any = asyncio.current_task(loop)
         callback: str | None = None
@@ -334,7 +368,7 @@ class LoopProbe:
                 callback = qualname_of(getattr(handle, "_callback", None))
                 del handle
         del task  # never keep the user's task alive
-        return _Stall(site, stack_of(chain), name, coroutine, callback)
+        return _Stall(site, stack_of(chain), name, coroutine, callback, importing)
 
     def finish(self, now: float) -> None:
         """The followed callback is over (watchdog thread); report a stall."""
@@ -346,6 +380,12 @@ class LoopProbe:
 
     def _end_stall(self, end: float) -> None:
         """Report the stall in progress, once (from either thread)."""
+        if self.stall is None:  # every sample comes here: allocate nothing then
+            return
+        with reporting():  # from the moment it is taken: a signal's exit waits for it
+            self._report_stall(end)
+
+    def _report_stall(self, end: float) -> None:
         with self._stall_lock:
             stall, self.stall = self.stall, None
         if stall is not None:
@@ -356,14 +396,24 @@ class LoopProbe:
                 what = f"Callback {stall.callback!r}"
             else:
                 what = "A callback with no Python frame (compiled code)"
+            blocked = (
+                f"{what} blocked the event loop for {duration * 1000:.0f} ms "
+                f"(threshold {self.threshold_s * 1000:.0f} ms)"
+            )
+            if stall.importing is not None:
+                module = f"module {stall.importing!r}" if stall.importing else "a module"
+                advice = (
+                    f" while importing {module} (cause: import; start-up work, such as a server importing "
+                    "the application in its loop: the site is the line the import was running); import it "
+                    "before the loop starts to keep it off the loop"
+                )
+            else:
+                advice = "; move blocking or CPU-bound work to asyncio.to_thread() or an executor"
             self.emit(
                 Finding(
                     kind=FindingKind.SLOW_CALLBACK,
-                    message=(
-                        f"{what} blocked the event loop for {duration * 1000:.0f} ms "
-                        f"(threshold {self.threshold_s * 1000:.0f} ms); move blocking or "
-                        "CPU-bound work to asyncio.to_thread() or an executor"
-                    ),
+                    message=blocked + advice,
+                    cause="import" if stall.importing is not None else None,
                     site=stall.site,
                     stack=stall.stack,
                     task=stall.task,

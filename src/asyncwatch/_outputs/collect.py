@@ -42,15 +42,24 @@ class SummaryReporter:
 
     def __init__(self) -> None:
         self.counts: Counter[tuple[FindingKind, Site | None]] = Counter()
+        #: Of `counts`, the stalls inside an import (``cause="import"``): start-up work.
+        self.imports: Counter[tuple[FindingKind, Site | None]] = Counter()
         self._lock = threading.Lock()
 
     def report(self, finding: Finding) -> None:
         with self._lock:
             self.counts[(finding.kind, finding.site)] += 1
+            if finding.cause == "import":
+                self.imports[(finding.kind, finding.site)] += 1
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+    @property
+    def verdict_total(self) -> int:
+        """The findings that fail ``--fail-on-findings``: all but start-up imports."""
+        return self.total - sum(self.imports.values())
 
     def render(self, held_back: Mapping[tuple[FindingKind, Site | None], int] | None = None) -> str:
         """A short text: findings grouped by kind and site, with counts, and
@@ -66,6 +75,8 @@ class SummaryReporter:
         for (kind, site), count in order:
             where = site_text(site, relative=True) if site else "(site unknown)"
             line = f"  {kind.value:<{width}}  {count:>4}x  {where}"
+            if self.imports.get((kind, site)):
+                line += "  (inside an import: start-up; not counted by --fail-on-findings)"
             held = held_back.get((kind, site), 0) if held_back else 0
             if held:
                 line += f"  ({held} not logged one by one: report limit)"

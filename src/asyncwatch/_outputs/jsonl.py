@@ -13,7 +13,12 @@ from collections import deque
 from typing import Any
 
 from .._core.findings import Finding
-from .._core.runtime import at_exit, before_fork, in_forked_child, report_internal_error
+from .._core.runtime import (
+    at_exit,
+    before_fork,
+    in_forked_child,
+    report_internal_error,
+)
 
 __all__ = ["JsonLinesReporter", "finding_line", "write_all"]
 
