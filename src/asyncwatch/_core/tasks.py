@@ -447,9 +447,12 @@ def _awaited_at_once(code: CodeType, offset: int) -> bool:
     return False
 
 
-# gather() puts a closure over its future on each task it makes; reading the
-# future from the closure costs a tenth of reading gather's finished frame's
-# locals (measured with callgrind: ~6,000 instructions per gather).
+# gather() puts a closure over its future on each task it makes: reading the
+# future from it is cheaper than reading gather's finished frame's f_locals,
+# which builds a dict of them all (callgrind, a loop of awaited gathers of
+# two tasks: f_locals and the loop's watch for every gather cost +6.6% per
+# task; the bytecode check, this closure and the watch only for a gather not
+# yet awaited, +2.7%; a gather of 10,000 tasks, +0.1%).
 _GATHER_CALLBACK = next(
     (c for c in _GATHER.co_consts if isinstance(c, CodeType) and "outer" in c.co_freevars), None
 )
