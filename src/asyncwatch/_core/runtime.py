@@ -8,12 +8,14 @@ Everything here is process-wide and independent of any detector or output:
   threads of every owner registered (a forked child has only the thread that
   called fork(); a lock another thread held stays held for ever);
 * `before_fork` / `at_exit`: callbacks run before a fork and at exit;
+* `HiddenThread`: asyncwatch's own threads, which the program never sees;
 * `reporting`: marks a thread handing a finding to the outputs, so that a
   signal ending the process waits for it (see _signals.py).
 """
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import contextlib
 import logging
@@ -29,6 +31,7 @@ import structlog
 
 __all__ = [
     "LOGGER_NAME",
+    "HiddenThread",
     "at_exit",
     "before_fork",
     "forget_internal_errors",
@@ -38,6 +41,7 @@ __all__ = [
     "report_internal_error",
     "reporting",
     "set_own_logger",
+    "start_hidden_thread",
     "wait_for_emitters",
 ]
 
@@ -124,6 +128,58 @@ class _StdlibEvents:
 
     def error(self, event: str, **fields: Any) -> None:
         self._log(logging.ERROR, event, **fields)
+
+
+# --- hidden threads --------------------------------------------------------------
+
+
+class HiddenThread:
+    """A thread of asyncwatch's own that the program never sees.
+
+    Started with ``_thread.start_new_thread``, it is never registered in
+    ``threading``'s table, so ``threading.enumerate()``, ``active_count()``
+    and thread-leak checks (CPython's regrtest "env changed", anyio's
+    ``test_single_thread``) see the program's threads only.  Like a daemon
+    thread it is not joined at interpreter exit (it stops when finalization
+    takes the GIL from it).  Its target must never call
+    ``threading.current_thread()``: that would register a ``_DummyThread``
+    for it.  It does not exist in a forked child: `is_alive` says so there.
+    """
+
+    __slots__ = ("_done", "_pid", "ident", "name", "native_id")
+
+    def __init__(self, target: Callable[[], None], name: str) -> None:
+        self.name = name
+        self._pid = os.getpid()
+        self._done = _thread.allocate_lock()
+        self._done.acquire()
+        self.ident: int | None = None
+        self.native_id: int | None = None
+        done = self._done
+
+        def run() -> None:
+            self.native_id = _thread.get_native_id()
+            try:
+                target()
+            except BaseException as exc:  # noqa: BLE001 - nothing above us would report it
+                report_internal_error(name, exc)
+            finally:
+                done.release()
+
+        self.ident = _thread.start_new_thread(run, ())
+
+    def is_alive(self) -> bool:
+        return self._pid == os.getpid() and self._done.locked()
+
+    def join(self, timeout: float) -> None:
+        """Wait at most *timeout* seconds for the thread to end (never from itself)."""
+        if self.is_alive() and self.ident != _thread.get_ident() and self._done.acquire(timeout=timeout):
+            self._done.release()
+
+
+def start_hidden_thread(target: Callable[[], None], name: str) -> HiddenThread:
+    """Run *target* in a `HiddenThread` called *name*."""
+    return HiddenThread(target, name)
 
 
 # --- threads handing a finding to the outputs ---------------------------------------

@@ -28,6 +28,7 @@ per-loop probe share their state machine and their locking rules.
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import asyncio.events
 import gc
@@ -42,7 +43,7 @@ from typing import Any
 from .._core.detector import Detector, DetectorContext, WatchedLoop
 from .._core.findings import Finding, FindingKind, Site
 from .._core.frames import frame_site, is_library_file, is_own_file, qualname_of, stack_of
-from .._core.runtime import in_forked_child, report_internal_error, reporting
+from .._core.runtime import HiddenThread, in_forked_child, report_internal_error, reporting, start_hidden_thread
 from .._core.stepping import STEP_WRAPPER_CODES
 from .._core.tasks import coro_name
 
@@ -430,7 +431,7 @@ class Watchdog:
         self._probes: list[LoopProbe] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread: HiddenThread | None = None
         self._stopping = False
         #: Told when sampling fails (the detector disables itself through the
         #: engine); without one, the error is reported here.
@@ -465,7 +466,7 @@ class Watchdog:
             thread = self._thread
             self._thread = None
         self._wake.set()
-        if thread is not None and thread is not threading.current_thread():
+        if thread is not None:
             thread.join(timeout=1.0)
         self.flush()
         with self._lock:
@@ -489,8 +490,7 @@ class Watchdog:
 
     def _ensure_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._run, name="asyncwatch-watchdog", daemon=True)
-            self._thread.start()
+            self._thread = start_hidden_thread(self._run, "asyncwatch-watchdog")
 
     def _after_fork(self) -> None:
         """In a forked child: only the thread that called fork() survives.
@@ -527,13 +527,13 @@ class Watchdog:
         self._probes = kept
 
     def _run(self) -> None:
-        me = threading.current_thread()
+        me = _thread.get_ident()  # not threading.current_thread(): that would register us
         while True:
             # Cleared before looking, so a wake-up that comes while we sample
             # is never lost: the wait below then returns at once.
             self._wake.clear()
             with self._lock:
-                if self._stopping or self._thread is not me:
+                if self._stopping or self._thread is None or self._thread.ident != me:
                     return
                 has_probes = bool(self._probes)
             if not has_probes:
