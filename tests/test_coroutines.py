@@ -134,7 +134,6 @@ class TestDroppedCoroutineOnALoop:
         found = watched.of(NEVER_AWAITED)
         assert [f.site.line for f in found] == [line_of("# <- dropped three times")] * 3
 
-
     def test_coroutine_function_used_as_a_callback_has_no_misleading_site(self, watched):
         """``add_done_callback(async_fn)``: asyncio creates and drops the coroutine; the site
         is unknown or the scheduling line, never the line that runs the loop."""
@@ -181,9 +180,15 @@ class TestCreatedAtAndDroppedAt:
             save(7)  # <- created and dropped here
 
         [finding] = found
-        assert_site(finding, "created and dropped here", TestCreatedAtAndDroppedAt.test_statement_call_is_created_and_dropped_on_one_line.__qualname__)
+        assert_site(
+            finding,
+            "created and dropped here",
+            TestCreatedAtAndDroppedAt.test_statement_call_is_created_and_dropped_on_one_line.__qualname__,
+        )
         assert finding.created_at == finding.dropped_at == finding.site
-        assert f"created and dropped at test_coroutines.py:{line_of('# <- created and dropped here')}" in finding.message
+        assert (
+            f"created and dropped at test_coroutines.py:{line_of('# <- created and dropped here')}" in finding.message
+        )
         assert finding.to_dict()["dropped_at"] == finding.site.to_dict()
 
     def test_module_function_called_through_its_module_is_created_there(self, installed):

@@ -185,7 +185,9 @@ class TestLoopFactory:
 
     def test_bad_option_fails_at_the_call_site(self):
         """A typo in an option is an error naming the option and the valid ones."""
-        with pytest.raises(asyncwatch.ConfigurationError, match=r"unknown asyncwatch option 'slow_ms'.*slow_callback_ms"):
+        with pytest.raises(
+            asyncwatch.ConfigurationError, match=r"unknown asyncwatch option 'slow_ms'.*slow_callback_ms"
+        ):
             asyncwatch.loop_factory(slow_ms=10)
 
 
@@ -223,7 +225,6 @@ class TestEventLoopPolicy:
         finally:
             set_policy(original)
         assert [f.kind for f in collector.findings] == [FindingKind.SLOW_CALLBACK]
-
 
     @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
     @pytest.mark.skipif(sys.version_info < (3, 12), reason="asyncio resets its policy at fork from 3.12")
@@ -541,7 +542,6 @@ class TestContainment:
         logged = out.err + caplog.text  # stdlib logging: structlog is not configured
         assert logged.count("asyncwatch.internal_error") == 1
         assert "coroutine hook exploded" in logged
-
 
     def test_an_error_in_the_watchdog_is_contained(self, monkeypatch, capsys, caplog):
         """A failing watchdog logs once and stops; the program and other detectors go on."""

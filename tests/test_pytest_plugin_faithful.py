@@ -124,7 +124,10 @@ class TestInertUntilAsked:
         result = suite.run()
         result.assert_outcomes(passed=5, errors=1)  # the leak fails its teardown
         result.stdout.fnmatch_lines(
-            ["*ERROR at teardown of test_marked*", f"asyncwatch (teardown): task_leaked at test_it.py:{suite.line_of()}"]
+            [
+                "*ERROR at teardown of test_marked*",
+                f"asyncwatch (teardown): task_leaked at test_it.py:{suite.line_of()}",
+            ]
         )
 
 
@@ -204,7 +207,6 @@ class TestFaithfulWhenOn:
         result = suite.run("--asyncwatch", "-v")
         result.assert_outcomes(passed=1, failed=1)
         result.stdout.fnmatch_lines(["*test_drops FAILED*", "*test_next PASSED*"])
-
 
     def test_garbage_that_grew_old_during_the_test_is_still_the_tests(self, suite):
         """A collection during the test moves its objects to the old
@@ -345,7 +347,10 @@ class TestEveryLoop:
         result = suite.run("--asyncwatch")
         result.assert_outcomes(passed=2, failed=1)
         result.stdout.fnmatch_lines(
-            ["*TestCase.test_drops*", f"asyncwatch: coroutine_never_awaited at test_it.py:{suite.line_of('# <- dropped')}"]
+            [
+                "*TestCase.test_drops*",
+                f"asyncwatch: coroutine_never_awaited at test_it.py:{suite.line_of('# <- dropped')}",
+            ]
         )
         assert outcomes(suite.run()) == {"passed": 3}
 

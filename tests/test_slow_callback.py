@@ -226,7 +226,6 @@ class TestBlockingPlainCallback:
         assert finding.site.function == callback.__qualname__
         assert_duration(finding)
 
-
     def test_builtin_callback_is_reported(self, watched):
         """``loop.call_soon(time.sleep, …)``: no Python frame runs, the loop is blocked all the same."""
 

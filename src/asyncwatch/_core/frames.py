@@ -328,7 +328,9 @@ def enclosing_async_withs(frame: FrameType) -> list[AsyncWith]:
 # --- Which function a call made ---------------------------------------------------
 
 _CALLS = frozenset({"CALL", "CALL_KW", "PRECALL"})
-_NAME_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_DEREF", "LOAD_ATTR", "LOAD_METHOD"})
+_NAME_LOADS = frozenset(
+    {"LOAD_GLOBAL", "LOAD_NAME", "LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_DEREF", "LOAD_ATTR", "LOAD_METHOD"}
+)
 
 
 @functools.lru_cache(maxsize=256)
@@ -382,7 +384,9 @@ def dropped_call_result(frame: FrameType) -> dis.Instruction | None:
                 n -= 1
             # An attribute that replaces what is below it (``mod.f`` as
             # PUSH_NULL, LOAD_NAME mod, LOAD_ATTR f on 3.11) is the callable.
-            while instructions[n + 1].opname in ("LOAD_ATTR", "LOAD_METHOD") and _stack_effect(instructions[n + 1]) == 0:
+            while (
+                instructions[n + 1].opname in ("LOAD_ATTR", "LOAD_METHOD") and _stack_effect(instructions[n + 1]) == 0
+            ):
                 n += 1
             ins = instructions[n]
             return ins if ins.opname in _NAME_LOADS else None

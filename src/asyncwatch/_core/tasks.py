@@ -180,6 +180,8 @@ class Task(asyncio.Task):  # type: ignore[type-arg]
 # completion; the table is capped for tasks that vanish without a word
 # (gather hides their destruction).
 _FOREIGN_LIMIT = 100_000
+
+
 class _ForeignSite(NamedTuple):
     """Where a task of another library's factory was created."""
 
@@ -267,6 +269,7 @@ _library_cache = _is_library_cache
 # loop.create_task).  While such a frame stays at the same instruction, every
 # task it makes has the same creation site: found once, then reused.
 _GATHER = asyncio.tasks.gather.__code__
+
 
 def _make_factory(state: TaskFactory, depth: int, hooks: Hooks | None) -> Callable[..., Any]:  # noqa: C901 - see below
     """The task factory function for *state*, telling the task *hooks* about each task.
@@ -403,7 +406,9 @@ def _make_factory(state: TaskFactory, depth: int, hooks: Hooks | None) -> Callab
     return asyncwatch_task_factory
 
 
-def _tell_gathered(loop: asyncio.AbstractEventLoop, made: list[tuple[FrameType, Any, tuple[CodeType, int] | None]]) -> None:
+def _tell_gathered(
+    loop: asyncio.AbstractEventLoop, made: list[tuple[FrameType, Any, tuple[CodeType, int] | None]]
+) -> None:
     """Tell the `gather_made` hooks about the futures of the gathers in *made*,
     which have returned, when they are neither done nor awaited yet.
 
@@ -453,9 +458,7 @@ def _awaited_at_once(code: CodeType, offset: int) -> bool:
 # two tasks: f_locals and the loop's watch for every gather cost +6.6% per
 # task; the bytecode check, this closure and the watch only for a gather not
 # yet awaited, +2.7%; a gather of 10,000 tasks, +0.1%).
-_GATHER_CALLBACK = next(
-    (c for c in _GATHER.co_consts if isinstance(c, CodeType) and "outer" in c.co_freevars), None
-)
+_GATHER_CALLBACK = next((c for c in _GATHER.co_consts if isinstance(c, CodeType) and "outer" in c.co_freevars), None)
 _OUTER_CELL = _GATHER_CALLBACK.co_freevars.index("outer") if _GATHER_CALLBACK is not None else -1
 
 

@@ -118,7 +118,6 @@ class _Note:
 _NOTE = "cancellation"
 
 
-
 # Cancellations made by asyncio's structured helpers, keyed by file name,
 # then by function name (None = any).  Which of them are exempt is decided
 # by `_structured_cancel`.
@@ -313,7 +312,11 @@ def _check_swallowed(task: asyncio.Task[Any]) -> None:
     coro = coro_name(task)
     name = task.get_name()
     if request.structure is not None:
-        where = f"set up at {_short(request.cancelled_by)}" if request.cancelled_by else "set up where asyncwatch cannot tell"
+        where = (
+            f"set up at {_short(request.cancelled_by)}"
+            if request.cancelled_by
+            else "set up where asyncwatch cannot tell"
+        )
         by = f" (by {request.structure}, {where})"
     else:
         by = f" (cancelled at {_short(request.cancelled_by)})" if request.cancelled_by else ""

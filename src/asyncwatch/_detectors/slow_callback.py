@@ -351,7 +351,11 @@ class LoopProbe:
             # Code a library exec'd while being imported (dataclasses'
             # "<string>" __init__): the application's line is the import.
             blocking = next(
-                (f for f in chain if not is_library_file(f.f_code.co_filename) and not f.f_code.co_filename.startswith("<")),
+                (
+                    f
+                    for f in chain
+                    if not is_library_file(f.f_code.co_filename) and not f.f_code.co_filename.startswith("<")
+                ),
                 blocking,
             )
         site = frame_site(blocking) if blocking is not None else None

@@ -134,7 +134,9 @@ class _LostGather(weakref.ref):  # type: ignore[type-arg]
 
     __slots__ = ("coroutine", "future_id", "site", "tasks", "watch")
 
-    def __new__(cls, gathering: asyncio.Future[Any], callback: Any, watch: WatchedLoop, site: Site | None) -> _LostGather:
+    def __new__(
+        cls, gathering: asyncio.Future[Any], callback: Any, watch: WatchedLoop, site: Site | None
+    ) -> _LostGather:
         return super().__new__(cls, gathering, callback)
 
     def __init__(self, gathering: asyncio.Future[Any], callback: Any, watch: WatchedLoop, site: Site | None) -> None:
