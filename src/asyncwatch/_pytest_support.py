@@ -35,7 +35,7 @@ from typing import IO, Any
 
 import pytest
 
-from ._core.findings import Finding, FindingKind, Site
+from ._core.findings import Finding, FindingKind, Site, counts_against_program
 from ._core.frames import frame_site, is_library_file
 from ._core.runtime import report_internal_error
 from ._core.settings import ConfigurationError, did_you_mean, parse_bool, parse_kinds, parse_ms
@@ -140,6 +140,8 @@ class NodeOptions:
         """Return whether *finding* fails (or, in report mode, is reported for) its owner."""
         if finding.kind in self.allow:
             return False
+        if not counts_against_program(finding):
+            return False  # the collector, another thread's GIL, no CPU free, an import
         if finding.kind is FindingKind.SLOW_CALLBACK and finding.duration_s is not None:
             # A loop shared with other tests is watched with its own threshold;
             # a higher threshold asked for here still applies to this test.
