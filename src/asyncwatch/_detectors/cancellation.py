@@ -92,7 +92,6 @@ class _Note:
 _NOTE = "cancellation"
 
 
-
 # Cancellations made by asyncio's structured helpers (they uncancel() when
 # they are done, or, on 3.11/3.12, TaskGroup sometimes leaves the count at 1:
 # gh-116720).  Keyed by file name, then by function name (None = any).

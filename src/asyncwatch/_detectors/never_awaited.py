@@ -208,17 +208,17 @@ class NeverAwaitedDetector(Detector):
             defined = f" (defined at {code.co_filename}:{code.co_firstlineno})"
         return Finding(
             kind=FindingKind.COROUTINE_NEVER_AWAITED,
-                message=(
-                    f"Coroutine {name!r}{defined} was created but never awaited; "
-                    "add 'await', or schedule it with asyncio.create_task() and keep the task"
-                ),
-                site=site,
-                stack=stack,
-                coroutine=name,
-                # Dropped right here, or finalized by a collection that may be
-                # another thread's: then where it was dropped is unknown.
-                thread=None if _gc_state.collecting else threading.current_thread().name,
-            )
+            message=(
+                f"Coroutine {name!r}{defined} was created but never awaited; "
+                "add 'await', or schedule it with asyncio.create_task() and keep the task"
+            ),
+            site=site,
+            stack=stack,
+            coroutine=name,
+            # Dropped right here, or finalized by a collection that may be
+            # another thread's: then where it was dropped is unknown.
+            thread=None if _gc_state.collecting else threading.current_thread().name,
+        )
 
 
 def _nowhere(finding: Finding) -> None:

@@ -426,17 +426,17 @@ class LoopProbe:
         del top, chain
         prev, clocks = self.prev, self._read_clocks(now, thread_id)
         self.prev = clocks
+        held_by = self._late_hold(prev, clocks, wake, thread_id) if compiled or not idle else None
         if compiled:
             return self._sample_compiled(loop, now, tick, prev)
         if idle or callback is None:
             self.finish(now)
             return tick
-        if wake is not None and prev is not None and late >= max(self.threshold_s / 4, 4 * sys.getswitchinterval()):
-            late = wake.late()
-            held_by = self._late_hold(prev, clocks, late, wake.known, thread_id)
-            if early is not None and held_by is not None and late >= self.threshold_s:
-                self._late_stall(loop, callback, early, now - late, prev)
-                return min(tick, 0.002)
+        if early is not None and held_by is not None and wake is not None and wake.late() >= self.threshold_s:
+            # Dated from when the wake-up was due: whoever held the GIL,
+            # the loop could not go on until we took it.
+            self._late_stall(loop, callback, early, now - wake.raw, prev)  # type: ignore[arg-type]
+            return min(tick, 0.002)
         self._note_others(prev, clocks, thread_id)
         if same_step:
             return min(tick, 0.002) if self.stall is not None else tick  # catch the end precisely
@@ -485,23 +485,32 @@ class LoopProbe:
         cpu, wait = self.clock.read()
         return _Clocks(now, cpu, wait, time.process_time(), self.gc_clock.read(now), self.foreign)
 
-    def _late_hold(self, prev: _Clocks, clocks: _Clocks, late: float, late_known: bool, thread_id: int) -> str | None:
+    def _late_hold(self, prev: _Clocks | None, clocks: _Clocks, wake: _Wake | None, thread_id: int) -> str | None:
         """Who held the GIL while this wake-up was late: "loop", "gc",
         "foreign" (another thread; added to `foreign`, its name to
-        `holder`), or None (cannot tell)."""
+        `holder`), or None (not late, or cannot tell)."""
+        if wake is None or prev is None or wake.raw < max(self.threshold_s / 4, 4 * sys.getswitchinterval()):
+            return None
+        late = wake.late()
         loop_cpu = clocks.loop_cpu - prev.loop_cpu
         loop_busy = loop_cpu
         if clocks.loop_wait is not None and prev.loop_wait is not None:
             loop_busy += clocks.loop_wait - prev.loop_wait  # preempted while holding it
         if clocks.gc - prev.gc >= late / 2:
             return "gc"
+        # Only the thread holding the GIL runs Python: the loop thread ran
+        # more than all the others together.  (A thread waiting for the GIL
+        # wakes every switch interval to ask for it, so on a loaded machine
+        # it waits in the run queue too: its wait alone proves nothing.)
+        others = (clocks.process_cpu - prev.process_cpu) - loop_cpu
         # Without the run-queue wait, a watchdog that waited for a CPU looks
         # late too: ask the loop thread to have run almost all the time.
-        if loop_busy >= late * (0.5 if late_known else 0.8):
+        if loop_cpu >= others and loop_busy >= late * (0.5 if wake.known else 0.8):
             return "loop"
-        others = (clocks.process_cpu - prev.process_cpu) - loop_cpu
-        if late_known and others >= late / 4:
-            self.foreign += max(late - loop_busy, 0.0)
+        if wake.known and others >= late / 4:
+            # The whole wait, ours for a CPU included: the holder kept the
+            # GIL until we took it, and the loop could not have it before.
+            self.foreign += max(wake.raw - loop_busy, 0.0)
             skip = (thread_id, threading.get_ident())
             now_cpu = stall_cause.threads_cpu(skip)
             self.holder, _ = stall_cause.busiest_thread(self.others_before, now_cpu)

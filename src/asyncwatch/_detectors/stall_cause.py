@@ -173,7 +173,7 @@ def busiest_thread(before: dict[int, float], after: dict[int, float]) -> tuple[s
     best: int | None = None
     most = 0.0
     for ident, cpu in after.items():
-        used = cpu - before.get(ident, cpu)
+        used = cpu - before.get(ident, 0.0)  # a thread new since: all of its time
         if used > most:
             best, most = ident, used
     if best is None:
@@ -224,6 +224,11 @@ def classify(breakdown: Breakdown, threshold_s: float) -> str:
     # that is the step's doing; one pause in a short step is not.
     own = breakdown.wall - sum(excused.values())
     if own < threshold_s:
+        # The collector or another thread that alone made a stall is named
+        # before a busy machine that only stretched it.
+        for cause in (GC, GIL):
+            if excused[cause] >= threshold_s:
+                return cause
         return max(excused, key=lambda cause: excused[cause])
     own_cpu = max(breakdown.cpu - breakdown.gc, 0.0)
     blocking = max(breakdown.off_cpu - gil, 0.0)
