@@ -292,11 +292,13 @@ class LoopProbe:
         self.clock: ThreadClock | None = None
         self.clock_ident: tuple[int, int | None] | None = None
         self.prev: _Clocks | None = None  # at the previous sample
+        self.started: _Clocks | None = None  # when the loop started running (heartbeat)
         self.mark: _Clocks | None = None  # when the followed callback was first seen
         self.foreign = 0.0  # total GIL hold by other threads seen by late wake-ups
         self.others_before: dict[int, float] = {}  # other threads' CPU, when last busy
         self.holder: str | None = None  # the thread named for the last foreign hold
         self.stall_threads: dict[int, float] = {}  # other threads' CPU at the stall's capture
+        self.stall_waits: float | None = None  # other threads' run-queue wait then (library-only stalls)
 
     # -- loop thread ---------------------------------------------------------
 
@@ -316,6 +318,13 @@ class LoopProbe:
         self.runner_code = None if caller.f_code is _HANDLE_RUN else caller.f_code
         self.beats += 1
         self.beat_pending = False
+        if self.parked or self.prev is None:
+            # The loop starts running, before the watchdog has looked at it:
+            # its clocks now, for the first sample (the first step may hold
+            # the GIL from here on).  Once per run of the loop.
+            self.started = _Clocks(
+                self.beat_time, time.thread_time(), None, time.process_time(), self.gc_clock.read(self.beat_time), 0.0
+            )
         if self.parked:
             self.parked = False
             self.wake()
@@ -426,13 +435,25 @@ class LoopProbe:
         del top, chain
         prev, clocks = self.prev, self._read_clocks(now, thread_id)
         self.prev = clocks
+        if prev is None and self.started is not None and self.thread_id == thread_id:
+            prev = self.started._replace(foreign=self.foreign)
+        self.started = None
         held_by = self._late_hold(prev, clocks, wake, thread_id) if compiled or not idle else None
         if compiled:
             return self._sample_compiled(loop, now, tick, prev)
         if idle or callback is None:
             self.finish(now)
             return tick
-        if early is not None and held_by is not None and wake is not None and wake.late() >= self.threshold_s:
+        if (
+            early is not None
+            and held_by is not None
+            and wake is not None
+            and wake.late() >= self.threshold_s
+            # Held by the loop thread: only a call an application line made
+            # (a C callback of the loop's own, with no such line, is no
+            # single call the watchdog can vouch for).
+            and (held_by != "loop" or early.site is not None)
+        ):
             # Dated from when the wake-up was due: whoever held the GIL,
             # the loop could not go on until we took it.
             self._late_stall(loop, callback, early, now - wake.raw, prev)  # type: ignore[arg-type]
@@ -565,6 +586,9 @@ class LoopProbe:
         del task  # never keep the user's task alive
         if self.thread_id is not None:
             self.stall_threads = stall_cause.threads_cpu((self.thread_id, threading.get_ident()))
+        library_only = bool(chain) and blocking is None
+        if library_only:
+            self.stall_waits = stall_cause.tasks_wait((self.native_id, threading.get_native_id()))
         return _Stall(
             site,
             stack_of(chain),
@@ -573,7 +597,7 @@ class LoopProbe:
             callback,
             importing=_importing(chain),
             created_at=created,
-            library_only=bool(chain) and blocking is None,
+            library_only=library_only,
         )
 
     def finish(self, now: float) -> None:
@@ -604,16 +628,25 @@ class LoopProbe:
         wall = end - mark.wall
         gil = self.foreign - mark.foreign
         holder = self.holder if gil > 0 else None
-        if stall.library_only and gil <= 0:
-            # Waiting inside asyncio or the standard library while other
-            # threads run (a new executor thread that must get the GIL from
-            # busy ones): no line of the program, the GIL's doing.
-            off_cpu = wall - loop_cpu - starved
-            if off_cpu >= wall / 2 and others >= off_cpu / 4:
-                gil = off_cpu
+        off_cpu = wall - loop_cpu - starved
+        if stall.library_only and off_cpu >= wall / 2:
+            # Waiting inside asyncio or the standard library for other threads
+            # (a new executor thread that must get the GIL from busy ones, or
+            # a CPU on a loaded machine): no line of the program.  Theirs is
+            # the time they ran (the GIL) or waited for a CPU.
+            waits = None
+            if self.stall_waits is not None:
+                now_waits = stall_cause.tasks_wait((self.native_id, threading.get_native_id()))
+                waits = now_waits - self.stall_waits if now_waits is not None else None
+            if waits is not None and waits >= off_cpu / 2 and waits > others:
+                starved = max(starved, off_cpu)
+            elif others >= off_cpu / 4 or (waits is not None and others + waits >= off_cpu / 2):
+                gil = max(gil, off_cpu)
                 after = stall_cause.threads_cpu((self.thread_id, threading.get_ident()))
                 holder, _ = stall_cause.busiest_thread(self.stall_threads, after)
-        return Breakdown(wall, loop_cpu, max(starved, 0.0), self.gc_clock.read(end) - mark.gc, gil, others), holder
+        gc_time = self.gc_clock.read(end) - mark.gc
+        pauses = self.gc_clock.pauses_since(mark.wall, end, self.threshold_s / 2)
+        return Breakdown(wall, loop_cpu, max(starved, 0.0), gc_time, gil, others, pauses), holder
 
     def _finding(self, stall: _Stall, end: float) -> Finding:
         duration = end - self.held_since
@@ -707,6 +740,7 @@ class Watchdog:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._woken_at = 0.0  # when a loop starting to run last woke us
         #: Time spent in garbage collection (installed by the detector).
         self.gc_clock = GcClock()
         #: Told when sampling fails (the detector disables itself through the
@@ -762,10 +796,13 @@ class Watchdog:
             with self._lock:
                 if self._probes and not self._stopping:
                     self._ensure_thread()
+        self._woken_at = _now()
         self._wake.set()
 
     def _ensure_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
+            # Its first look is late if the loop's first step holds the GIL.
+            self._woken_at = _now()
             self._thread = threading.Thread(target=self._run, name="asyncwatch-watchdog", daemon=True)
             self._thread.start()
 
@@ -810,7 +847,7 @@ class Watchdog:
     def _run(self) -> None:
         me = threading.current_thread()
         own = ThreadClock(threading.get_ident(), threading.get_native_id())
-        wake = _Wake(0.0)
+        wake = _Wake(max(_now() - self._woken_at, 0.0), own, own.read()[1])
         try:
             while True:
                 # Cleared before looking, so a wake-up that comes while we sample
@@ -833,7 +870,13 @@ class Watchdog:
                 self._wake.wait(delay)
                 # How late this wake-up came: the GIL held by someone, or no
                 # CPU free (our own run-queue wait, subtracted when asked).
-                wake = _Wake(max(_now() - due, 0.0), own, waited)
+                now = _now()
+                late = now - due
+                if self._woken_at > due - delay:
+                    # Woken by a loop starting to run, whose first step may
+                    # have held the GIL since.
+                    late = max(late, now - self._woken_at)
+                wake = _Wake(max(late, 0.0), own, waited)
         finally:
             own.close()
 

@@ -26,6 +26,7 @@ no line of the program is blamed.  Otherwise it is the program's own,
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
 import os
@@ -46,6 +47,7 @@ __all__ = [
     "GcClock",
     "ThreadClock",
     "classify",
+    "tasks_wait",
     "thread_cpu",
 ]
 
@@ -69,18 +71,35 @@ class GcClock:
     objects.
     """
 
+    #: Collections at least this long (CPU) are remembered one by one.
+    PAUSE_FLOOR_S = 0.005
+
     def __init__(self) -> None:
         self.total = 0.0
         self.started = 0.0  # wall clock, while a collection runs
         self.started_cpu = 0.0
+        #: (when it ended, CPU seconds) of the last long collections
+        self.pauses: collections.deque[tuple[float, float]] = collections.deque(maxlen=64)
 
     def _gc_callback(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             self.started_cpu = time.thread_time()
             self.started = time.perf_counter()
         elif self.started:
-            self.total += time.thread_time() - self.started_cpu
+            spent = time.thread_time() - self.started_cpu
+            self.total += spent
+            if spent >= self.PAUSE_FLOOR_S:
+                self.pauses.append((time.perf_counter(), spent))
             self.started = 0.0
+
+    def pauses_since(self, since: float, now: float, floor: float) -> float:
+        """CPU time of the collections, each at least *floor* long, that
+        ended after *since* (one in progress that long included)."""
+        total = sum(spent for end, spent in list(self.pauses) if end > since and spent >= floor)
+        started = self.started
+        if started and now - started >= floor:
+            total += now - started
+        return total
 
     def read(self, now: float) -> float:
         """Collection time so far; one in progress counts its wall time."""
@@ -168,6 +187,25 @@ def threads_cpu(skip: tuple[int | None, ...]) -> dict[int, float]:
     return times
 
 
+def tasks_wait(skip: tuple[int | None, ...]) -> float | None:
+    """The run-queue wait of every thread of the process but those in
+    *skip* (native ids), summed; None where schedstat cannot be read.
+    A directory listing and a read a thread: only at a stall's start and end."""
+    total = 0.0
+    try:
+        for name in os.listdir("/proc/self/task"):
+            if int(name) in skip:
+                continue
+            try:
+                with open(f"/proc/self/task/{name}/schedstat", "rb") as f:
+                    total += int(f.read().split()[1]) / 1e9
+            except (OSError, ValueError, IndexError):
+                continue  # a thread that just ended
+    except (OSError, ValueError):
+        return None
+    return total
+
+
 def busiest_thread(before: dict[int, float], after: dict[int, float]) -> tuple[str | None, float]:
     """The thread that used most CPU between two `threads_cpu` readings."""
     best: int | None = None
@@ -191,6 +229,10 @@ class Breakdown(NamedTuple):
     gc: float  # the collector running (CPU time), in any thread
     gil: float  # the loop thread waiting for a GIL another thread held
     others_cpu: float  # CPU time of the process's other threads (not the watchdog)
+    #: Of `gc`, the collections that each lasted at least half the threshold:
+    #: a pause of its own.  Many short ones are the step's allocations
+    #: (json.loads of a large body runs hundreds), so they stay the step's.
+    gc_pauses: float = -1.0  # -1: as `gc`
 
     @property
     def off_cpu(self) -> float:
@@ -218,10 +260,11 @@ def classify(breakdown: Breakdown, threshold_s: float) -> str:
     threshold, the stall would not have been one without them.
     """
     gil = min(breakdown.gil, breakdown.off_cpu)
-    excused = {GC: breakdown.gc, STARVED: breakdown.starved, GIL: gil}
+    pauses = breakdown.gc if breakdown.gc_pauses < 0 else min(breakdown.gc_pauses, breakdown.gc)
+    excused = {GC: pauses, STARVED: breakdown.starved, GIL: gil}
     # Collections the step's own allocations trigger (json.loads of a large
-    # body runs several gen-2 ones) leave its own work over the threshold:
-    # that is the step's doing; one pause in a short step is not.
+    # body runs hundreds, a few of them full) leave its own work over the
+    # threshold: that is the step's doing; one long pause in a short step is not.
     own = breakdown.wall - sum(excused.values())
     if own < threshold_s:
         # The collector or another thread that alone made a stall is named
