@@ -27,7 +27,7 @@ async def heavy():
     total = 0
     # No await: the event loop is stuck on this line until the for loop ends.
     # (One line, as in the chapter, so that "the blocking line" is one line.)
-    for i in range(N): total += i  # <- asyncwatch reports this line
+    for i in range(N): total += i  # <- asyncwatch reports this line  # fmt: skip
     return total
 
 

@@ -27,7 +27,7 @@ async def slow():
     # CPU-bound and no await: the event loop is stuck on this line until the
     # for loop ends.  (It is written on one line so that "the blocking line"
     # is a single line; asyncwatch samples where the loop thread is.)
-    for i in range(N): total += i  # <- asyncwatch reports this line
+    for i in range(N): total += i  # <- asyncwatch reports this line  # fmt: skip
     return total
 
 

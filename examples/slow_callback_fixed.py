@@ -27,7 +27,7 @@ N = 7_000_000
 
 def slow():  # a plain function now: it runs in a worker thread
     total = 0
-    for i in range(N): total += i
+    for i in range(N): total += i  # fmt: skip
     return total
 
 

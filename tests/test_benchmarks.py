@@ -21,7 +21,13 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 WORKLOADS = ("task_churn", "call_soon", "tcp_echo", "producer_consumer")
 
 
-def run_script(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+#: A guard against a hung child, not a timing check: the smoke runs take
+#: seconds idle and a minute or more on a loaded machine (valgrind's
+#: instructions.py took 62 s at load 9), and must never fail for that.
+HANG_GUARD_S = 1800
+
+
+def run_script(*args: str, timeout: float = HANG_GUARD_S) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ASYNCWATCH_")}
     return subprocess.run(
         [sys.executable, *args],

@@ -57,7 +57,7 @@ def run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, 
         cmd = [sys.executable, "-m", "asyncwatch", *args]
     else:
         cmd = [str(Path(sys.executable).parent / "asyncwatch"), *args]
-    return subprocess.run(cmd, check=False, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(cmd, check=False, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=900)
 
 
 def line_in(path: Path, marker: str) -> int:

@@ -69,7 +69,7 @@ MULTIPROCESSING_PARENT = textwrap.dedent(
         queue = ctx.Queue()
         process = ctx.Process(target=work, args=(queue,))
         process.start()
-        child_pid = queue.get(timeout=60)
+        child_pid = queue.get(timeout=900)
         process.join(60)
         print(json.dumps({"parent_pid": os.getpid(), "child_pid": child_pid, "exitcode": process.exitcode}))
     """
@@ -82,7 +82,7 @@ def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subproc
     full_env.pop("PYTHONPATH", None)
     full_env.update(env or {})
     cmd = [sys.executable, "-m", "asyncwatch", *args]
-    return subprocess.run(cmd, check=False, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(cmd, check=False, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=900)
 
 
 def line_in(path: Path, marker: str) -> int:

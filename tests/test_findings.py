@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 import io
 import json
+import logging
 import os
 import time
 
@@ -21,7 +22,7 @@ SITE = Site("/app/service.py", 12, "handler")
 OTHER = Site("/app/jobs.py", 40, "spawn")
 
 
-def wait_for_lines(path, count, timeout=10.0):
+def wait_for_lines(path, count, timeout=300.0):
     """The kinds in *path* once it has *count* lines (the writer is a thread)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -120,13 +121,29 @@ class TestStructlogReporter:
         assert {"message", "stack", "coroutine", "cancelled_by", "created_at", "time", "pid"} <= set(event)
         assert event["stack"] is None  # no frames: nothing for structlog to print
 
-    def test_structlogs_default_console_renderer_prints_the_stack(self, capsys):
-        """Unconfigured structlog (ConsoleRenderer) renders the event; the stack is text there."""
+    def test_a_configured_console_renderer_prints_the_stack(self, capsys):
+        """structlog configured with its ConsoleRenderer renders the event; the stack is text there."""
         structlog.reset_defaults()
-        StructlogReporter().report(make(stack=(OTHER, SITE)))
+        structlog.configure(processors=[structlog.dev.ConsoleRenderer(colors=False)])
+        try:
+            StructlogReporter().report(make(stack=(OTHER, SITE)))
+        finally:
+            structlog.reset_defaults()
         out = capsys.readouterr().out
         assert "slow_callback" in out
         assert 'File "/app/jobs.py", line 40, in spawn' in out and "asyncwatch.internal_error" not in out
+
+    def test_unconfigured_structlog_leaves_stdout_alone_for_stdlib_logging(self, capsys, caplog):
+        """structlog not configured: one WARNING record on the stdlib 'asyncwatch' logger, nothing on stdout."""
+        structlog.reset_defaults()
+        with caplog.at_level("WARNING", logger="asyncwatch"):
+            StructlogReporter().report(make(stack=(OTHER, SITE)))
+        assert capsys.readouterr().out == ""
+        [record] = caplog.records
+        assert record.name == "asyncwatch" and record.levelname == "WARNING"
+        assert record.getMessage().startswith("slow_callback at /app/service.py:12 in handler: ")
+        assert record.asyncwatch["site"] == SITE.to_dict()
+        assert record.asyncwatch["stack"] == [OTHER.to_dict(), SITE.to_dict()]
 
     def test_library_mode_never_configures_structlog(self):
         """Installing asyncwatch leaves structlog's configuration alone."""
@@ -137,9 +154,12 @@ class TestStructlogReporter:
         assert structlog.get_config() == before
         assert structlog.is_configured() == was_configured
 
-    def test_fallback_renders_json_to_its_stream_when_structlog_is_unconfigured(self):
+    def test_fallback_renders_json_to_its_stream_when_structlog_is_unconfigured(self, monkeypatch):
         """The CLI's fallback writes one JSON object per finding to stderr."""
         structlog.reset_defaults()
+        # pytest's own log capture is a root handler: the application's logging
+        # would take the finding (see the logging tests); here it has none.
+        monkeypatch.setattr(logging.getLogger("asyncwatch"), "propagate", False)
         out = io.StringIO()
         StructlogReporter(fallback="json", stream=out).report(make())
         event = json.loads(out.getvalue())

@@ -11,8 +11,8 @@ layers, lowest first (CONTRIBUTING.md draws them):
 2. ``_patches`` and ``_engine`` (orchestration);
 3. ``_policy`` (the loop factory and the policy attach loops);
 4. ``_install`` (install/uninstall);
-5. front ends: the command line, its children, the pytest plugin, the
-   public ``testing`` and ``instrumentation`` modules;
+5. front ends: the command line, its children and signals, the pytest
+   plugin, the public ``testing`` and ``instrumentation`` modules;
 6. the package itself and its entry scripts.
 """
 
@@ -37,6 +37,7 @@ LAYERS: list[tuple[str, ...]] = [
     (
         "asyncwatch._cli",
         "asyncwatch._children",
+        "asyncwatch._signals",
         "asyncwatch._pytest_support",
         "asyncwatch.pytest_plugin",
         "asyncwatch.testing",

@@ -142,11 +142,11 @@ class TestASpanPerTask:
         assert span.status.status_code is StatusCode.UNSET
 
     def test_busy_time_is_the_time_spent_holding_the_loop(self, loop_name, spans):
-        """Busy time sums the steps (30 + 20 ms blocking), not the 100 ms awaited in between."""
+        """Busy time sums the steps (30 + 20 ms blocking), not the 400 ms awaited in between."""
 
         async def worker():
             time.sleep(0.03)
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.4)
             time.sleep(0.02)
 
         async def main():
@@ -155,8 +155,11 @@ class TestASpanPerTask:
         run_traced(loop_name, main, spans)
         [span] = [s for s in spans.finished if attributes(s).get("asyncio.task.name") == "busy"]
         busy = attributes(span)["asyncio.task.busy_time"]
-        assert 0.05 <= busy < 0.09, busy
-        assert (span.end_time - span.start_time) / 1e9 >= 0.15
+        # Bounds far from the truth on purpose: a loaded machine makes each
+        # sleep overshoot, but never by the 400 ms awaited; uvloop's timers
+        # have millisecond resolution and may fire up to 1 ms early.
+        assert 0.05 <= busy < 0.4, busy
+        assert (span.end_time - span.start_time) / 1e9 >= 0.44
 
     def test_a_cancelled_task_has_the_request_as_an_event(self, loop_name, spans):
         """State cancelled; the event names the line that called cancel() and the message."""
@@ -818,7 +821,7 @@ class TestInstrumentor:
         instrument = os.path.join(os.path.dirname(sys.executable), "opentelemetry-instrument")
         env = {**os.environ, "ASYNCWATCH_SPANS": "all", "OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none"}
         result = subprocess.run(
-            [instrument, sys.executable, str(app)], capture_output=True, text=True, env=env, timeout=60
+            [instrument, sys.executable, str(app)], capture_output=True, text=True, env=env, timeout=900
         )
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip().splitlines()[-1] == '[true, ["asyncio.task main", "asyncio.task work"]]'

@@ -109,7 +109,7 @@ def receiver() -> Iterator[Receiver]:
 
 
 def run_otlp(
-    endpoint: str, script: Path, *args: str, findings: Path, timeout: float = 60
+    endpoint: str, script: Path, *args: str, findings: Path, timeout: float = 900
 ) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
@@ -263,7 +263,9 @@ class TestReceiverDown:
         result = run_otlp(f"http://127.0.0.1:{closed_port()}", app, "--spans", "all", findings=findings)
         elapsed = time.monotonic() - started
         assert result.returncode == 0, result.stderr
-        assert json.loads(result.stdout)["max_lag"] < 0.1
+        # An export on the loop's thread would hold it for the exporter's
+        # retry back-off (1 s and more); 0.5 s leaves a loaded machine room.
+        assert json.loads(result.stdout)["max_lag"] < 0.5
         kinds = sorted(json.loads(line)["kind"] for line in findings.read_text().splitlines())
         assert kinds == ["cancellation_swallowed"] * 3 + ["task_exception_unretrieved"] * 3
         assert elapsed < 15  # the flush at exit gives up after 5 s

@@ -325,7 +325,7 @@ class TestReport:
             [
                 (
                     "asyncwatch: watching every test; mode=report, slow_callback_ms=250, allow=task_leaked, "
-                    "findings=none, track_coroutine_origins=True, log=False"
+                    "findings=none, track_coroutine_origins=True, log=False, fail_on=project, allow_sites=none"
                 )
             ]
         )

@@ -22,6 +22,7 @@ own: one summary per command, from the process the user started.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import json
 import os
@@ -122,10 +123,8 @@ class Spool:
         return pids
 
     def remove(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(self.path)
-        except OSError:
-            pass
 
 
 def _finding_from_line(line: str) -> Finding | None:
@@ -140,6 +139,7 @@ def _finding_from_line(line: str) -> Finding | None:
             message=str(record.get("message", "")),
             site=Site(str(site["file"]), int(site["line"]), str(site["function"])) if site else None,
             pid=int(record["pid"]),
+            cause=record.get("cause") if isinstance(record.get("cause"), str) else None,
         )
     except (ValueError, KeyError, TypeError):
         return None
@@ -285,10 +285,8 @@ def _bootstrap(environ: Mapping[str, str], problems: list[str]) -> None:
         return
     settings, run = resolve_run({}, environ, on_error=lambda _name, _value, message: problems.append(f"{message} (ignored)"))
     reporters: list[Reporter] = []
-    try:
+    with contextlib.suppress(OSError):  # the run is over (the spool is gone): nobody would read it
         reporters.append(SpoolReporter(spool_path))
-    except OSError:
-        pass  # the run is over (the spool is gone): nobody would read it
     if findings:
         try:
             reporters.append(JsonLinesReporter(findings, append=True))
@@ -306,6 +304,22 @@ def _bootstrap(environ: Mapping[str, str], problems: list[str]) -> None:
             problems.append(f"{exc}; not exporting")
     start_watching(settings, run, reporters, policy, otlp)
     atexit.register(_at_exit, otlp)
+    # SIGTERM (multiprocessing's terminate(), a supervisor) would end the
+    # child before its findings file and spool are written out.
+    from ._signals import SignalExit
+
+    SignalExit(_flush_before_signal).install()
+
+
+def _flush_before_signal(_signum: int) -> None:
+    from ._core.runtime import wait_for_emitters
+    from ._engine import current_engine
+
+    engine = current_engine()
+    if engine is not None:
+        engine.flush_detectors()
+        wait_for_emitters(ignore=threading.main_thread().ident)
+        engine.pipeline.flush()
 
 
 def _at_exit(otlp: Any) -> None:

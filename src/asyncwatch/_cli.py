@@ -11,18 +11,23 @@ the summary counts their findings.
 from __future__ import annotations
 
 import argparse
+import builtins
 import os
 import runpy
+import signal
 import sys
+import threading
 import traceback
+import types
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
-from . import _children
+from . import _children, _signals
+from ._core.runtime import wait_for_emitters
 from ._core.settings import (
-    ENV_VARS,
-    RUN_ENV_VARS,
+    OPTIONS,
     ConfigurationError,
+    Option,
     RunSettings,
     Settings,
     did_you_mean,
@@ -41,11 +46,23 @@ __all__ = ["main"]
 #: succeeded, and asyncwatch found something.
 FINDINGS_EXIT_STATUS = 3
 
-CLI_ENV = RUN_ENV_VARS
-
 
 class _UsageError(Exception):
     pass
+
+
+def _add_flag(run: argparse.ArgumentParser, option: Option) -> None:
+    """``asyncwatch run``'s flag for *option*, as its row in the options table says."""
+    if option.flag is None:
+        return
+    text = f"{option.help} [{option.variable}]"
+    if option.cli == "value":
+        run.add_argument(option.flag, dest=option.name, metavar=option.metavar, help=text)
+    elif option.cli in ("on", "off"):
+        const = "1" if option.cli == "on" else "0"
+        run.add_argument(option.flag, dest=option.name, action="store_const", const=const, help=text)
+    else:  # "both": --name / --no-name
+        run.add_argument(option.flag, dest=option.name, action=argparse.BooleanOptionalAction, default=None, help=text)
 
 
 def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -66,167 +83,143 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         ),
         usage="asyncwatch run [options] (script.py | -m module) [args ...]",
     )
-    run.add_argument(
-        "--findings", metavar="PATH", help=f"write each finding as one JSON line to PATH [{ENV_VARS['findings']}]"
-    )
-    run.add_argument(
-        "--slow-callback-ms",
-        metavar="N",
-        help=f"report callbacks holding the loop at least N ms (default 100) [{ENV_VARS['slow_callback_ms']}]",
-    )
-    run.add_argument(
-        "--report-limit",
-        metavar="N",
-        help=(
-            "log at most N findings of one kind at one site, then one a minute with a count; "
-            f"0: no limit (default 10; the summary counts all) [{ENV_VARS['report_limit']}]"
-        ),
-    )
-    run.add_argument("--loop", metavar="{asyncio,uvloop}", help=f"the event loop to use (default asyncio) [{CLI_ENV['loop']}]")
-    run.add_argument(
-        "--fail-on-findings",
-        action="store_const",
-        const="1",
-        help=(
-            f"exit with status {FINDINGS_EXIT_STATUS} if anything was found and the program "
-            f"itself succeeded [{CLI_ENV['fail_on_findings']}]"
-        ),
-    )
-    run.add_argument(
-        "--log-format",
-        metavar="{console,json,off}",
-        help=(
-            "how findings are logged to stderr when the program does not configure structlog "
-            f"itself (default console) [{CLI_ENV['log_format']}]"
-        ),
-    )
+    for option in OPTIONS:
+        _add_flag(run, option)
     run.add_argument(
         "--json", dest="log_format", action="store_const", const="json", help="same as --log-format json"
     )
     run.add_argument(
-        "--detect",
-        metavar="KINDS",
-        help=f"comma-separated finding kinds to detect (default all) [{ENV_VARS['detect']}]",
+        "-m",
+        dest="module",
+        metavar="MODULE",
+        help="run a library module as a script; what follows is the module's (as with python -m)",
     )
     run.add_argument(
-        "--track-coroutine-origins",
-        action="store_const",
-        const="1",
-        help=(
-            "record where every coroutine is created, for exact never-awaited sites "
-            f"(slower) [{ENV_VARS['track_coroutine_origins']}]"
-        ),
+        "target",
+        nargs="*",
+        metavar="script.py [args ...]",
+        help="the script; what follows it is the script's (as with python script.py)",
     )
-    run.add_argument(
-        "--spans",
-        metavar="{notable,all,off}",
-        help=(
-            "OpenTelemetry spans for tasks: only notable ones, every task, or none (default; "
-            "notable with --otlp) "
-            f"[{ENV_VARS['spans']}]"
-        ),
-    )
-    run.add_argument(
-        "--spans-min-duration-ms",
-        metavar="N",
-        help=f"a task living at least N ms is notable (default 1000) [{ENV_VARS['spans_min_duration_ms']}]",
-    )
-    run.add_argument(
-        "--no-metrics",
-        dest="metrics",
-        action="store_const",
-        const="0",
-        help=f"no OpenTelemetry metrics (they are on with --otlp) [{ENV_VARS['metrics']}]",
-    )
-    run.add_argument(
-        "--otlp",
-        action="store_const",
-        const="1",
-        help=(
-            "unless the program configures OpenTelemetry itself, set up the SDK and send spans and "
-            "metrics over OTLP/HTTP (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER "
-            f"...; needs asyncwatch[otlp]) [{CLI_ENV['otlp']}]"
-        ),
-    )
-    run.add_argument(
-        "--no-summary",
-        dest="summary",
-        action="store_const",
-        const="0",
-        help=f"do not print the summary on stderr at exit [{CLI_ENV['summary']}]",
-    )
-    run.add_argument(
-        "--children",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help=(
-            "watch the Python processes the program starts, with the same settings (default; "
-            "--no-children: this process and its forks only) "
-            f"[{CLI_ENV['children']}]"
-        ),
-    )
-    run.add_argument("-m", dest="module", metavar="MODULE", help="run a library module as a script")
-    run.add_argument("target", nargs=argparse.REMAINDER, help="script.py [args ...], or the module's args with -m")
     return parser, run
 
 
-# Each option's ``dest`` on the command line, and the name an error blames.
-_OPTIONS = {
-    "findings": "--findings",
-    "slow_callback_ms": "--slow-callback-ms",
-    "detect": "--detect",
-    "track_coroutine_origins": "--track-coroutine-origins",
-    "spans": "--spans",
-    "spans_min_duration_ms": "--spans-min-duration-ms",
-    "metrics": "--no-metrics",
-    "report_limit": "--report-limit",
-    "loop": "--loop",
-    "fail_on_findings": "--fail-on-findings",
-    "log_format": "--log-format",
-    "summary": "--no-summary",
-    "otlp": "--otlp",
-    "children": "--children",
-}
+class _Command:
+    """``asyncwatch run``'s command line, split as ``python`` splits its own:
+    asyncwatch's options, then the script or ``-m MODULE``, then the
+    program's arguments, untouched (``--help``, ``--``, options asyncwatch
+    also has)."""
+
+    def __init__(self, options: list[str], module: str | None, script: str | None, args: list[str]) -> None:
+        self.options = options
+        self.module = module
+        self.script = script
+        self.args = args
+
+
+def _split(argv: Sequence[str], run: argparse.ArgumentParser) -> _Command:
+    """Split the arguments after ``run`` at the script or ``-m MODULE``."""
+    takes_value = {
+        option
+        for action in run._actions
+        if action.nargs is None and action.option_strings and action.dest != "module"
+        for option in action.option_strings
+    }
+    argv = list(argv)
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":  # as python: the end of the options; the script comes next
+            script = argv[i + 1] if i + 1 < len(argv) else None
+            return _Command(argv[:i], None, script, argv[i + 2 :])
+        if arg == "-m":
+            module = argv[i + 1] if i + 1 < len(argv) else None
+            if module is None:
+                raise _UsageError("-m needs a module name (asyncwatch run -m pkg.mod [args ...])")
+            return _Command(argv[:i], module, None, argv[i + 2 :])
+        if arg.startswith("-m") and not arg.startswith("--"):  # -mpkg, as python accepts
+            return _Command(argv[:i], arg[2:], None, argv[i + 1 :])
+        if not arg.startswith("-") or arg == "-":
+            return _Command(argv[:i], None, arg, argv[i + 1 :])
+        i += 2 if arg in takes_value else 1
+    return _Command(argv, None, None, [])
 
 
 def _configure(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[Settings, RunSettings]:
     """The run's settings: each option, else its variable, else the default."""
     given: dict[str, tuple[Any, str]] = {}
-    for name, blame in _OPTIONS.items():
-        value = getattr(args, name)
-        if value is not None:
-            if name == "children" and value is False:
-                blame = "--no-children"
-            given[name] = (value, blame)
+    for option in OPTIONS:
+        flag = option.flag
+        value = getattr(args, option.name, None) if flag else None
+        if flag is not None and value is not None:
+            # The flag an error blames: --no-children for a False of --children.
+            given[option.name] = (value, flag if value is not False else "--no-" + option.name.replace("_", "-"))
     try:
         return resolve_run(given, env)
     except ConfigurationError as exc:
         raise _UsageError(str(exc)) from None
 
 
-def _run_target(args: argparse.Namespace) -> int:
-    """Run the script or module as ``__main__``; return its exit status."""
-    module: str | None = args.module
-    if module is not None:
-        sys.argv = [module, *args.target]
+def _run_target(command: _Command) -> int:
+    """Run the script or module as ``__main__``; return its exit status
+    (`_SIGINT` when ``KeyboardInterrupt`` escaped it)."""
+    if command.module is not None:
+        if not sys.flags.safe_path:
+            sys.path[0] = os.getcwd()  # as `python -m`: the working directory, not ours
+        sys.argv = [command.module, *command.args]  # runpy puts the module's path in argv[0]
     else:
-        script = args.target[0]
-        sys.argv = list(args.target)
-        sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+        assert command.script is not None
+        sys.argv = [command.script, *command.args]
+        if not sys.flags.safe_path:
+            sys.path[0] = os.path.dirname(os.path.realpath(command.script))
     try:
-        if module is not None:
-            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        if command.module is not None:
+            _run_module(command.module)
         else:
-            runpy.run_path(script, run_name="__main__")
+            _run_script(command.script or "")
     except SystemExit as exc:
         return _exit_status(exc.code)
-    except KeyboardInterrupt:
-        traceback.print_exc()
-        return 130
+    except KeyboardInterrupt as exc:
+        _print_user_traceback(exc)
+        return _SIGINT
     except BaseException as exc:  # noqa: BLE001 - the program's crash, reported as python would
         _print_user_traceback(exc)
         return 1
     return 0
+
+
+#: `_run_target`'s status for a program ended by ``KeyboardInterrupt``: the
+#: process then dies by SIGINT, as plain python does.
+_SIGINT = -int(signal.SIGINT)
+
+
+def _run_module(module: str) -> None:
+    """Run *module* as ``python -m`` does, with the function it uses: the
+    module's path in ``sys.argv[0]``, its spec in ``__spec__``, and it stays
+    ``sys.modules["__main__"]`` (``runpy.run_module`` would put ours back)."""
+    sys.modules["__main__"] = types.ModuleType("__main__")  # not ours: it runs in this one's namespace
+    run: Any = runpy._run_module_as_main  # type: ignore[attr-defined]
+    run(module, alter_argv=True)
+
+
+def _run_script(script: str) -> None:
+    """Run *script* as ``python script.py`` does: in a new ``__main__`` module
+    that stays ``sys.modules["__main__"]``, ``__file__`` absolute (python 3.9+),
+    ``__spec__`` None, compiled under its absolute path."""
+    from importlib.machinery import SourceFileLoader
+
+    # Joined, not normalised: python keeps "sub/../app.py" as given (_Py_abspath).
+    path = script if os.path.isabs(script) else os.path.join(os.getcwd(), script)
+    with open(path, "rb") as f:
+        source = f.read()
+    code = compile(source, path, "exec", dont_inherit=True)
+    main = types.ModuleType("__main__")
+    main.__file__ = path
+    main.__cached__ = None  # type: ignore[attr-defined]
+    main.__loader__ = SourceFileLoader("__main__", path)
+    main.__spec__ = None
+    main.__builtins__ = builtins  # type: ignore[attr-defined]
+    sys.modules["__main__"] = main
+    exec(code, main.__dict__)
 
 
 def _exit_status(code: Any) -> int:
@@ -247,23 +240,27 @@ def _print_user_traceback(exc: BaseException) -> None:
     traceback.print_exception(type(exc), exc, tb or exc.__traceback__)
 
 
-def _check_target(args: argparse.Namespace) -> None:
-    if not args.module and not args.target:
+def _check_target(command: _Command) -> None:
+    if command.module is None and command.script is None:
         raise _UsageError("nothing to run; give a script (asyncwatch run app.py) or a module (asyncwatch run -m pkg)")
-    if not args.module and not os.path.isfile(args.target[0]):
-        raise _UsageError(
-            f"script {args.target[0]!r} does not exist; give the path of a Python file (or -m MODULE)"
-        )
-    if args.module:
+    if command.script is not None and not os.path.isfile(command.script):
+        raise _UsageError(f"script {command.script!r} does not exist; give the path of a Python file (or -m MODULE)")
+    if command.module is not None:
         import importlib.util
 
-        sys.path.insert(0, os.getcwd())  # as `python -m` does
+        path = list(sys.path)
+        if not sys.flags.safe_path:
+            sys.path[0] = os.getcwd()  # as `python -m` will see it
         try:
-            found = importlib.util.find_spec(args.module) is not None
+            found = importlib.util.find_spec(command.module) is not None
         except (ImportError, ValueError):
             found = False
+        finally:
+            sys.path[:] = path
         if not found:
-            raise _UsageError(f"no module named {args.module!r}; check the name and that it is importable from here")
+            raise _UsageError(
+                f"no module named {command.module!r}; check the name and that it is importable from here"
+            )
 
 
 def _findings_file(path: str) -> JsonLinesReporter:
@@ -288,8 +285,8 @@ def _spool() -> _children.Spool | None:
         return None
 
 
-def _run(args: argparse.Namespace) -> int:
-    _check_target(args)
+def _run(args: argparse.Namespace, command: _Command) -> int:
+    _check_target(command)
     settings, run = _configure(args, os.environ)
     try:
         policy = _children.loop_policy(run.loop)
@@ -310,10 +307,26 @@ def _run(args: argparse.Namespace) -> int:
     if run.children and spool is not None:
         saved_env = _children.export(os.environ, settings, run, spool, settings.findings)
     pid = os.getpid()
+    main_thread = threading.get_ident()
+
+    def finish_before_signal(signum: int) -> None:
+        """SIGTERM/SIGHUP at their default: what a normal exit would do, minus
+        the program's exit work, which the signal skips under plain python too."""
+        if engine is not None:
+            engine.flush_detectors()  # a stall the signal interrupted
+            wait_for_emitters(ignore=main_thread)  # a stall the watchdog thread is reporting
+            engine.pipeline.flush()
+        if os.getpid() != pid:  # a forked child: its findings are on file, no summary
+            return
+        _finish(0, run, summary, spool, None, otlp, limiter, signum=signum)
+
+    signals = _signals.SignalExit(finish_before_signal)
+    signals.install()
     status = 0
     try:
-        status = _run_target(args)
+        status = _run_target(command)
     finally:
+        signals.uninstall()
         _children.collect_garbage()
         uninstall()
         if os.getpid() == pid:  # not a forked child leaving the program through here
@@ -329,8 +342,11 @@ def _finish(
     saved_env: dict[str, str | None] | None,
     otlp: Any,
     limiter: RateLimiter | None = None,
+    *,
+    signum: int | None = None,
 ) -> int:
-    """The parent's end of the run: the children's findings, the summary, the exit status."""
+    """The parent's end of the run: the children's findings, the summary, the
+    exit status (*signum*: the run ends by that signal, whatever this returns)."""
     if saved_env is not None:
         _children.restore(os.environ, saved_env)
     own = summary.total
@@ -343,36 +359,82 @@ def _finish(
             f"asyncwatch: the OTLP receiver did not take every span within {otlp.FLUSH_TIMEOUT_S:.0f} s; "
             "some were dropped\n"
         )
+    ended_by = signum if signum is not None else (-status if status == _SIGINT else None)
     if run.summary:
         text = summary.render(held_back=limiter.suppressed if limiter is not None else None)
         if pids:
             text += _children.describe_children(summary.total - own, pids)
-        sys.stderr.write(text)
-        sys.stderr.flush()
-    if status == 0 and run.fail_on_findings and summary.total:
+        if ended_by is not None:
+            text += (
+                f"asyncwatch: the program was ended by {signal.Signals(ended_by).name}; the run ends by it too, "
+                "as under python (--fail-on-findings cannot change a signal's exit status)\n"
+            )
+        # One write() on the descriptor: under a signal, the main thread may
+        # be inside sys.stderr's buffer.
+        _write_stderr(text, raw=signum is not None)
+    if status == 0 and run.fail_on_findings and summary.verdict_total:
         return FINDINGS_EXIT_STATUS
     return status
+
+
+def _write_stderr(text: str, *, raw: bool) -> None:
+    if not raw:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+        return
+    data = text.encode("utf-8", "replace")
+    try:
+        while data:
+            data = data[os.write(2, data) :]
+    except OSError:
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """The ``asyncwatch`` command."""
     parser, run = _parsers()
-    args, unknown = parser.parse_known_args(argv)
-    if args.command is None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Top-level options (--help, --version) and the command: everything from
+    # "run" on is split by hand, so the program's arguments are never ours.
+    at = argv.index("run") if "run" in argv else len(argv)
+    args = parser.parse_args(argv[:at])
+    if at == len(argv):
         parser.print_help(sys.stderr)
         sys.exit(2)
-    if unknown:
-        # Before the script, so the program's own options are never taken for ours.
+    try:
+        command = _split(argv[at + 1 :], run)
+    except _UsageError as exc:
+        parser.exit(2, f"asyncwatch: error: {exc}\n")
+    args, unknown = run.parse_known_args(command.options)
+    if unknown or args.target or args.module:
+        wrong = (unknown or args.target or [args.module])[0]
         options = [o for action in run._actions for o in action.option_strings]
         parser.exit(
             2,
-            f"asyncwatch: error: unknown option {unknown[0]!r}{did_you_mean(unknown[0], options)}; "
-            "see asyncwatch run --help (the program's own options go after the script)\n",
+            f"asyncwatch: error: unknown option {wrong!r}{did_you_mean(wrong, options)}; "
+            "see asyncwatch run --help (the program's own options go after the script or -m MODULE)\n",
         )
     try:
-        status = _run(args)
+        status = _run(args, command)
     except _UsageError as exc:
         parser.exit(2, f"asyncwatch: error: {exc}\n")
+    if status == _SIGINT:
+        _die_by_sigint_after_exit_work()
     sys.exit(status)
 
 
+def _die_by_sigint_after_exit_work() -> NoReturn:
+    """``KeyboardInterrupt`` escaped the program: python runs the exit work
+    (threads joined, atexit handlers), then dies by SIGINT; so does the run."""
+    import atexit
+    import threading
+
+    # What Py_FinalizeEx does before Modules/main.c's exit_sigint() kills the
+    # process: wait for the non-daemon threads, run the atexit functions
+    # (the program's and asyncwatch's findings-file flush).
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        shutdown()
+    atexit._run_exitfuncs()
+    _signals.die_by(signal.SIGINT)
+    raise AssertionError("unreachable")  # die_by does not return

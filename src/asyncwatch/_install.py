@@ -19,7 +19,7 @@ from ._outputs.pipeline import Reporter
 from ._patches import Patch, loop_start_patches
 from ._policy import EventLoopPolicy, get_policy, set_policy
 
-__all__ = ["Installation", "install", "uninstall"]
+__all__ = ["Installation", "install", "uninstall", "watch_future_loops"]
 
 
 class _Hooked:
@@ -96,6 +96,12 @@ def install(
         else:
             _watch_future_loops(settings)
         return Installation(engine)
+
+
+def watch_future_loops(settings: Settings) -> None:
+    """`_watch_future_loops` under the install lock (the pytest plugin's way in)."""
+    with _state.lock:
+        _watch_future_loops(settings)
 
 
 def _watch_future_loops(settings: Settings) -> None:

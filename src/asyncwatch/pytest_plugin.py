@@ -60,6 +60,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="KINDS",
         help="finding kinds that never fail a test (comma-separated)",
     )
+    group.addoption(
+        "--asyncwatch-fail-on",
+        dest="asyncwatch_fail_on",
+        default=None,
+        metavar="WHERE",
+        help="project: fail a test only for findings sited in the project's own code (under the rootdir, not an "
+        "installed package), report the others (default); all: fail for every finding",
+    )
+    group.addoption(
+        "--asyncwatch-allow-site",
+        dest="asyncwatch_allow_site",
+        action="append",
+        default=None,
+        metavar="PATTERN",
+        help="never fail a test for findings sited at PATTERN: a module (anyio._backends), a path glob "
+        "(*/anyio/*), either with :LINE; repeatable",
+    )
     parser.addini("asyncwatch", "watch every test (true/false)", default="false")
     parser.addini("asyncwatch_mode", f"default for --asyncwatch-mode ({', '.join(MODES)})", default="fail")
     parser.addini("asyncwatch_findings", "default for --asyncwatch-findings", default="")
@@ -71,6 +88,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="true",
     )
     parser.addini("asyncwatch_log", "also log each finding as a structlog event (true/false)", default="false")
+    parser.addini("asyncwatch_fail_on", "default for --asyncwatch-fail-on (project, all)", default="project")
+    parser.addini("asyncwatch_allow_sites", "sites whose findings never fail a test (see --asyncwatch-allow-site)",
+                  type="linelist", default=[])
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -83,6 +103,7 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     watcher = Watcher(config, read_options(config))
     config.stash[_WATCHER] = watcher
+    config.pluginmanager.register(_GarbageCollection(watcher), "asyncwatch-garbage-collection")
     if watcher.options.every_test:
         watcher.activate()
 
@@ -105,8 +126,10 @@ def pytest_pycollect_makeitem(
 ) -> Generator[None, Any, Any]:
     # Start before pytest-asyncio parametrizes the first test that asks for
     # asyncwatch with its loop factories, so that those loops are watched.
+    # Nothing here may raise or look into what a test module holds beyond a
+    # plain function (`Watcher.asks`).
     watcher = collector.config.stash[_WATCHER]
-    if not watcher.active and watcher.wants(collector, obj):
+    if not watcher.active and watcher.asks(collector, obj):
         watcher.activate()
     return (yield)
 
@@ -215,6 +238,49 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         terminalreporter.write_line(
             "asyncwatch: the findings outside any test above fail the run (no test is theirs to fail)", red=True
         )
+
+
+class _GarbageCollection:
+    """Collect a judged test's garbage at the end of its call and teardown phases.
+
+    Plain ``trylast`` implementations: they run after the phase itself (the
+    test body; the fixtures' teardown), inside it.  pluggy calls the
+    ``trylast`` ones last registered first, so this runs after pytest's
+    unraisable-exception plugin has reported what the phase's finalizers
+    raised; what the collection makes a finalizer raise is then reported
+    here, as pytest reports it, so that it is the test's own, in its own
+    phase, and never lands in the next test's setup.
+    """
+
+    def __init__(self, watcher: Watcher) -> None:
+        self._watcher = watcher
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_runtest_call(self, item: pytest.Item) -> None:
+        if self._watcher.active:
+            self._watcher.collect_after(item, "call")
+            _report_unraisable(item.config)
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_runtest_teardown(self, item: pytest.Item, nextitem: pytest.Item | None) -> None:
+        if self._watcher.active:
+            self._watcher.collect_after(item, "teardown")
+            _report_unraisable(item.config)
+
+
+def _report_unraisable(config: pytest.Config) -> None:
+    """Have pytest (8.4 and later) report the unraisable exceptions queued so far, in this phase.
+
+    Earlier pytest versions catch them with a wrapper around the whole
+    phase, which this already runs inside of.
+    """
+    if not config.pluginmanager.has_plugin("unraisableexception"):
+        return
+    try:
+        from _pytest.unraisableexception import collect_unraisable
+    except ImportError:  # pytest < 8.4
+        return
+    collect_unraisable(config)
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ def _watch():  # type: () -> None
 
 
 def _warn(exc):  # type: (BaseException) -> None
-    try:
+    try:  # noqa: SIM105 - no contextlib import in the start-up of every child
         sys.stderr.write(
             "asyncwatch: child process %d (%s): not watched: cannot import asyncwatch: %s: %s\n"  # noqa: UP031 - no f-strings in Python 2
             % (os.getpid(), sys.executable, type(exc).__name__, exc)

@@ -192,12 +192,13 @@ def site_text(site: Site, relative: bool = False) -> str:
     return f"{path}:{site.line} in {site.function}"
 
 
-def await_chain(coro: Any) -> list[Site]:
+def await_chain(coro: Any, limit: int = 64) -> list[Site]:
     """Where a suspended coroutine waits: the site of each frame along its
-    chain of awaited coroutines and generators, outermost first."""
+    chain of awaited coroutines and generators, outermost first (at most
+    *limit* frames)."""
     chain: list[Site] = []
     obj: Any = coro
-    while obj is not None:
+    while obj is not None and len(chain) < limit:
         frame = getattr(obj, "cr_frame", None) or getattr(obj, "gi_frame", None) or getattr(obj, "ag_frame", None)
         if frame is None:
             agen = _async_generator_of(obj)

@@ -7,24 +7,31 @@ Everything here is process-wide and independent of any detector or output:
 * `in_forked_child`: one ``os.register_at_fork`` hook renews the locks and
   threads of every owner registered (a forked child has only the thread that
   called fork(); a lock another thread held stays held for ever);
-* `before_fork` / `at_exit`: callbacks run before a fork and at exit.
+* `before_fork` / `at_exit`: callbacks run before a fork and at exit;
+* `HiddenThread`: asyncwatch's own threads, which the program never sees;
+* `reporting`: marks a thread handing a finding to the outputs, so that a
+  signal ending the process waits for it (see _signals.py).
 """
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import contextlib
+import logging
 import os
 import sys
 import threading
+import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import structlog
 
 __all__ = [
     "LOGGER_NAME",
+    "HiddenThread",
     "at_exit",
     "before_fork",
     "forget_internal_errors",
@@ -32,7 +39,10 @@ __all__ = [
     "internal_logger",
     "new_lock",
     "report_internal_error",
+    "reporting",
     "set_own_logger",
+    "start_hidden_thread",
+    "wait_for_emitters",
 ]
 
 LOGGER_NAME = "asyncwatch"
@@ -84,12 +94,128 @@ def internal_logger() -> Any:
 
     The application's structlog configuration when it has one; under
     ``asyncwatch run``, which owns the process, the command line's stderr
-    rendering; else structlog's default.
+    rendering unless the application's logging has a handler for it; else
+    the standard library's ``asyncwatch`` logger (never structlog's
+    unconfigured default: it prints on stdout).
     """
+    if structlog.is_configured():
+        return structlog.get_logger(LOGGER_NAME)
     owner = _own_logger() if _own_logger is not None else None
-    if owner is not None and not structlog.is_configured():
+    if owner is not None and not logging_configured():
         return owner._logger()
-    return structlog.get_logger(LOGGER_NAME)
+    return _StdlibEvents(logging.getLogger(LOGGER_NAME))
+
+
+def logging_configured() -> bool:
+    """Whether a record of the ``asyncwatch`` logger reaches a handler the
+    application set up (its own, or the root logger's)."""
+    return logging.getLogger(LOGGER_NAME).hasHandlers()
+
+
+class _StdlibEvents:
+    """structlog's calling convention (``error("event", key=value)``) on a
+    standard library logger: one line, the keys on the record as ``asyncwatch``."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+
+    def _log(self, level: int, event: str, exc_info: Any = None, **fields: Any) -> None:
+        text = " ".join(f"{key}={value!r}" for key, value in fields.items() if value is not None)
+        self._logger.log(level, f"{event} {text}".rstrip(), exc_info=exc_info, extra={"asyncwatch": fields})
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._log(logging.WARNING, event, **fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._log(logging.ERROR, event, **fields)
+
+
+# --- hidden threads --------------------------------------------------------------
+
+
+class HiddenThread:
+    """A thread of asyncwatch's own that the program never sees.
+
+    Started with ``_thread.start_new_thread``, it is never registered in
+    ``threading``'s table, so ``threading.enumerate()``, ``active_count()``
+    and thread-leak checks (CPython's regrtest "env changed", anyio's
+    ``test_single_thread``) see the program's threads only.  Like a daemon
+    thread it is not joined at interpreter exit (it stops when finalization
+    takes the GIL from it).  Its target must never call
+    ``threading.current_thread()``: that would register a ``_DummyThread``
+    for it.  It does not exist in a forked child: `is_alive` says so there.
+    """
+
+    __slots__ = ("_done", "_pid", "ident", "name", "native_id")
+
+    def __init__(self, target: Callable[[], None], name: str) -> None:
+        self.name = name
+        self._pid = os.getpid()
+        self._done = _thread.allocate_lock()
+        self._done.acquire()
+        self.ident: int | None = None
+        self.native_id: int | None = None
+        done = self._done
+
+        def run() -> None:
+            self.native_id = _thread.get_native_id()
+            try:
+                target()
+            except BaseException as exc:  # noqa: BLE001 - nothing above us would report it
+                report_internal_error(name, exc)
+            finally:
+                done.release()
+
+        self.ident = _thread.start_new_thread(run, ())
+
+    def is_alive(self) -> bool:
+        return self._pid == os.getpid() and self._done.locked()
+
+    def join(self, timeout: float) -> None:
+        """Wait at most *timeout* seconds for the thread to end (never from itself)."""
+        if self.is_alive() and self.ident != _thread.get_ident() and self._done.acquire(timeout=timeout):
+            self._done.release()
+
+
+def start_hidden_thread(target: Callable[[], None], name: str) -> HiddenThread:
+    """Run *target* in a `HiddenThread` called *name*."""
+    return HiddenThread(target, name)
+
+
+# --- threads handing a finding to the outputs ---------------------------------------
+
+#: Thread id -> how many findings it is handing to reporters (each thread
+#: touches only its own key).
+_emitting: dict[int, int] = {}
+
+
+def emitting(thread_id: int) -> bool:
+    """Whether *thread_id* is handing a finding to the reporters right now."""
+    return thread_id in _emitting
+
+
+@contextlib.contextmanager
+def reporting() -> Iterator[None]:
+    """Mark this thread as handing a finding to the reporters (from before the
+    finding is built, for a detector that takes it from shared state): a
+    signal that lands in the middle waits for it (see _signals)."""
+    thread = threading.get_ident()
+    _emitting[thread] = _emitting.get(thread, 0) + 1
+    try:
+        yield
+    finally:
+        depth = _emitting.pop(thread, 1) - 1
+        if depth:
+            _emitting[thread] = depth
+
+
+def wait_for_emitters(ignore: int | None = None, timeout: float = 2.0) -> None:
+    """Wait until no thread (but *ignore*) is handing a finding to the
+    reporters: a signal is ending the process, and the summary must count
+    what the watchdog thread is reporting at that moment."""
+    deadline = time.monotonic() + timeout
+    while any(thread != ignore for thread in list(_emitting)) and time.monotonic() < deadline:
+        time.sleep(0.001)
 
 
 # --- forked children -------------------------------------------------------------

@@ -346,14 +346,16 @@ OPTIONS: tuple[Option, ...] = (
         "fail_on_findings",
         "run",
         parse_bool,
-        "exit with status 3 if anything was found and the program itself succeeded",
+        "exit with status 3 if anything was found and the program itself succeeded "
+        "(stalls inside an import, start-up work, are reported but not counted)",
         cli="on",
     ),
     Option(
         "log_format",
         "run",
         lambda value, name: parse_choice(value, name, LOG_FORMATS, "log format"),
-        "how findings are logged to stderr when the program does not configure structlog itself (default console)",
+        "how findings are logged to stderr when the program's structlog or logging configuration does not take "
+        "them (default console)",
         metavar="{" + ",".join(LOG_FORMATS) + "}",
         inherit=str,
     ),

@@ -444,9 +444,11 @@ def task_context(task: asyncio.Task[Any]) -> contextvars.Context | None:
     is the task's only referent of type Context.
     """
     get_context = getattr(task, "get_context", None)
-    if get_context is not None:
+    if get_context is not None:  # 3.12+
         return get_context()  # type: ignore[no-any-return]
-    for referent in gc.get_referents(task):
-        if type(referent) is contextvars.Context:
-            return referent
-    return None
+    context = getattr(task, "_context", None)  # the pure-Python Task
+    if isinstance(context, contextvars.Context):
+        return context
+    # 3.11's C Task has no accessor, but it visits its own context first
+    # when the garbage collector asks what it refers to.
+    return next((r for r in gc.get_referents(task) if type(r) is contextvars.Context), None)

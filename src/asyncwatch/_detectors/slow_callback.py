@@ -47,6 +47,7 @@ per-loop probe share their state machine and their locking rules.
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import asyncio.events
 import gc
@@ -61,7 +62,7 @@ from typing import Any, NamedTuple
 from .._core.detector import Detector, DetectorContext, WatchedLoop
 from .._core.findings import Finding, FindingKind, Site
 from .._core.frames import frame_site, is_library_file, is_own_file, qualname_of, stack_of
-from .._core.runtime import in_forked_child, report_internal_error
+from .._core.runtime import HiddenThread, in_forked_child, report_internal_error, reporting, start_hidden_thread
 from .._core.stepping import STEP_WRAPPER_CODES
 from .._core.tasks import coro_name, created_at
 from . import stall_cause
@@ -566,7 +567,15 @@ class LoopProbe:
     def _capture(self, loop: asyncio.AbstractEventLoop, top: FrameType, chain: list[FrameType]) -> _Stall:
         # The innermost application frame *of this callback*: never further
         # out than the loop's dispatch (that is whoever runs the loop).
+        importing = _importing(chain)
         blocking = next((f for f in chain if not is_library_file(f.f_code.co_filename)), None)
+        if importing is not None and blocking is not None and blocking.f_code.co_filename.startswith("<"):
+            # Code a library exec'd while being imported (dataclasses'
+            # "<string>" __init__): the application's line is the import.
+            blocking = next(
+                (f for f in chain if not is_library_file(f.f_code.co_filename) and not f.f_code.co_filename.startswith("<")),
+                blocking,
+            )
         site = frame_site(blocking) if blocking is not None else None
         task: Any = asyncio.current_task(loop)
         callback: str | None = None
@@ -610,6 +619,12 @@ class LoopProbe:
 
     def _end_stall(self, end: float) -> None:
         """Report the stall in progress, once (from either thread)."""
+        if self.stall is None:  # every sample comes here: allocate nothing then
+            return
+        with reporting():  # from the moment it is taken: a signal's exit waits for it
+            self._report_stall(end)
+
+    def _report_stall(self, end: float) -> None:
         with self._stall_lock:
             stall, self.stall = self.stall, None
         if stall is not None:
@@ -738,7 +753,7 @@ class Watchdog:
         self._probes: list[LoopProbe] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread: HiddenThread | None = None
         self._stopping = False
         self._woken_at = 0.0  # when a loop starting to run last woke us
         #: Time spent in garbage collection (installed by the detector).
@@ -776,7 +791,7 @@ class Watchdog:
             thread = self._thread
             self._thread = None
         self._wake.set()
-        if thread is not None and thread is not threading.current_thread():
+        if thread is not None:
             thread.join(timeout=1.0)
         self.flush()
         with self._lock:
@@ -803,8 +818,7 @@ class Watchdog:
         if self._thread is None or not self._thread.is_alive():
             # Its first look is late if the loop's first step holds the GIL.
             self._woken_at = _now()
-            self._thread = threading.Thread(target=self._run, name="asyncwatch-watchdog", daemon=True)
-            self._thread.start()
+            self._thread = start_hidden_thread(self._run, "asyncwatch-watchdog")
 
     def _after_fork(self) -> None:
         """In a forked child: only the thread that called fork() survives.
@@ -845,7 +859,7 @@ class Watchdog:
         self._probes = kept
 
     def _run(self) -> None:
-        me = threading.current_thread()
+        me = _thread.get_ident()  # not threading.current_thread(): that would register us
         own = ThreadClock(threading.get_ident(), threading.get_native_id())
         wake = _Wake(max(_now() - self._woken_at, 0.0), own, own.read()[1])
         try:
@@ -854,7 +868,7 @@ class Watchdog:
                 # is never lost: the wait below then returns at once.
                 self._wake.clear()
                 with self._lock:
-                    if self._stopping or self._thread is not me:
+                    if self._stopping or self._thread is None or self._thread.ident != me:
                         return
                     has_probes = bool(self._probes)
                 if not has_probes:

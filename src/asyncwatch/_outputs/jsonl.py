@@ -13,7 +13,14 @@ from collections import deque
 from typing import Any
 
 from .._core.findings import Finding
-from .._core.runtime import at_exit, before_fork, in_forked_child, report_internal_error
+from .._core.runtime import (
+    HiddenThread,
+    at_exit,
+    before_fork,
+    in_forked_child,
+    report_internal_error,
+    start_hidden_thread,
+)
 
 __all__ = ["JsonLinesReporter", "finding_line", "write_all"]
 
@@ -54,7 +61,7 @@ class JsonLinesReporter:
         self._queue: deque[bytes] = deque()
         self._writing = False
         self._cond = threading.Condition(threading.Lock())
-        self._thread: threading.Thread | None = None
+        self._thread: HiddenThread | None = None
         self.dropped = 0
         self._write = os.write
         _open_files.add(self)
@@ -74,8 +81,7 @@ class JsonLinesReporter:
                 return
             self._queue.append(data)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="asyncwatch-findings-writer", daemon=True)
-                self._thread.start()
+                self._thread = start_hidden_thread(self._run, "asyncwatch-findings-writer")
             self._cond.notify()
 
     def _run(self) -> None:

@@ -1,7 +1,8 @@
-"""The structlog output: one warning-level event per finding."""
+"""The log output: one warning per finding, through structlog or the standard library."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterable
 from typing import IO, Any
@@ -10,19 +11,27 @@ import structlog
 
 from .._core.findings import Finding, Site
 from .._core.frames import site_text
-from .._core.runtime import LOGGER_NAME, set_own_logger
+from .._core.runtime import LOGGER_NAME, logging_configured, set_own_logger
 
-__all__ = ["StructlogReporter", "stack_text"]
+__all__ = ["LoggingReporter", "StructlogReporter", "stack_text"]
 
 
 class StructlogReporter:
-    """One warning-level structlog event per finding on the ``asyncwatch`` logger.
+    """One warning per finding on the ``asyncwatch`` logger, where the
+    application logs.  Which logger is decided at each finding:
 
-    The event is the finding's kind; the finding's JSON fields are the keys.
-    In library mode the application's structlog configuration decides how it
-    is rendered.  With *fallback* ("console" or "json"), used by the command
-    line, findings are rendered to stderr by asyncwatch's own private logger
-    *unless* the program configured structlog itself.
+    * the application configured structlog (``structlog.is_configured()``):
+      a structlog event; the event is the finding's kind, the finding's JSON
+      fields are the keys, and the application's configuration renders it;
+    * else, in library mode (no *fallback*): a standard library ``logging``
+      record (see `LoggingReporter`), which the application's handlers
+      receive, or ``logging.lastResort`` prints on stderr;
+    * else, under the command line (*fallback* "console" or "json"): the
+      standard library's ``logging`` if the application's logging
+      configuration has a handler for the ``asyncwatch`` logger (its own or
+      the root logger's), otherwise asyncwatch's own rendering on stderr.
+
+    Never structlog's unconfigured default, which prints on stdout.
     """
 
     def __init__(self, fallback: str | None = None, stream: IO[str] | None = None) -> None:
@@ -31,6 +40,7 @@ class StructlogReporter:
         self._fallback = fallback
         self._stream = stream
         self._private: Any = None
+        self._stdlib = LoggingReporter()
         if fallback is not None:
             # asyncwatch's own events (internal errors) go the same way.
             set_own_logger(self)
@@ -57,6 +67,11 @@ class StructlogReporter:
 
     def report(self, finding: Finding) -> None:
         fields = self.fields(finding)
+        if not structlog.is_configured() and (self._fallback is None or logging_configured()):
+            # The record keeps the findings file's form (``stack`` a list),
+            # plus what the enrichment stage added (trace ids).
+            self._stdlib.emit(finding, {**fields, **finding.to_dict()})
+            return
         kind = fields.pop("kind")
         self._logger().warning(kind, **fields)
 
@@ -72,6 +87,35 @@ class StructlogReporter:
         fields["stack"] = stack_text(finding.stack) if finding.stack else None
         fields.update(finding.extra)  # what the enrichment stage added (trace ids)
         return fields
+
+
+class LoggingReporter:
+    """One WARNING record per finding on the standard library's ``asyncwatch`` logger.
+
+    The message is one line: the kind, the site and the finding's message.
+    The record carries the finding's JSON form as ``record.asyncwatch`` (a
+    dict: ``kind``, ``site``, ``task``, ... as in the findings file), so that
+    a handler or formatter can use the fields.  Records go to whatever
+    handlers the application configured; with none, ``logging.lastResort``
+    prints them on stderr.
+    """
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self._logger = logger or logging.getLogger(LOGGER_NAME)
+
+    def report(self, finding: Finding) -> None:
+        fields = finding.to_dict()
+        fields.update(finding.extra)
+        self.emit(finding, fields)
+
+    def emit(self, finding: Finding, fields: dict[str, Any]) -> None:
+        if not self._logger.isEnabledFor(logging.WARNING):
+            return
+        site = site_text(finding.site, relative=True) if finding.site else "site unknown"
+        text = f"{finding.kind.value} at {site}: {finding.message}"
+        if finding.suppressed:
+            text += f" ({finding.suppressed} more like it held back by the report limit)"
+        self._logger.warning(" ".join(text.split()), extra={"asyncwatch": fields})
 
 
 def stack_text(stack: Iterable[Site]) -> str:
@@ -95,7 +139,7 @@ def _readable_sites(_logger: Any, _method: str, event: dict[str, Any]) -> dict[s
         elif key in event and event[key] is None:
             del event[key]
     event.pop("stack", None)  # the summary line is enough on a console
-    for key in ("task", "coroutine", "duration_s", "time", "pid"):
+    for key in ("task", "coroutine", "duration_s", "time", "pid", "cause"):
         if event.get(key) is None:
             event.pop(key, None)
     if not event.get("suppressed"):

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol, runtime_checkable
 
 from .._core.findings import Finding, FindingKind, Site
-from .._core.runtime import in_forked_child, new_lock, report_internal_error
+from .._core.runtime import in_forked_child, new_lock, report_internal_error, reporting
 
 __all__ = ["Enricher", "Pipeline", "RateLimiter", "Reporter"]
 
@@ -135,6 +135,10 @@ class Pipeline:
         return tuple(self._reporters)
 
     def emit(self, finding: Finding) -> None:
+        with reporting():
+            self._emit(finding)
+
+    def _emit(self, finding: Finding) -> None:
         limiter = self.limiter
         admitted: Finding | None = finding
         if limiter is not None:
@@ -144,13 +148,8 @@ class Pipeline:
                 self.limiter = None
                 report_internal_error("rate limiter", exc)
         if admitted is not None:
-            for enricher in self._enrichers:  # a snapshot, like the reporters
-                try:
-                    admitted = enricher(admitted)
-                except Exception as exc:
-                    with self._lock:
-                        self._enrichers = [e for e in self._enrichers if e is not enricher]
-                    report_internal_error(f"enricher {getattr(enricher, '__qualname__', enricher)}", exc)
+            admitted = self._enrich(admitted)
+        interrupted: BaseException | None = None
         for reporter in self._reporters:  # a snapshot: add/remove replace the list
             try:
                 if getattr(reporter, "receives_all", False):
@@ -164,6 +163,25 @@ class Pipeline:
             except Exception as exc:
                 self.remove(reporter)
                 report_internal_error(f"reporter {type(reporter).__name__}", exc)
+            except BaseException as exc:
+                # The program's signal handler raised here (SystemExit from a
+                # SIGTERM handler, KeyboardInterrupt): it is the program's, and
+                # goes on once the other reporters have the finding.
+                if interrupted is None:
+                    interrupted = exc
+        if interrupted is not None:
+            raise interrupted
+
+    def _enrich(self, finding: Finding) -> Finding:
+        """The enrichment stage: each enricher in turn; a failing one is dropped."""
+        for enricher in self._enrichers:  # a snapshot, like the reporters
+            try:
+                finding = enricher(finding)
+            except Exception as exc:
+                with self._lock:
+                    self._enrichers = [e for e in self._enrichers if e is not enricher]
+                report_internal_error(f"enricher {getattr(enricher, '__qualname__', enricher)}", exc)
+        return finding
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait (at most *timeout* seconds each) for reporters that write in the background."""

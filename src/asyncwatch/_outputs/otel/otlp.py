@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from typing import Any
 
 from opentelemetry import metrics, trace
 
-from ..._core.runtime import report_internal_error
+from ..._core.runtime import report_internal_error, start_hidden_thread
 from .names import INSTALL_OTLP
 
 __all__ = ["OtlpSetup", "check_otlp_installed", "setup_otlp"]
@@ -87,8 +86,7 @@ class OtlpSetup:
                 except Exception as exc:
                     report_internal_error("OpenTelemetry shutdown", exc)
 
-        worker = threading.Thread(target=shut, name="asyncwatch-otlp-flush", daemon=True)
-        worker.start()
+        worker = start_hidden_thread(shut, "asyncwatch-otlp-flush")
         worker.join(timeout)
         if not worker.is_alive():
             return True
