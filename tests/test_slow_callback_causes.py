@@ -64,6 +64,7 @@ class TestBlockingThatHoldsTheGil:
         assert (finding.site.file, finding.site.line) == (__file__, line_of("# <- json.loads holds the GIL"))
         assert finding.cause == "cpu"
         assert "CPU-bound" in finding.message and "process pool" in finding.message
+        assert "one call held the GIL" in finding.message
         assert finding.duration_s is not None and finding.duration_s >= THRESHOLD_MS / 1000
         assert breakdown_of(finding)["cpu"] >= THRESHOLD_MS / 1000
         assert counts_against_program(finding)
@@ -106,7 +107,13 @@ class TestBlockingThatHoldsTheGil:
         watched.run(main, slow_callback_ms=THRESHOLD_MS)
 
         [finding] = slow_of(watched)
-        assert finding.site is not None and finding.site.line == line_of("# <- first thing the loop runs")
+        assert finding.site is not None
+        # The watchdog's first look may ask for the GIL only after the call
+        # (a thread just started, on a loaded machine): the line after it,
+        # as the message says.
+        call = line_of("# <- first thing the loop runs")
+        assert finding.site.line in (call, call + 1)
+        assert "the call's or just after it" in finding.message
         assert finding.cause == "cpu"
 
     def test_the_call_inside_a_helper_is_reported_in_the_helper(self, watched):

@@ -193,7 +193,7 @@ class _Clocks(NamedTuple):
 
 
 class _Stall:
-    __slots__ = ("callback", "coroutine", "created_at", "importing", "library_only", "site", "stack", "task")
+    __slots__ = ("callback", "coroutine", "created_at", "importing", "late", "library_only", "site", "stack", "task")
 
     def __init__(
         self,
@@ -217,6 +217,10 @@ class _Stall:
         # inside asyncio or the standard library (starting an executor's
         # thread, say), not at a line of the program.
         self.library_only = library_only
+        # Seen only once the GIL was free again (a late wake-up): the line
+        # running then, which is the call's when the watchdog asked for the
+        # GIL during it, and may be one just after when it asked later.
+        self.late = False
 
 
 class _Wake:
@@ -491,6 +495,7 @@ class LoopProbe:
         self.held_since = since
         self.held_beats = self.beats
         self.mark = prev
+        stall.late = True
         self.stall = stall
         self._post_beat(loop)
 
@@ -573,7 +578,11 @@ class LoopProbe:
             # Code a library exec'd while being imported (dataclasses'
             # "<string>" __init__): the application's line is the import.
             blocking = next(
-                (f for f in chain if not is_library_file(f.f_code.co_filename) and not f.f_code.co_filename.startswith("<")),
+                (
+                    f
+                    for f in chain
+                    if not is_library_file(f.f_code.co_filename) and not f.f_code.co_filename.startswith("<")
+                ),
                 blocking,
             )
         site = frame_site(blocking) if blocking is not None else None
@@ -717,8 +726,13 @@ def _why(cause: str | None, stall: _Stall, breakdown: Breakdown | None, holder: 
         return "; move blocking or CPU-bound work to asyncio.to_thread() or an executor"
     measured = f"{_ms(breakdown.wall)} measured"
     if cause == stall_cause.CPU:
+        where = (
+            "; one call held the GIL: the site is the line running when it returned, the call's or just after it"
+            if stall.late
+            else ""
+        )
         return (
-            f" (cause: cpu; the loop thread was on CPU {_ms(breakdown.cpu - breakdown.gc)} of {measured}): "
+            f" (cause: cpu; the loop thread was on CPU {_ms(breakdown.cpu - breakdown.gc)} of {measured}{where}): "
             "CPU-bound work; run it in a process pool (loop.run_in_executor(ProcessPoolExecutor(), ...)), "
             "since threads share the GIL"
         )
