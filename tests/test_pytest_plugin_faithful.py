@@ -124,7 +124,10 @@ class TestInertUntilAsked:
         result = suite.run()
         result.assert_outcomes(passed=5, errors=1)  # the leak fails its teardown
         result.stdout.fnmatch_lines(
-            ["*ERROR at teardown of test_marked*", f"asyncwatch (teardown): task_leaked at test_it.py:{suite.line_of()}"]
+            [
+                "*ERROR at teardown of test_marked*",
+                f"asyncwatch (teardown): task_leaked at test_it.py:{suite.line_of()}",
+            ]
         )
 
 
@@ -204,7 +207,6 @@ class TestFaithfulWhenOn:
         result = suite.run("--asyncwatch", "-v")
         result.assert_outcomes(passed=1, failed=1)
         result.stdout.fnmatch_lines(["*test_drops FAILED*", "*test_next PASSED*"])
-
 
     def test_garbage_that_grew_old_during_the_test_is_still_the_tests(self, suite):
         """A collection during the test moves its objects to the old
@@ -345,7 +347,10 @@ class TestEveryLoop:
         result = suite.run("--asyncwatch")
         result.assert_outcomes(passed=2, failed=1)
         result.stdout.fnmatch_lines(
-            ["*TestCase.test_drops*", f"asyncwatch: coroutine_never_awaited at test_it.py:{suite.line_of('# <- dropped')}"]
+            [
+                "*TestCase.test_drops*",
+                f"asyncwatch: coroutine_never_awaited at test_it.py:{suite.line_of('# <- dropped')}",
+            ]
         )
         assert outcomes(suite.run()) == {"passed": 3}
 
@@ -439,6 +444,34 @@ class TestSites:
         assert record["kind"] == "slow_callback" and record["cause"] == "import"
         assert record["site"]["file"].endswith("slowmod.py") and record["site"]["line"] == 2  # the line importing ran
         assert record["counts"] is False
+
+    def test_a_collector_pause_is_reported_not_failed(self, suite):
+        """A full collection stalling a test's loop is the collector's, not a line of the test's (cause=gc)."""
+        suite.module(
+            """
+            import asyncio
+            import gc
+
+            HEAP = [[] for _ in range(2_000_000)]  # ~0.12 s of collector CPU a full collection
+
+            async def test_collects():
+                await asyncio.sleep(0.02)
+                gc.collect()
+            """
+        )
+        result = suite.run(
+            "--asyncwatch",
+            "--asyncwatch-fail-on=all",
+            "--asyncwatch-slow-callback-ms=50",
+            "--asyncwatch-findings",
+            "f.jsonl",
+        )
+        result.assert_outcomes(passed=1)
+        result.stdout.fnmatch_lines(["*reported, not failing*", "*not the program's line (cause=gc)*"])
+        records = [json.loads(x) for x in (suite.path / "f.jsonl").read_text().splitlines()]
+        assert [(r["kind"], r["cause"], r["site"], r["counts"]) for r in records] == [
+            ("slow_callback", "gc", None, False)
+        ]
 
     def test_bad_fail_on_is_a_usage_error(self, suite):
         suite.module("def test_it(): pass")
