@@ -327,8 +327,14 @@ class LoopProbe:
             # The loop starts running, before the watchdog has looked at it:
             # its clocks now, for the first sample (the first step may hold
             # the GIL from here on).  Once per run of the loop.
+            cpu, wait = stall_cause.own_schedstat()
             self.started = _Clocks(
-                self.beat_time, time.thread_time(), None, time.process_time(), self.gc_clock.read(self.beat_time), 0.0
+                self.beat_time,
+                time.thread_time() if cpu is None else cpu,
+                wait,
+                time.process_time(),
+                self.gc_clock.read(self.beat_time),
+                0.0,
             )
         if self.parked:
             self.parked = False
@@ -412,6 +418,7 @@ class LoopProbe:
             # callback then, and wakes us at once (a stall may start at once).
             self.finish(now)
             self.parked = True
+            self.prev = None  # the next run's clocks start when it does (heartbeat)
             self._post_beat(loop)
             return 1.0
         tick = max(self.threshold_s / 10, 0.001)

@@ -47,6 +47,7 @@ __all__ = [
     "GcClock",
     "ThreadClock",
     "classify",
+    "own_schedstat",
     "tasks_wait",
     "thread_cpu",
 ]
@@ -164,6 +165,19 @@ class ThreadClock:
         """In a forked child the descriptor names the parent's thread."""
         self.close()
         self._clock = None
+
+
+def own_schedstat() -> tuple[float | None, float | None]:
+    """The calling thread's CPU time and run-queue wait from schedstat
+    (None, None where it cannot be read or reads zero)."""
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/schedstat", "rb") as f:
+            run, wait = f.read().split()[:2]
+    except (OSError, ValueError):
+        return None, None
+    if not int(run):
+        return None, None
+    return int(run) / 1e9, int(wait) / 1e9
 
 
 def thread_cpu(ident: int) -> float | None:
