@@ -441,7 +441,7 @@ class TestChaining:
 
         asyncio.run(main())
         assert order == ["task ran", "after create_task"]
-        [finding] = collector.findings
+        [finding] = blamed(collector)
         assert finding.site.line == line_of("# <- eager task")
         # Named even on 3.12.0-3.12.4, where get_coro() of an eagerly
         # finished task would crash the interpreter (gh-122332).

@@ -676,7 +676,7 @@ class LoopProbe:
                 after = stall_cause.threads_cpu((self.thread_id, threading.get_ident()))
                 holder, _ = stall_cause.busiest_thread(self.stall_threads, after)
         gc_time = self.gc_clock.read(end) - mark.gc
-        pauses = self.gc_clock.pauses_since(mark.wall, end, self.threshold_s / 2)
+        pauses = self.gc_clock.pauses_since(mark.wall, end, GcClock.PAUSE_FLOOR_S)
         return Breakdown(wall, loop_cpu, max(starved, 0.0), gc_time, gil, others, pauses), holder
 
     def _finding(self, stall: _Stall, end: float) -> Finding:

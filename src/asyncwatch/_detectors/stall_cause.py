@@ -243,9 +243,10 @@ class Breakdown(NamedTuple):
     gc: float  # the collector running (CPU time), in any thread
     gil: float  # the loop thread waiting for a GIL another thread held
     others_cpu: float  # CPU time of the process's other threads (not the watchdog)
-    #: Of `gc`, the collections that each lasted at least half the threshold:
-    #: a pause of its own.  Many short ones are the step's allocations
-    #: (json.loads of a large body runs hundreds), so they stay the step's.
+    #: Of `gc`, the collections that each lasted at least
+    #: `GcClock.PAUSE_FLOOR_S` (the full ones, in practice): a pause of their
+    #: own.  The hundreds of young ones a step's allocations trigger
+    #: (json.loads of a large body) stay the step's.
     gc_pauses: float = -1.0  # -1: as `gc`
 
     @property
