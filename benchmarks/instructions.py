@@ -34,7 +34,7 @@ import tempfile
 
 MODES = ("plain", "python-factory", "task-subclass", "asyncwatch")
 
-PROGRAM = r'''
+PROGRAM = r"""
 import asyncio, sys
 mode, loop_name, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 
@@ -73,7 +73,7 @@ if loop_name == "uvloop":
         runner.run(main())
 else:
     asyncio.run(main())
-'''
+"""
 
 
 def instructions(python: str, program: str, mode: str, loop: str, n: int) -> int:

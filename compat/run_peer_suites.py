@@ -105,7 +105,7 @@ SUITES = {
 }
 
 # A plugin loaded into every leg (``-p``): each test's outcome, per node id.
-OUTCOMES_PLUGIN = '''
+OUTCOMES_PLUGIN = """
 import json, os
 
 _results = {}
@@ -135,7 +135,7 @@ def pytest_sessionfinish(session, exitstatus):
         return
     with open(os.environ["PEER_OUTCOMES"], "w") as f:
         json.dump({"exitstatus": int(exitstatus), "tests": _results}, f)
-'''
+"""
 
 
 def run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -199,7 +199,9 @@ def test_requirements(pyproject: Path, groups: tuple[str, ...]) -> list[str]:
     return [r for r in out if not re.match(r"(coverage|pytest-cov)\b", r)]
 
 
-def run_leg(suite: Suite, leg: str, tree: Path, vpython: Path, out: Path, paths: list[str], extra: list[str]) -> dict[str, Any]:
+def run_leg(
+    suite: Suite, leg: str, tree: Path, vpython: Path, out: Path, paths: list[str], extra: list[str]
+) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "_peer_outcomes.py").write_text(OUTCOMES_PLUGIN)
     results = out / f"{leg}.json"
@@ -229,7 +231,9 @@ def run_leg(suite: Suite, leg: str, tree: Path, vpython: Path, out: Path, paths:
     return data
 
 
-def recheck(suite: Suite, legs: dict[str, dict[str, Any]], tree: Path, vpython: Path, out: Path, extra: list[str]) -> None:
+def recheck(
+    suite: Suite, legs: dict[str, dict[str, Any]], tree: Path, vpython: Path, out: Path, extra: list[str]
+) -> None:
     """Run each test that differs from ``plain`` again, both ways, twice: a
     difference that does not come back, or a test whose plain outcome
     changes, is the suite's own flakiness (timing races on a loaded machine;

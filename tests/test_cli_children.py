@@ -138,7 +138,9 @@ class TestSubprocessChildren:
 
     def test_fail_on_findings_fails_when_only_a_child_found_something(self, tmp_path, child):
         """--fail-on-findings exits 3 for a child's finding, the parent being clean."""
-        result = run_cli("run", "--fail-on-findings", "--log-format", "off", str(subprocess_parent(tmp_path)), cwd=tmp_path)
+        result = run_cli(
+            "run", "--fail-on-findings", "--log-format", "off", str(subprocess_parent(tmp_path)), cwd=tmp_path
+        )
         assert result.returncode == 3, result.stderr
         assert "asyncwatch: 1 finding in 1 place" in result.stderr
 
@@ -180,7 +182,6 @@ class TestSubprocessChildren:
             assert "asyncwatch" not in report["child_stderr"]
             assert findings_in(out) == []
             assert "asyncwatch: no findings" in result.stderr
-
 
     def test_a_child_is_watched_from_its_import_of_asyncio_and_not_before(self, tmp_path):
         """A child that never imports asyncio does not load asyncwatch (it costs nothing);

@@ -225,7 +225,10 @@ class TestSignals:
         assert status == plain, stderr
         found = findings(out)
         assert sorted(f["kind"] for f in found) == ["coroutine_never_awaited", "slow_callback"], stderr
-        assert {f["site"]["line"] for f in found} == {line_of(waits, "# <- never awaited"), line_of(waits, "# <- blocks")}
+        assert {f["site"]["line"] for f in found} == {
+            line_of(waits, "# <- never awaited"),
+            line_of(waits, "# <- blocks"),
+        }
         assert "asyncwatch: 2 findings in 2 places" in stderr
         assert f"ended by {name}" in stderr
 
@@ -252,7 +255,10 @@ class TestSignals:
         # The handler's SystemExit may land anywhere, asyncwatch's reporting
         # included: this test is about the exit, so it waits for both findings.
         status, stderr = signalled(
-            asyncwatch("--findings", str(out), str(waits)), waits.parent, signal.SIGTERM, env,
+            asyncwatch("--findings", str(out), str(waits)),
+            waits.parent,
+            signal.SIGTERM,
+            env,
             when=lambda: len(findings(out)) == 2,
         )
         failing, _ = signalled(asyncwatch("--fail-on-findings", str(waits)), waits.parent, signal.SIGTERM, env)
@@ -408,7 +414,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def serve(cmd: list[str], cwd: Path, env: dict[str, str], started: Path, workers: int, paths: list[str]) -> tuple[int, str]:
+def serve(
+    cmd: list[str], cwd: Path, env: dict[str, str], started: Path, workers: int, paths: list[str]
+) -> tuple[int, str]:
     """Start a server, wait until *workers* processes started the app, GET *paths*, SIGTERM it."""
     err = cwd / f"server-{len(list(cwd.iterdir()))}.txt"
     port = int(env["PORT"])
@@ -480,10 +488,20 @@ class TestUvicorn:
         env = clean_env(PORT=str(port), STARTED=str(started))
         plain_started = asgi / "plain-started.jsonl"
         plain, _ = serve(
-            [sys.executable, *uvicorn, "slowapp:app"], asgi, {**env, "STARTED": str(plain_started)}, plain_started, 2, ["/"]
+            [sys.executable, *uvicorn, "slowapp:app"],
+            asgi,
+            {**env, "STARTED": str(plain_started)},
+            plain_started,
+            2,
+            ["/"],
         )
         status, stderr = serve(
-            asyncwatch("--fail-on-findings", "--findings", str(out), *uvicorn, "slowapp:app"), asgi, env, started, 2, ["/"]
+            asyncwatch("--fail-on-findings", "--findings", str(out), *uvicorn, "slowapp:app"),
+            asgi,
+            env,
+            started,
+            2,
+            ["/"],
         )
         assert status == plain, stderr
         found = findings(out)

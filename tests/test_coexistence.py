@@ -432,8 +432,6 @@ def test_asyncwatch_reports_while_both_are_installed(loop_name, tracklib, order,
     assert kinds == expected
 
 
-
-
 @pytest.mark.parametrize("order", ["library_first", "asyncwatch_first"])
 def test_findings_point_at_the_application_line(loop_name, tracklib, order, no_internal_error):
     """Both findings name the application line that created the task and its

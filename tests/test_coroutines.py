@@ -134,7 +134,6 @@ class TestDroppedCoroutineOnALoop:
         found = watched.of(NEVER_AWAITED)
         assert [f.site.line for f in found] == [line_of("# <- dropped three times")] * 3
 
-
     def test_coroutine_function_used_as_a_callback_has_no_misleading_site(self, watched):
         """``add_done_callback(async_fn)``: asyncio creates and drops the coroutine; the site
         is unknown or the scheduling line, never the line that runs the loop."""

@@ -136,4 +136,3 @@ class TestRegisteredDetectors:
             assert broken not in engine.detectors_for(loop, engine.settings)
         finally:
             loop.close()
-

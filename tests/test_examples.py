@@ -155,9 +155,7 @@ PLAIN_OUTPUT = {
 @pytest.mark.parametrize("script", sorted(PLAIN_OUTPUT))
 def test_example_runs_with_plain_python(script: str) -> None:
     """Each example runs with plain python and prints what its comments describe."""
-    proc = subprocess.run(
-        [sys.executable, example(script)], cwd=ROOT, capture_output=True, text=True, timeout=900
-    )
+    proc = subprocess.run([sys.executable, example(script)], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
     assert re.search(PLAIN_OUTPUT[script], proc.stdout), proc.stdout
 

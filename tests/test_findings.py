@@ -66,9 +66,22 @@ class TestFinding:
         )
         d = f.to_dict()
         assert set(d) == {
-            "kind", "message", "site", "stack", "task", "coroutine", "duration_s",
-            "cancelled_by", "created_at", "time", "pid", "thread", "suppressed", "cause",
-            "breakdown", "gil_holder",
+            "kind",
+            "message",
+            "site",
+            "stack",
+            "task",
+            "coroutine",
+            "duration_s",
+            "cancelled_by",
+            "created_at",
+            "time",
+            "pid",
+            "thread",
+            "suppressed",
+            "cause",
+            "breakdown",
+            "gil_holder",
         }
         assert d["kind"] == "slow_callback"
         assert d["site"] == {"file": "/app/service.py", "line": 12, "function": "handler"}

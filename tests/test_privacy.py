@@ -75,17 +75,17 @@ def test_no_argument_or_local_reaches_any_output(tmp_path):
         capture_logs() as logs,
         asyncwatch.install(findings=path, spans="all", tracer_provider=provider, report_limit=0) as handle,
     ):
-            loop = asyncio.new_event_loop()
-            try:
-                loop.run_until_complete(main())
-                for task in asyncio.all_tasks(loop):
-                    del task
-                gc_collect_harder()
-            finally:
-                with contextlib.suppress(Exception):
-                    loop.close()
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(main())
+            for task in asyncio.all_tasks(loop):
+                del task
             gc_collect_harder()
-            assert handle is not None
+        finally:
+            with contextlib.suppress(Exception):
+                loop.close()
+        gc_collect_harder()
+        assert handle is not None
     provider.shutdown()
 
     found = {json.loads(line)["kind"] for line in path.read_text().splitlines()}

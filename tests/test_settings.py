@@ -57,7 +57,9 @@ class TestOptions:
 
     def test_unknown_kind_lists_the_valid_ones(self):
         """detect= with a wrong kind name lists the five kinds."""
-        with pytest.raises(ConfigurationError, match=r"unknown finding kind 'slow'.*slow_callback.*task_exception_unretrieved"):
+        with pytest.raises(
+            ConfigurationError, match=r"unknown finding kind 'slow'.*slow_callback.*task_exception_unretrieved"
+        ):
             Settings().with_options({"detect": ["slow"]})
 
     def test_detect_accepts_names_strings_and_all(self):
@@ -251,7 +253,11 @@ class TestBadEnvironmentAtInstall:
             ("ASYNCWATCH_DETECT", "", "ASYNCWATCH_DETECT='' names no finding kind"),
             ("ASYNCWATCH_LOG", "loud", "ASYNCWATCH_LOG='loud' is not a boolean"),
             ("ASYNCWATCH_SPANS", "everything", "ASYNCWATCH_SPANS='everything' is not a valid span mode"),
-            ("ASYNCWATCH_SLOWCALLBACK_MS", "5", "is not an asyncwatch variable (did you mean 'ASYNCWATCH_SLOW_CALLBACK_MS'?)"),
+            (
+                "ASYNCWATCH_SLOWCALLBACK_MS",
+                "5",
+                "is not an asyncwatch variable (did you mean 'ASYNCWATCH_SLOW_CALLBACK_MS'?)",
+            ),
             ("ASYNCWATCH_FINDINGS", "/nonexistent-dir/f.jsonl", "the directory '/nonexistent-dir' does not exist"),
         ],
     )
@@ -278,7 +284,9 @@ class TestBadEnvironmentAtInstall:
 
     def test_the_strict_reader_raises_for_an_unknown_name(self):
         """Settings.from_env() without on_error raises for a typo in a name, suggesting the right one."""
-        with pytest.raises(ConfigurationError, match=r"ASYNCWATCH_DETETC is not .* \(did you mean 'ASYNCWATCH_DETECT'\?\)"):
+        with pytest.raises(
+            ConfigurationError, match=r"ASYNCWATCH_DETETC is not .* \(did you mean 'ASYNCWATCH_DETECT'\?\)"
+        ):
             Settings.from_env({"ASYNCWATCH_DETETC": "all"})
 
 
@@ -289,14 +297,39 @@ class TestPytestPluginUsageErrors:
     @pytest.mark.parametrize(
         ("args", "ini", "marker", "expected"),
         [
-            (["--asyncwatch-mode=faill"], "", "", "*--asyncwatch-mode='faill' is not a valid mode (did you mean 'fail'?)*"),
-            (["--asyncwatch-slow-callback-ms=nan"], "", "", "*--asyncwatch-slow-callback-ms='nan' must be a finite number*"),
+            (
+                ["--asyncwatch-mode=faill"],
+                "",
+                "",
+                "*--asyncwatch-mode='faill' is not a valid mode (did you mean 'fail'?)*",
+            ),
+            (
+                ["--asyncwatch-slow-callback-ms=nan"],
+                "",
+                "",
+                "*--asyncwatch-slow-callback-ms='nan' must be a finite number*",
+            ),
             (["--asyncwatch-slow-callback-ms=-1"], "", "", "*--asyncwatch-slow-callback-ms='-1' must be a finite*"),
-            (["--asyncwatch-allow=slow_calback"], "", "", "*unknown finding kind 'slow_calback' (did you mean 'slow_callback'?)*"),
+            (
+                ["--asyncwatch-allow=slow_calback"],
+                "",
+                "",
+                "*unknown finding kind 'slow_calback' (did you mean 'slow_callback'?)*",
+            ),
             ([], "asyncwatch_slow_callback_ms = 0", "", "*asyncwatch_slow_callback_ms='0' must be a finite number*"),
             ([], "asyncwatch_log = loud", "", "*asyncwatch_log='loud' is not a boolean*"),
-            ([], "asyncwatch_track_coroutine_origins = sometimes", "", "*asyncwatch_track_coroutine_origins='sometimes'*"),
-            ([], "asyncwatch_mode = reprot", "", "*asyncwatch_mode='reprot' is not a valid mode (did you mean 'report'?)*"),
+            (
+                [],
+                "asyncwatch_track_coroutine_origins = sometimes",
+                "",
+                "*asyncwatch_track_coroutine_origins='sometimes'*",
+            ),
+            (
+                [],
+                "asyncwatch_mode = reprot",
+                "",
+                "*asyncwatch_mode='reprot' is not a valid mode (did you mean 'report'?)*",
+            ),
             ([], "", "(slow_callback=5)", "*got slow_callback (did you mean 'slow_callback_ms'?); it takes keyword*"),
             ([], "", "(allow=5)", "*(allow=...)=5 must be a list of finding kinds*"),
             ([], "", "(slow_callback_ms=float('inf'))", "*slow_callback_ms=inf must be a finite number*"),
@@ -317,4 +350,6 @@ class TestPytestPluginUsageErrors:
         pytester.makepyfile("def test_it():\n    pass\n")
         result = pytester.runpytest("--asyncwatch", f"--asyncwatch-findings={path}")
         assert result.ret == pytest.ExitCode.USAGE_ERROR
-        result.stderr.fnmatch_lines([f"*cannot write the findings file '{path}' (*); give a path in a writable directory*"])
+        result.stderr.fnmatch_lines(
+            [f"*cannot write the findings file '{path}' (*); give a path in a writable directory*"]
+        )

@@ -73,7 +73,9 @@ def test_only_the_hooks_a_detector_overrides_are_dispatched():
     """A detector of task hooks adds nothing to the loop and exception hooks."""
     hooks = Hooks([Recorder()], on_failure=lambda detector, exc: None)
     assert (hooks.loop_attached, hooks.loop_detached, hooks.exception_context) == ((), (), ())
-    assert [len(h) for h in (hooks.wrap_coroutine, hooks.task_created, hooks.task_cancel_requested, hooks.task_done)] == [1] * 4
+    assert [
+        len(h) for h in (hooks.wrap_coroutine, hooks.task_created, hooks.task_cancel_requested, hooks.task_done)
+    ] == [1] * 4
     assert hooks.observes_tasks and hooks.needs_task_factory
     assert not Hooks([Detector()], on_failure=lambda detector, exc: None).needs_task_factory
 

@@ -59,7 +59,6 @@ BOOTSTRAP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_boots
 # --- the spool -----------------------------------------------------------------
 
 
-
 class SpoolReporter:
     """Append each finding to the spool as one JSON line, in one ``write()``.
 
@@ -283,7 +282,9 @@ def _bootstrap(environ: Mapping[str, str], problems: list[str]) -> None:
     except (ValueError, KeyError, TypeError):
         problems.append(f"not watched: {RUN_MARKER}={raw!r} is not what asyncwatch run sets")
         return
-    settings, run = resolve_run({}, environ, on_error=lambda _name, _value, message: problems.append(f"{message} (ignored)"))
+    settings, run = resolve_run(
+        {}, environ, on_error=lambda _name, _value, message: problems.append(f"{message} (ignored)")
+    )
     reporters: list[Reporter] = []
     with contextlib.suppress(OSError):  # the run is over (the spool is gone): nobody would read it
         reporters.append(SpoolReporter(spool_path))

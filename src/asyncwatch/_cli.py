@@ -85,9 +85,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     for option in OPTIONS:
         _add_flag(run, option)
-    run.add_argument(
-        "--json", dest="log_format", action="store_const", const="json", help="same as --log-format json"
-    )
+    run.add_argument("--json", dest="log_format", action="store_const", const="json", help="same as --log-format json")
     run.add_argument(
         "-m",
         dest="module",
@@ -258,9 +256,7 @@ def _check_target(command: _Command) -> None:
         finally:
             sys.path[:] = path
         if not found:
-            raise _UsageError(
-                f"no module named {command.module!r}; check the name and that it is importable from here"
-            )
+            raise _UsageError(f"no module named {command.module!r}; check the name and that it is importable from here")
 
 
 def _findings_file(path: str) -> JsonLinesReporter:

@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 __all__ = ["Engine", "LoopWatch", "attach_loop", "current_engine", "ensure_engine", "is_installed"]
 
 
-
 def _nothing() -> None:
     return None
 

@@ -44,7 +44,11 @@ class Patch:
     def restore(self) -> None:
         """Put the original back if the attribute is still ours; forget it either way."""
         if self.replacement is not None:
-            current = self.owner.__dict__.get(self.name) if isinstance(self.owner, type) else getattr(self.owner, self.name, None)
+            current = (
+                self.owner.__dict__.get(self.name)
+                if isinstance(self.owner, type)
+                else getattr(self.owner, self.name, None)
+            )
             if current is self.replacement:
                 setattr(self.owner, self.name, self.original)
             self.replacement = self.original = None

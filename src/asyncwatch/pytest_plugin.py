@@ -89,8 +89,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     parser.addini("asyncwatch_log", "also log each finding as a structlog event (true/false)", default="false")
     parser.addini("asyncwatch_fail_on", "default for --asyncwatch-fail-on (project, all)", default="project")
-    parser.addini("asyncwatch_allow_sites", "sites whose findings never fail a test (see --asyncwatch-allow-site)",
-                  type="linelist", default=[])
+    parser.addini(
+        "asyncwatch_allow_sites",
+        "sites whose findings never fail a test (see --asyncwatch-allow-site)",
+        type="linelist",
+        default=[],
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:

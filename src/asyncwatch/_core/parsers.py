@@ -120,9 +120,7 @@ def parse_bool(value: Any, name: str) -> bool:
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
         return value.strip().lower() in _TRUE
     if isinstance(value, str):
-        raise ConfigurationError(
-            f"{name}={value!r} is not a boolean; use one of: 1, 0, true, false, yes, no, on, off"
-        )
+        raise ConfigurationError(f"{name}={value!r} is not a boolean; use one of: 1, 0, true, false, yes, no, on, off")
     raise ConfigurationError(f"{name}={value!r} is not a boolean; give True or False")
 
 

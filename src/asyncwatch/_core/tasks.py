@@ -179,6 +179,8 @@ class Task(asyncio.Task):  # type: ignore[type-arg]
 # completion; the table is capped for tasks that vanish without a word
 # (gather hides their destruction).
 _FOREIGN_LIMIT = 100_000
+
+
 class _ForeignSite(NamedTuple):
     """Where a task of another library's factory was created."""
 
@@ -266,6 +268,7 @@ _library_cache = _is_library_cache
 # loop.create_task).  While such a frame stays at the same instruction, every
 # task it makes has the same creation site: found once, then reused.
 _GATHER = asyncio.tasks.gather.__code__
+
 
 def _make_factory(state: TaskFactory, depth: int, hooks: Hooks | None) -> Callable[..., Any]:  # noqa: C901 - see below
     """The task factory function for *state*, telling the task *hooks* about each task.

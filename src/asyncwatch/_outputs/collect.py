@@ -78,7 +78,9 @@ class SummaryReporter:
         if not total:
             return "asyncwatch: no findings\n"
         places = len(self.counts)
-        lines = [f"asyncwatch: {total} finding{'s' if total != 1 else ''} in {places} place{'s' if places != 1 else ''}"]
+        lines = [
+            f"asyncwatch: {total} finding{'s' if total != 1 else ''} in {places} place{'s' if places != 1 else ''}"
+        ]
         width = max(len(k.value) for k, _ in self.counts)
         order = sorted(self.counts.items(), key=lambda item: (item[0][0].value, -item[1], str(item[0][1])))
         for (kind, site), count in order:

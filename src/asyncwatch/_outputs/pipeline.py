@@ -45,7 +45,6 @@ class Reporter(Protocol):
     def report(self, finding: Finding) -> None: ...
 
 
-
 #: One step of the enrichment stage: given a finding about to be reported,
 #: return it, or a copy with more to say (``dataclasses.replace``).  Runs on
 #: the emitting thread, in the order the enrichers were added.
@@ -106,6 +105,7 @@ class RateLimiter:
             if len(self.suppressed) < self.max_places or key in self.suppressed:
                 self.suppressed[key] += 1
             return None
+
 
 class Pipeline:
     """Hands findings to reporters; contains and disables failing ones."""

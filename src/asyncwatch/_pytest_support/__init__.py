@@ -22,4 +22,14 @@ from .options import FIXTURE, MARKER, MARKER_OPTIONS, MODES, NodeOptions, RunOpt
 from .render import render
 from .watcher import Watcher
 
-__all__ = ["FIXTURE", "MARKER", "MARKER_OPTIONS", "MODES", "NodeOptions", "RunOptions", "Watcher", "read_options", "render"]
+__all__ = [
+    "FIXTURE",
+    "MARKER",
+    "MARKER_OPTIONS",
+    "MODES",
+    "NodeOptions",
+    "RunOptions",
+    "Watcher",
+    "read_options",
+    "render",
+]

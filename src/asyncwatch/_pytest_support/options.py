@@ -18,8 +18,6 @@ MODES = ("fail", "report")
 MARKER_OPTIONS = ("allow", "slow_callback_ms")
 
 
-
-
 # --- options -----------------------------------------------------------------
 
 
@@ -170,7 +168,6 @@ def node_options(node: pytest.Item | pytest.Collector, run: RunOptions) -> NodeO
 
 
 # --- owners ------------------------------------------------------------------
-
 
 
 def _run_node_options(options: RunOptions) -> NodeOptions:

@@ -24,7 +24,6 @@ _WHERE_HINT = (
 )
 
 
-
 def render(findings: list[Finding], root: os.PathLike[str] | str, when: str = "") -> str:
     """Return *findings* as text for the terminal: a one-line summary (what
     pytest's short summary shows), then a block per finding."""

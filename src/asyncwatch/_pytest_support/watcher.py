@@ -516,13 +516,24 @@ class Watcher:
     def summary(self) -> list[tuple[str, str]]:
         """Return a (title, text) per owner to show in the terminal summary."""
         shown = [] if self.options.mode == "fail" else self._failed_tests  # failures show their own
-        out = [(_title(owner), render(owner.counted, self.config.rootpath)) for owner in [*shown, *self._outside_findings()]]
+        out = [
+            (_title(owner), render(owner.counted, self.config.rootpath))
+            for owner in [*shown, *self._outside_findings()]
+        ]
         not_ours: dict[str, list[Finding]] = {}
         for owner, finding in self._not_ours_seen:
             if owner.options.counts(finding):
                 not_ours.setdefault(_title(owner), []).append(finding)
         for title, findings in not_ours.items():
-            why = sorted({o.not_ours[id(f)] for o, f in self._not_ours_seen if _title(o) == title and id(f) in o.not_ours})
-            text = render(findings, self.config.rootpath) + "\n\nnot failing the test: " + "; ".join(why) + "\n" + _WHERE_HINT
+            why = sorted(
+                {o.not_ours[id(f)] for o, f in self._not_ours_seen if _title(o) == title and id(f) in o.not_ours}
+            )
+            text = (
+                render(findings, self.config.rootpath)
+                + "\n\nnot failing the test: "
+                + "; ".join(why)
+                + "\n"
+                + _WHERE_HINT
+            )
             out.append((f"{title} (reported, not failing)", text))
         return out

@@ -55,7 +55,6 @@ METRIC_TASKS_ALIVE = "asyncio.task.count"
 METRIC_FINDINGS = "asyncwatch.findings"
 
 
-
 def site_attributes(site: Site | None) -> dict[str, Any]:
     """The ``code.*`` attributes of *site*."""
     if site is None:

@@ -331,9 +331,9 @@ class TaskTracer(Detector):
         inner = wrapper._aw_inner
         qualname = getattr(inner, "__qualname__", None) or type(inner).__qualname__
         code = getattr(inner, "cr_code", None)
-        if (code is not None and self._special_file(code.co_filename) and self._internal(code.co_filename, qualname)) or (
-            qualname in _INTERNAL_COROUTINES
-        ):
+        if (
+            code is not None and self._special_file(code.co_filename) and self._internal(code.co_filename, qualname)
+        ) or (qualname in _INTERNAL_COROUTINES):
             wrapper._aw_observer = None  # asyncio's or asyncwatch's own work: not even timed
             return
         early = wrapper._aw_early

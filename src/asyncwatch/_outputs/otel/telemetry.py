@@ -80,7 +80,6 @@ _UNSET_TRACER_PROVIDERS: tuple[type, ...] = (trace.ProxyTracerProvider, trace.No
 _UNSET_METER_PROVIDERS = _unset_meter_providers()
 
 
-
 class Telemetry:
     """asyncwatch's OpenTelemetry side, as the engine sees it.
 
@@ -227,7 +226,10 @@ class Telemetry:
         context = span.get_span_context()
         if not context.is_valid:
             return finding
-        ids = (("trace_id", trace.format_trace_id(context.trace_id)), ("span_id", trace.format_span_id(context.span_id)))
+        ids = (
+            ("trace_id", trace.format_trace_id(context.trace_id)),
+            ("span_id", trace.format_span_id(context.span_id)),
+        )
         return dataclasses.replace(finding, extra=(*finding.extra, *ids))
 
     def _span_for(self, finding: Finding) -> Any:
