@@ -242,20 +242,22 @@ class TestWhyTheLoopStalled:
     def test_another_thread_holding_the_gil_is_named_and_no_line_is_blamed(self, watched):
         """A worker's long GIL-holding C call stalls the loop: cause gil, the worker named."""
 
+        finished = threading.Event()
         release = threading.Event()
 
         def hog():
-            re.match(r"(a+)+$", "a" * 25 + "b")  # ~1 s in C, GIL held
+            re.match(r"(a+)+$", "a" * 24 + "b")  # ~0.5 s in C, GIL held
+            finished.set()
             release.wait()  # a pool's worker lives on
 
         async def main():
             await asyncio.sleep(0.02)
             worker = threading.Thread(target=hog, name="regex-worker")
             worker.start()
-            # ~30 ms of Python in this step (under the threshold): the worker
-            # takes the GIL meanwhile and keeps it ~1 s.
-            until = time.perf_counter() + 0.03
-            while time.perf_counter() < until:
+            # The step spins in Python until the worker is done: the worker
+            # takes the GIL at the next switch interval and keeps it for the
+            # whole regex, so this step waits, not computes.
+            while not finished.is_set():
                 pass
             await asyncio.sleep(0)
             release.set()
