@@ -196,25 +196,3 @@ class TestSummary:
     def test_says_so_when_clean(self):
         """A clean run says there were no findings."""
         assert SummaryReporter().render() == "asyncwatch: no findings\n"
-
-
-def test_public_api_is_pinned():
-    """The re-exported names are the public API; changing them is a decision."""
-    assert asyncwatch.__all__ == [
-        "ConfigurationError",
-        "EventLoopPolicy",
-        "Finding",
-        "FindingKind",
-        "Installation",
-        "JsonLinesReporter",
-        "Reporter",
-        "Settings",
-        "Site",
-        "StructlogReporter",
-        "__version__",
-        "install",
-        "is_installed",
-        "loop_factory",
-        "new_event_loop",
-        "uninstall",
-    ]
