@@ -203,7 +203,53 @@ class TestSubprocessChildren:
         assert result.stdout.split("\n") == ["False False", "True", ""]
 
 
+SLOW_DISK_CHILD = textwrap.dedent(
+    """\
+    import asyncio, json, multiprocessing, os, sys, time
+
+    async def save(x):
+        pass
+
+    async def main():
+        save(1)  # <- slow disk child
+
+    def slow_write(fd, data):
+        time.sleep(0.5)  # the child ends (os._exit) long before this returns, unless flushed
+        return os.write(fd, data)
+
+    def work():
+        from asyncwatch._outputs.jsonl import _open_files
+
+        for reporter in list(_open_files):
+            reporter._write = slow_write
+        asyncio.run(main())
+
+    if __name__ == "__main__":
+        ctx = multiprocessing.get_context(sys.argv[1])
+        process = ctx.Process(target=work)
+        process.start()
+        process.join()
+        print(json.dumps({"exitcode": process.exitcode}))
+    """
+)
+
+
 class TestMultiprocessing:
+    @pytest.mark.parametrize("method", ["spawn", "fork", "forkserver"])
+    def test_a_childs_queued_finding_is_written_before_it_exits(self, tmp_path, method):
+        """fork and forkserver children leave through os._exit(): the line still waiting
+        for a slow disk is written first (a forkserver child's reporter, made while it
+        unpickles its target, used to race the exit)."""
+        script = tmp_path / "mp.py"
+        script.write_text(SLOW_DISK_CHILD)
+        out = tmp_path / "findings.jsonl"
+        result = run_cli("run", "--findings", str(out), str(script), method, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["exitcode"] == 0
+        [finding] = findings_in(out)
+        assert finding["kind"] == "coroutine_never_awaited"
+        assert finding["site"]["line"] == line_in(script, "# <- slow disk child")
+
     @pytest.mark.parametrize(
         "method",
         [

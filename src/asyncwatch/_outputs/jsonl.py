@@ -66,6 +66,7 @@ class JsonLinesReporter:
         self._write = os.write
         _open_files.add(self)
         in_forked_child(self, JsonLinesReporter._after_fork_in_child)
+        _flush_when_a_multiprocessing_child_ends(self)
 
     def report(self, finding: Finding) -> None:
         data = finding_line(finding)
@@ -164,6 +165,27 @@ def _before_fork() -> None:
     if util is not None:
         for reporter in list(_open_files):
             util.register_after_fork(reporter, _flush_at_child_exit)
+
+
+def _flush_when_a_multiprocessing_child_ends(reporter: JsonLinesReporter) -> None:
+    """A reporter made inside a multiprocessing child: flush it before os._exit().
+
+    A forkserver's children import asyncio (and so, through the bootstrap,
+    asyncwatch) while unpickling their target, before the child's
+    ``_bootstrap`` clears the finalizers it inherited and runs the
+    after-fork hooks: no fork happens after the reporter exists, so
+    `_before_fork` never ran for it, and its queued line raced os._exit()
+    (lost in about 1 run in 5).  An after-fork hook registered now runs in
+    that ``_bootstrap``; a reporter made later, in a child already running
+    its target, registers its finalizer at once.
+    """
+    util = sys.modules.get("multiprocessing.util")
+    if util is None:
+        return
+    util.register_after_fork(reporter, _flush_at_child_exit)
+    process = sys.modules.get("multiprocessing.process")
+    if process is not None and process.parent_process() is not None:
+        _flush_at_child_exit(reporter)
 
 
 def _flush_at_child_exit(reporter: JsonLinesReporter) -> None:
