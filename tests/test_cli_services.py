@@ -165,7 +165,12 @@ WAITS = textwrap.dedent(
         save()  # <- never awaited
         time.sleep(0.25)  # <- blocks
         print("ready", flush=True)
-        await asyncio.sleep(3600)
+        # Short sleeps, not one long one: a Python signal handler runs only when
+        # the main thread returns to the interpreter, and a signal that lands
+        # between asyncio's last bytecode and its epoll_wait() leaves plain
+        # python asleep for the whole timeout (seen once in CI: a 900 s hang).
+        while True:
+            await asyncio.sleep(0.05)
 
     if os.environ.get("OWN_HANDLER"):
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
