@@ -24,6 +24,58 @@ from typing import Any
 
 from .findings import Site
 
+# --- Paths without the file system -------------------------------------------------
+#
+# Sites are made on the loop thread (task creation, a cancellation, a
+# collected task).  os.path.abspath calls os.getcwd for a relative name, and
+# os.path.relpath calls abspath on both of its arguments: file-system calls
+# that tools such as blockbuster (anyio's suite) turn into an exception on
+# the loop thread.  These helpers do the same with strings only.
+
+
+def _start_dir() -> str | None:
+    try:
+        return os.getcwd()
+    except OSError:  # started in a directory that was removed
+        return None
+
+
+#: The working directory when asyncwatch was imported.  A relative code file
+#: name (code compiled under a relative name, a relative sys.path entry) is
+#: relative to the directory the program was in when it compiled it, far
+#: more often its start-up directory than one it changed to since.
+_START_DIR = _start_dir()
+
+
+def absolute_path(filename: str) -> str:
+    """``os.path.abspath`` without touching the file system (a relative
+    name is taken relative to the start-up directory)."""
+    if not os.path.isabs(filename) and _START_DIR is not None:
+        filename = os.path.join(_START_DIR, filename)
+    return os.path.normpath(filename)
+
+
+def relative_path(path: str, start: str | None = None) -> str:
+    """``os.path.relpath`` of an absolute *path* from *start* (default: the
+    start-up directory) without touching the file system; *path* unchanged
+    where that is impossible (relative, or on another drive)."""
+    if start is None:
+        start = _START_DIR
+    if start is None or not os.path.isabs(path) or not os.path.isabs(start):
+        return path
+    if os.path.splitdrive(path)[0].lower() != os.path.splitdrive(start)[0].lower():
+        return path
+    parts = [p for p in os.path.normpath(path).split(os.sep) if p]
+    base = [p for p in os.path.normpath(start).split(os.sep) if p]
+    common = 0
+    for a, b in zip(base, parts):
+        if a != b:
+            break
+        common += 1
+    rest = [os.pardir] * (len(base) - common) + parts[common:]
+    return os.path.join(*rest) if rest else os.curdir
+
+
 # --- Telling application code from library code --------------------------------
 #
 # A finding points at *application* code: not asyncio, not the standard
@@ -65,7 +117,7 @@ def is_library_file(filename: str) -> bool:
         # code the user typed or exec'd.
         result = filename.startswith("<frozen")
     else:
-        path = os.path.abspath(filename)
+        path = absolute_path(filename)
         result = (
             path.startswith(_LIBRARY_PREFIXES)
             or f"{os.sep}site-packages{os.sep}" in path
@@ -104,7 +156,7 @@ def frame_site(frame: FrameType) -> Site:
 
 def source_path(filename: str) -> str:
     """The absolute path of a code object's file name (``<string>`` and the like as they are)."""
-    return filename if filename.startswith("<") else os.path.abspath(filename)
+    return filename if filename.startswith("<") else absolute_path(filename)
 
 
 def app_frame(frame: FrameType | None) -> FrameType | None:
@@ -184,15 +236,12 @@ def describe_exception(exc: BaseException, limit: int = 200) -> str:
 
 def site_text(site: Site, relative: bool = False) -> str:
     """``file:line in function``; with *relative*, the path relative to the
-    current directory when it is inside it (console output)."""
+    start-up directory when it is inside it (console output)."""
     path = site.file
     if relative:
-        try:
-            rel = os.path.relpath(path)
-            if not rel.startswith(".."):
-                path = rel
-        except ValueError:  # another drive on Windows
-            pass
+        rel = relative_path(path)
+        if not rel.startswith(".."):
+            path = rel
     return f"{path}:{site.line} in {site.function}"
 
 
