@@ -18,6 +18,7 @@ import builtins
 import contextlib
 import gc
 import io
+import json
 import logging
 import os
 import sys
@@ -166,3 +167,45 @@ def test_the_guard_catches_a_file_system_call_of_asyncwatchs():
         asyncio.run(main())
         os.getcwd()  # outside a loop: allowed
     assert calls == ["os.getcwd from <module>"]
+
+
+pytest_plugins = ["pytester"]
+
+
+def test_the_pytest_plugin_reports_under_the_guard(pytester: pytest.Pytester):
+    """The plugin judges and records findings on the loop thread (a task
+    collected there) with no file-system call either: the findings file has
+    the finding and no internal error is logged."""
+    pytester.makepyfile(
+        test_guarded="""
+        import asyncio, gc
+        from test_blocking_guard import blocking_guard
+
+        async def forever():
+            await asyncio.Event().wait()
+
+        async def main():
+            lost = asyncio.create_task(forever())  # <- lost
+            await asyncio.sleep(0)
+            del lost
+            gc.collect()
+            await asyncio.sleep(0)
+
+        def test_it():
+            with blocking_guard() as calls:
+                asyncio.run(main())
+            assert calls == []
+        """
+    )
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    findings = pytester.path / "findings.jsonl"
+    result = pytester.runpytest(
+        "-p", "no:cacheprovider", "--asyncwatch", "--asyncwatch-mode", "report", f"--asyncwatch-findings={findings}"
+    )
+    result.assert_outcomes(passed=1)
+    assert "internal_error" not in result.stdout.str() + result.stderr.str()
+    lines = [json.loads(line) for line in findings.read_text().splitlines()]
+    line = next(
+        n for n, text in enumerate((pytester.path / "test_guarded.py").read_text().splitlines(), 1) if "<- lost" in text
+    )
+    assert [(f["kind"], f["site"]["line"]) for f in lines] == [("task_destroyed_pending", line)]
