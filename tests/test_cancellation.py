@@ -417,6 +417,214 @@ class TestReported:
         )
 
 
+async def fails_soon():
+    await asyncio.sleep(TICK)
+    raise ValueError("boom")
+
+
+class TestStructuredCancellationSwallowed:
+    """A structure uncancels only the task it owns: a TaskGroup child, the task
+    awaited under a timeout, wait_for's task, that returns normally after the
+    structure's CancelledError swallowed it.  cancelled_by is the application
+    line that set the structure up, never the asyncio.run line."""
+
+    def test_taskgroup_child_swallowing_the_abort_while_the_parent_is_in_the_body(self, watched):
+        """A sibling fails while the parent still runs the body; the child catches and returns."""
+
+        async def child():
+            try:
+                await asyncio.sleep(LONG)  # <- tg body: delivered
+            except asyncio.CancelledError:
+                pass
+            return "kept going"
+
+        async def main():
+            with contextlib.suppress(ExceptionGroup):
+                async with asyncio.TaskGroup() as tg:  # <- tg body: async with
+                    tg.create_task(child(), name="child")  # <- tg body: created
+                    tg.create_task(fails_soon())
+                    await asyncio.sleep(LONG)
+
+        watched.run(main)
+        finding = the_one_swallowed(watched.findings)
+        assert_reported(
+            finding,
+            site="tg body: delivered",
+            site_in=child,
+            cancelled_by="tg body: async with",
+            created_at="tg body: created",
+            task="child",
+            coroutine=child,
+        )
+        assert "by the TaskGroup, set up at test_cancellation.py:" in finding.message
+
+    def test_taskgroup_child_swallowing_the_abort_while_the_parent_waits_in_aexit(self, watched):
+        """The same when the parent already waits at the end of the ``async with``."""
+
+        async def child():
+            try:
+                await asyncio.sleep(LONG)  # <- tg aexit: delivered
+            except asyncio.CancelledError:
+                pass
+
+        async def main():
+            with contextlib.suppress(ExceptionGroup):
+                async with asyncio.TaskGroup() as tg:  # <- tg aexit: async with
+                    tg.create_task(child(), name="child")  # <- tg aexit: created
+                    tg.create_task(fails_soon())
+
+        watched.run(main)
+        assert_reported(
+            the_one_swallowed(watched.findings),
+            site="tg aexit: delivered",
+            site_in=child,
+            cancelled_by="tg aexit: async with",
+            created_at="tg aexit: created",
+            task="child",
+            coroutine=child,
+        )
+
+    def test_taskgroup_child_swallowing_the_abort_after_the_body_raised(self, watched):
+        """The body raises: the group aborts its children; one returns normally."""
+
+        async def child():
+            try:
+                await asyncio.sleep(LONG)  # <- tg raise: delivered
+            except asyncio.CancelledError:
+                return "ignored"
+
+        async def main():
+            with contextlib.suppress(ExceptionGroup, ValueError):
+                async with asyncio.TaskGroup() as group:  # <- tg raise: async with
+                    group.create_task(child(), name="child")  # <- tg raise: created
+                    await asyncio.sleep(TICK)
+                    raise ValueError("body failed")
+
+        watched.run(main)
+        assert_reported(
+            the_one_swallowed(watched.findings),
+            site="tg raise: delivered",
+            site_in=child,
+            cancelled_by="tg raise: async with",
+            created_at="tg raise: created",
+            task="child",
+            coroutine=child,
+        )
+
+    def test_task_awaited_under_an_expiring_timeout_that_swallows(self, watched):
+        """The timeout cancels its task, which forwards it to the task it awaits; that one returns."""
+
+        async def inner():
+            try:
+                await asyncio.sleep(LONG)  # <- timeout: delivered
+            except asyncio.CancelledError:
+                pass
+            return "late"
+
+        async def main():
+            task = asyncio.create_task(inner(), name="inner")  # <- timeout: created
+            async with asyncio.timeout(TICK):  # <- timeout: async with
+                assert await task == "late"
+
+        watched.run(main)
+        assert_reported(
+            the_one_swallowed(watched.findings),
+            site="timeout: delivered",
+            site_in=inner,
+            cancelled_by="timeout: async with",
+            created_at="timeout: created",
+            task="inner",
+            coroutine=inner,
+        )
+
+    def test_gather_child_under_an_expiring_timeout_that_swallows(self, watched):
+        """The timeout's cancellation reaches gather's tasks; the one that returns is reported."""
+
+        async def swallows():
+            try:
+                await asyncio.sleep(LONG)  # <- timeout gather: delivered
+            except asyncio.CancelledError:
+                pass
+
+        async def reraises():
+            await asyncio.sleep(LONG)
+
+        async def main():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(TICK):  # <- timeout gather: async with
+                    await asyncio.gather(swallows(), reraises())  # <- timeout gather: created
+
+        watched.run(main)
+        finding = the_one_swallowed(watched.findings)
+        assert (finding.site.file, finding.site.line) == (__file__, line_of("# <- timeout gather: delivered"))
+        assert finding.cancelled_by is not None
+        assert finding.cancelled_by.line == line_of("# <- timeout gather: async with")
+        assert finding.created_at.line == line_of("# <- timeout gather: created")
+        assert "by the timeout" in finding.message
+
+    def test_task_given_to_wait_for_that_swallows(self, watched):
+        """wait_for times out and cancels the task; the task returns a value instead."""
+
+        async def inner():
+            try:
+                await asyncio.sleep(LONG)  # <- wait_for: delivered
+            except asyncio.CancelledError:
+                pass
+            return "late"
+
+        async def main():
+            task = asyncio.create_task(inner(), name="inner")  # <- wait_for: created
+            assert await asyncio.wait_for(task, TICK) == "late"  # <- wait_for: call
+
+        watched.run(main)
+        assert_reported(
+            the_one_swallowed(watched.findings),
+            site="wait_for: delivered",
+            site_in=inner,
+            cancelled_by="wait_for: call",
+            created_at="wait_for: created",
+            task="inner",
+            coroutine=inner,
+        )
+
+    def test_taskgroup_child_that_cleans_up_then_reraises_is_silent(self, watched):
+        """``except CancelledError: await cleanup(); raise`` inside a TaskGroup child."""
+        cleaned = []
+
+        async def child():
+            try:
+                await asyncio.sleep(LONG)
+            except asyncio.CancelledError:
+                await asyncio.sleep(0)
+                cleaned.append(True)
+                raise
+
+        async def main():
+            with contextlib.suppress(ExceptionGroup):
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(child())
+                    tg.create_task(fails_soon())
+
+        watched.run(main)
+        assert cleaned == [True]
+        assert_silent(watched.findings)
+
+    def test_taskgroup_parent_catching_its_own_abort_is_silent(self, watched):
+        """The parent's cancellation is the group's own bookkeeping (gh-116720), handled with except*."""
+
+        async def main():
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(fails_soon())
+                    await asyncio.sleep(LONG)
+            except* ValueError:
+                pass
+            return "handled"
+
+        assert watched.run(main) == "handled"
+        assert_silent(watched.findings)
+
+
 class TestNeverReported:
     """Cancellation that is propagated, or structured and handled by asyncio, is never reported."""
 

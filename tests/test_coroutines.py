@@ -153,6 +153,138 @@ class TestDroppedCoroutineOnALoop:
             assert (finding.site.file, finding.site.line) == (__file__, line_of("# <- async function as a callback"))
 
 
+class Client:
+    """A coroutine created in one place and dropped in another (issue 12)."""
+
+    async def _ping(self):
+        return "pong"
+
+    @property
+    def ping(self):
+        return self._ping()  # <- created by the property
+
+    async def close(self):
+        pass
+
+    def close_soon(self):
+        self.close()  # <- method called without await
+
+
+class TestCreatedAtAndDroppedAt:
+    """A site never misleads: ``created_at`` and ``dropped_at`` say which line is which,
+    and so does the message; the site is the creation line when it is known."""
+
+    def test_statement_call_is_created_and_dropped_on_one_line(self, installed):
+        """``save(x)`` as a statement: both fields and the site are that line."""
+        with capture_findings(NEVER_AWAITED) as found:
+            save(7)  # <- created and dropped here
+
+        [finding] = found
+        assert_site(
+            finding,
+            "created and dropped here",
+            TestCreatedAtAndDroppedAt.test_statement_call_is_created_and_dropped_on_one_line.__qualname__,
+        )
+        assert finding.created_at == finding.dropped_at == finding.site
+        assert (
+            f"created and dropped at test_coroutines.py:{line_of('# <- created and dropped here')}" in finding.message
+        )
+        assert finding.to_dict()["dropped_at"] == finding.site.to_dict()
+
+    def test_module_function_called_through_its_module_is_created_there(self, installed):
+        """``asyncio.sleep(0)`` as a statement: the call is resolved without running code."""
+        with capture_findings(NEVER_AWAITED) as found:
+            asyncio.sleep(0)  # <- module function dropped
+
+        [finding] = found
+        assert finding.created_at is not None
+        assert finding.created_at.line == line_of("# <- module function dropped")
+        assert finding.dropped_at == finding.created_at == finding.site
+
+    def test_property_returning_a_coroutine_is_reported_where_it_was_dropped_and_says_so(self, installed):
+        """``client.ping`` (a property returning ``self._ping()``): without origin tracking the
+        creation line is unknown; the site is the drop line, labelled as such."""
+        client = Client()
+        with capture_findings(NEVER_AWAITED) as found:
+            client.ping  # <- property result dropped  # noqa: B018
+
+        [finding] = found
+        drop = line_of("# <- property result dropped")
+        assert finding.created_at is None
+        assert finding.dropped_at is not None
+        assert (finding.dropped_at.file, finding.dropped_at.line) == (__file__, drop)
+        assert finding.site == finding.dropped_at
+        assert f"dropped at test_coroutines.py:{drop}" in finding.message
+        assert "where it was created is not known" in finding.message
+        assert "created and dropped" not in finding.message
+        assert f"{__file__}:{Client._ping.__code__.co_firstlineno}" in finding.message  # where it is defined
+
+    def test_coroutine_returned_by_a_helper_is_not_said_to_be_created_by_its_caller(self, installed):
+        """``create_save()`` as a statement: the call did not make the coroutine itself."""
+        with capture_findings(NEVER_AWAITED) as found:
+            create_save()  # <- helper's coroutine dropped
+
+        [finding] = found
+        assert finding.created_at is None
+        assert finding.dropped_at.line == line_of("# <- helper's coroutine dropped")
+
+    def test_method_called_without_await_on_self(self, installed):
+        """``self.close()``: created and dropped on that line; the creation is read from
+        ``self`` only where reading a frame's locals is free (3.13's f_locals view)."""
+        with capture_findings(NEVER_AWAITED) as found:
+            Client().close_soon()
+
+        [finding] = found
+        line = line_of("# <- method called without await")
+        assert finding.dropped_at.line == finding.site.line == line
+        if sys.version_info >= (3, 13):
+            assert finding.created_at == finding.dropped_at
+        else:
+            assert finding.created_at is None
+
+    def test_with_origin_tracking_both_lines_are_known(self, installed_with_origins):
+        """The property case with ``track_coroutine_origins``: created in the property, dropped by the caller."""
+        client = Client()
+        with capture_findings(NEVER_AWAITED) as found:
+            client.ping  # <- tracked property result dropped  # noqa: B018
+
+        [finding] = found
+        created, dropped = line_of("# <- created by the property"), line_of("# <- tracked property result dropped")
+        assert_origin_site(finding, "created by the property", "ping")
+        assert finding.created_at == finding.site
+        assert finding.dropped_at.line == dropped
+        assert f"created at test_coroutines.py:{created} and dropped at test_coroutines.py:{dropped}" in finding.message
+
+    def test_coroutine_collected_by_the_gc_has_no_drop_line(self, installed):
+        """Freed by the collector: neither line is known, and the message says so."""
+        with capture_findings(NEVER_AWAITED) as found:
+            box = []
+            box.append(save(box))
+            del box
+            gc.collect()
+
+        [finding] = found
+        assert finding.dropped_at is None
+        assert finding.created_at is None
+        assert "garbage collector" in finding.message
+
+    def test_on_a_loop_too(self, watched):
+        """The same fields for a coroutine dropped inside a task, on either loop."""
+
+        async def main():
+            Client().ping  # <- dropped in a task  # noqa: B018
+            save(8)  # <- statement in a task
+            await asyncio.sleep(0)
+
+        watched.run(main)
+
+        by_line = {f.dropped_at.line: f for f in watched.of(NEVER_AWAITED)}
+        prop = by_line[line_of("# <- dropped in a task")]
+        assert prop.created_at is None and prop.site == prop.dropped_at
+        statement = by_line[line_of("# <- statement in a task")]
+        assert statement.created_at == statement.dropped_at == statement.site
+
+
 class TestDroppedCoroutineInSyncCode:
     """The hook is process-wide: plain synchronous code is watched too."""
 

@@ -69,6 +69,7 @@ class TestFinding:
             "thread",
             "suppressed",
             "cause",
+            "dropped_at",
         }
         assert d["kind"] == "slow_callback"
         assert d["site"] == {"file": "/app/service.py", "line": 12, "function": "handler"}

@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import select
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -748,6 +749,40 @@ class TestMemory:
             asyncwatch.uninstall()
         gc_collect_harder()
         assert [r() for r in refs if r() is not None] == []
+
+    @pytest.mark.parametrize("entry", ["install", "loop_factory"])
+    def test_a_loop_whose_last_step_the_watchdog_followed_is_freed_when_run_returns(self, entry):
+        """The watchdog identifies the running callback by its frame; a step
+        that has ended must not be kept by it until the next sample: its
+        frame's locals (the task, the loop) would outlive ``asyncio.run()``,
+        as anyio's test_asyncio_run_does_not_leak_event_loop saw."""
+        # A 10 s threshold samples a running loop once a second: the sample
+        # after the step would come long after the check below.
+        run_options: dict[str, Any] = {}
+        if entry == "install":
+            asyncwatch.install(log=False, slow_callback_ms=10_000)
+        else:  # attached as the loop is made, as the pytest plugin does
+            run_options["loop_factory"] = asyncwatch.loop_factory(log=False, slow_callback_ms=10_000)
+        refs: list[weakref.ref[Any]] = []
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            refs.append(weakref.ref(loop))
+            watchdog = _watchdog(current_engine())
+            step = sys._getframe()
+            # Keep this step running until the watchdog has seen it (no
+            # wall-clock bound a slow machine could cross: it is a wait).
+            waited = 0.0
+            while not any(p.held is step for p in watchdog._probes):
+                time.sleep(0.001)
+                waited += 0.001
+                assert waited < 600, "the watchdog never sampled the loop"
+            del step, watchdog
+
+        with asyncio.Runner(**run_options) as runner:
+            runner.run(main())
+        gc.collect()
+        assert refs[0]() is None
 
 
 async def _blocks_briefly() -> None:

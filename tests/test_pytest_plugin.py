@@ -264,6 +264,35 @@ class TestReport:
         )
         result.stdout.fnmatch_lines(["FAILED test_it.py::test_it - Failed: asyncwatch: cancellation_swallowed at*"])
 
+    def test_a_coroutine_created_in_one_place_and_dropped_in_another_shows_both(self, suite):
+        """The plugin tracks origins: the site is where the coroutine was made, and
+        the line that dropped it is shown, labelled."""
+        suite.module(
+            """
+            class Client:
+                async def _ping(self):
+                    pass
+
+                @property
+                def ping(self):
+                    return self._ping()  # <-
+
+            async def test_it():
+                Client().ping  # dropped here
+            """
+        )
+        result = suite.run("--asyncwatch")
+        result.assert_outcomes(failed=1)
+        line = suite.line_of()
+        result.stdout.fnmatch_lines(
+            [
+                f"coroutine_never_awaited: Coroutine 'Client._ping' was created at test_it.py:{line} and dropped at*",
+                f"  test_it.py:{line} in *ping",
+                "  dropped at test_it.py:* in test_it",
+                "      Client().ping  # dropped here",
+            ]
+        )
+
     def test_failing_test_shows_its_findings_beside_its_error(self, suite):
         suite.module(
             """

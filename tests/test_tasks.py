@@ -8,6 +8,7 @@ application line that created the task.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import re
@@ -232,6 +233,136 @@ class TestPendingTasksThatAreNotLost:
 
         watched.run(main)
         assert watched.findings == []
+
+
+async def await_a_gather():
+    await asyncio.gather(wait_forever(), wait_forever())
+
+
+class TestLostGathers:
+    """asyncio does not warn when gather's tasks are destroyed while pending
+    (it sets ``_log_destroy_pending = False`` on them): asyncwatch reports the
+    gather itself, at the gather line, and nothing for a gather that was
+    awaited, cancelled or finished."""
+
+    def test_gather_neither_awaited_nor_kept_is_reported_at_the_gather_line(self, watched):
+        """One finding for the lost gather, at its line, saying it was a gather."""
+
+        async def main():
+            asyncio.gather(wait_forever(), wait_forever())  # <- gather dropped
+            await let_tasks_run()
+
+        watched.run(main)
+
+        assert watched.kinds() == ["task_destroyed_pending"]
+        [finding] = watched.findings
+        assert finding.site is not None
+        assert (finding.site.file, finding.site.line) == (__file__, line_of("# <- gather dropped"))
+        assert finding.site.function == main.__qualname__
+        assert finding.created_at == finding.site
+        assert finding.coroutine == wait_forever.__qualname__
+        assert "gather() of 2 awaitables" in finding.message
+        assert "await the gather" in finding.message
+
+    def test_gather_from_a_helper_is_reported_at_the_helper_line(self, watched):
+        """A gather made by an application helper and dropped by its caller points at the helper."""
+
+        def fan_out():
+            return asyncio.gather(*[wait_forever() for _ in range(3)])  # <- helper's gather
+
+        async def main():
+            fan_out()
+            await let_tasks_run()
+
+        watched.run(main)
+
+        [finding] = watched.of("task_destroyed_pending")
+        assert (finding.site.file, finding.site.line) == (__file__, line_of("# <- helper's gather"))
+        assert "gather() of 3 awaitables" in finding.message
+
+    def test_two_gathers_dropped_in_one_step_are_two_findings(self, watched):
+        """Each lost gather is reported at its own line."""
+
+        async def main():
+            asyncio.gather(wait_forever())  # <- first lost gather
+            asyncio.gather(wait_forever(), wait_forever())  # <- second lost gather
+            await let_tasks_run()
+
+        watched.run(main)
+
+        assert sorted(sites_of(watched.of("task_destroyed_pending"))) == [
+            (__file__, line_of("# <- first lost gather")),
+            (__file__, line_of("# <- second lost gather")),
+        ]
+        assert watched.kinds() == ["task_destroyed_pending"] * 2
+
+    def test_awaited_gather_is_silent(self, watched):
+        """The ordinary use: gather awaited to completion, then dropped."""
+
+        async def main():
+            await asyncio.gather(asyncio.sleep(0), asyncio.sleep(0))
+            await let_tasks_run()
+
+        watched.run(main)
+        assert watched.findings == []
+
+    def test_finished_gather_dropped_unawaited_is_silent(self, watched):
+        """A gather whose tasks all finished is not lost, awaited or not."""
+
+        async def main():
+            gathering = asyncio.gather(asyncio.sleep(0), asyncio.sleep(0))
+            for _ in range(3):
+                await asyncio.sleep(0)
+            assert gathering.done()
+            del gathering
+            await let_tasks_run()
+
+        watched.run(main)
+        assert watched.findings == []
+
+    def test_cancelled_gather_is_silent(self, watched):
+        """A gather cancelled (and its cancellation seen) is not lost."""
+
+        async def main():
+            gathering = asyncio.gather(wait_forever(), wait_forever())
+            await asyncio.sleep(0)
+            gathering.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await gathering
+            del gathering
+            await let_tasks_run()
+
+        watched.run(main)
+        assert watched.findings == []
+
+    def test_gather_kept_until_shutdown_is_silent(self, watched):
+        """A gather the program holds is cancelled with its tasks when asyncio.run ends."""
+        held = []
+
+        async def main():
+            held.append(asyncio.gather(wait_forever(), wait_forever()))
+            await let_tasks_run()
+
+        watched.run(main)
+        with contextlib.suppress(asyncio.CancelledError):
+            held[0].exception()  # retrieved, as a program that keeps it would
+        held.clear()
+        gc_collect_harder()
+        assert watched.findings == []
+
+    def test_gather_awaited_by_a_lost_task_is_the_task_finding_only(self, watched):
+        """The task awaiting the gather is what was lost: reported once, at its create_task line."""
+
+        async def main():
+            asyncio.create_task(await_a_gather())  # <- task awaiting a gather, dropped
+            await let_tasks_run()
+
+        watched.run(main)
+
+        assert watched.kinds() == ["task_destroyed_pending"]
+        [finding] = watched.findings
+        assert finding.site.line == line_of("# <- task awaiting a gather, dropped")
+        assert finding.coroutine == await_a_gather.__qualname__
 
 
 class TestTaskExceptionUnretrieved:

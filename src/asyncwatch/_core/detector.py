@@ -14,6 +14,7 @@ method named after the event, in the spirit of trio's ``Instrument``:
 ``task_created(...)``      asyncwatch's task factory made a task
 ``task_cancel_requested``  ``cancel()`` on a pending task of ours
 ``task_done(...)``         a task whose creation was told finished
+``gather_made(...)``       a ``gather()`` that made tasks has returned
 ``wrap_coroutine(coro)``   the coroutine a new task will run
 =========================  ==============================================
 
@@ -150,6 +151,13 @@ class Detector:
     def task_done(self, task: asyncio.Task[Any], coro: Any) -> None:
         """*task* finished; *coro* is what it ran (a done task may not say, gh-122332)."""
 
+    def gather_made(self, watch: WatchedLoop, gathering: asyncio.Future[Any], site: Site | None) -> None:
+        """``gather()`` called at *site* made tasks and returned *gathering*,
+        still pending.  asyncio silences "Task was destroyed but it is
+        pending!" for those tasks: the caller holds no reference to them.
+        Told once per gather, at the loop's next callback, by asyncwatch's
+        task factory (so only for gathers whose tasks it made)."""
+
 
 #: The hooks a `Hooks` table dispatches, in the order of `Detector`.
 HOOKS = (
@@ -160,6 +168,7 @@ HOOKS = (
     "task_created",
     "task_cancel_requested",
     "task_done",
+    "gather_made",
 )
 #: The hooks that need asyncwatch's task factory.
 TASK_HOOKS = ("wrap_coroutine", "task_created", "task_cancel_requested", "task_done")
@@ -186,6 +195,7 @@ class Hooks:
     task_created: tuple[Callable[[asyncio.Task[Any], Any, Site | None], None], ...]
     task_cancel_requested: tuple[Callable[[asyncio.Task[Any], FrameType, Any], None], ...]
     task_done: tuple[Callable[[asyncio.Task[Any], Any], None], ...]
+    gather_made: tuple[Callable[[WatchedLoop, asyncio.Future[Any], Site | None], None], ...]
 
     def __init__(self, detectors: Iterable[Detector], on_failure: Callable[[Detector, Exception], None]) -> None:
         self._on_failure = on_failure

@@ -93,6 +93,11 @@ class Finding:
     #: part of the JSON form (`to_dict`); the structlog output adds them to
     #: its event.
     extra: tuple[tuple[str, str], ...] = ()
+    #: `coroutine_never_awaited`: the application line that dropped the
+    #: coroutine's last reference (its finalizer ran there), where known.
+    #: `created_at` is where it was created, where known; the two are the
+    #: same line for ``save(x)`` as a statement.
+    dropped_at: Site | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON form, the same fields in every output."""
@@ -106,6 +111,7 @@ class Finding:
             "duration_s": self.duration_s,
             "cancelled_by": self.cancelled_by.to_dict() if self.cancelled_by else None,
             "created_at": self.created_at.to_dict() if self.created_at else None,
+            "dropped_at": self.dropped_at.to_dict() if self.dropped_at else None,
             "time": self.time.isoformat().replace("+00:00", "Z"),
             "pid": self.pid,
             "thread": self.thread,

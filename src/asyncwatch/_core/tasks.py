@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dis
 import functools
 import gc
 import os
@@ -27,7 +28,7 @@ from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Any, NamedTuple
 
-from .detector import Hooks, watches
+from .detector import Hooks, WatchedLoop, watches
 from .findings import Site
 from .frames import _is_library_cache, code_site, is_library_file, is_own_file, qualname_of
 from .runtime import report_internal_error
@@ -290,16 +291,28 @@ def _make_factory(state: TaskFactory, depth: int, hooks: Hooks | None) -> Callab
     fan_frame: FrameType | None = None
     fan_depth = 0
     fan_site: tuple[CodeType, int] | None = None
+    # Every gather frame that made tasks since the loop's last callback, with
+    # its first task and creation site: once gather has returned, its future
+    # goes to the `gather_made` hooks (gather silences "Task was destroyed
+    # but it is pending!" for its tasks).  Once per gather call, never per task.
+    gathered: list[tuple[FrameType, Any, tuple[CodeType, int] | None]] = []
 
-    def end_fan_out() -> None:
+    def end_fan_out(loop: asyncio.AbstractEventLoop) -> None:
         nonlocal fan_frame, fan_depth
         fan_frame, fan_depth = None, 0
+        made = gathered.copy()
+        gathered.clear()
+        try:
+            _tell_gathered(loop, made)
+        except Exception as exc:
+            state.enabled = False
+            report_internal_error("task factory", exc)
 
     previous = state.previous
     plain = previous is None and hooks is None
 
     def creation_site(
-        loop: asyncio.AbstractEventLoop, frame: FrameType | None, level: int
+        loop: asyncio.AbstractEventLoop, frame: FrameType | None, level: int, task: Any
     ) -> tuple[CodeType, int] | None:
         """The innermost application frame from *frame* (at *level* below
         the factory) outwards, as (code, offset): never the frame (its locals)."""
@@ -321,10 +334,13 @@ def _make_factory(state: TaskFactory, depth: int, hooks: Hooks | None) -> Callab
         if frame is None:
             return None
         site = (frame.f_code, frame.f_lasti)
-        if gather_frame is not None and level == gather_level + 1:  # gather called from application code
-            if fan_frame is None:
-                loop.call_soon(end_fan_out)
-            fan_frame, fan_depth, fan_site = gather_frame, gather_level, site
+        if gather_frame is not None:
+            if not gathered:
+                loop.call_soon(end_fan_out, loop)
+            if not gathered or gathered[-1][0] is not gather_frame:  # a gather makes its tasks in a row
+                gathered.append((gather_frame, task, site))
+            if level == gather_level + 1:  # gather called from application code
+                fan_frame, fan_depth, fan_site = gather_frame, gather_level, site
         return site
 
     # One function with every path inline: each call or branch moved out costs
@@ -369,7 +385,7 @@ def _make_factory(state: TaskFactory, depth: int, hooks: Hooks | None) -> Callab
                 except ValueError:  # the stack is not that deep
                     pass
             if site is None:
-                site = creation_site(loop, getframe(depth), depth)
+                site = creation_site(loop, getframe(depth), depth, task)
             if plain:
                 task._aw_site = site
                 if kwargs and kwargs.get("eager_start"):
@@ -388,6 +404,71 @@ def _make_factory(state: TaskFactory, depth: int, hooks: Hooks | None) -> Callab
         return task
 
     return asyncwatch_task_factory
+
+
+def _tell_gathered(
+    loop: asyncio.AbstractEventLoop, made: list[tuple[FrameType, Any, tuple[CodeType, int] | None]]
+) -> None:
+    """Tell the `gather_made` hooks about the futures of the gathers in *made*,
+    which have returned, when they are neither done nor awaited yet.
+
+    ``await gather(...)`` has put the awaiting task's wake-up on the future
+    before this runs (the loop's next callback): the common case costs only
+    finding the future, and is not watched (a task awaiting it that is lost
+    is reported itself)."""
+    watch: WatchedLoop | None = None
+    for _frame, task, site in made:
+        if site is not None and _awaited_at_once(*site):
+            continue
+        outer = _gathering_future_of(task)
+        if outer is None or outer.done() or outer._callbacks:
+            continue
+        if watch is None:
+            watch = watches.get(loop)
+            if watch is None or not watch.hooks.gather_made:
+                return
+        hooks = watch.hooks
+        where = code_site(*site) if site is not None else None
+        for hook in hooks.gather_made:
+            try:
+                hook(watch, outer, where)
+            except Exception as exc:
+                hooks.failed(hook, exc)
+
+
+_CACHE = dis.opmap["CACHE"]
+_GET_AWAITABLE = dis.opmap["GET_AWAITABLE"]
+
+
+def _awaited_at_once(code: CodeType, offset: int) -> bool:
+    """Whether the call at *offset* in *code* is ``await gather(...)``: the
+    instruction after it (past its inline caches) is GET_AWAITABLE.  The
+    common case, told from the bytecode in a few steps."""
+    raw = code.co_code
+    for at in range(offset + 2, len(raw), 2):
+        op = raw[at]
+        if op != _CACHE:
+            return op == _GET_AWAITABLE
+    return False
+
+
+# gather() puts a closure over its future on each task it makes: reading the
+# future from it is cheaper than reading gather's finished frame's f_locals,
+# which builds a dict of them all (callgrind, a loop of awaited gathers of
+# two tasks: f_locals and the loop's watch for every gather cost +6.6% per
+# task; the bytecode check, this closure and the watch only for a gather not
+# yet awaited, +2.7%; a gather of 10,000 tasks, +0.1%).
+_GATHER_CALLBACK = next((c for c in _GATHER.co_consts if isinstance(c, CodeType) and "outer" in c.co_freevars), None)
+_OUTER_CELL = _GATHER_CALLBACK.co_freevars.index("outer") if _GATHER_CALLBACK is not None else -1
+
+
+def _gathering_future_of(task: Any) -> asyncio.Future[Any] | None:
+    """The future of the gather that made *task*, from gather's done callback on it."""
+    for callback, _context in getattr(task, "_callbacks", None) or ():
+        if getattr(callback, "__code__", None) is _GATHER_CALLBACK:
+            outer = callback.__closure__[_OUTER_CELL].cell_contents
+            return outer if isinstance(outer, asyncio.Future) else None
+    return None
 
 
 def _tell_created(task: Task, coro: Any, site: tuple[CodeType, int] | None, hooks: Hooks) -> None:

@@ -1,13 +1,19 @@
 """Swallowed cancellations: a task cancelled that finished without raising.
 
-Only ``cancel()`` calls from outside asyncio's structured helpers count
-(TaskGroup, timeout(), wait_for() uncancel() what they cancel).  Each
-unstructured request records who cancelled (the application line calling
-``cancel()``) and where the CancelledError will land (the task's innermost
-application ``await``); a done callback checks, when the task finishes,
-whether it finished normally while still ``cancelling()``.  A request
-forwarded from an outer task's ``cancel()`` into the task it awaits is
-reported once, on the task that swallowed it.
+asyncio's structured helpers uncancel() only the task they own: a timeout()
+its task, a TaskGroup its parent (which on 3.11/3.12 it may leave at 1:
+gh-116720).  Those cancellations are exempt.  Every other ``cancel()`` is a
+request the task must honour: a program's own, a TaskGroup's abort of its
+children, wait_for's cancellation of what it waits on, and a structured
+cancellation forwarded from the owned task into the task it awaits.  Each
+request records who cancelled (the application line calling ``cancel()``,
+or, for a structure, the line that set it up: the ``async with
+TaskGroup()``, the ``async with asyncio.timeout()``, the ``wait_for`` call)
+and where the CancelledError will land (the task's innermost application
+``await``); a done callback checks, when the task finishes, whether it
+finished normally while still ``cancelling()``.  A request forwarded from an
+outer task's ``cancel()`` into the task it awaits is reported once, on the
+task that swallowed it.
 """
 
 from __future__ import annotations
@@ -20,7 +26,18 @@ from typing import Any
 
 from .._core.detector import Detector, DetectorContext, watches
 from .._core.findings import Finding, FindingKind, Site
-from .._core.frames import app_frame, await_chain, frame_site, is_library_file, is_own_file, qualname_of
+from .._core.frames import (
+    LOOP_DISPATCH,
+    app_frame,
+    app_frame_in_callback,
+    await_chain,
+    enclosing_async_withs,
+    frame_site,
+    is_library_file,
+    is_own_file,
+    qualname_of,
+    source_path,
+)
 from .._core.runtime import report_internal_error
 from .._core.tasks import CancelCall, Task, cancel_calls, coro_name, created_at, user_coro_of
 
@@ -57,10 +74,14 @@ class CancellationDetector(Detector):
 class CancelRequest:
     """One unstructured ``cancel()`` of a task: who, and where it lands."""
 
-    __slots__ = ("absorbed", "cancelled_by", "delivered_at", "delivery_stack", "forwarded_from")
+    __slots__ = ("absorbed", "cancelled_by", "delivered_at", "delivery_stack", "forwarded_from", "structure")
 
-    def __init__(self, cancelled_by: Site | None, forwarded_from: CancelRequest | None) -> None:
+    def __init__(
+        self, cancelled_by: Site | None, forwarded_from: CancelRequest | None, structure: str | None = None
+    ) -> None:
         self.cancelled_by = cancelled_by
+        # What cancelled, when it was a structure ("the TaskGroup"): its line is cancelled_by.
+        self.structure = structure
         self.delivered_at: Site | None = None
         self.delivery_stack: tuple[Site, ...] = ()
         self.forwarded_from = forwarded_from
@@ -81,20 +102,25 @@ class CancelRecord:
 class _Note:
     """What one cancel() call left for the cancel() calls it causes."""
 
-    __slots__ = ("canceller", "request", "structured")
+    __slots__ = ("canceller", "request", "structure", "structured")
 
-    def __init__(self, request: CancelRequest | None, structured: bool, canceller: Site | None) -> None:
+    def __init__(
+        self, request: CancelRequest | None, structured: bool, canceller: Site | None, structure: str | None = None
+    ) -> None:
+        # request None and structured False: a structure cancelling the task
+        # it owns, exempt; what it forwards to the task awaited is a request.
         self.request = request
         self.structured = structured
         self.canceller = canceller
+        self.structure = structure
 
 
 _NOTE = "cancellation"
 
 
-# Cancellations made by asyncio's structured helpers (they uncancel() when
-# they are done, or, on 3.11/3.12, TaskGroup sometimes leaves the count at 1:
-# gh-116720).  Keyed by file name, then by function name (None = any).
+# Cancellations made by asyncio's structured helpers, keyed by file name,
+# then by function name (None = any).  Which of them are exempt is decided
+# by `_structured_cancel`.
 _STRUCTURED: dict[str, frozenset[str] | None] = {
     "taskgroups.py": None,
     "timeouts.py": None,
@@ -102,6 +128,8 @@ _STRUCTURED: dict[str, frozenset[str] | None] = {
     "tasks.py": frozenset({"wait_for", "_cancel_and_wait", "_on_timeout"}),
 }
 _ASYNCIO_DIR = os.path.dirname(asyncio.__file__) + os.sep
+_WAIT_FOR = asyncio.tasks.wait_for.__code__
+_TIMEOUT_NAMES = frozenset({"timeout", "timeout_at"})
 
 
 def _is_structured(frame: FrameType) -> bool:
@@ -114,6 +142,89 @@ def _is_structured(frame: FrameType) -> bool:
         return False
     names = _STRUCTURED[base]
     return names is None or code.co_name in names
+
+
+# What a structured helper's cancel() of a task is (`_structured_cancel`).
+_EXEMPT = "exempt"  # asyncio's own bookkeeping: never reported, nor what it forwards
+_OWN = "own"  # the structure's own task, which it uncancels: exempt; what it forwards is a request
+_REQUEST = "request"  # a task the structure never uncancels: a request like a program's
+
+
+def _structured_cancel(frame: FrameType, task: asyncio.Task[Any]) -> tuple[str, Site | None, str | None]:
+    """Classify a cancel() of *task* made by asyncio's structured helper in
+    *frame*; return the class, the line that set the structure up, and its name."""
+    base = os.path.basename(frame.f_code.co_filename)
+    owner: Any = frame.f_locals.get("self")
+    if base == "taskgroups.py" and isinstance(owner, asyncio.TaskGroup):
+        parent = getattr(owner, "_parent_task", None)
+        line = _structure_line(parent, frame, frozenset({"TaskGroup"}), "taskgroups.py")
+        return (_OWN if task is parent else _REQUEST), line, "the TaskGroup"
+    if base == "timeouts.py" and isinstance(owner, asyncio.Timeout) and task is getattr(owner, "_task", None):
+        return _OWN, _structure_line(task, frame, _TIMEOUT_NAMES, "timeouts.py"), "the timeout"
+    if base == "tasks.py" and frame.f_code.co_name == "_cancel_and_wait":
+        app = app_frame_in_callback(frame)
+        if app is None:
+            return _EXEMPT, None, None
+        line = frame_site(app)
+        if created_at(task) == line:
+            # 3.11's wait_for(coroutine) runs it in a task of its own, made on
+            # the wait_for line; 3.12+ awaits it in the caller's task, which
+            # its timeout owns.  The same program, the same answer.
+            return _EXEMPT, None, None
+        return _REQUEST, line, "wait_for"
+    return _EXEMPT, None, None
+
+
+def _structure_line(
+    owner: asyncio.Task[Any] | None, caller: FrameType, names: frozenset[str], library: str
+) -> Site | None:
+    """The application line that set a structure up (an ``async with``): in
+    the frames of *owner*, the task it belongs to, the innermost ``async with``
+    block around the current line whose expression calls one of *names*; a
+    frame awaiting the structure's exit (in *library*), or wait_for, is at
+    that line.  None when it cannot be told."""
+    if owner is None:
+        return None
+    previous: FrameType | None = None
+    for frame in _task_frames(owner, caller):
+        code = frame.f_code
+        if is_library_file(code.co_filename):
+            previous = frame
+            continue
+        if previous is not None and (
+            previous.f_code is _WAIT_FOR or os.path.basename(previous.f_code.co_filename) == library
+        ):
+            return frame_site(frame)  # awaiting wait_for, or the structure's __aexit__, on that line
+        previous = frame
+        # Matched by what the ``async with`` expression calls, not by the
+        # object: reading an application frame's f_locals would keep its
+        # locals alive on 3.11/3.12 (a snapshot stays on the frame).
+        for block in enclosing_async_withs(frame):
+            if block.loads & names:
+                return Site(source_path(code.co_filename), block.line, code.co_qualname)
+    return None
+
+
+def _task_frames(task: asyncio.Task[Any], caller: FrameType) -> list[FrameType]:
+    """The frames of *task*'s coroutine chain, innermost first: its stack from
+    *caller* outwards when it is running, else its chain of awaits."""
+    coro = user_coro_of(task)
+    frames: list[FrameType] = []
+    if getattr(coro, "cr_running", False):
+        frame: FrameType | None = caller
+        while frame is not None and frame.f_code not in LOOP_DISPATCH:
+            frames.append(frame)
+            frame = frame.f_back
+        return frames
+    obj: Any = coro
+    while obj is not None:
+        found = getattr(obj, "cr_frame", None) or getattr(obj, "gi_frame", None) or getattr(obj, "ag_frame", None)
+        if found is None:
+            break
+        frames.append(found)
+        obj = getattr(obj, "cr_await", None) or getattr(obj, "gi_yieldfrom", None) or getattr(obj, "ag_await", None)
+    frames.reverse()
+    return frames
 
 
 def _note_cancel(
@@ -133,25 +244,37 @@ def _note_cancel(
         task.add_done_callback(check_swallowed)
     note: _Note | None = outer_call.notes.get(_NOTE) if outer_call is not None else None
     outer: CancelRequest | None = None
+    structure: str | None = None
     if note is not None and note.request is not None and note.request not in record.requests:
         # Forwarded from an outer task's cancel(): same canceller, same kind.
-        outer, structured, canceller = note.request, note.structured, note.canceller
+        outer, structured, canceller, structure = note.request, note.structured, note.canceller, note.structure
     elif note is not None and note.structured:
-        structured, canceller = True, None  # forwarded from a structured cancel
+        structured, canceller = True, None  # forwarded from an exempt structured cancel
+    elif note is not None and note.request is None:
+        # Forwarded from a structure's cancel of the task it owns into the
+        # task that one awaits, which the structure never uncancels.
+        structured, canceller, structure = False, note.canceller, note.structure
     else:
         frame: FrameType | None = caller
         while frame is not None and is_own_file(frame.f_code.co_filename):
             frame = frame.f_back  # called from our own cancel() of an untracked outer task
-        structured = frame is not None and _is_structured(frame)
-        app = app_frame(frame)
-        canceller = frame_site(app) if app is not None else None
+        if frame is not None and _is_structured(frame):
+            kind, canceller, structure = _structured_cancel(frame, task)
+            if kind == _OWN:
+                call.notes[_NOTE] = _Note(None, False, canceller, structure)
+                return
+            structured = kind == _EXEMPT
+        else:
+            structured = False
+            app = app_frame(frame)
+            canceller = frame_site(app) if app is not None else None
     if structured:
         call.notes[_NOTE] = _Note(None, True, canceller)
         return
-    request = CancelRequest(canceller, outer)
+    request = CancelRequest(canceller, outer, structure)
     request.delivered_at, request.delivery_stack = _delivery_point(task, canceller)
     record.requests.append(request)
-    call.notes[_NOTE] = _Note(request, False, canceller)
+    call.notes[_NOTE] = _Note(request, False, canceller, structure)
 
 
 def _delivery_point(task: asyncio.Task[Any], canceller: Site | None) -> tuple[Site | None, tuple[Site, ...]]:
@@ -188,7 +311,15 @@ def _check_swallowed(task: asyncio.Task[Any]) -> None:
         return
     coro = coro_name(task)
     name = task.get_name()
-    by = f" (cancelled at {_short(request.cancelled_by)})" if request.cancelled_by else ""
+    if request.structure is not None:
+        where = (
+            f"set up at {_short(request.cancelled_by)}"
+            if request.cancelled_by
+            else "set up where asyncwatch cannot tell"
+        )
+        by = f" (by {request.structure}, {where})"
+    else:
+        by = f" (cancelled at {_short(request.cancelled_by)})" if request.cancelled_by else ""
     watch.emit(
         Finding(
             kind=FindingKind.CANCELLATION_SWALLOWED,

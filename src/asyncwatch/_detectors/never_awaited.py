@@ -6,18 +6,26 @@ moment.  asyncwatch chains that function: it records a finding, then calls
 the original, so the RuntimeWarning (and any filter that turns it into an
 error) behaves exactly as before.
 
-The creation site comes from ``coro.cr_origin`` when coroutine-origin
+A finding says where the coroutine was created (``created_at``) and where
+it was dropped (``dropped_at``), each where known, and the message says
+which line is which: a site never presents one as the other.
+
+The creation line comes from ``coro.cr_origin`` when coroutine-origin
 tracking is on (``track_coroutine_origins=True``; it costs time on every
-coroutine, so it is off by default).  Without it, when the coroutine is
-dropped synchronously (``save(x)`` as a statement, the common mistake), the
-innermost application frame at that moment is the creating line.  When the
-garbage collector finalizes it, the stack says nothing about its creation and
-the site is left unknown.
+coroutine, so it is off by default).  The drop line is the innermost
+application frame when the coroutine is dropped synchronously.  Without
+tracking, the drop line is also the creation line when the dropping
+instruction discards the result of a call of the coroutine's own function
+(``save(x)`` as a statement, the common mistake), checked exactly (see
+`called_function_code`); a property returning ``self._ping()`` is not.  When
+the garbage collector finalizes the coroutine, the stack says nothing about
+either line.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import sys
 import threading
 import warnings
@@ -29,6 +37,7 @@ from .._core.findings import Finding, FindingKind, Site
 from .._core.frames import (
     LOOP_DISPATCH_NAMES,
     app_frame_in_callback,
+    called_function_code,
     frame_site,
     is_library_file,
     qualname_of,
@@ -184,7 +193,8 @@ class NeverAwaitedDetector(Detector):
 
     def _finding(self, coro: Any, caller: Any) -> Finding:
         name = qualname_of(coro)
-        site: Site | None = None
+        created: Site | None = None
+        dropped: Site | None = None
         stack: tuple[Site, ...] = ()
         origin = getattr(coro, "cr_origin", None)
         if origin:
@@ -195,30 +205,56 @@ class NeverAwaitedDetector(Detector):
                 if (filename, function) in LOOP_DISPATCH_NAMES:
                     break
                 sites.append(Site(source_path(filename), line, function))
-            site = next((s for s in sites if not is_library_file(s.file)), None)
+            created = next((s for s in sites if not is_library_file(s.file)), None)
             stack = tuple(reversed(sites))
-        elif not _gc_state.collecting:
+        if not _gc_state.collecting:
+            # Dropped right here (not by a collection, which may run anywhere).
             frame = app_frame_in_callback(caller)
             if frame is not None:
-                site = frame_site(frame)
-                stack = (site,)
-        code = getattr(coro, "cr_code", None)
-        defined = ""
-        if site is None and code is not None:  # at least say which coroutine function
-            defined = f" (defined at {code.co_filename}:{code.co_firstlineno})"
+                dropped = frame_site(frame)
+                if created is None and called_function_code(frame) is getattr(coro, "cr_code", None):
+                    # ``save(x)`` as a statement: this line called the
+                    # coroutine function and discards what it returned.
+                    created = dropped
+                if not stack:
+                    stack = (dropped,)
         return Finding(
             kind=FindingKind.COROUTINE_NEVER_AWAITED,
-            message=(
-                f"Coroutine {name!r}{defined} was created but never awaited; "
-                "add 'await', or schedule it with asyncio.create_task() and keep the task"
-            ),
-            site=site,
+            message=_message(name, getattr(coro, "cr_code", None), created, dropped, self._track_origins),
+            # Where it was created when known (the line to fix); else where it was dropped, said so.
+            site=created or dropped,
             stack=stack,
             coroutine=name,
+            created_at=created,
+            dropped_at=dropped,
             # Dropped right here, or finalized by a collection that may be
             # another thread's: then where it was dropped is unknown.
             thread=None if _gc_state.collecting else threading.current_thread().name,
         )
+
+
+def _message(name: str | None, code: Any, created: Site | None, dropped: Site | None, tracking: bool) -> str:
+    advice = "add 'await', or schedule it with asyncio.create_task() and keep the task"
+    if created is not None and created == dropped:
+        return f"Coroutine {name!r} was created and dropped at {_short(created)} without being awaited; {advice}"
+    if created is not None:
+        where = f" and dropped at {_short(dropped)}" if dropped else ""
+        return f"Coroutine {name!r} was created at {_short(created)}{where} but never awaited; {advice}"
+    defined = f" (defined at {code.co_filename}:{code.co_firstlineno})" if code is not None else ""
+    how = "" if tracking else "; track_coroutine_origins=True records it"
+    if dropped is not None:
+        return (
+            f"Coroutine {name!r}{defined} was dropped at {_short(dropped)} without being awaited; where it "
+            f"was created is not known{how}; {advice} where it is created"
+        )
+    return (
+        f"Coroutine {name!r}{defined} was never awaited; the garbage collector freed it, so where it was "
+        f"created and dropped is unknown{how}; {advice}"
+    )
+
+
+def _short(site: Site | None) -> str:
+    return f"{os.path.basename(site.file)}:{site.line}" if site is not None else "an unknown line"
 
 
 def _nowhere(finding: Finding) -> None:

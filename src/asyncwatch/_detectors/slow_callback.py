@@ -176,7 +176,8 @@ _COMPILED = _Compiled()
 
 class LoopProbe:
     """The watchdog's view of one loop.  Sampling state is touched only by
-    the watchdog thread; the heartbeat fields only by the loop thread."""
+    the watchdog thread (but for `held`, which the heartbeat drops); the
+    heartbeat fields only by the loop thread."""
 
     def __init__(
         self,
@@ -226,6 +227,14 @@ class LoopProbe:
         self.runner_code = None if caller.f_code is _HANDLE_RUN else caller.f_code
         self.beats += 1
         self.beat_pending = False
+        # The callback the watchdog followed is over (we run after it): drop
+        # its frame here, now, on the loop thread.  Kept until the next
+        # sample, a finished frame keeps its locals (the program's task,
+        # hence its loop) alive for a moment the program can see: anyio's
+        # test_asyncio_run_does_not_leak_event_loop saw the loop alive after
+        # anyio.run() returned.  Only the beats counter decides whether a
+        # callback is still the same one; this reference is for identity.
+        self.held = None
         if self.parked:
             self.parked = False
             self.wake()

@@ -3,16 +3,29 @@
 asyncio reports "Task was destroyed but it is pending!" through the loop's
 exception handler, from the task's finalizer: the program kept no reference
 to a task that had not finished.  The site is where the task was created.
+
+gather() turns that report off for the tasks it makes, so a gather neither
+awaited nor kept loses its children in silence.  The task factory tells
+`Detector.gather_made` once per gather (never per task: gather is how most
+tasks are made); its future gets a weak reference whose callback reports it,
+and a done callback that drops the reference: a gather collected before it
+finished was lost, and its pending children with it.  A gather awaited by a
+task that is itself destroyed while pending is that task's mistake, reported
+once: a gather's finding is held while the collector runs, and dropped when
+the task waiting on it is reported in the same collection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
+import threading
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
 from .._core.detector import Detector, DetectorContext, WatchedLoop
-from .._core.findings import Finding, FindingKind
+from .._core.findings import Finding, FindingKind, Site
 from .._core.tasks import coro_name, created_at, forget, user_coro_of
 
 __all__ = ["DESTROYED_PENDING", "TaskGarbageDetector"]
@@ -28,9 +41,77 @@ class TaskGarbageDetector(Detector):
 
     def __init__(self) -> None:
         self._context: DetectorContext | None = None
+        # id(future) -> the weak reference that reports a gather's future.
+        self._gathered: dict[int, _LostGather] = {}
+        self._lock = threading.Lock()
+        self._collecting = False
+        self._held: list[tuple[int, WatchedLoop, Finding]] = []
+        self._claimed: set[int] = set()
 
     def install(self, context: DetectorContext) -> None:
         self._context = context
+        gc.callbacks.append(self._gc_callback)
+
+    def uninstall(self) -> None:
+        if self._gc_callback in gc.callbacks:
+            gc.callbacks.remove(self._gc_callback)
+        with self._lock:
+            self._gathered.clear()  # the references go, and with them their callbacks
+        self._flush_held()
+
+    def gather_made(self, watch: WatchedLoop, gathering: asyncio.Future[Any], site: Site | None) -> None:
+        lost = _LostGather(gathering, self._lost, watch, site)
+        with self._lock:
+            self._gathered[id(gathering)] = lost
+        gathering.add_done_callback(self._gather_done)
+
+    def _gather_done(self, gathering: asyncio.Future[Any]) -> None:
+        with self._lock:
+            self._gathered.pop(id(gathering), None)
+
+    def _lost(self, lost: weakref.ReferenceType[asyncio.Future[Any]]) -> None:
+        """The weak reference's callback: a gather died before it finished."""
+        try:
+            assert isinstance(lost, _LostGather)
+            with self._lock:
+                if self._gathered.get(lost.future_id) is not lost:
+                    return
+                del self._gathered[lost.future_id]
+            finding = lost.finding()
+            if self._collecting:
+                with self._lock:
+                    self._held.append((lost.future_id, lost.watch, finding))
+            else:
+                lost.watch.emit(finding)
+        except Exception as exc:
+            if self._context is not None:
+                self._context.failed(self, exc)
+
+    def _gc_callback(self, phase: str, _info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._collecting = True
+            return
+        self._collecting = False
+        try:
+            self._flush_held()
+        except Exception as exc:
+            if self._context is not None:
+                self._context.failed(self, exc)
+
+    def _flush_held(self) -> None:
+        with self._lock:
+            held, self._held = self._held, []
+            claimed, self._claimed = self._claimed, set()
+        for task_id, watch, finding in held:
+            if task_id not in claimed:
+                watch.emit(finding)
+
+    def _claim_gathered(self, task: asyncio.Task[Any]) -> None:
+        """*task*, destroyed while pending, was waiting on a gather: that gather is its loss."""
+        waiter = getattr(task, "_fut_waiter", None)
+        if waiter is not None:
+            with self._lock:
+                self._claimed.add(id(waiter))
 
     def exception_context(self, watch: WatchedLoop, context: Mapping[str, Any]) -> None:
         if context.get("message") != DESTROYED_PENDING:
@@ -43,8 +124,45 @@ class TaskGarbageDetector(Detector):
                 # was never awaited (before or after this, depending on the
                 # collector's order): the same mistake, reported once.
                 self._context.claims.claim(coro)
+            self._claim_gathered(task)
             watch.emit(destroyed_pending_finding(task))
             forget(task)
+
+
+class _LostGather(weakref.ref):  # type: ignore[type-arg]
+    """A weak reference to a gather's future, with what its finding needs."""
+
+    __slots__ = ("coroutine", "future_id", "site", "tasks", "watch")
+
+    def __new__(
+        cls, gathering: asyncio.Future[Any], callback: Any, watch: WatchedLoop, site: Site | None
+    ) -> _LostGather:
+        return super().__new__(cls, gathering, callback)
+
+    def __init__(self, gathering: asyncio.Future[Any], callback: Any, watch: WatchedLoop, site: Site | None) -> None:
+        # The reference itself is made by weakref.ref.__new__.
+        self.future_id = id(gathering)
+        self.watch = watch
+        self.site = site
+        children = getattr(gathering, "_children", ())
+        self.tasks = len(children)
+        # The first child's coroutine only: naming them all would cost every task.
+        self.coroutine = coro_name(children[0]) if children else None
+
+    def finding(self) -> Finding:
+        what = f" (the first runs {self.coroutine!r})" if self.coroutine else ""
+        return Finding(
+            kind=FindingKind.TASK_DESTROYED_PENDING,
+            message=(
+                f"A gather() of {self.tasks} awaitables{what} was destroyed by the garbage collector "
+                "while still pending, and its unfinished tasks with it (asyncio does not warn for "
+                "gather's tasks); await the gather, or keep a reference to it until it is done"
+            ),
+            site=self.site,
+            stack=(self.site,) if self.site else (),
+            coroutine=self.coroutine,
+            created_at=self.site,
+        )
 
 
 def destroyed_pending_finding(task: asyncio.Task[Any]) -> Finding:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from .._core.findings import Finding, FindingKind, Site
-from .._core.frames import await_chain, is_library_file
+from .._core.frames import absolute_path, await_chain, is_library_file, relative_path
 from .._core.tasks import coro_name, created_at, task_context
 from .options import NodeOptions
 
@@ -126,7 +126,7 @@ def _test_line(item: pytest.Item) -> Site | None:
 
 def _in_project(file: str, root: str) -> bool:
     """Whether *file* is the project's own code: under the rootdir, not an installed package."""
-    path = os.path.abspath(file)
+    path = absolute_path(file)
     return (path == root or path.startswith(root.rstrip(os.sep) + os.sep)) and not is_library_file(path)
 
 
@@ -143,8 +143,8 @@ def _site_matches(pattern: str, file: str, line: int, root: str) -> bool:
     if "/" not in glob and "*" not in glob and not glob.endswith(".py"):
         # A module or package: its file, or a file under its directory.
         stem = os.sep + glob.replace(".", os.sep) + os.sep
-        return stem in os.path.splitext(os.path.abspath(file))[0] + os.sep
-    rel = os.path.relpath(file, root) if os.path.isabs(file) else file
+        return stem in os.path.splitext(absolute_path(file))[0] + os.sep
+    rel = relative_path(file, root)
     return fnmatch.fnmatch(file, glob) or fnmatch.fnmatch(rel, glob)
 
 

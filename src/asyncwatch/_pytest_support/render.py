@@ -34,7 +34,11 @@ def render(findings: list[Finding], root: os.PathLike[str] | str, when: str = ""
     for finding in findings:
         lines += ["", f"{finding.kind.value}: {finding.message}"]
         lines += _site_lines(finding.site, root, "  ") if finding.site else ["  (site unknown)"]
-        for label, extra in (("cancelled by", finding.cancelled_by), ("created at", finding.created_at)):
+        for label, extra in (
+            ("cancelled by", finding.cancelled_by),
+            ("created at", finding.created_at),
+            ("dropped at", finding.dropped_at),
+        ):
             if extra is not None and extra != finding.site:
                 lines += _site_lines(extra, root, "  ", f"{label} ")
         if finding.stack and finding.stack != (finding.site,):

@@ -118,6 +118,11 @@ class Watcher:
         self._not_ours_seen: list[tuple[Owner, Finding]] = []  # for the summary
         self._file: int | None = None
         self._file_lock = threading.Lock()
+        # The function itself, not os.write looked up at each finding: a
+        # finding is often reported on the loop thread, where a test suite's
+        # blocking-call guard (blockbuster, patching os.write) would turn
+        # this one-line O_APPEND write into an exception of ours.
+        self._write = os.write
         self._worker: str | None = getattr(config, "workerinput", {}).get("workerid")
         if options.findings:
             # One file for a whole run, pytest-xdist's workers included: the
@@ -274,7 +279,7 @@ class Watcher:
             with self._file_lock:
                 if self._file is not None:
                     try:
-                        os.write(self._file, data)
+                        self._write(self._file, data)
                     except OSError as exc:
                         report_internal_error("pytest plugin findings file", exc)
 
