@@ -158,8 +158,37 @@ def stack_of(frames: Iterable[FrameType]) -> tuple[Site, ...]:
     return tuple(sites)
 
 
+# Coroutines that only wrap the program's coroutine, by (function name, a
+# piece of their file's path): opentelemetry-instrumentation-asyncio (which
+# `opentelemetry-bootstrap` installs) runs every task's coroutine inside
+# ``AsyncioInstrumentor.trace_coroutine(coro)``.  Naming the wrapper would name
+# every task and finding "trace_coroutine".
+_WRAPPER_COROUTINES = {"trace_coroutine": os.path.join("opentelemetry", "instrumentation", "asyncio") + os.sep}
+
+
+def program_coroutine(coro: Any) -> Any:
+    """*coro*, or the program's coroutine that a known library wrapper runs
+    (the wrapper's ``coro`` argument: it has not started, or holds it still)."""
+    for _ in range(4):  # each instrumentation wraps once; a bound on cycles
+        code = getattr(coro, "cr_code", None)
+        if code is None:
+            return coro
+        where = _WRAPPER_COROUTINES.get(code.co_name)
+        if where is None or where not in code.co_filename:
+            return coro
+        frame = getattr(coro, "cr_frame", None)
+        inner = frame.f_locals.get("coro") if frame is not None else None
+        if inner is None:
+            return coro
+        coro = inner
+    return coro
+
+
 def qualname_of(obj: Any) -> str | None:
-    """The qualified name of a coroutine, generator or callable, or None."""
+    """The qualified name of a coroutine (the program's, inside a known
+    wrapper), generator or callable, or None."""
+    if getattr(obj, "cr_code", None) is not None:
+        obj = program_coroutine(obj)
     name = getattr(obj, "__qualname__", None)
     if isinstance(name, str):
         return name
