@@ -286,7 +286,7 @@ class TestReceiverDown:
         assert elapsed < 15  # the flush at exit gives up after 5 s
 
 
-SERVER = '''
+SERVER = """
 import asyncio, os, sys, time, traceback
 from opentelemetry import trace
 
@@ -357,7 +357,7 @@ async def main():
 
 
 asyncio.run(main())
-'''
+"""
 
 
 def request_roots_arrived(received: list[Any], count: int) -> bool:

@@ -246,14 +246,19 @@ class _TaskRecord:
             # (sockets, SSL contexts) alive.
             failure = _Failure(exc) if exc is not None else None
             try:
-                loop = task.get_loop()
-                loop.call_soon(loop.call_soon, self.finish, state, failure)
+                task.get_loop().call_soon(self._finish_soon, state, failure)
                 return
             except RuntimeError:  # the loop is closing
                 pass
         self.finish(state, exc)
 
     # -- spans --------------------------------------------------------------
+
+    def _finish_soon(self, state: str, failure: _Failure | None) -> None:
+        try:
+            asyncio.get_running_loop().call_soon(self.finish, state, failure)
+        except RuntimeError:  # the loop is closing
+            self.finish(state, failure)
 
     def finish(self, state: str, exc: BaseException | _Failure | None, end_ns: int | None = None) -> None:
         """End the span (making it first if the task turned out notable)."""
@@ -475,7 +480,9 @@ class TaskTracer(Detector):
             if record.name is not None and self._watched.get(record.name) is record:
                 del self._watched[record.name]
 
-    def slow_step(self, record: _TaskRecord, task: asyncio.Task[Any], start: float, duration: float, context: Any) -> None:
+    def slow_step(
+        self, record: _TaskRecord, task: asyncio.Task[Any], start: float, duration: float, context: Any
+    ) -> None:
         """A step at least as long as the lowest threshold: its finding may follow."""
         self.watch(record, task)
         with self._lock:

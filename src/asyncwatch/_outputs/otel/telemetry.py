@@ -236,6 +236,7 @@ class Telemetry:
         tracer = self.task_tracer
         kind = finding.kind
         at_ns = finding_ns(finding)
+        record: _TaskRecord | None
         if kind is FindingKind.SLOW_CALLBACK:
             match = self._match_slow(finding)
             if match is not None:
