@@ -185,6 +185,25 @@ class TestTracesOverTheWire:
         assert "cancellation_swallowed" in kinds
         assert f"span_id={notify.span_id.hex()}" in result.stderr
 
+    def test_in_notable_mode_each_finding_is_in_its_orders_trace(self, receiver, tmp_path):
+        """The --otlp default: order 2's block and order 3's swallowed cancellation are in those orders' traces."""
+        result = run_otlp(receiver.endpoint, SHOP, "--no-metrics", findings=tmp_path / "findings.jsonl")
+        assert result.returncode == 0, result.stderr
+        spans = [span for _, _, span in receiver.spans()]
+        orders = {attrs_of(span)["order.id"]: span.trace_id for span in spans if span.name == "POST /orders"}
+        assert sorted(orders) == [1, 2, 3, 4] and len(set(orders.values())) == 4
+
+        def traces_holding(kind: str) -> list[bytes]:
+            return [
+                span.trace_id
+                for span in spans
+                if span.name == f"asyncwatch {kind}" or any(e.name == f"asyncwatch.{kind}" for e in span.events)
+            ]
+
+        assert traces_holding("slow_callback") == [orders[2]]
+        assert traces_holding("cancellation_swallowed") == [orders[3]]
+        assert f"trace_id={orders[2].hex()}" in result.stderr
+
     def test_a_program_with_its_own_provider_keeps_it(self, receiver, tmp_path):
         """--otlp sets nothing up when the program configured OpenTelemetry itself: spans go to its provider."""
         app = tmp_path / "own_provider.py"
@@ -329,7 +348,6 @@ async def handle(reader, writer):
                 traceback.print_exc()
         if n == 6:
             time.sleep(0.15)  # <- blocks in the request itself
-            await asyncio.sleep(0)  # the request goes on: its span is current when the step ends
     writer.write(b"ok\\n")
     await writer.drain()
     writer.close()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import os
 import sys
 import threading
@@ -76,6 +77,19 @@ _PASSING_ON = frozenset({"create_task", "ensure_future", "_ensure_future", "gath
 _ROOT_TASK = otel_context.create_key("asyncwatch.root-task-span")
 _NO_PARENT = otel_context.Context()
 
+
+def _context_reader() -> Any:
+    """A function returning OpenTelemetry's current context, as cheap as can be:
+    the API's ContextVar's own ``get`` (one C call, read after every task
+    step), else the API's `get_current` for another runtime context."""
+    variable = getattr(getattr(otel_context, "_RUNTIME_CONTEXT", None), "_current_context", None)
+    if isinstance(variable, contextvars.ContextVar):
+        return variable.get
+    return otel_context.get_current
+
+
+_current_context = _context_reader()
+
 #: Bounds on what is kept to match findings that come late.
 RECENT_LIMIT = 256
 
@@ -122,6 +136,7 @@ class _TaskRecord:
     __slots__ = (
         "__weakref__",
         "busy",
+        "context",
         "created_ns",
         "created_perf",
         "done",
@@ -156,6 +171,9 @@ class _TaskRecord:
         self.site = site
         self.parent = parent  # the OpenTelemetry context the span starts in
         self.link = link  # the creator's span context, for a task that starts a trace of its own
+        # OpenTelemetry's context as the last step left it: the context the
+        # next step starts in (nothing else runs in the task's context).
+        self.context = parent
         self.created_ns = created_ns
         self.created_perf = created_perf
         self.first_step = 0.0
@@ -181,10 +199,16 @@ class _TaskRecord:
         self.steps += 1
         self.busy += duration
         self.last_end = start + duration
+        # Still inside the step, in the task's context.
+        before, self.context = self.context, _current_context()
         if duration >= self.owner.slow_floor_s and self.owner.tracing:
-            # Still inside the step, in the task's context: what the program
-            # had current (a request's span) is where its finding belongs.
-            self.owner.slow_step(self, task, start, duration, otel_context.get_current())
+            # What the program had current (a request's span) is where its
+            # finding belongs: the span current when the step ended, else
+            # the one current when it began (a request that ended in the step).
+            after = self.context
+            if not trace.get_current_span(after).get_span_context().is_valid:
+                after = before
+            self.owner.slow_step(self, task, start, duration, after)
 
     def add_event(self, span: Any, name: str, attributes: dict[str, Any], at_ns: int | None = None) -> None:
         """Put an event on the span, inside its interval (the span ends no earlier than its events)."""
