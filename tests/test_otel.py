@@ -905,6 +905,53 @@ class TestInstrumentor:
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip().splitlines()[-1] == '[true, ["asyncio.task main", "asyncio.task work"]]'
 
+    def test_opentelemetry_instrument_defaults_to_notable_spans_and_metrics(self, tmp_path):
+        """Under ``opentelemetry-instrument`` with no asyncwatch option, spans are notable (as with --otlp)."""
+        app = tmp_path / "app.py"
+        app.write_text(
+            textwrap.dedent(
+                """
+                import asyncio, json
+                from opentelemetry import trace
+                from opentelemetry.sdk.trace import TracerProvider
+                from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+                from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+                import asyncwatch
+
+                exporter = InMemorySpanExporter()
+                provider = TracerProvider()
+                provider.add_span_processor(SimpleSpanProcessor(exporter))
+                trace.set_tracer_provider(provider)
+
+                async def swallows():
+                    try:
+                        await asyncio.sleep(10)
+                    except asyncio.CancelledError:
+                        pass
+
+                async def main():
+                    await asyncio.create_task(asyncio.sleep(0))
+                    task = asyncio.create_task(swallows())
+                    await asyncio.sleep(0)
+                    task.cancel()
+                    await task
+
+                asyncio.run(main())
+                names = sorted(s.name for s in exporter.get_finished_spans() if s.name.startswith("asyncio.task"))
+                print(json.dumps(names))
+                """
+            )
+        )
+        instrument = os.path.join(os.path.dirname(sys.executable), "opentelemetry-instrument")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ASYNCWATCH_")}
+        env.update(OTEL_TRACES_EXPORTER="none", OTEL_METRICS_EXPORTER="none")
+        result = subprocess.run(
+            [instrument, sys.executable, str(app)], capture_output=True, text=True, env=env, timeout=900
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip().splitlines()[-1] == '["asyncio.task swallows"]'
+        assert "cancellation_swallowed" in result.stderr
+
 
 def test_a_traced_task_failing_as_its_loop_stops_does_not_keep_its_frames():
     """loop.run_until_complete(coro) stops the loop right after coro's task ends,
