@@ -192,6 +192,7 @@ class TestTracesOverTheWire:
         spans = [span for _, _, span in receiver.spans()]
         orders = {attrs_of(span)["order.id"]: span.trace_id for span in spans if span.name == "POST /orders"}
         assert sorted(orders) == [1, 2, 3, 4] and len(set(orders.values())) == 4
+        assert {span.trace_id for span in spans} == set(orders.values())  # no trace but the orders'
 
         def traces_holding(kind: str) -> list[bytes]:
             return [

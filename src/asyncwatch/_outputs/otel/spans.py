@@ -292,6 +292,13 @@ class _TaskRecord:
             owner.unwatch(self)
         span = self.span
         if span is None:
+            if (
+                state is STATE_FINISHED
+                and (self.last_end or time.perf_counter()) - self.created_perf < owner.min_duration_s
+            ):
+                # Watched for a slow step whose finding went to a request's
+                # span elsewhere (or never came): nothing more to say here.
+                return
             span = owner.promote(self)
             if span is None:
                 return
