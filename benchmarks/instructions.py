@@ -17,7 +17,11 @@ mode isolates one part of asyncwatch's per-task cost:
 * ``asyncwatch``: ``asyncwatch.install()`` with every task detector, without
   the slow-callback watchdog: under valgrind the program runs ~50 times
   slower while the watchdog keeps its wall-clock period, which would inflate
-  its share fifty-fold (its real cost is what benchmarks/run.py measures).
+  its share fifty-fold (its real cost is what benchmarks/run.py measures);
+* ``notable`` and ``all``: the same with ``spans=`` that mode, to an SDK
+  tracer provider with a batch processor and an exporter that drops
+  everything (no task of the workload is notable: the long-life threshold
+  is an hour, since valgrind slows the run some fifty-fold).
 
 Requires valgrind (``apt-get install valgrind``).
 """
@@ -32,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 
-MODES = ("plain", "python-factory", "task-subclass", "asyncwatch")
+MODES = ("plain", "python-factory", "task-subclass", "asyncwatch", "notable", "all")
 
 PROGRAM = r"""
 import asyncio, sys
@@ -52,9 +56,23 @@ def subclass_factory(loop, coro, **kwargs):
     return SubTask(coro, loop=loop, **kwargs)
 
 import asyncwatch  # imported in every mode: the same start-up
+DETECT = ["task_destroyed_pending", "coroutine_never_awaited", "cancellation_swallowed", "task_exception_unretrieved"]
 if mode == "asyncwatch":
-    asyncwatch.install(log=False, detect=["task_destroyed_pending", "coroutine_never_awaited",
-                                          "cancellation_swallowed", "task_exception_unretrieved"])
+    asyncwatch.install(log=False, detect=DETECT)
+elif mode in ("notable", "all"):
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    class Drop(SpanExporter):
+        def export(self, spans):
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Drop()))
+    # Under valgrind the gather runs ~50 times slower: its tasks would live
+    # past the default 1 s and all be notable.  No task is notable here.
+    asyncwatch.install(log=False, detect=DETECT, spans=mode, metrics=False, tracer_provider=provider,
+                       spans_min_duration_ms=3_600_000)
 
 async def main():
     loop = asyncio.get_running_loop()
@@ -67,7 +85,7 @@ async def main():
 if loop_name == "uvloop":
     import uvloop
     factory = uvloop.new_event_loop
-    if mode == "asyncwatch":
+    if mode in ("asyncwatch", "notable", "all"):
         factory = asyncwatch.loop_factory(factory)
     with asyncio.Runner(loop_factory=factory) as runner:
         runner.run(main())

@@ -379,6 +379,26 @@ asyncio.run(main())
 """
 
 
+def run_instrumented(endpoint: str, script: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run *script* under ``opentelemetry-instrument``, exporting traces over OTLP/HTTP to *endpoint*."""
+    env = {
+        **os.environ,
+        **env,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+        "OTEL_TRACES_EXPORTER": "otlp_proto_http",
+        "OTEL_METRICS_EXPORTER": "none",
+        "OTEL_LOGS_EXPORTER": "none",
+        "OTEL_SERVICE_NAME": "server-under-test",
+        "PYTHONPATH": str(ROOT / "src"),
+    }
+    for name in list(env):
+        if name.startswith("ASYNCWATCH_"):
+            del env[name]
+    instrument = os.path.join(os.path.dirname(sys.executable), "opentelemetry-instrument")
+    command = [instrument, sys.executable, str(script)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
+
+
 def request_roots_arrived(received: list[Any], count: int) -> bool:
     """Whether *count* request spans and the root span of each one's trace have arrived."""
     spans = [span for _, _, span in received]
@@ -390,10 +410,14 @@ def request_roots_arrived(received: list[Any], count: int) -> bool:
 class TestAServer:
     """A server's accept loop and its requests, each under a request span, as a receiver gets them."""
 
-    @pytest.mark.parametrize("mode", ["notable", "all"])
+    @pytest.mark.parametrize("mode", ["notable", "all", "opentelemetry-instrument"])
     def test_every_request_is_a_trace_of_its_own_with_its_findings(self, receiver, tmp_path, mode):
         """Each request is its own trace, whole while the server runs; its findings carry its trace id;
-        no span is asyncio's own; events lie inside their spans; no asyncwatch frame in a traceback."""
+        no span is asyncio's own; events lie inside their spans; no asyncwatch frame in a traceback.
+
+        Under ``asyncwatch run --otlp`` (notable by default, and all), and under
+        ``opentelemetry-instrument`` (which also loads opentelemetry-instrumentation-asyncio
+        when it is installed, wrapping every task's coroutine)."""
         app = tmp_path / "server.py"
         app.write_text(SERVER)
         flag = tmp_path / "all-arrived"
@@ -407,7 +431,11 @@ class TestAServer:
         spans_option = ["--spans", "all"] if mode == "all" else []  # notable: the --otlp default
         # OTEL_BSP_SCHEDULE_DELAY: export batches promptly (ms).
         env = {"OTEL_BSP_SCHEDULE_DELAY": "50", "ARRIVED_FLAG": str(flag)}
-        result = run_otlp(receiver.endpoint, app, *spans_option, "--no-metrics", findings=findings, env=env)
+        if mode == "opentelemetry-instrument":
+            pytest.importorskip("opentelemetry.distro")  # what configures the SDK for opentelemetry-instrument
+            result = run_instrumented(receiver.endpoint, app, env=env)
+        else:
+            result = run_otlp(receiver.endpoint, app, *spans_option, "--no-metrics", findings=findings, env=env)
         assert result.returncode == 0, result.stderr
         # The flag was written while the server ran, before it stopped waiting.
         assert flag.exists() and result.stdout.strip() == "served"
@@ -450,9 +478,9 @@ class TestAServer:
         assert trace_of_finding("cancellation_swallowed", line_of("# <- swallowed here", str(app))) == [
             requests[4].trace_id
         ]
-        # The log joins the same traces.
-        for n in (3, 4, 6):
-            assert f"trace_id={requests[n].trace_id.hex()}" in result.stderr
+        if mode != "opentelemetry-instrument":  # asyncwatch run's log shows the finding's ids
+            for n in (3, 4, 6):
+                assert f"trace_id={requests[n].trace_id.hex()}" in result.stderr
 
         for span in spans:
             for event in span.events:

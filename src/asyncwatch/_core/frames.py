@@ -87,9 +87,26 @@ def line_of(code: CodeType, lasti: int) -> int:
     return code.co_firstlineno
 
 
+# Sites by (id of the code object, offset), with the code object itself to
+# check against a reused id.  A program creates its tasks from a few hundred
+# lines; resolving one (abspath, co_lines) cost about 37,000 instructions per
+# task whenever spans were on (issue 14, benchmarks/instructions.py).  Keyed
+# by id: a code object hashes its bytecode and constants.
+_SITE_CACHE_LIMIT = 4096
+_site_cache: dict[tuple[int, int], tuple[CodeType, Site]] = {}
+
+
 def code_site(code: CodeType, lasti: int) -> Site:
     """Make a `Site` from a code object and an instruction offset."""
-    return Site(source_path(code.co_filename), line_of(code, lasti), code.co_qualname)
+    key = (id(code), lasti)
+    cached = _site_cache.get(key)
+    if cached is not None and cached[0] is code:
+        return cached[1]
+    site = Site(source_path(code.co_filename), line_of(code, lasti), code.co_qualname)
+    if len(_site_cache) >= _SITE_CACHE_LIMIT:  # exec'd code can make code objects without end
+        _site_cache.clear()
+    _site_cache[key] = (code, site)
+    return site
 
 
 def frame_site(frame: FrameType) -> Site:

@@ -403,7 +403,11 @@ class TaskTracer(Detector):
         now_ns = time.time_ns() if all_spans else 0  # else worked out if a span is ever made
         inner = program_coroutine(wrapper._aw_inner)
         code = getattr(inner, "cr_code", None)
-        if code is not None and self._theirs(code.co_filename) and self._created_by_them():
+        if (
+            code is not None
+            and self._theirs(code.co_filename)
+            and (is_own_file(code.co_filename) or self._created_by_them())
+        ):
             wrapper._aw_observer = None  # asyncio's, uvloop's or asyncwatch's own work: not even timed
             return
         qualname = getattr(inner, "__qualname__", None) or type(inner).__qualname__
@@ -415,7 +419,7 @@ class TaskTracer(Detector):
         self.created += 1
         parent = link = None
         if self.tracing:
-            parent = otel_context.get_current()
+            parent = _current_context()
             # One trace per unit of work.  A task created where the current
             # span is a task span that began a trace of its own (the main
             # task, a server's accept loop: long-lived tasks with no
