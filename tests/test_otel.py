@@ -849,6 +849,17 @@ class TestOtlpExtra:
         assert time.monotonic() - started < 2.0
 
 
+#: For ``opentelemetry-instrument`` when the program sets its own provider: no
+#: configurator (with opentelemetry-distro installed, its SDK set-up would
+#: take the global provider first), no exporter.
+WITHOUT_SDK_SETUP = {
+    "OTEL_PYTHON_CONFIGURATOR": "none",
+    "OTEL_TRACES_EXPORTER": "none",
+    "OTEL_METRICS_EXPORTER": "none",
+    "OTEL_LOGS_EXPORTER": "none",
+}
+
+
 class TestInstrumentor:
     """asyncwatch as an OpenTelemetry instrumentation (opentelemetry-instrumentation's BaseInstrumentor)."""
 
@@ -898,7 +909,7 @@ class TestInstrumentor:
             )
         )
         instrument = os.path.join(os.path.dirname(sys.executable), "opentelemetry-instrument")
-        env = {**os.environ, "ASYNCWATCH_SPANS": "all", "OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none"}
+        env = {**os.environ, "ASYNCWATCH_SPANS": "all", **WITHOUT_SDK_SETUP}
         result = subprocess.run(
             [instrument, sys.executable, str(app)], capture_output=True, text=True, env=env, timeout=900
         )
@@ -944,7 +955,7 @@ class TestInstrumentor:
         )
         instrument = os.path.join(os.path.dirname(sys.executable), "opentelemetry-instrument")
         env = {k: v for k, v in os.environ.items() if not k.startswith("ASYNCWATCH_")}
-        env.update(OTEL_TRACES_EXPORTER="none", OTEL_METRICS_EXPORTER="none")
+        env.update(WITHOUT_SDK_SETUP)
         result = subprocess.run(
             [instrument, sys.executable, str(app)], capture_output=True, text=True, env=env, timeout=900
         )

@@ -20,15 +20,16 @@ __all__ = ["STEP_WRAPPER_CODES", "StepObserver", "TimedCoroutine"]
 
 @runtime_checkable
 class StepObserver(Protocol):
-    """Told how long each step of a task took, by its `TimedCoroutine`."""
+    """Told how long each step of a task took, by its `TimedCoroutine`.
+
+    It may also have ``task_ended(task, exc)``: told after the task's last
+    step, from inside it, that its coroutine returned (*exc* None) or raised
+    *exc*; asyncio marks the task done right after.  Told from the step, so
+    that no done callback shows in the task's repr.
+    """
 
     def task_step(self, task: asyncio.Task[Any], start: float, duration: float) -> None:
         """One step ran from *start* (``time.perf_counter()``) for *duration* seconds."""
-
-    def task_ended(self, task: asyncio.Task[Any], exc: BaseException | None) -> None:
-        """The step just told was the task's last: its coroutine returned
-        (*exc* None) or raised *exc*.  The task is marked done right after;
-        told from inside the step, so that no done callback shows in the task's repr."""
 
 
 class TimedCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
@@ -109,7 +110,7 @@ class TimedCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
         if early is not None and observer is not None:
             observer.task_step(task, *early)
             if ended is not None:
-                observer.task_ended(task, ended[0])
+                _tell_ended(observer, task, ended[0])
 
     def _stepped(self, start: float) -> None:
         observer = self._aw_observer
@@ -135,7 +136,7 @@ class TimedCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
             return
         try:
             observer.task_step(task, start, _clock() - start)
-            observer.task_ended(task, exc)
+            _tell_ended(observer, task, exc)
         except Exception as error:
             self._aw_observer = None
             report_internal_error("task observer", error)
@@ -154,6 +155,13 @@ def _hide_own_frame(exc: BaseException) -> None:
     tb = exc.__traceback__
     if tb is not None and tb.tb_frame.f_code in STEP_WRAPPER_CODES:
         exc.__traceback__ = tb.tb_next
+
+
+def _tell_ended(observer: StepObserver, task: asyncio.Task[Any], exc: BaseException | None) -> None:
+    # task_ended is optional: an observer that only times steps need not say it.
+    ended = getattr(observer, "task_ended", None)
+    if ended is not None:
+        ended(task, exc)
 
 
 def _no_task() -> None:

@@ -212,7 +212,7 @@ class _TaskRecord:
 
     def add_event(self, span: Any, name: str, attributes: dict[str, Any], at_ns: int | None = None) -> None:
         """Put an event on the span, inside its interval (the span ends no earlier than its events)."""
-        at_ns = time.time_ns() if at_ns is None else max(at_ns, self.created_ns)
+        at_ns = max(time.time_ns() if at_ns is None else at_ns, self.created_ns)
         self.last_event_ns = max(self.last_event_ns, at_ns)
         span.add_event(name, attributes, at_ns)
 
