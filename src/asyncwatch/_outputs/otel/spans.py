@@ -8,6 +8,11 @@ in ``"notable"`` mode the moment a task becomes notable (a cancellation, a
 finding, an exception, a long life), with the real start time.  Findings are
 put on these spans by `Telemetry` (telemetry.py).
 
+Traces stay the size of a unit of work: a task created under an application
+span nests under it; one created where only a task span that began its own
+trace is current (the main task, an accept loop) begins a trace of its own,
+linked to its creator (see `TaskTracer._task_created`).
+
 One concept (a task's record and its span), hence one module a little over
 the usual length: the record's hooks and the tracer's bookkeeping share the
 tracer's lock and its rules about which thread may end a span.
