@@ -17,7 +17,15 @@ mode isolates one part of asyncwatch's per-task cost:
 * ``asyncwatch``: ``asyncwatch.install()`` with every task detector, without
   the slow-callback watchdog: under valgrind the program runs ~50 times
   slower while the watchdog keeps its wall-clock period, which would inflate
-  its share fifty-fold (its real cost is what benchmarks/run.py measures).
+  its share fifty-fold (its real cost is what benchmarks/run.py measures);
+* ``notable`` and ``all``: the same with ``spans=`` that mode, to an SDK
+  tracer provider with a batch processor and an exporter that drops
+  everything (no task of the workload is notable: the long-life threshold
+  is an hour, since valgrind slows the run some fifty-fold).
+
+``--workload tcp_echo`` or ``--workload producer_consumer`` counts, the same
+way, what one echoed line or one processed item of benchmarks/workloads.py
+costs (N and 3N of them, three clients or eight consumers).
 
 Requires valgrind (``apt-get install valgrind``).
 """
@@ -32,11 +40,14 @@ import subprocess
 import sys
 import tempfile
 
-MODES = ("plain", "python-factory", "task-subclass", "asyncwatch")
+MODES = ("plain", "python-factory", "task-subclass", "asyncwatch", "notable", "all")
+
+#: The size each workload scales by, and its default N.
+UNITS = {"churn": ("tasks", 10_000), "tcp_echo": ("messages", 300), "producer_consumer": ("items", 5_000)}
 
 PROGRAM = r"""
-import asyncio, sys
-mode, loop_name, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+import asyncio, os, sys
+mode, loop_name, n, workload = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 
 async def two_steps(i):
     await asyncio.sleep(0)
@@ -52,9 +63,23 @@ def subclass_factory(loop, coro, **kwargs):
     return SubTask(coro, loop=loop, **kwargs)
 
 import asyncwatch  # imported in every mode: the same start-up
+DETECT = ["task_destroyed_pending", "coroutine_never_awaited", "cancellation_swallowed", "task_exception_unretrieved"]
 if mode == "asyncwatch":
-    asyncwatch.install(log=False, detect=["task_destroyed_pending", "coroutine_never_awaited",
-                                          "cancellation_swallowed", "task_exception_unretrieved"])
+    asyncwatch.install(log=False, detect=DETECT)
+elif mode in ("notable", "all"):
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    class Drop(SpanExporter):
+        def export(self, spans):
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Drop()))
+    # Under valgrind the gather runs ~50 times slower: its tasks would live
+    # past the default 1 s and all be notable.  No task is notable here.
+    asyncwatch.install(log=False, detect=DETECT, spans=mode, metrics=False, tracer_provider=provider,
+                       spans_min_duration_ms=3_600_000)
 
 async def main():
     loop = asyncio.get_running_loop()
@@ -62,12 +87,20 @@ async def main():
         loop.set_task_factory(python_factory)
     elif mode == "task-subclass":
         loop.set_task_factory(subclass_factory)
-    await asyncio.gather(*(two_steps(i) for i in range(n)))
+    if workload == "churn":
+        await asyncio.gather(*(two_steps(i) for i in range(n)))
+        return
+    sys.path.insert(0, os.environ["BENCHMARKS_DIR"])
+    import workloads
+    chosen = workloads.WORKLOADS[workload]
+    unit = {"tcp_echo": "messages", "producer_consumer": "items"}[workload]
+    overrides = {unit: n, "timeout_s": 3600} if workload == "tcp_echo" else {unit: n}
+    await chosen.run(chosen.sizes(True, overrides))
 
 if loop_name == "uvloop":
     import uvloop
     factory = uvloop.new_event_loop
-    if mode == "asyncwatch":
+    if mode in ("asyncwatch", "notable", "all"):
         factory = asyncwatch.loop_factory(factory)
     with asyncio.Runner(loop_factory=factory) as runner:
         runner.run(main())
@@ -76,10 +109,20 @@ else:
 """
 
 
-def instructions(python: str, program: str, mode: str, loop: str, n: int) -> int:
-    env = dict(os.environ, PYTHONHASHSEED="0")
+def instructions(python: str, program: str, mode: str, loop: str, n: int, workload: str = "churn") -> int:
+    env = dict(os.environ, PYTHONHASHSEED="0", BENCHMARKS_DIR=os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run(
-        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", python, program, mode, loop, str(n)],
+        [
+            "valgrind",
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            python,
+            program,
+            mode,
+            loop,
+            str(n),
+            workload,
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -95,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--python", default=sys.executable, help="the interpreter to measure (default: this one)")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
-    parser.add_argument("--tasks", type=int, default=10_000, help="N (default 10,000)")
+    parser.add_argument("--workload", choices=tuple(UNITS), default="churn")
+    parser.add_argument("--tasks", type=int, default=None, help="N (default: 10,000 tasks, 300 lines, 5,000 items)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None:
@@ -108,11 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         with open(program, "w", encoding="utf-8") as f:
             f.write(PROGRAM)
         per_task: dict[str, float] = {}
+        unit, default_n = UNITS[args.workload]
+        n = args.tasks or default_n
         for mode in args.modes:
-            small = instructions(args.python, program, mode, args.loop, args.tasks)
-            large = instructions(args.python, program, mode, args.loop, 3 * args.tasks)
-            per_task[mode] = (large - small) / (2 * args.tasks)
-    print(f"Python {version}, {args.loop}: instructions per task (gather of two-step tasks)")
+            small = instructions(args.python, program, mode, args.loop, n, args.workload)
+            large = instructions(args.python, program, mode, args.loop, 3 * n, args.workload)
+            per_task[mode] = (large - small) / (2 * n)
+    what = "task (gather of two-step tasks)" if args.workload == "churn" else f"{unit[:-1]} ({args.workload})"
+    print(f"Python {version}, {args.loop}: instructions per {what}")
     base = per_task.get("plain")
     for mode, count in per_task.items():
         extra = f"  {count / base:.3f}x  ({count - base:+,.0f})" if base and mode != "plain" else ""

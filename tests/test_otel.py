@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import traceback
 import weakref
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
@@ -264,6 +265,34 @@ class TestParenting:
         span = spans.named("asyncio.task TestParenting.test_the_task_span_is_current_inside_the_task.<locals>.worker")
         assert seen == [span.context.span_id] * 2
 
+    def test_a_task_made_under_a_long_lived_task_only_begins_a_trace_linked_to_it(self, loop_name, spans):
+        """Created where only a task span that began its own trace is current (the main task, an
+        accept loop), a task begins a trace of its own with a link to its creator; under a request it nests."""
+
+        async def sub():
+            await asyncio.sleep(0)
+
+        async def worker():
+            await asyncio.create_task(sub())
+            with spans.tracer.start_as_current_span("request"):
+                await asyncio.create_task(sub())
+
+        async def main():
+            await asyncio.create_task(worker())
+
+        run_traced(loop_name, main, spans)
+        prefix = "asyncio.task TestParenting.test_a_task_made_under_a_long_lived_task_only_begins_a_trace_linked_to_it"
+        main_span, worker_span = spans.named(prefix + ".<locals>.main"), spans.named(prefix + ".<locals>.worker")
+        assert main_span.parent is None and worker_span.parent is None
+        assert [link.context.span_id for link in worker_span.links] == [main_span.context.span_id]
+        assert worker_span.context.trace_id != main_span.context.trace_id
+        linked, nested = sorted(spans.all_named(prefix + ".<locals>.sub"), key=lambda s: s.parent is not None)
+        assert linked.parent is None and [link.context.span_id for link in linked.links] == [
+            worker_span.context.span_id
+        ]
+        assert spans.parent_of(nested) is spans.named("request") and not nested.links
+        assert nested.context.trace_id == worker_span.context.trace_id != linked.context.trace_id
+
     @pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks are 3.12+")
     def test_eager_tasks_have_spans_under_their_creator(self, spans):
         """With eager_task_factory, a task finished inside create_task and one that awaits both have spans."""
@@ -387,6 +416,24 @@ class TestModes:
         run_traced(loop_name, main, spans, spans="all")
         assert spans.names() == ["asyncio.task TestModes.test_asyncio_internal_tasks_never_have_spans.<locals>.main"]
 
+    def test_tasks_asyncio_makes_of_its_own_coroutines_have_no_span(self, loop_name, spans):
+        """Known by the file their coroutine is defined in (create_server's getaddrinfo tasks, the
+        accept loop's): no span; a task the program makes of asyncio.sleep keeps its span."""
+
+        async def handle(reader, writer):
+            writer.close()
+
+        async def main():
+            server = await asyncio.start_server(handle, "127.0.0.1", 0)
+            async with server:
+                _, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+                writer.close()
+                await asyncio.create_task(asyncio.sleep(0.01), name="the program's")
+
+        run_traced(loop_name, main, spans)
+        prefix = "asyncio.task TestModes.test_tasks_asyncio_makes_of_its_own_coroutines_have_no_span.<locals>."
+        assert spans.names() == sorted([prefix + "handle", prefix + "main", "asyncio.task sleep"])
+
     @pytest.mark.parametrize("value", ["some", "ALL ", 3])
     def test_a_bad_mode_lists_the_valid_ones(self, value):
         """A wrong value names the option and the valid modes."""
@@ -495,6 +542,38 @@ class TestFindingsOnSpans:
         assert (
             BLOCK_S - 0.05 <= attrs["asyncwatch.finding.duration"] <= attributes(span)["asyncio.task.busy_time"] + 0.02
         )
+
+    @pytest.mark.parametrize("mode", ["all", "notable"])
+    def test_events_lie_inside_their_span_and_a_block_is_marked_where_it_began(self, loop_name, spans, mode):
+        """Every event is within its span's interval; a slow step's event is at the block's start."""
+        began = []
+
+        async def blocks():
+            await asyncio.sleep(0)
+            began.append(time.time_ns())
+            time.sleep(BLOCK_S)  # <- blocks
+
+        async def swallows():
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                pass
+
+        async def main():
+            task = asyncio.create_task(swallows())
+            await asyncio.create_task(blocks(), name="blocker")
+            task.cancel()
+            await task
+            await asyncio.sleep(0.01)
+
+        run_traced(loop_name, main, spans, spans=mode)
+        for span in spans.finished:
+            for event in span.events:
+                assert span.start_time <= event.timestamp <= span.end_time, (span.name, event.name)
+        [span] = [s for s in spans.finished if attributes(s).get("asyncio.task.name") == "blocker"]
+        [event] = span.events
+        assert event.timestamp <= began[0] and attributes(span)["asyncwatch.has_findings"] is True
+        assert event.timestamp + event.attributes["asyncwatch.finding.duration"] * 1e9 >= began[0] + BLOCK_S * 1e9 * 0.9
 
     def test_slow_steps_of_traced_tasks_are_detected(self, loop_name, spans):
         """Turning spans on must not hide slow task steps from the watchdog."""
@@ -770,6 +849,17 @@ class TestOtlpExtra:
         assert time.monotonic() - started < 2.0
 
 
+#: For ``opentelemetry-instrument`` when the program sets its own provider: no
+#: configurator (with opentelemetry-distro installed, its SDK set-up would
+#: take the global provider first), no exporter.
+WITHOUT_SDK_SETUP = {
+    "OTEL_PYTHON_CONFIGURATOR": "none",
+    "OTEL_TRACES_EXPORTER": "none",
+    "OTEL_METRICS_EXPORTER": "none",
+    "OTEL_LOGS_EXPORTER": "none",
+}
+
+
 class TestInstrumentor:
     """asyncwatch as an OpenTelemetry instrumentation (opentelemetry-instrumentation's BaseInstrumentor)."""
 
@@ -819,12 +909,59 @@ class TestInstrumentor:
             )
         )
         instrument = os.path.join(os.path.dirname(sys.executable), "opentelemetry-instrument")
-        env = {**os.environ, "ASYNCWATCH_SPANS": "all", "OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none"}
+        env = {**os.environ, "ASYNCWATCH_SPANS": "all", **WITHOUT_SDK_SETUP}
         result = subprocess.run(
             [instrument, sys.executable, str(app)], capture_output=True, text=True, env=env, timeout=900
         )
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip().splitlines()[-1] == '[true, ["asyncio.task main", "asyncio.task work"]]'
+
+    def test_opentelemetry_instrument_defaults_to_notable_spans_and_metrics(self, tmp_path):
+        """Under ``opentelemetry-instrument`` with no asyncwatch option, spans are notable (as with --otlp)."""
+        app = tmp_path / "app.py"
+        app.write_text(
+            textwrap.dedent(
+                """
+                import asyncio, json
+                from opentelemetry import trace
+                from opentelemetry.sdk.trace import TracerProvider
+                from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+                from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+                import asyncwatch
+
+                exporter = InMemorySpanExporter()
+                provider = TracerProvider()
+                provider.add_span_processor(SimpleSpanProcessor(exporter))
+                trace.set_tracer_provider(provider)
+
+                async def swallows():
+                    try:
+                        await asyncio.sleep(10)
+                    except asyncio.CancelledError:
+                        pass
+
+                async def main():
+                    await asyncio.create_task(asyncio.sleep(0))
+                    task = asyncio.create_task(swallows())
+                    await asyncio.sleep(0)
+                    task.cancel()
+                    await task
+
+                asyncio.run(main())
+                names = sorted(s.name for s in exporter.get_finished_spans() if s.name.startswith("asyncio.task"))
+                print(json.dumps(names))
+                """
+            )
+        )
+        instrument = os.path.join(os.path.dirname(sys.executable), "opentelemetry-instrument")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ASYNCWATCH_")}
+        env.update(WITHOUT_SDK_SETUP)
+        result = subprocess.run(
+            [instrument, sys.executable, str(app)], capture_output=True, text=True, env=env, timeout=900
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip().splitlines()[-1] == '["asyncio.task swallows"]'
+        assert "cancellation_swallowed" in result.stderr
 
 
 def test_a_traced_task_failing_as_its_loop_stops_does_not_keep_its_frames():
@@ -860,3 +997,69 @@ def test_a_traced_task_failing_as_its_loop_stops_does_not_keep_its_frames():
         loop.close()
         asyncwatch.uninstall()
         provider.shutdown()
+
+
+class TestInvisibleWrapper:
+    """With spans on, the program sees its tasks as it would without asyncwatch."""
+
+    def test_a_failing_task_looks_as_without_asyncwatch(self, loop_name, spans):
+        """Its traceback (awaited, and on its span) has no asyncwatch frame; get_coro(), name and repr are the program's."""
+        seen = {}
+
+        async def fails():  # <- defined
+            await asyncio.sleep(0)
+            raise ValueError("boom")  # <- raises
+
+        async def main():
+            coro = fails()
+            task = asyncio.create_task(coro, name="worker")
+            seen["coro"] = task.get_coro() is coro
+            seen["repr"] = repr(task)
+            try:
+                await task
+            except ValueError as exc:
+                seen["traceback"] = "".join(traceback.format_exception(exc))
+
+        run_traced(loop_name, main, spans, spans="all")
+        assert seen["coro"] is True
+        assert (
+            seen["repr"]
+            == f"<Task pending name='worker' coro=<{fails_qualname()}() running at {__file__}:{line_of('# <- defined')}>>"
+        )
+        assert "asyncwatch" not in seen["traceback"] and seen["traceback"].count("File ") == 2
+        [span] = [s for s in spans.finished if attributes(s).get("asyncio.task.name") == "worker"]
+        [(_, exception)] = [e for e in events(span) if e[0] == "exception"]
+        assert "asyncwatch" not in exception["exception.stacktrace"]
+        assert f"line {line_of('# <- raises')}, in fails" in exception["exception.stacktrace"]
+
+    def test_the_program_coroutine_is_named_through_opentelemetry_instrumentation_asyncio(self, loop_name, spans):
+        """AsyncioInstrumentor runs every task's coroutine inside trace_coroutine: spans and findings name the program's."""
+        instrumentation = pytest.importorskip("opentelemetry.instrumentation.asyncio")
+        instrumentor = instrumentation.AsyncioInstrumentor()
+        instrumentor.instrument(tracer_provider=spans.provider)
+
+        async def swallows():
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                pass
+
+        async def main():
+            task = asyncio.create_task(swallows(), name="swallower")
+            await asyncio.sleep(0)
+            task.cancel()
+            await task
+
+        try:
+            found = run_traced(loop_name, main, spans, spans="notable")
+        finally:
+            instrumentor.uninstrument()
+        qualname = "TestInvisibleWrapper.test_the_program_coroutine_is_named_through_opentelemetry_instrumentation_asyncio.<locals>.swallows"
+        assert [(f.kind.value, f.coroutine) for f in found] == [("cancellation_swallowed", qualname)]
+        [span] = [s for s in spans.finished if attributes(s).get("asyncio.task.name") == "swallower"]
+        assert span.name == "asyncio.task " + qualname
+        assert "asyncwatch.cancellation_swallowed" in [name for name, _ in events(span)]
+
+
+def fails_qualname() -> str:
+    return "TestInvisibleWrapper.test_a_failing_task_looks_as_without_asyncwatch.<locals>.fails"

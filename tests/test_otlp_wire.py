@@ -42,6 +42,9 @@ class Receiver:
 
     def __init__(self) -> None:
         self.traces: list[ExportTraceServiceRequest] = []
+        self.lock = threading.Lock()
+        #: Called after each batch of spans arrives (on the receiver's thread).
+        self.on_traces: Any = None
         self.metrics: list[ExportMetricsServiceRequest] = []
         receiver = self
 
@@ -53,7 +56,10 @@ class Receiver:
                 if self.path == "/v1/traces":
                     request: Any = ExportTraceServiceRequest()
                     request.ParseFromString(body)
-                    receiver.traces.append(request)
+                    with receiver.lock:
+                        receiver.traces.append(request)
+                    if receiver.on_traces is not None:
+                        receiver.on_traces()
                     answer = ExportTraceServiceResponse().SerializeToString()
                 elif self.path == "/v1/metrics":
                     request = ExportMetricsServiceRequest()
@@ -79,7 +85,9 @@ class Receiver:
     def spans(self) -> list[tuple[dict[str, Any], Any, Any]]:
         """Every received span as (resource attributes, scope, span)."""
         out = []
-        for request in self.traces:
+        with self.lock:
+            requests = list(self.traces)
+        for request in requests:
             for resource_spans in request.resource_spans:
                 resource = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
                 out.extend(
@@ -109,10 +117,11 @@ def receiver() -> Iterator[Receiver]:
 
 
 def run_otlp(
-    endpoint: str, script: Path, *args: str, findings: Path, timeout: float = 900
+    endpoint: str, script: Path, *args: str, findings: Path, timeout: float = 900, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
+        **(env or {}),
         "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
         "OTEL_SERVICE_NAME": "shop-under-test",
         "PYTHONPATH": str(ROOT / "src"),
@@ -163,12 +172,38 @@ class TestTracesOverTheWire:
         assert attrs_of(cancel)["asyncio.task.cancel_message"] == "order shipped"
         assert swallowed.name == "asyncwatch.cancellation_swallowed"
         assert attrs_of(swallowed)["code.line.number"] == line_of("# <- swallowed here", str(SHOP))
-        assert len({span.trace_id for _, span in by_id.values()}) == 1
+        # One trace per order: main's gather children begin traces of their own, linked to main.
+        [main_span] = [span for span in tasks if span.name == "asyncio.task main"]
+        handlers = [span for span in tasks if span.name == "asyncio.task handle_order"]
+        assert all(not span.parent_span_id for span in handlers)
+        assert all([link.span_id for link in span.links] == [main_span.span_id] for span in handlers)
+        assert len({span.trace_id for span in requests}) == 4
+        assert len({span.trace_id for _, span in by_id.values()}) == 5
         assert {"asyncio.task.created", "asyncio.task.finished", "asyncio.task.count"} <= receiver.metric_names()
         # The findings file and the log join the trace.
         kinds = [json.loads(line)["kind"] for line in findings.read_text().splitlines()]
         assert "cancellation_swallowed" in kinds
         assert f"span_id={notify.span_id.hex()}" in result.stderr
+
+    def test_in_notable_mode_each_finding_is_in_its_orders_trace(self, receiver, tmp_path):
+        """The --otlp default: order 2's block and order 3's swallowed cancellation are in those orders' traces."""
+        result = run_otlp(receiver.endpoint, SHOP, "--no-metrics", findings=tmp_path / "findings.jsonl")
+        assert result.returncode == 0, result.stderr
+        spans = [span for _, _, span in receiver.spans()]
+        orders = {attrs_of(span)["order.id"]: span.trace_id for span in spans if span.name == "POST /orders"}
+        assert sorted(orders) == [1, 2, 3, 4] and len(set(orders.values())) == 4
+        assert {span.trace_id for span in spans} == set(orders.values())  # no trace but the orders'
+
+        def traces_holding(kind: str) -> list[bytes]:
+            return [
+                span.trace_id
+                for span in spans
+                if span.name == f"asyncwatch {kind}" or any(e.name == f"asyncwatch.{kind}" for e in span.events)
+            ]
+
+        assert traces_holding("slow_callback") == [orders[2]]
+        assert traces_holding("cancellation_swallowed") == [orders[3]]
+        assert f"trace_id={orders[2].hex()}" in result.stderr
 
     def test_a_program_with_its_own_provider_keeps_it(self, receiver, tmp_path):
         """--otlp sets nothing up when the program configured OpenTelemetry itself: spans go to its provider."""
@@ -269,3 +304,202 @@ class TestReceiverDown:
         kinds = sorted(json.loads(line)["kind"] for line in findings.read_text().splitlines())
         assert kinds == ["cancellation_swallowed"] * 3 + ["task_exception_unretrieved"] * 3
         assert elapsed < 15  # the flush at exit gives up after 5 s
+
+
+SERVER = """
+import asyncio, os, sys, time, traceback
+from opentelemetry import trace
+
+tracer = trace.get_tracer("server")
+REQUESTS = 8
+
+
+async def lookup(n):
+    await asyncio.sleep(0)
+    if n == 3:
+        time.sleep(0.15)  # <- blocks in the request's task
+    return n
+
+
+async def notify():
+    try:
+        await asyncio.sleep(10)  # <- swallowed here
+    except asyncio.CancelledError:
+        pass
+
+
+async def fails():
+    await asyncio.sleep(0)
+    raise ValueError("request 5 failed")  # <- fails here
+
+
+async def handle(reader, writer):
+    n = int(await reader.readline())
+    with tracer.start_as_current_span("GET /item", attributes={"request.n": n}):
+        await asyncio.create_task(lookup(n))
+        if n == 4:
+            task = asyncio.create_task(notify())
+            await asyncio.sleep(0.01)
+            task.cancel()
+            await task
+        if n == 5:
+            try:
+                await asyncio.create_task(fails())
+            except ValueError:
+                traceback.print_exc()
+        if n == 6:
+            time.sleep(0.15)  # <- blocks in the request itself
+    writer.write(b"ok\\n")
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+
+
+async def main():
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        for n in range(REQUESTS):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"%d\\n" % n)
+            assert await reader.readline() == b"ok\\n"
+            writer.close()
+            await writer.wait_closed()
+        # Serve on until the receiver has every request's whole trace (it
+        # writes the flag file), so that "while the server runs" is a fact
+        # of the run, not of timing; bounded for a receiver that never says so.
+        for _ in range(1200):
+            if os.path.exists(os.environ["ARRIVED_FLAG"]):
+                break
+            await asyncio.sleep(0.05)
+        print("served")
+
+
+asyncio.run(main())
+"""
+
+
+def run_instrumented(endpoint: str, script: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run *script* under ``opentelemetry-instrument``, exporting traces over OTLP/HTTP to *endpoint*."""
+    env = {
+        **os.environ,
+        **env,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+        "OTEL_TRACES_EXPORTER": "otlp_proto_http",
+        "OTEL_METRICS_EXPORTER": "none",
+        "OTEL_LOGS_EXPORTER": "none",
+        "OTEL_SERVICE_NAME": "server-under-test",
+        "PYTHONPATH": str(ROOT / "src"),
+    }
+    for name in list(env):
+        if name.startswith("ASYNCWATCH_"):
+            del env[name]
+    instrument = os.path.join(os.path.dirname(sys.executable), "opentelemetry-instrument")
+    command = [instrument, sys.executable, str(script)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
+
+
+def traces_holding(spans: list[Any], kind: str, line: int) -> list[bytes]:
+    """The trace ids of the spans holding the finding of *kind* at *line* (as an event, or as their own)."""
+    found = []
+    for span in spans:
+        holders = [attrs_of(e) for e in span.events if e.name == f"asyncwatch.{kind}"]
+        if span.name == f"asyncwatch {kind}":
+            holders.append(attrs_of(span))
+        if any(h.get("code.line.number") == line for h in holders):
+            found.append(span.trace_id)
+            assert attrs_of(span)["asyncwatch.has_findings"] is True
+    return found
+
+
+def request_roots_arrived(received: list[Any], count: int) -> bool:
+    """Whether *count* request spans and the root span of each one's trace have arrived."""
+    spans = [span for _, _, span in received]
+    requests = [span for span in spans if span.name == "GET /item"]
+    roots = {span.trace_id for span in spans if not span.parent_span_id}
+    return len(requests) >= count and all(span.trace_id in roots for span in requests)
+
+
+class TestAServer:
+    """A server's accept loop and its requests, each under a request span, as a receiver gets them."""
+
+    @pytest.mark.parametrize("mode", ["notable", "all", "opentelemetry-instrument"])
+    def test_every_request_is_a_trace_of_its_own_with_its_findings(self, receiver, tmp_path, mode):
+        """Each request is its own trace, whole while the server runs; its findings carry its trace id;
+        no span is asyncio's own; events lie inside their spans; no asyncwatch frame in a traceback.
+
+        Under ``asyncwatch run --otlp`` (notable by default, and all), and under
+        ``opentelemetry-instrument`` (which also loads opentelemetry-instrumentation-asyncio
+        when it is installed, wrapping every task's coroutine)."""
+        app = tmp_path / "server.py"
+        app.write_text(SERVER)
+        flag = tmp_path / "all-arrived"
+
+        def check() -> None:
+            if not flag.exists() and request_roots_arrived(receiver.spans(), 8):
+                flag.touch()
+
+        receiver.on_traces = check
+        findings = tmp_path / "findings.jsonl"
+        spans_option = ["--spans", "all"] if mode == "all" else []  # notable: the --otlp default
+        # OTEL_BSP_SCHEDULE_DELAY: export batches promptly (ms).
+        env = {"OTEL_BSP_SCHEDULE_DELAY": "50", "ARRIVED_FLAG": str(flag)}
+        if mode == "opentelemetry-instrument":
+            pytest.importorskip("opentelemetry.distro")  # what configures the SDK for opentelemetry-instrument
+            result = run_instrumented(receiver.endpoint, app, env=env)
+        else:
+            result = run_otlp(receiver.endpoint, app, *spans_option, "--no-metrics", findings=findings, env=env)
+        assert result.returncode == 0, result.stderr
+        # The flag was written while the server ran, before it stopped waiting.
+        assert flag.exists() and result.stdout.strip() == "served"
+
+        spans = [span for _, _, span in receiver.spans()]
+        requests = {attrs_of(span)["request.n"]: span for span in spans if span.name == "GET /item"}
+        assert sorted(requests) == list(range(8))
+        assert len({span.trace_id for span in requests.values()}) == 8
+        by_id = {span.span_id: span for span in spans}
+        coroutines = {"main", "handle", "lookup", "notify", "fails"}
+        ours = [span for span in spans if span.name.startswith("asyncio.task ")]
+        assert {span.name.removeprefix("asyncio.task ") for span in ours} <= coroutines
+        if mode == "all":
+            assert {span.name.removeprefix("asyncio.task ") for span in ours} == coroutines
+            # The handler's span begins the request's trace, linked to the task that accepted it.
+            [main_span] = [span for span in ours if span.name == "asyncio.task main"]
+            for span in requests.values():
+                handler = by_id[span.parent_span_id]
+                assert handler.name == "asyncio.task handle" and not handler.parent_span_id
+                assert [link.span_id for link in handler.links] == [main_span.span_id]
+
+        def trace_of_finding(kind: str, line: int) -> list[bytes]:
+            return traces_holding(spans, kind, line)
+
+        assert trace_of_finding("slow_callback", line_of("# <- blocks in the request's task", str(app))) == [
+            requests[3].trace_id
+        ]
+        assert trace_of_finding("slow_callback", line_of("# <- blocks in the request itself", str(app))) == [
+            requests[6].trace_id
+        ]
+        assert trace_of_finding("cancellation_swallowed", line_of("# <- swallowed here", str(app))) == [
+            requests[4].trace_id
+        ]
+        if mode != "opentelemetry-instrument":  # asyncwatch run's log shows the finding's ids
+            for n in (3, 4, 6):
+                assert f"trace_id={requests[n].trace_id.hex()}" in result.stderr
+
+        outside = [
+            (span.name, event.name)
+            for span in spans
+            for event in span.events
+            if not span.start_time_unix_nano <= event.time_unix_nano <= span.end_time_unix_nano
+        ]
+        assert outside == []
+
+        # The failing task's traceback, as the program printed it and on its span: no asyncwatch frame.
+        printed = result.stderr[result.stderr.index("Traceback") :]
+        printed = printed[: printed.index("ValueError: request 5 failed")]
+        assert "asyncwatch" not in printed and line_of("# <- fails here", str(app)) > 0
+        failed = [span for span in ours if span.name == "asyncio.task fails"]
+        assert len(failed) == 1 and failed[0].trace_id == requests[5].trace_id
+        [exception] = [e for e in failed[0].events if e.name == "exception"]
+        stacktrace = attrs_of(exception)["exception.stacktrace"]
+        assert "request 5 failed" in stacktrace and "asyncwatch" not in stacktrace

@@ -10,10 +10,15 @@ on before the application runs; in code::
 
 Needs the ``opentelemetry-instrumentation`` package (not a dependency of
 asyncwatch: only this module uses it).
+
+Instrumenting is asking for telemetry, as ``asyncwatch run --otlp`` is: spans
+default to ``"notable"`` and metrics to on, unless an argument or the
+``ASYNCWATCH_SPANS`` / ``ASYNCWATCH_METRICS`` variable says otherwise.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection
 from typing import Any
 
@@ -25,12 +30,14 @@ except ImportError as exc:  # pragma: no cover - tested in a subprocess without 
         "install it with: pip install opentelemetry-instrumentation"
     ) from exc
 
-from ._core.settings import Settings
+from ._core.settings import ENV_VARS, Settings
 from ._install import Installation, install
 
 __all__ = ["AsyncwatchInstrumentor"]
 
 _OPTIONS = frozenset(Settings.__dataclass_fields__)
+#: What instrumenting turns on unless told otherwise (the ``--otlp`` defaults).
+_TELEMETRY_DEFAULTS = {"spans": "notable", "metrics": True}
 
 
 class AsyncwatchInstrumentor(BaseInstrumentor):  # type: ignore[misc]
@@ -50,6 +57,9 @@ class AsyncwatchInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     def _instrument(self, **kwargs: Any) -> None:
         options = {name: value for name, value in kwargs.items() if name in _OPTIONS}
+        for name, value in _TELEMETRY_DEFAULTS.items():
+            if name not in options and ENV_VARS[name] not in os.environ:
+                options[name] = value
         self._installation = install(
             tracer_provider=kwargs.get("tracer_provider"),
             meter_provider=kwargs.get("meter_provider"),

@@ -143,9 +143,26 @@ def line_of(code: CodeType, lasti: int) -> int:
     return code.co_firstlineno
 
 
+# Sites by (id of the code object, offset), with the code object itself to
+# check against a reused id.  A program creates its tasks from a few hundred
+# lines; resolving one (abspath, co_lines) cost about 37,000 instructions per
+# task whenever spans were on (issue 14, benchmarks/instructions.py).  Keyed
+# by id: a code object hashes its bytecode and constants.
+_SITE_CACHE_LIMIT = 4096
+_site_cache: dict[tuple[int, int], tuple[CodeType, Site]] = {}
+
+
 def code_site(code: CodeType, lasti: int) -> Site:
     """Make a `Site` from a code object and an instruction offset."""
-    return Site(source_path(code.co_filename), line_of(code, lasti), code.co_qualname)
+    key = (id(code), lasti)
+    cached = _site_cache.get(key)
+    if cached is not None and cached[0] is code:
+        return cached[1]
+    site = Site(source_path(code.co_filename), line_of(code, lasti), code.co_qualname)
+    if len(_site_cache) >= _SITE_CACHE_LIMIT:  # exec'd code can make code objects without end
+        _site_cache.clear()
+    _site_cache[key] = (code, site)
+    return site
 
 
 def frame_site(frame: FrameType) -> Site:
@@ -214,8 +231,37 @@ def stack_of(frames: Iterable[FrameType]) -> tuple[Site, ...]:
     return tuple(sites)
 
 
+# Coroutines that only wrap the program's coroutine, by (function name, a
+# piece of their file's path): opentelemetry-instrumentation-asyncio (which
+# `opentelemetry-bootstrap` installs) runs every task's coroutine inside
+# ``AsyncioInstrumentor.trace_coroutine(coro)``.  Naming the wrapper would name
+# every task and finding "trace_coroutine".
+_WRAPPER_COROUTINES = {"trace_coroutine": os.path.join("opentelemetry", "instrumentation", "asyncio") + os.sep}
+
+
+def program_coroutine(coro: Any) -> Any:
+    """*coro*, or the program's coroutine that a known library wrapper runs
+    (the wrapper's ``coro`` argument: it has not started, or holds it still)."""
+    for _ in range(4):  # each instrumentation wraps once; a bound on cycles
+        code = getattr(coro, "cr_code", None)
+        if code is None:
+            return coro
+        where = _WRAPPER_COROUTINES.get(code.co_name)
+        if where is None or where not in code.co_filename:
+            return coro
+        frame = getattr(coro, "cr_frame", None)
+        inner = frame.f_locals.get("coro") if frame is not None else None
+        if inner is None:
+            return coro
+        coro = inner
+    return coro
+
+
 def qualname_of(obj: Any) -> str | None:
-    """The qualified name of a coroutine, generator or callable, or None."""
+    """The qualified name of a coroutine (the program's, inside a known
+    wrapper), generator or callable, or None."""
+    if getattr(obj, "cr_code", None) is not None:
+        obj = program_coroutine(obj)
     name = getattr(obj, "__qualname__", None)
     if isinstance(name, str):
         return name

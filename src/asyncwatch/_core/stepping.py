@@ -20,7 +20,13 @@ __all__ = ["STEP_WRAPPER_CODES", "StepObserver", "TimedCoroutine"]
 
 @runtime_checkable
 class StepObserver(Protocol):
-    """Told how long each step of a task took, by its `TimedCoroutine`."""
+    """Told how long each step of a task took, by its `TimedCoroutine`.
+
+    It may also have ``task_ended(task, exc)``: told after the task's last
+    step, from inside it, that its coroutine returned (*exc* None) or raised
+    *exc*; asyncio marks the task done right after.  Told from the step, so
+    that no done callback shows in the task's repr.
+    """
 
     def task_step(self, task: asyncio.Task[Any], start: float, duration: float) -> None:
         """One step ran from *start* (``time.perf_counter()``) for *duration* seconds."""
@@ -34,12 +40,13 @@ class TimedCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
     forwards everything else (``cr_frame``, ``cr_await``, ``__qualname__``
     ...) so that ``repr(task)``, ``task.get_stack()`` and asyncwatch's own
     introspection see the user's coroutine.  Exceptions pass through
-    untouched.  A detector's ``wrap_coroutine`` returns one (spans do); the
+    unchanged but for this wrapper's own frame, taken off their traceback;
+    the task's last step is told as its end (`StepObserver.task_ended`).  A detector's ``wrap_coroutine`` returns one (spans do); the
     task factory then points it at its task (`attach`).
     """
 
     # __weakref__: a coroutine can be weakly referenced, so its stand-in must be too.
-    __slots__ = ("__weakref__", "_aw_early", "_aw_inner", "_aw_observer", "_aw_task")
+    __slots__ = ("__weakref__", "_aw_early", "_aw_ended", "_aw_inner", "_aw_observer", "_aw_task")
 
     def __init__(self, coro: Any, observer: StepObserver) -> None:
         self._aw_inner = coro
@@ -48,24 +55,42 @@ class TimedCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
         # An eager first step runs inside Task.__init__, before the task
         # exists for the observer: kept here and told right after creation.
         self._aw_early: tuple[float, float] | None = None
+        # An eager first step may also be the last: (how it ended,) until attached.
+        self._aw_ended: tuple[BaseException | None] | None = None
 
     def send(self, value: Any) -> Any:
         start = _clock()
         try:
-            return self._aw_inner.send(value)
-        finally:
-            self._stepped(start)
+            result = self._aw_inner.send(value)
+        except StopIteration:  # the task's normal end: nothing to hide
+            self._ended(start, None)
+            raise
+        except BaseException as exc:
+            _hide_own_frame(exc)
+            self._ended(start, exc)
+            raise  # a bare raise adds no traceback entry for this frame
+        self._stepped(start)
+        return result
 
     def throw(self, *args: Any) -> Any:
+        # *args holds the exception, whose traceback will hold this frame: a
+        # cycle that would keep everything the task's frames refer to
+        # (sockets, SSL contexts) alive until the collector runs.
         start = _clock()
         try:
-            return self._aw_inner.throw(*args)
-        finally:
-            # *args holds the exception, whose traceback holds this frame:
-            # a cycle that would keep everything the task's frames refer to
-            # (sockets, SSL contexts) alive until the collector runs.
+            result = self._aw_inner.throw(*args)
+        except StopIteration:
             del args
-            self._stepped(start)
+            self._ended(start, None)
+            raise
+        except BaseException as exc:
+            del args
+            _hide_own_frame(exc)
+            self._ended(start, exc)
+            raise
+        del args
+        self._stepped(start)
+        return result
 
     def close(self) -> None:
         self._aw_inner.close()
@@ -80,9 +105,12 @@ class TimedCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
         """Time steps for *task* from now on; tell the observer an eager first step."""
         self._aw_task = weakref.ref(task)  # the task owns the wrapper: no cycle
         early, self._aw_early = self._aw_early, None
+        ended, self._aw_ended = self._aw_ended, None
         observer = self._aw_observer
         if early is not None and observer is not None:
             observer.task_step(task, *early)
+            if ended is not None:
+                _tell_ended(observer, task, ended[0])
 
     def _stepped(self, start: float) -> None:
         observer = self._aw_observer
@@ -95,6 +123,45 @@ class TimedCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
             except Exception as exc:
                 self._aw_observer = None
                 report_internal_error("task observer", exc)
+
+    def _ended(self, start: float, exc: BaseException | None) -> None:
+        """The task's last step: it returned (*exc* None) or raised *exc*."""
+        observer = self._aw_observer
+        if observer is None:
+            return
+        task = self._aw_task()
+        if task is None:  # eager, finished inside create_task: told on attach
+            self._aw_early = (start, _clock() - start)
+            self._aw_ended = (exc,)
+            return
+        try:
+            observer.task_step(task, start, _clock() - start)
+            _tell_ended(observer, task, exc)
+        except Exception as error:
+            self._aw_observer = None
+            report_internal_error("task observer", error)
+
+
+def _hide_own_frame(exc: BaseException) -> None:
+    """Drop the wrapper's own entry from the head of *exc*'s traceback.
+
+    The exception passed through ``send``/``throw`` on its way to the task,
+    which added this frame to its traceback; without it, the traceback the
+    program sees (``await task``, the span's ``exception`` event, asyncio's
+    "exception was never retrieved" log) is the one it would see without
+    asyncwatch.  The bare ``raise`` that follows re-raises without adding
+    the frame again (CPython's RERAISE path skips PyTraceBack_Here).
+    """
+    tb = exc.__traceback__
+    if tb is not None and tb.tb_frame.f_code in STEP_WRAPPER_CODES:
+        exc.__traceback__ = tb.tb_next
+
+
+def _tell_ended(observer: StepObserver, task: asyncio.Task[Any], exc: BaseException | None) -> None:
+    # task_ended is optional: an observer that only times steps need not say it.
+    ended = getattr(observer, "task_ended", None)
+    if ended is not None:
+        ended(task, exc)
 
 
 def _no_task() -> None:

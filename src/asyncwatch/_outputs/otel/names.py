@@ -36,6 +36,9 @@ ATTR_FINDING_MESSAGE = "asyncwatch.finding.message"
 ATTR_FINDING_DURATION = "asyncwatch.finding.duration"
 ATTR_FINDING_CANCELLED_BY = "asyncwatch.finding.cancelled_by"
 ATTR_FINDING_TASK = "asyncwatch.finding.task"
+#: On every span that holds a finding (an event on a task's span, or a
+#: finding's own short span): what to search a backend for.
+ATTR_HAS_FINDINGS = "asyncwatch.has_findings"
 #: OpenTelemetry's semantic convention for the thread's name.
 ATTR_THREAD_NAME = "thread.name"
 
@@ -75,7 +78,7 @@ def finding_attributes(finding: Finding) -> dict[str, Any]:
         **site_attributes(finding.site),
     }
     if finding.duration_s is not None:
-        attributes[ATTR_FINDING_DURATION] = finding.duration_s
+        attributes[ATTR_FINDING_DURATION] = round(finding.duration_s, 6)
     if finding.cancelled_by is not None:
         attributes[ATTR_FINDING_CANCELLED_BY] = site_text(finding.cancelled_by)
     if finding.task is not None:

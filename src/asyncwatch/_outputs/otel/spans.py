@@ -8,6 +8,11 @@ in ``"notable"`` mode the moment a task becomes notable (a cancellation, a
 finding, an exception, a long life), with the real start time.  Findings are
 put on these spans by `Telemetry` (telemetry.py).
 
+Traces stay the size of a unit of work: a task created under an application
+span nests under it; one created where only a task span that began its own
+trace is current (the main task, an accept loop) begins a trace of its own,
+linked to its creator (see `TaskTracer._task_created`).
+
 One concept (a task's record and its span), hence one module a little over
 the usual length: the record's hooks and the tracer's bookkeeping share the
 tracer's lock and its rules about which thread may end a span.
@@ -17,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import os
+import sys
 import threading
 import time
 import traceback
@@ -31,13 +38,14 @@ from opentelemetry.trace import Status, StatusCode
 
 from ..._core.detector import Detector
 from ..._core.findings import Finding, Site
-from ..._core.frames import app_frame, describe_exception, frame_site, is_own_file
+from ..._core.frames import app_frame, describe_exception, frame_site, is_own_file, program_coroutine
 from ..._core.runtime import report_internal_error
 from ..._core.stepping import TimedCoroutine
 from ..._core.tasks import coro_of, task_context
 from .names import (
     ATTR_BUSY_TIME,
     ATTR_CANCEL_MESSAGE,
+    ATTR_HAS_FINDINGS,
     ATTR_SCHEDULING_DELAY,
     ATTR_STEPS,
     ATTR_TASK_NAME,
@@ -57,19 +65,36 @@ from .names import (
 
 __all__ = ["RECENT_LIMIT", "TaskTracer"]
 
-# asyncio's (and uvloop's) own tasks: never a span, never counted.
-_INTERNAL_COROUTINES = frozenset(
-    {
-        "BaseEventLoop.shutdown_asyncgens",
-        "BaseEventLoop.shutdown_default_executor",
-        "BaseSelectorEventLoop._accept_connection2",
-        "Loop.shutdown_asyncgens",
-        "Loop.shutdown_default_executor",
-    }
-)
+# asyncio's and uvloop's own tasks (Runner.close's shutdown_asyncgens, a
+# server's _accept_connection2, create_server's _create_server_getaddrinfo
+# ...) are recognised by where their coroutine is defined and by who created
+# the task: never a span, never counted.  A task the program itself makes of
+# one of asyncio's coroutines (``create_task(asyncio.sleep(1))``) stays.
+# uvloop's Cython coroutines name their file "uvloop/loop.pyx".
 _ASYNCIO_DIR = os.path.dirname(asyncio.__file__) + os.sep
+_UVLOOP_FILE = "uvloop" + os.sep
+# asyncio's functions that only pass a coroutine on to the loop's create_task:
+# who called them is who created the task.
+_PASSING_ON = frozenset({"create_task", "ensure_future", "_ensure_future", "gather", "run_until_complete"})
 
-_ASYNCIO_DIR = os.path.dirname(asyncio.__file__) + os.sep
+#: Context key: the task span that is the root of its own trace, in the
+#: context of its task (see `TaskTracer._task_created` for the rule).
+_ROOT_TASK = otel_context.create_key("asyncwatch.root-task-span")
+_NO_PARENT = otel_context.Context()
+
+
+def _context_reader() -> Any:
+    """A function returning OpenTelemetry's current context, as cheap as can be:
+    the API's ContextVar's own ``get`` (one C call, read after every task
+    step), else the API's `get_current` for another runtime context."""
+    variable = getattr(getattr(otel_context, "_RUNTIME_CONTEXT", None), "_current_context", None)
+    if isinstance(variable, contextvars.ContextVar):
+        return variable.get
+    return otel_context.get_current
+
+
+_current_context = _context_reader()
+
 #: Bounds on what is kept to match findings that come late.
 RECENT_LIMIT = 256
 
@@ -116,17 +141,20 @@ class _TaskRecord:
     __slots__ = (
         "__weakref__",
         "busy",
+        "context",
         "created_ns",
         "created_perf",
         "done",
         "first_step",
         "last_end",
+        "last_event_ns",
+        "link",
         "name",
         "owner",
         "parent",
         "qualname",
         "site",
-        "slow_steps",
+        "slow",
         "span",
         "state",
         "steps",
@@ -134,12 +162,23 @@ class _TaskRecord:
     )
 
     def __init__(
-        self, owner: TaskTracer, qualname: str, site: Site | None, parent: Any, created_ns: int, created_perf: float
+        self,
+        owner: TaskTracer,
+        qualname: str,
+        site: Site | None,
+        parent: Any,
+        link: Any,
+        created_ns: int,
+        created_perf: float,
     ) -> None:
         self.owner = owner
         self.qualname = qualname
         self.site = site
-        self.parent = parent
+        self.parent = parent  # the OpenTelemetry context the span starts in
+        self.link = link  # the creator's span context, for a task that starts a trace of its own
+        # OpenTelemetry's context as the last step left it: the context the
+        # next step starts in (nothing else runs in the task's context).
+        self.context = parent
         self.created_ns = created_ns
         self.created_perf = created_perf
         self.first_step = 0.0
@@ -151,12 +190,12 @@ class _TaskRecord:
         self.done = False  # the task finished (its span may end a little later)
         self.state: str | None = None  # set when the span is finished
         self.watched = False  # registered by name for findings to find it
-        self.slow_steps = 0  # slow steps whose finding has not arrived yet
+        # Slow steps whose finding has not arrived yet: (start, duration,
+        # the OpenTelemetry context current at the end of the step).
+        self.slow: list[tuple[float, float, Any]] = []
+        self.last_event_ns = 0  # the latest event on the span: it ends no earlier
 
     # -- TaskObserver, called by the task's timing wrapper ---------------------
-
-    def task_created(self, task: asyncio.Task[Any], created_at: Site | None) -> None:
-        """Never called: the record is attached after creation."""
 
     def task_step(self, task: asyncio.Task[Any], start: float, duration: float) -> None:
         """Count the step and its time; a long one may have a finding coming."""
@@ -165,8 +204,27 @@ class _TaskRecord:
         self.steps += 1
         self.busy += duration
         self.last_end = start + duration
+        # Still inside the step, in the task's context.
+        before, self.context = self.context, _current_context()
         if duration >= self.owner.slow_floor_s and self.owner.tracing:
-            self.owner.slow_step(self, task)
+            # What the program had current (a request's span) is where its
+            # finding belongs: the span current when the step ended, else
+            # the one current when it began (a request that ended in the step).
+            after = self.context
+            if not trace.get_current_span(after).get_span_context().is_valid:
+                after = before
+            self.owner.slow_step(self, task, start, duration, after)
+
+    def add_event(self, span: Any, name: str, attributes: dict[str, Any], at_ns: int | None = None) -> None:
+        """Put an event on the span, inside its interval (the span ends no earlier than its events)."""
+        at_ns = max(time.time_ns() if at_ns is None else at_ns, self.created_ns)
+        self.last_event_ns = max(self.last_event_ns, at_ns)
+        span.add_event(name, attributes, at_ns)
+
+    def add_finding(self, span: Any, finding: Finding, at_ns: int) -> None:
+        """Put *finding* on the span as an event, and mark the span as holding one."""
+        self.add_event(span, FINDING_EVENT_PREFIX + finding.kind.value, finding_attributes(finding), at_ns)
+        span.set_attribute(ATTR_HAS_FINDINGS, True)
 
     def task_cancel_requested(self, task: asyncio.Task[Any], canceller: Site | None, message: Any) -> None:
         """Put the request on the span (made now in notable mode: a cancelled task is notable)."""
@@ -179,17 +237,22 @@ class _TaskRecord:
             attributes = site_attributes(canceller)
             if message is not None:
                 attributes[ATTR_CANCEL_MESSAGE] = str(message)
-            span.add_event(EVENT_CANCEL_REQUESTED, attributes)
+            self.add_event(span, EVENT_CANCEL_REQUESTED, attributes)
 
-    def task_done(self, task: asyncio.Task[Any]) -> None:
-        """Count the task; end its span, after the findings its end may cause."""
-        if task.cancelled():
+    def task_ended(self, task: asyncio.Task[Any], exc: BaseException | None) -> None:
+        """Count the task; end its span, after the findings its end may cause.
+
+        Told by the timing wrapper from inside the last step (no done
+        callback: it would show in ``repr(task)``), so the outcome is what
+        the coroutine did, as asyncio's Task is about to record it.
+        """
+        if exc is None:
+            # A cancel() during the last step cancels a task that returned.
+            state = STATE_CANCELLED if getattr(task, "_must_cancel", False) else STATE_FINISHED
+        elif isinstance(exc, asyncio.CancelledError):
             state, exc = STATE_CANCELLED, None
         else:
-            # Not task.exception(): that marks it retrieved, and would hide
-            # task_exception_unretrieved from asyncwatch itself.
-            exc = task._exception
-            state = STATE_EXCEPTION if exc is not None else STATE_FINISHED
+            state = STATE_EXCEPTION
         self.done = True
         owner = self.owner
         owner.finished[state] += 1
@@ -202,22 +265,29 @@ class _TaskRecord:
             return  # notable mode's usual case: a short task that went well, nothing to say
         self.name = task.get_name()  # create_task(name=...) names it after creation
         if self.watched:
-            # A swallowed cancellation is reported by a done callback that
-            # asyncio runs after this one, a slow last step by the loop's next
-            # heartbeat: end the span once they have run.
+            # A swallowed cancellation is reported by a done callback of the
+            # task, which asyncio schedules once this step returns, a slow
+            # last step by the loop's next heartbeat: end the span once they
+            # have run (two turns of the loop: after the done callbacks).
             # The exception goes as text: a callback the loop never runs (it
             # stopped right after this task, as run_until_complete does) must
             # not keep the exception, its traceback and every frame in it
             # (sockets, SSL contexts) alive.
             failure = _Failure(exc) if exc is not None else None
             try:
-                task.get_loop().call_soon(self.finish, state, failure)
+                task.get_loop().call_soon(self._finish_soon, state, failure)
                 return
             except RuntimeError:  # the loop is closing
                 pass
         self.finish(state, exc)
 
     # -- spans --------------------------------------------------------------
+
+    def _finish_soon(self, state: str, failure: _Failure | None) -> None:
+        try:
+            asyncio.get_running_loop().call_soon(self.finish, state, failure)
+        except RuntimeError:  # the loop is closing
+            self.finish(state, failure)
 
     def finish(self, state: str, exc: BaseException | _Failure | None, end_ns: int | None = None) -> None:
         """End the span (making it first if the task turned out notable)."""
@@ -227,31 +297,39 @@ class _TaskRecord:
             owner.unwatch(self)
         span = self.span
         if span is None:
+            if (
+                state is STATE_FINISHED
+                and (self.last_end or time.perf_counter()) - self.created_perf < owner.min_duration_s
+            ):
+                # Watched for a slow step whose finding went to a request's
+                # span elsewhere (or never came): nothing more to say here.
+                return
             span = owner.promote(self)
             if span is None:
                 return
+        if end_ns is None:
+            end_ns = now_ns_for(self.last_end) if self.last_end else time.time_ns()
+        end_ns = max(end_ns, self.created_ns, self.last_event_ns)
         if span.is_recording():
             span.set_attributes(self._attributes(state))
             if exc is not None:
                 failure = exc if isinstance(exc, _Failure) else _Failure(exc)
-                span.add_event("exception", failure.attributes)
+                span.add_event("exception", failure.attributes, end_ns)
                 span.set_status(Status(StatusCode.ERROR, failure.description))
                 owner.remember_failed(self)
-        if end_ns is None:
-            end_ns = now_ns_for(self.last_end) if self.last_end else time.time_ns()
-        span.end(end_time=max(end_ns, self.created_ns))
+        span.end(end_time=end_ns)
 
     def _attributes(self, state: str) -> dict[str, Any]:
         attributes: dict[str, Any] = {
             ATTR_TASK_STATE: state,
             ATTR_STEPS: self.steps,
-            ATTR_BUSY_TIME: self.busy,
+            ATTR_BUSY_TIME: round(self.busy, 6),
             **site_attributes(self.site),
         }
         if self.name is not None:
             attributes[ATTR_TASK_NAME] = self.name
         if self.steps:
-            attributes[ATTR_SCHEDULING_DELAY] = max(0.0, self.first_step - self.created_perf)
+            attributes[ATTR_SCHEDULING_DELAY] = round(max(0.0, self.first_step - self.created_perf), 6)
         return attributes
 
     def __del__(self) -> None:
@@ -328,34 +406,61 @@ class TaskTracer(Detector):
         all_spans = self.tracing and self.mode == "all"
         now_perf = time.perf_counter()
         now_ns = time.time_ns() if all_spans else 0  # else worked out if a span is ever made
-        inner = wrapper._aw_inner
-        qualname = getattr(inner, "__qualname__", None) or type(inner).__qualname__
+        inner = program_coroutine(wrapper._aw_inner)
         code = getattr(inner, "cr_code", None)
         if (
-            code is not None and self._special_file(code.co_filename) and self._internal(code.co_filename, qualname)
-        ) or (qualname in _INTERNAL_COROUTINES):
-            wrapper._aw_observer = None  # asyncio's or asyncwatch's own work: not even timed
+            code is not None
+            and self._theirs(code.co_filename)
+            and (is_own_file(code.co_filename) or self._created_by_them())
+        ):
+            wrapper._aw_observer = None  # asyncio's, uvloop's or asyncwatch's own work: not even timed
             return
+        qualname = getattr(inner, "__qualname__", None) or type(inner).__qualname__
         early = wrapper._aw_early
         if early is not None:  # an eager first step already ran: that was the start
             if now_ns:
                 now_ns -= int((now_perf - early[0]) * 1e9)
             now_perf = early[0]
         self.created += 1
-        parent = otel_context.get_current() if self.tracing else None
-        record = _TaskRecord(self, qualname, created_at, parent, now_ns, now_perf)
+        parent = link = None
+        if self.tracing:
+            parent = _current_context()
+            # One trace per unit of work.  A task created where the current
+            # span is a task span that began a trace of its own (the main
+            # task, a server's accept loop: long-lived tasks with no
+            # application span above them) begins a trace of its own too,
+            # linked to its creator; under an application span (a request),
+            # or a task span below one, it nests.  No trace then lasts as
+            # long as the process.
+            root = parent.get(_ROOT_TASK)
+            if root is not None and root is trace.get_current_span(parent):
+                parent, link = _NO_PARENT, root.get_span_context()
+        record = _TaskRecord(self, qualname, created_at, parent, link, now_ns, now_perf)
         if all_spans:
-            span = self.tracer.start_span(SPAN_PREFIX + qualname, context=parent, start_time=now_ns)
-            record.span = span
+            span = self._start_span(record)
             context = None if task.done() else task_context(task)
             if context is not None:
                 # The task copied its creator's context at creation; setting
                 # the span in that copy makes it current in every later step.
-                context.run(otel_context.attach, trace.set_span_in_context(span, parent))
+                inside = trace.set_span_in_context(span, parent)
+                if parent is _NO_PARENT or not trace.get_current_span(parent).get_span_context().is_valid:
+                    inside = otel_context.set_value(_ROOT_TASK, span, inside)
+                context.run(otel_context.attach, inside)
         wrapper._aw_observer = record
+
+    def _start_span(self, record: _TaskRecord) -> Any:
+        links = [trace.Link(record.link)] if record.link is not None else None
+        span = self.tracer.start_span(
+            SPAN_PREFIX + record.qualname, context=record.parent, start_time=record.created_ns, links=links
+        )
+        record.span = span
+        return span
 
     def task_step(self, task: asyncio.Task[Any], start: float, duration: float) -> None:
         """A step before the task had a record: nothing to count it on."""
+
+    def task_ended(self, task: asyncio.Task[Any], exc: BaseException | None) -> None:
+        """An eager task that ended before it had a record: nothing to end."""
 
     def task_cancel_requested(self, task: asyncio.Task[Any], caller: FrameType, message: Any) -> None:
         """Forward to the task's record, with the application line that called ``cancel()``."""
@@ -365,25 +470,30 @@ class TaskTracer(Detector):
             app = app_frame(caller)
             record.task_cancel_requested(task, frame_site(app) if app is not None else None, message)
 
-    def task_done(self, task: asyncio.Task[Any], coro: Any) -> None:
-        """Forward to the task's record."""
-        record = coro._aw_observer if type(coro) is TimedCoroutine else None
-        if isinstance(record, _TaskRecord):
-            record.task_done(task)
+    def _created_by_them(self) -> bool:
+        """Whether the task being created was asked for by asyncio, uvloop or
+        asyncwatch rather than the program (asked only for their coroutines)."""
+        frame: FrameType | None = sys._getframe(1)
+        while frame is not None:
+            code = frame.f_code
+            if not (
+                is_own_file(code.co_filename)
+                or (code.co_name in _PASSING_ON and code.co_filename.startswith(_ASYNCIO_DIR))
+            ):
+                return self._theirs(code.co_filename)
+            frame = frame.f_back
+        return True  # made from no Python code at all: uvloop's own
 
-    def _special_file(self, filename: str) -> bool:
-        special = self._file_kinds.get(filename)
-        if special is None:
+    def _theirs(self, filename: str) -> bool:
+        """Whether code in *filename* is asyncio's, uvloop's or asyncwatch's own."""
+        theirs = self._file_kinds.get(filename)
+        if theirs is None:
             if len(self._file_kinds) > 4096:  # exec'd code can invent names
                 self._file_kinds.clear()
-            special = self._file_kinds[filename] = (
-                filename.startswith(_ASYNCIO_DIR) or filename.endswith("loop.pyx") or is_own_file(filename)
+            theirs = self._file_kinds[filename] = (
+                filename.startswith((_ASYNCIO_DIR, _UVLOOP_FILE)) or "/uvloop/" in filename or is_own_file(filename)
             )
-        return special
-
-    @staticmethod
-    def _internal(filename: str, qualname: str) -> bool:
-        return is_own_file(filename) or qualname in _INTERNAL_COROUTINES
+        return theirs
 
     # -- spans ----------------------------------------------------------------
 
@@ -393,9 +503,7 @@ class TaskTracer(Detector):
             if record.span is None and self.tracing:
                 if not record.created_ns:
                     record.created_ns = now_ns_for(record.created_perf)
-                record.span = self.tracer.start_span(
-                    SPAN_PREFIX + record.qualname, context=record.parent, start_time=record.created_ns
-                )
+                self._start_span(record)
             return record.span
 
     def watch(self, record: _TaskRecord, task: asyncio.Task[Any]) -> None:
@@ -412,11 +520,14 @@ class TaskTracer(Detector):
             if record.name is not None and self._watched.get(record.name) is record:
                 del self._watched[record.name]
 
-    def slow_step(self, record: _TaskRecord, task: asyncio.Task[Any]) -> None:
+    def slow_step(
+        self, record: _TaskRecord, task: asyncio.Task[Any], start: float, duration: float, context: Any
+    ) -> None:
         """A step at least as long as the lowest threshold: its finding may follow."""
         self.watch(record, task)
         with self._lock:
-            record.slow_steps += 1
+            record.slow.append((start, duration, context))
+            del record.slow[:-16]  # steps under the detector's own threshold never get a finding
 
     def remember_failed(self, record: _TaskRecord) -> None:
         """Keep a failed task's span, for an unretrieved-exception finding to come."""
@@ -451,9 +562,7 @@ class TaskTracer(Detector):
             if span is None:
                 continue
             if finding is not None and span.is_recording():
-                span.add_event(
-                    FINDING_EVENT_PREFIX + finding.kind.value, finding_attributes(finding), finding_ns(finding)
-                )
+                record.add_finding(span, finding, finding_ns(finding))
             record.finish(STATE_DESTROYED, None, finding_ns(finding) if finding else time.time_ns())
 
     def _pop_destroyed(self, record: _TaskRecord) -> Finding | None:

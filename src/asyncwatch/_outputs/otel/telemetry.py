@@ -37,8 +37,8 @@ from ..._version import __version__
 from .lag import LAG_BUCKETS, LagProbe
 from .names import (
     ATTR_FINDING_KIND,
+    ATTR_HAS_FINDINGS,
     ATTR_TASK_STATE,
-    FINDING_EVENT_PREFIX,
     FINDING_SPAN_PREFIX,
     METRIC_FINDINGS,
     METRIC_LOOP_LAG,
@@ -49,7 +49,7 @@ from .names import (
     finding_attributes,
     finding_ns,
 )
-from .spans import TaskTracer, _TaskRecord
+from .spans import TaskTracer, _TaskRecord, now_ns_for
 
 __all__ = ["LAG_INTERVAL_S", "Telemetry"]
 
@@ -235,11 +235,21 @@ class Telemetry:
     def _span_for(self, finding: Finding) -> Any:
         tracer = self.task_tracer
         kind = finding.kind
-        record = self._match_slow(finding) if kind is FindingKind.SLOW_CALLBACK else tracer.find(finding)
+        at_ns = finding_ns(finding)
+        record: _TaskRecord | None
+        if kind is FindingKind.SLOW_CALLBACK:
+            match = self._match_slow(finding)
+            if match is not None:
+                record, (start, _duration, context) = match
+                # The event marks the start of the block; its duration is an attribute.
+                return self._place_slow(finding, record, now_ns_for(start), context)
+            record = None
+        else:
+            record = tracer.find(finding)
         if record is not None and record.state is None:
             span = record.span if record.span is not None else tracer.promote(record)
             if span is not None and span.is_recording():
-                span.add_event(FINDING_EVENT_PREFIX + kind.value, finding_attributes(finding), finding_ns(finding))
+                record.add_finding(span, finding, at_ns)
             return span
         if kind is FindingKind.TASK_DESTROYED_PENDING and record is None:
             # Its task's record is freed right after (see _TaskRecord.__del__):
@@ -254,18 +264,41 @@ class Telemetry:
             parent = trace.set_span_in_context(trace.NonRecordingSpan(context))
         return self._finding_span(finding, parent)
 
-    def _match_slow(self, finding: Finding) -> _TaskRecord | None:
-        """The record of the task whose step *finding* reports as slow."""
+    def _place_slow(self, finding: Finding, record: _TaskRecord, at_ns: int, context: Any) -> Any:
+        """A slow step of a task goes where the program was: on the task's
+        span when that is in the trace of the span current during the step,
+        else (notable mode, a request span opened inside the task) on a short
+        span under the current one, so that the request's trace holds it."""
+        tracer = self.task_tracer
+        where = trace.get_current_span(context).get_span_context()
+        if record.state is None:
+            if record.span is not None:
+                trace_id = record.span.get_span_context().trace_id
+            else:
+                trace_id = trace.get_current_span(record.parent).get_span_context().trace_id
+            if not where.is_valid or where.trace_id == trace_id:
+                span = record.span if record.span is not None else tracer.promote(record)
+                if span is not None and span.is_recording():
+                    record.add_finding(span, finding, at_ns)
+                return span
+        return self._finding_span(finding, context if where.is_valid else otel_context.get_current(), at_ns)
+
+    def _match_slow(self, finding: Finding) -> tuple[_TaskRecord, tuple[float, float, Any]] | None:
+        """The record of the task whose step *finding* reports as slow, and that step."""
         tracer = self.task_tracer
         if finding.task is None:
             return None
         deadline = time.monotonic() + _SLOW_MATCH_WAIT_S
         while True:
             record = tracer.find(finding)
-            if record is not None and record.slow_steps > 0:
+            if record is not None and record.slow:
                 with tracer._lock:
-                    record.slow_steps -= 1
-                return record
+                    if record.slow:
+                        # The step nearest in length (the detector times the
+                        # whole callback, a little longer than the step).
+                        taken = min(record.slow, key=lambda step: abs(step[1] - (finding.duration_s or 0.0)))
+                        record.slow.remove(taken)
+                        return record, taken
             # The watchdog thread can report the step while the loop thread
             # is still timing it (a few bytecodes away from telling us).  Only
             # a thread that runs no loop may wait for that, and only briefly;
@@ -274,15 +307,19 @@ class Telemetry:
                 return None
             time.sleep(0.001)
 
-    def _finding_span(self, finding: Finding, parent: Any) -> Any:
+    def _finding_span(self, finding: Finding, parent: Any, start_ns: int | None = None) -> Any:
         """A short span for a finding no task span can take (its own start and end)."""
-        end_ns = finding_ns(finding)
-        start_ns = end_ns - int((finding.duration_s or 0.0) * 1e9)
+        duration_ns = int((finding.duration_s or 0.0) * 1e9)
+        if start_ns is None:
+            end_ns = finding_ns(finding)
+            start_ns = end_ns - duration_ns
+        else:
+            end_ns = start_ns + duration_ns
         span = self.task_tracer.tracer.start_span(
             FINDING_SPAN_PREFIX + finding.kind.value,
             context=parent,
             start_time=start_ns,
-            attributes=finding_attributes(finding),
+            attributes={**finding_attributes(finding), ATTR_HAS_FINDINGS: True},
         )
         span.end(end_time=end_ns)
         return span
