@@ -573,7 +573,10 @@ class TestFindingsOnSpans:
         [span] = [s for s in spans.finished if attributes(s).get("asyncio.task.name") == "blocker"]
         [event] = span.events
         assert event.timestamp <= began[0] and attributes(span)["asyncwatch.has_findings"] is True
-        assert event.timestamp + event.attributes["asyncwatch.finding.duration"] * 1e9 >= began[0] + BLOCK_S * 1e9 * 0.9
+        # How much of the block the duration covers depends on when the
+        # watchdog first saw the step (later on a loaded machine: 0.198 s of
+        # 0.25 s seen once), so only the 100 ms threshold is sure.
+        assert event.attributes["asyncwatch.finding.duration"] >= 0.1
 
     def test_slow_steps_of_traced_tasks_are_detected(self, loop_name, spans):
         """Turning spans on must not hide slow task steps from the watchdog."""
