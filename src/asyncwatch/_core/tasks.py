@@ -401,7 +401,10 @@ def _make_factory(state: TaskFactory, depth: int, hooks: Hooks | None) -> Callab
                 return asyncio.Task(coro, loop=loop, context=context, **kwargs)
             if kwargs.get("eager_start", False) is None:
                 del kwargs["eager_start"]  # uvloop on 3.13 passes the default
-            task = Task(coro, loop=loop, context=context, **kwargs)
+            if kwargs or context is not None:
+                task = Task(coro, loop=loop, context=context, **kwargs)
+            else:  # uvloop on 3.13: defaults only
+                task = Task(coro) if loop is running_loop() else Task(coro, loop=loop)
         elif loop is running_loop():
             # Task(coro, loop=loop) would build a dict for the keyword and
             # parse it against Task's keyword parameters (about 400
