@@ -1,57 +1,92 @@
-"""Per-task cost in CPU instructions, counted by valgrind's callgrind.
+"""What asyncwatch costs per unit of work, in CPU instructions counted by valgrind's callgrind.
 
-    python benchmarks/instructions.py                  # this interpreter
-    python benchmarks/instructions.py --python /path/to/python3.13 --loop uvloop
+    python benchmarks/instructions.py                        # this interpreter, both loops, four workloads
+    python benchmarks/instructions.py --python python3.11 --python /path/to/python3.13 --jobs 2
+    python benchmarks/instructions.py --workloads task_churn --modes plain python-factory task-subclass asyncwatch
 
 Wall and even CPU time swing by several percent from run to run on a shared
-machine; an instruction count does not.  This runs a ``gather`` of N trivial
-two-step tasks twice (N and 3N) under ``valgrind --tool=callgrind`` and
-divides the difference by 2N: what one task costs, start-up excluded.  Each
-mode isolates one part of asyncwatch's per-task cost:
+machine; an instruction count does not.  Each of `workloads.py`'s four timed
+workloads runs twice in a fresh interpreter under ``valgrind --tool=callgrind``,
+once with N units of work and once with 2N (tasks, callbacks, echoed messages,
+queue items), and the difference divided by N is what one unit costs:
+interpreter start-up, imports and set-up cancel out.  The garbage collector
+is on, as in a real program, so what asyncwatch's imports leave alive (which
+every collection walks again) counts.
 
-* ``plain``: asyncio (or uvloop) alone;
-* ``python-factory``: a task factory written in Python that makes plain Tasks;
-* ``task-subclass``: a Python factory making a subclass of asyncio.Task (the
-  kind asyncwatch needs to see ``cancel()``); CPython's C Task takes slower,
-  generic paths for any type that is not exactly ``asyncio.Task``;
-* ``asyncwatch``: ``asyncwatch.install()`` with every task detector, without
-  the slow-callback watchdog: under valgrind the program runs ~50 times
-  slower while the watchdog keeps its wall-clock period, which would inflate
-  its share fifty-fold (its real cost is what benchmarks/run.py measures);
-* ``notable`` and ``all``: the same with ``spans=`` that mode, to an SDK
-  tracer provider with a batch processor and an exporter that drops
-  everything (no task of the workload is notable: the long-life threshold
-  is an hour, since valgrind slows the run some fifty-fold).
+Modes:
 
-``--workload tcp_echo`` or ``--workload producer_consumer`` counts, the same
-way, what one echoed line or one processed item of benchmarks/workloads.py
-costs (N and 3N of them, three clients or eight consumers).
+* ``plain``: asyncio alone (asyncwatch is not even imported);
+* ``asyncwatch``: ``asyncwatch.install(log=False, ...)`` with every detector
+  except the slow-callback watchdog.  Under valgrind the program runs ~50
+  times slower while the watchdog keeps its wall-clock period, which would
+  inflate its share fifty-fold; its cost is in wall time, which
+  ``benchmarks/run.py`` measures;
+* ``uvloop`` and ``asyncwatch-uvloop``: the same on uvloop
+  (``asyncwatch.loop_factory(uvloop.new_event_loop)``); the latter's ratio is
+  to plain uvloop;
+* ``notable`` and ``all`` (asyncio only): ``asyncwatch`` with ``spans=`` that
+  mode, to an SDK tracer provider with a batch processor and an exporter that
+  drops everything (no task of the workload is notable: the long-life
+  threshold is an hour, since valgrind slows the run some fifty-fold);
+* for analysis (``-uvloop`` on uvloop): ``python-factory`` (a task factory
+  written in Python that makes plain Tasks) and ``task-subclass`` (one that
+  makes a subclass of asyncio.Task: CPython's C Task takes slower, generic
+  paths for any type that is not exactly ``asyncio.Task``).
 
-Requires valgrind (``apt-get install valgrind``).
+It also prints how many objects tracked by the garbage collector
+``import asyncwatch`` plus ``install()`` adds after ``import asyncio``
+(``len(gc.get_objects())`` after a full collection, before and after).
+
+Requires valgrind (``apt-get install valgrind``); exit status 1 if a
+measurement fails (including a finding in a workload: they are correct code).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 
-MODES = ("plain", "python-factory", "task-subclass", "asyncwatch", "notable", "all")
+BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
 
-#: The size each workload scales by, and its default N.
-UNITS = {"churn": ("tasks", 10_000), "tcp_echo": ("messages", 300), "producer_consumer": ("items", 5_000)}
+MODES = (
+    "plain",
+    "asyncwatch",
+    "uvloop",
+    "asyncwatch-uvloop",
+    "python-factory",
+    "task-subclass",
+    "python-factory-uvloop",
+    "task-subclass-uvloop",
+    "notable",
+    "all",
+)
+DEFAULT_MODES = MODES[:4]
+BASELINE = {mode: "uvloop" if mode.endswith("-uvloop") else "plain" for mode in MODES[1:]}
+
+#: Per workload: its sizes at N, the size that is doubled for 2N, and its unit.
+SIZES: dict[str, tuple[dict[str, int], str, str]] = {
+    "task_churn": ({"tasks": 20_000, "batch": 5_000}, "tasks", "task"),
+    "call_soon": ({"callbacks": 200_000, "chains": 4}, "callbacks", "callback"),
+    "tcp_echo": ({"clients": 10, "messages": 300, "payload": 100, "timeout_s": 600}, "messages", "message"),
+    "producer_consumer": ({"items": 20_000, "consumers": 8, "concurrency": 4, "maxsize": 10}, "items", "item"),
+}
+#: How many units the size stands for (tcp_echo: messages per client).
+UNITS_PER_SIZE = {"tcp_echo": lambda sizes: sizes["clients"]}
 
 PROGRAM = r"""
-import asyncio, os, sys
-mode, loop_name, n, workload = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-
-async def two_steps(i):
-    await asyncio.sleep(0)
-    return i
+import ast, asyncio, sys
+sys.path.insert(0, sys.argv[1])
+import workloads
+mode, name, sizes = sys.argv[2], sys.argv[3], ast.literal_eval(sys.argv[4])
+on_uvloop = mode == "uvloop" or mode.endswith("-uvloop")
+mode = mode.removesuffix("-uvloop")
 
 class SubTask(asyncio.Task):
     __slots__ = ("a", "b", "c")
@@ -62,11 +97,17 @@ def python_factory(loop, coro, **kwargs):
 def subclass_factory(loop, coro, **kwargs):
     return SubTask(coro, loop=loop, **kwargs)
 
-import asyncwatch  # imported in every mode: the same start-up
-DETECT = ["task_destroyed_pending", "coroutine_never_awaited", "cancellation_swallowed", "task_exception_unretrieved"]
-if mode == "asyncwatch":
-    asyncwatch.install(log=False, detect=DETECT)
+collector = None
+loop_factory = None
+if mode.startswith("asyncwatch"):
+    import asyncwatch
+    from asyncwatch._outputs.collect import CollectingReporter
+    collector = CollectingReporter()
+    every_but_the_watchdog = [k.value for k in asyncwatch.FindingKind if k.value not in ("slow_callback", "task_leaked")]
+    asyncwatch.install(log=False, reporters=[collector], detect=every_but_the_watchdog)
 elif mode in ("notable", "all"):
+    import asyncwatch
+    from asyncwatch._outputs.collect import CollectingReporter
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
@@ -76,10 +117,17 @@ elif mode in ("notable", "all"):
 
     provider = TracerProvider()
     provider.add_span_processor(BatchSpanProcessor(Drop()))
-    # Under valgrind the gather runs ~50 times slower: its tasks would live
+    collector = CollectingReporter()
+    every_but_the_watchdog = [k.value for k in asyncwatch.FindingKind if k.value not in ("slow_callback", "task_leaked")]
+    # Under valgrind the workload runs ~50 times slower: its tasks would live
     # past the default 1 s and all be notable.  No task is notable here.
-    asyncwatch.install(log=False, detect=DETECT, spans=mode, metrics=False, tracer_provider=provider,
-                       spans_min_duration_ms=3_600_000)
+    asyncwatch.install(log=False, reporters=[collector], detect=every_but_the_watchdog, spans=mode, metrics=False,
+                       tracer_provider=provider, spans_min_duration_ms=3_600_000)
+if on_uvloop:
+    import uvloop
+    loop_factory = uvloop.new_event_loop
+    if mode == "asyncwatch":
+        loop_factory = asyncwatch.loop_factory(loop_factory)
 
 async def main():
     loop = asyncio.get_running_loop()
@@ -87,84 +135,131 @@ async def main():
         loop.set_task_factory(python_factory)
     elif mode == "task-subclass":
         loop.set_task_factory(subclass_factory)
-    if workload == "churn":
-        await asyncio.gather(*(two_steps(i) for i in range(n)))
-        return
-    sys.path.insert(0, os.environ["BENCHMARKS_DIR"])
-    import workloads
-    chosen = workloads.WORKLOADS[workload]
-    unit = {"tcp_echo": "messages", "producer_consumer": "items"}[workload]
-    overrides = {unit: n, "timeout_s": 3600} if workload == "tcp_echo" else {unit: n}
-    await chosen.run(chosen.sizes(True, overrides))
+    return await workloads.WORKLOADS[name].run(sizes)
 
-if loop_name == "uvloop":
-    import uvloop
-    factory = uvloop.new_event_loop
-    if mode in ("asyncwatch", "notable", "all"):
-        factory = asyncwatch.loop_factory(factory)
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(main())
-else:
-    asyncio.run(main())
+with asyncio.Runner(loop_factory=loop_factory) as runner:
+    runner.run(main())
+if collector is not None and collector.findings:
+    raise SystemExit(f"asyncwatch reported a finding in a correct workload: {collector.findings[0]}")
+"""
+
+FOOTPRINT = r"""
+import asyncio, gc
+gc.collect()
+before = len(gc.get_objects())
+import asyncwatch
+gc.collect()
+imported = len(gc.get_objects())
+asyncwatch.install()
+gc.collect()
+print(imported - before, len(gc.get_objects()) - before)
 """
 
 
-def instructions(python: str, program: str, mode: str, loop: str, n: int, workload: str = "churn") -> int:
-    env = dict(os.environ, PYTHONHASHSEED="0", BENCHMARKS_DIR=os.path.dirname(os.path.abspath(__file__)))
+class Failed(Exception):
+    """One measurement did not complete."""
+
+
+def instructions(python: str, program: str, mode: str, workload: str, sizes: dict[str, int]) -> int:
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    env.pop("PYTHONDEVMODE", None)
+    command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", python, program]
     result = subprocess.run(
-        [
-            "valgrind",
-            "--tool=callgrind",
-            "--callgrind-out-file=/dev/null",
-            python,
-            program,
-            mode,
-            loop,
-            str(n),
-            workload,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
+        [*command, BENCHMARKS, mode, workload, repr(sizes)], capture_output=True, text=True, env=env, check=False
     )
     match = re.search(r"Collected : (\d+)", result.stderr)
     if result.returncode != 0 or match is None:
-        raise SystemExit(f"instructions.py: {mode} failed:\n{result.stderr[-2000:]}")
+        raise Failed(f"{workload} under {mode} with {python}:\n{result.stderr[-2000:]}")
     return int(match.group(1))
 
 
+def footprint(python: str) -> tuple[int, int]:
+    """GC-tracked objects that ``import asyncwatch`` and then ``install()`` add after ``import asyncio``."""
+    out = subprocess.run([python, "-c", FOOTPRINT], capture_output=True, text=True, check=True).stdout
+    imported, installed = (int(x) for x in out.split())
+    return imported, installed
+
+
+def version_of(python: str) -> str:
+    code = "import sys; print(sys.version.split()[0])"
+    return subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def measure(python: str, program: str, workloads: Sequence[str], modes: Sequence[str], scale: float, jobs: int):
+    """{(workload, mode): instructions per unit}, and the failures."""
+    runs: dict[tuple[str, str, int], concurrent.futures.Future[int]] = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        for workload in workloads:
+            base, key, _unit = SIZES[workload]
+            for mode in modes:
+                for factor in (1, 2):
+                    sizes = dict(base)
+                    sizes[key] = max(1, round(base[key] * scale)) * factor
+                    runs[workload, mode, factor] = pool.submit(instructions, python, program, mode, workload, sizes)
+    per_unit: dict[tuple[str, str], float] = {}
+    failures: list[str] = []
+    for workload in workloads:
+        base, key, _unit = SIZES[workload]
+        n = max(1, round(base[key] * scale))
+        units = n * UNITS_PER_SIZE.get(workload, lambda _s: 1)(base)
+        for mode in modes:
+            try:
+                small, large = runs[workload, mode, 1].result(), runs[workload, mode, 2].result()
+            except Failed as exc:
+                failures.append(str(exc))
+                continue
+            per_unit[workload, mode] = (large - small) / units
+    return per_unit, failures
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--python", default=sys.executable, help="the interpreter to measure (default: this one)")
-    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
-    parser.add_argument("--workload", choices=tuple(UNITS), default="churn")
-    parser.add_argument("--tasks", type=int, default=None, help="N (default: 10,000 tasks, 300 lines, 5,000 items)")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--python", action="append", help="an interpreter to measure (repeatable; default: this one)")
+    parser.add_argument("--workloads", nargs="+", choices=tuple(SIZES), default=list(SIZES))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(DEFAULT_MODES))
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply N by this (default 1)")
+    parser.add_argument("--jobs", type=int, default=1, help="valgrind runs at once (default 1)")
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None:
         parser.error("valgrind is not installed (apt-get install valgrind)")
-    version = subprocess.run(
-        [args.python, "-c", "import sys; print(sys.version.split()[0])"], capture_output=True, text=True, check=True
-    ).stdout.strip()
     with tempfile.TemporaryDirectory() as tmp:
-        program = os.path.join(tmp, "churn.py")
+        program = os.path.join(tmp, "program.py")
         with open(program, "w", encoding="utf-8") as f:
             f.write(PROGRAM)
-        per_task: dict[str, float] = {}
-        unit, default_n = UNITS[args.workload]
-        n = args.tasks or default_n
-        for mode in args.modes:
-            small = instructions(args.python, program, mode, args.loop, n, args.workload)
-            large = instructions(args.python, program, mode, args.loop, 3 * n, args.workload)
-            per_task[mode] = (large - small) / (2 * n)
-    what = "task (gather of two-step tasks)" if args.workload == "churn" else f"{unit[:-1]} ({args.workload})"
-    print(f"Python {version}, {args.loop}: instructions per {what}")
-    base = per_task.get("plain")
-    for mode, count in per_task.items():
-        extra = f"  {count / base:.3f}x  ({count - base:+,.0f})" if base and mode != "plain" else ""
-        print(f"  {mode:<15} {count:>10,.0f}{extra}")
-    return 0
+        return 1 if report(args, program) else 0
+
+
+def report(args: argparse.Namespace, program: str) -> bool:
+    """Measure and print every interpreter's tables; whether anything failed."""
+    failed = False
+    for python in args.python or [sys.executable]:
+        version = version_of(python)
+        imported, installed = footprint(python)
+        print(f"Python {version} ({python})")
+        print(
+            f"  import asyncwatch adds {imported:,} objects tracked by the garbage collector; "
+            f"with install(): {installed:,}"
+        )
+        per_unit, failures = measure(python, program, args.workloads, args.modes, args.scale, args.jobs)
+        for failure in failures:
+            print(f"  FAILED: {failure}", file=sys.stderr)
+            failed = True
+        print(f"  instructions per unit of work (N against 2N, callgrind), modes: {', '.join(args.modes)}")
+        print(f"  {'workload':<18} {'unit':<9}" + "".join(f" {m:>24}" for m in args.modes))
+        for workload in args.workloads:
+            cells = []
+            for mode in args.modes:
+                count = per_unit.get((workload, mode))
+                base = per_unit.get((workload, BASELINE.get(mode, "")))
+                if count is None:
+                    cells.append(f" {'failed':>24}")
+                elif base and mode in BASELINE:
+                    cells.append(f" {f'{count:,.0f} ({count / base:.3f}x)':>24}")
+                else:
+                    cells.append(f" {count:>24,.0f}")
+            print(f"  {workload:<18} {SIZES[workload][2]:<9}" + "".join(cells))
+        sys.stdout.flush()
+    return failed
 
 
 if __name__ == "__main__":

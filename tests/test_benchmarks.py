@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -173,9 +174,19 @@ else:
 
 @pytest.mark.skipif(not shutil.which("valgrind"), reason="valgrind is not installed (apt-get install valgrind)")
 def test_instructions_smoke() -> None:
-    """instructions.py counts a per-task cost for each mode it is given (tiny sizes)."""
-    proc = run_script(str(BENCHMARKS / "instructions.py"), "--tasks", "300", "--modes", "plain", "asyncwatch")
+    """instructions.py prints the import's GC footprint and a cost per unit for each workload and mode (tiny sizes)."""
+    proc = run_script(
+        str(BENCHMARKS / "instructions.py"),
+        *("--scale", "0.01", "--jobs", "2", "--workloads", "task_churn", "call_soon", "--modes", "plain", "asyncwatch"),
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith("Python ") and "instructions per task" in lines[0]
-    assert [line.split()[0] for line in lines[1:]] == ["plain", "asyncwatch"]
+    assert lines[0].startswith(f"Python {sys.version.split()[0]} ")
+    assert re.fullmatch(
+        r"  import asyncwatch adds [\d,]+ objects tracked by the garbage collector; with install\(\): [\d,]+", lines[1]
+    )
+    rows = {line.split()[0]: line.split()[2:] for line in lines[4:]}
+    assert list(rows) == ["task_churn", "call_soon"]
+    for plain, asyncwatch, ratio in rows.values():
+        assert int(plain.replace(",", "")) > 0 and int(asyncwatch.replace(",", "")) > 0
+        assert re.fullmatch(r"\(\d\.\d{3}x\)", ratio)

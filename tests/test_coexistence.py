@@ -172,7 +172,7 @@ def tracklib_module(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def tracklib(tracklib_module: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """`tracklib`, whose directory asyncwatch treats as library code (like site-packages)."""
     directory = os.path.dirname(os.path.abspath(tracklib_module.__file__)) + os.sep
-    monkeypatch.setattr(frames_mod, "_LIBRARY_PREFIXES", (*frames_mod._LIBRARY_PREFIXES, directory))
+    monkeypatch.setattr(frames_mod, "_LIBRARY_PREFIXES", (*frames_mod.library_prefixes(), directory))
     frames_mod._is_library_cache.clear()  # the same dict the task factory reads
     assert frames_mod.is_library_file(tracklib_module.__file__)
     assert not frames_mod.is_library_file(__file__)

@@ -639,3 +639,53 @@ def test_policy_delegates_child_watchers_to_its_base():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         assert asyncwatch.EventLoopPolicy(Base()).get_child_watcher() == "base watcher"
+
+
+class TestImportFootprint:
+    """What `import asyncwatch` and `install()` add to a program that uses neither structlog nor OpenTelemetry."""
+
+    PROGRAM = """
+import asyncio, logging, sys
+import asyncwatch
+
+asyncwatch.install(slow_callback_ms=60_000)
+
+async def main():
+    asyncio.sleep(0)  # never awaited
+    await asyncio.sleep(0)
+
+asyncio.run(main())
+print(sorted({m.split(".")[0] for m in sys.modules} & {"structlog", "opentelemetry", "difflib"}))
+"""
+
+    def test_structlog_and_opentelemetry_stay_unimported_and_findings_still_reach_stderr(self, tmp_path):
+        """Neither is imported (each costs the collector thousands of objects); findings go to stdlib logging."""
+        import subprocess
+
+        script = tmp_path / "app.py"
+        script.write_text(self.PROGRAM)
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "[]"
+        assert "coroutine_never_awaited at " in done.stderr
+        assert f"{script.name}:8 in main" in done.stderr
+
+    def test_structlog_configured_after_install_still_renders_findings(self, tmp_path):
+        """structlog imported and configured by the program after install(): findings go through it."""
+        import subprocess
+
+        script = tmp_path / "app.py"
+        script.write_text(
+            self.PROGRAM.replace(
+                "asyncio.run(main())",
+                "import structlog\n"
+                "structlog.configure(processors=[lambda _l, _m, event: {**event, 'via': 'app-structlog'},"
+                " structlog.processors.KeyValueRenderer()],"
+                " logger_factory=structlog.PrintLoggerFactory(sys.stderr))\n"
+                "asyncio.run(main())",
+            )
+        )
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr
+        assert "via='app-structlog'" in done.stderr
+        assert "event='coroutine_never_awaited'" in done.stderr

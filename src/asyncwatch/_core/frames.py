@@ -16,7 +16,6 @@ import inspect
 import os
 import site as _site
 import sys
-import sysconfig
 import types
 from collections.abc import Iterable
 from types import CodeType, FrameType
@@ -87,6 +86,8 @@ _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.
 
 
 def _library_prefixes() -> tuple[str, ...]:
+    import sysconfig  # here, not at import: ~130 objects the collector would walk for ever (issue 15)
+
     paths: set[str] = set()
     for key in ("stdlib", "platstdlib", "purelib", "platlib"):
         p = sysconfig.get_paths().get(key)
@@ -102,8 +103,17 @@ def _library_prefixes() -> tuple[str, ...]:
     return (*tuple(sorted(p.rstrip(os.sep) + os.sep for p in paths)), _PACKAGE_DIR)
 
 
-_LIBRARY_PREFIXES = _library_prefixes()
+#: Computed when the first file name is asked about (`library_prefixes`).
+_LIBRARY_PREFIXES: tuple[str, ...] | None = None
 _is_library_cache: dict[str, bool] = {}
+
+
+def library_prefixes() -> tuple[str, ...]:
+    """The directories of the standard library, installed packages and asyncwatch."""
+    global _LIBRARY_PREFIXES
+    if _LIBRARY_PREFIXES is None:
+        _LIBRARY_PREFIXES = _library_prefixes()
+    return _LIBRARY_PREFIXES
 
 
 def is_library_file(filename: str) -> bool:
@@ -119,7 +129,7 @@ def is_library_file(filename: str) -> bool:
     else:
         path = absolute_path(filename)
         result = (
-            path.startswith(_LIBRARY_PREFIXES)
+            path.startswith(_LIBRARY_PREFIXES or library_prefixes())
             or f"{os.sep}site-packages{os.sep}" in path
             or f"{os.sep}dist-packages{os.sep}" in path
         )

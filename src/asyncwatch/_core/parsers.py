@@ -4,7 +4,6 @@ value, the option it was given for, and what is accepted."""
 from __future__ import annotations
 
 import contextlib
-import difflib
 import math
 import os
 from collections.abc import Iterable
@@ -39,6 +38,8 @@ _FALSE = {"0", "false", "no", "off", ""}
 
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for the closest of *candidates*, or an empty string."""
+    import difflib  # only for a bad option: ~300 objects the collector would walk for ever (issue 15)
+
     close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 

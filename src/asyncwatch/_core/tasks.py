@@ -309,7 +309,6 @@ def _make_factory(state: TaskFactory, depth: int, hooks: Hooks | None) -> Callab
             report_internal_error("task factory", exc)
 
     previous = state.previous
-    plain = previous is None and hooks is None
 
     def creation_site(
         loop: asyncio.AbstractEventLoop, frame: FrameType | None, level: int, task: Any
@@ -350,30 +349,26 @@ def _make_factory(state: TaskFactory, depth: int, hooks: Hooks | None) -> Callab
             if previous is None:
                 return asyncio.Task(coro, loop=loop, **kwargs)
             return previous(loop, coro, **kwargs)
-        if plain:
-            # Without **{} when there are no keywords: merging an empty dict
-            # into the call costs more than the rest of this function's checks.
-            task: Any = Task(coro, loop=loop, **kwargs) if kwargs else Task(coro, loop=loop)
+        if hooks is not None and (previous is None or previous is _eager_task_factory):
+            for wrap in hooks.wrap_coroutine:
+                try:
+                    coro = wrap(coro)
+                except Exception as exc:
+                    hooks.failed(wrap, exc)
+        task: Any
+        if previous is None:
+            task = Task(coro, loop=loop, **kwargs)
+        elif previous is _eager_task_factory:
+            # Exactly what asyncio.eager_task_factory does, our Task in place
+            # of asyncio's (so a loop passing eager_start itself, as uvloop
+            # does on 3.13, fails here as it would without asyncwatch).
+            task = Task(coro, loop=loop, eager_start=True, **kwargs)  # type: ignore[call-arg]  # 3.12+
         else:
-            if hooks is not None and (previous is None or previous is _eager_task_factory):
-                for wrap in hooks.wrap_coroutine:
-                    try:
-                        coro = wrap(coro)
-                    except Exception as exc:
-                        hooks.failed(wrap, exc)
-            if previous is None:
-                task = Task(coro, loop=loop, **kwargs)
-            elif previous is _eager_task_factory:
-                # Exactly what asyncio.eager_task_factory does, our Task in place
-                # of asyncio's (so a loop passing eager_start itself, as uvloop
-                # does on 3.13, fails here as it would without asyncwatch).
-                task = Task(coro, loop=loop, eager_start=True, **kwargs)  # type: ignore[call-arg]  # 3.12+
-            else:
-                task = previous(loop, coro, **kwargs)
-                if not hasattr(task, "_source_traceback"):
-                    # asyncio.Runner takes any future-like object from a task
-                    # factory (CPython's test_runners makes one): nothing to record.
-                    return task
+            task = previous(loop, coro, **kwargs)
+            if not hasattr(task, "_source_traceback"):
+                # asyncio.Runner takes any future-like object from a task
+                # factory (CPython's test_runners makes one): nothing to record.
+                return task
         try:
             if task._source_traceback:  # asyncio debug mode
                 _trim_source_traceback(task._source_traceback)
@@ -386,11 +381,7 @@ def _make_factory(state: TaskFactory, depth: int, hooks: Hooks | None) -> Callab
                     pass
             if site is None:
                 site = creation_site(loop, getframe(depth), depth, task)
-            if plain:
-                task._aw_site = site
-                if kwargs and kwargs.get("eager_start"):
-                    task._aw_coro = qualname_of(coro)  # get_coro() may be gone (gh-122332)
-            elif type(task) is Task:
+            if type(task) is Task:
                 task._aw_site = site
                 if previous is _eager_task_factory or kwargs.get("eager_start"):
                     task._aw_coro = qualname_of(coro)
@@ -403,7 +394,59 @@ def _make_factory(state: TaskFactory, depth: int, hooks: Hooks | None) -> Callab
             report_internal_error("task factory", exc)
         return task
 
-    return asyncwatch_task_factory
+    if previous is not None or hooks is not None:
+        return asyncwatch_task_factory
+
+    running_loop = asyncio.events._get_running_loop
+
+    def asyncwatch_plain_task_factory(
+        loop: asyncio.AbstractEventLoop, coro: Any, *, context: Any = None, **kwargs: Any
+    ) -> Any:
+        """`asyncwatch_task_factory` when it chains no factory and tells no
+        task hooks (the default): asyncio's Task, our slots, nothing else.
+
+        Every bytecode on its common path (no keywords, on the running loop,
+        a child of a ``gather``) costs each task of the program: about 20
+        instructions of a trivial task's 70,000 (benchmarks/instructions.py).
+        """
+        task: Any
+        # uvloop passes context=None to every factory call (asyncio passes
+        # nothing): a named parameter takes it without a dict.
+        if kwargs or context is not None or not state.enabled:
+            if not state.enabled:
+                return asyncio.Task(coro, loop=loop, context=context, **kwargs)
+            if kwargs.get("eager_start", False) is None:
+                del kwargs["eager_start"]  # uvloop on 3.13 passes the default
+            if kwargs or context is not None:
+                task = Task(coro, loop=loop, context=context, **kwargs)
+            else:  # uvloop on 3.13: defaults only
+                task = Task(coro) if loop is running_loop() else Task(coro, loop=loop)
+        elif loop is running_loop():
+            # Task(coro, loop=loop) would build a dict for the keyword and
+            # parse it against Task's keyword parameters (about 400
+            # instructions on 3.11); without it the C Task takes the running
+            # loop, this same one.
+            task = Task(coro)
+        else:
+            task = Task(coro, loop=loop)
+        try:
+            try:
+                if fan_depth and getframe(fan_depth) is fan_frame:
+                    task._aw_site = fan_site
+                else:
+                    task._aw_site = creation_site(loop, getframe(depth), depth, task)
+            except ValueError:  # the stack is not as deep as the fan-out's frame
+                task._aw_site = creation_site(loop, getframe(depth), depth, task)
+            if kwargs and kwargs.get("eager_start"):
+                task._aw_coro = qualname_of(coro)  # get_coro() may be gone (gh-122332)
+            if task._source_traceback:  # asyncio debug mode
+                _trim_source_traceback(task._source_traceback)
+        except Exception as exc:
+            state.enabled = False
+            report_internal_error("task factory", exc)
+        return task
+
+    return asyncwatch_plain_task_factory
 
 
 def _tell_gathered(

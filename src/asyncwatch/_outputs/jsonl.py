@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import threading
@@ -28,6 +27,8 @@ __all__ = ["JsonLinesReporter", "finding_line", "write_all"]
 def finding_line(finding: Finding, **extra: Any) -> bytes:
     """One line of a findings file: the finding's JSON form (after *extra*'s
     keys), UTF-8, ending in a newline; every writer of findings uses it."""
+    import json  # loaded by every writer's set-up already (see JsonLinesReporter.__init__)
+
     return (json.dumps({**extra, **finding.to_dict()}, ensure_ascii=False) + "\n").encode("utf-8")
 
 
@@ -54,6 +55,11 @@ class JsonLinesReporter:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, append: bool = False, max_queued: int = 10_000) -> None:
+        # json only once there is a findings file: at import it would add ~230
+        # objects that every collection walks (issue 15); loaded here, not at
+        # the first finding, which may be written from a signal handler.
+        import json  # noqa: F401
+
         self.path = os.path.abspath(os.fspath(path))
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC)
         self._fd: int | None = os.open(self.path, flags, 0o666)

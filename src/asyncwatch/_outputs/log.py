@@ -7,11 +7,9 @@ import sys
 from collections.abc import Iterable
 from typing import IO, Any
 
-import structlog
-
 from .._core.findings import Finding, Site
 from .._core.frames import site_text
-from .._core.runtime import LOGGER_NAME, logging_configured, set_own_logger
+from .._core.runtime import LOGGER_NAME, configured_structlog, logging_configured, set_own_logger
 
 __all__ = ["LoggingReporter", "StructlogReporter", "stack_text"]
 
@@ -46,9 +44,16 @@ class StructlogReporter:
             set_own_logger(self)
 
     def _logger(self) -> Any:
-        if self._fallback is None or structlog.is_configured():
+        configured = configured_structlog()
+        if configured is not None:
+            return configured.get_logger(LOGGER_NAME)
+        if self._fallback is None:
+            import structlog  # a dependency, imported only when it renders: it costs the collector ~2,600 objects
+
             return structlog.get_logger(LOGGER_NAME)
         if self._private is None:
+            import structlog
+
             stream = self._stream or sys.stderr
             processors: list[Any] = [
                 structlog.processors.add_log_level,
@@ -67,7 +72,7 @@ class StructlogReporter:
 
     def report(self, finding: Finding) -> None:
         fields = self.fields(finding)
-        if not structlog.is_configured() and (self._fallback is None or logging_configured()):
+        if configured_structlog() is None and (self._fallback is None or logging_configured()):
             # The record keeps the findings file's form (``stack`` a list),
             # plus what the enrichment stage added (trace ids).
             self._stdlib.emit(finding, {**fields, **finding.to_dict()})
