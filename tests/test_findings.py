@@ -69,6 +69,8 @@ class TestFinding:
             "thread",
             "suppressed",
             "cause",
+            "breakdown",
+            "gil_holder",
         }
         assert d["kind"] == "slow_callback"
         assert d["site"] == {"file": "/app/service.py", "line": 12, "function": "handler"}
