@@ -2,7 +2,8 @@
 cause they give.
 
 Everything here runs in the watchdog thread (or, for the collector's clock,
-in whichever thread collects), never on the loop's hot path.  Over a stall
+in whichever thread collects), never on the loop's hot path: the loop
+thread reads none of these clocks or files for us.  Over a stall
 the watchdog compares, for the loop thread, its wall time with:
 
 * its CPU time (``/proc/self/task/<tid>/schedstat``, field 1, or the
@@ -47,7 +48,6 @@ __all__ = [
     "GcClock",
     "ThreadClock",
     "classify",
-    "own_schedstat",
     "tasks_wait",
     "thread_cpu",
 ]
@@ -167,19 +167,6 @@ class ThreadClock:
         self._clock = None
 
 
-def own_schedstat() -> tuple[float | None, float | None]:
-    """The calling thread's CPU time and run-queue wait from schedstat
-    (None, None where it cannot be read or reads zero)."""
-    try:
-        with open(f"/proc/self/task/{threading.get_native_id()}/schedstat", "rb") as f:
-            run, wait = f.read().split()[:2]
-    except (OSError, ValueError):
-        return None, None
-    if not int(run):
-        return None, None
-    return int(run) / 1e9, int(wait) / 1e9
-
-
 def thread_cpu(ident: int) -> float | None:
     """A thread's CPU time (None when its clock cannot be read)."""
     try:
@@ -253,6 +240,20 @@ class Breakdown(NamedTuple):
     def off_cpu(self) -> float:
         """The loop thread neither running nor runnable."""
         return max(self.wall - self.cpu - self.starved, 0.0)
+
+    def scaled(self, factor: float) -> Breakdown:
+        """The same shares over a stall *factor* times as long (a stall's
+        tail after the watchdog's last look, measured like the rest)."""
+        pauses = self.gc_pauses * factor if self.gc_pauses >= 0 else self.gc_pauses
+        return Breakdown(
+            self.wall * factor,
+            self.cpu * factor,
+            self.starved * factor,
+            self.gc * factor,
+            self.gil * factor,
+            self.others_cpu * factor,
+            pauses,
+        )
 
     def as_pairs(self) -> tuple[tuple[str, float], ...]:
         """The finding's ``breakdown`` field: seconds per cause."""
