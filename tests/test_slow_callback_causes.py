@@ -16,12 +16,16 @@ import random
 import re
 import threading
 import time
+import weakref
 
 import pytest
 
+import asyncwatch
+from asyncwatch.testing import CollectingReporter
+
 from asyncwatch._core.findings import NOT_THE_PROGRAMS, Finding, FindingKind, counts_against_program
 from asyncwatch._detectors.stall_cause import Breakdown, classify
-from conftest import line_of
+from conftest import base_factory, line_of
 
 THRESHOLD_MS = 100
 
@@ -369,6 +373,38 @@ class TestBlockingInsideAGreenlet:
 
         watched.run(main, slow_callback_ms=THRESHOLD_MS)
         assert slow_of(watched) == []
+
+
+class TestTheStallStateHoldsNoLoop:
+    """What the watchdog keeps about a stall (its clocks, its measure, the
+    step it followed) refers to the loop weakly: a closed loop whose step
+    stalled is freed by one collection (anyio's
+    test_asyncio_run_does_not_leak_event_loop checks this of anyio.run)."""
+
+    @pytest.mark.parametrize("how", ["sleep", "gil"])
+    def test_a_closed_loop_that_stalled_is_freed_by_one_collection(self, loop_name, how):
+        collector = CollectingReporter()
+        asyncwatch.install(log=False, reporters=[collector])
+        refs = []
+
+        async def main():
+            loop = asyncio.get_running_loop()  # a local of the stalled step's frame
+            refs.append(weakref.ref(loop))
+            if how == "sleep":
+                time.sleep(0.3)  # <- sleeps with the loop in a local
+            else:
+                json.loads(BIG_BODY)  # <- parses with the loop in a local
+            await asyncio.sleep(0)
+            del loop
+
+        factory = asyncwatch.loop_factory(base_factory(loop_name), slow_callback_ms=THRESHOLD_MS)
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(main())
+        gc.collect()
+        assert refs[0]() is None
+        [finding] = [f for f in collector.findings if f.kind is FindingKind.SLOW_CALLBACK]
+        sleeps, parses = line_of("# <- sleeps with the loop in a local"), line_of("# <- parses with the loop in a local")
+        assert finding.site is not None and finding.site.line == (sleeps if how == "sleep" else parses)
 
 
 class TestTheCauseModel:

@@ -21,7 +21,7 @@ import time
 import weakref
 from collections.abc import Callable
 from types import CodeType, FrameType
-from typing import Any
+from typing import Any, NamedTuple
 
 from .._core.findings import Finding, Site
 from .._core.frames import frame_site, is_library_file, is_own_file, qualname_of, stack_of
@@ -32,7 +32,7 @@ from .stall_cause import Breakdown, GcClock
 from .stall_meter import Clocks, StallMeter, Wake
 from .stall_report import COMPILED, Compiled, Stall, stall_finding
 
-__all__ = ["LOOKS_PER_THRESHOLD", "LoopProbe"]
+__all__ = ["LOOKS_PER_THRESHOLD", "Look", "LoopProbe"]
 
 _HANDLE_RUN = asyncio.events.Handle._run.__code__
 # A traced task's steps run inside asyncwatch's timing wrapper: that frame is
@@ -96,6 +96,17 @@ _LOOP_MACHINERY = frozenset(
 )
 
 
+class Look(NamedTuple):
+    """What `LoopProbe.sample` saw of the loop's stack, without a frame."""
+
+    thread_id: int
+    compiled: bool
+    idle: bool
+    same_step: bool
+    early: Stall | None  # a wake-up late by the threshold: the line running
+    captured: Stall | None  # the followed step crossed the threshold: its line
+
+
 class LoopProbe:
     """The watchdog's view of one loop.  Sampling state is touched only by
     the watchdog thread; the heartbeat fields only by the loop thread."""
@@ -134,6 +145,7 @@ class LoopProbe:
         self.beat_posted = 0.0
         # written by the watchdog thread
         self.held: FrameType | Compiled | None = None
+        self.seen: FrameType | None = None  # by `sample`, for `settle`
         self.held_since = 0.0
         self.held_beats = 0
         self.stall: Stall | None = None
@@ -195,8 +207,9 @@ class LoopProbe:
         except RuntimeError:
             self.beat_pending = False
 
-    def _post_beat(self, loop: asyncio.AbstractEventLoop) -> None:
-        if not self.beat_pending:
+    def _post_beat(self) -> None:
+        loop = self.loop_ref()
+        if loop is not None and not self.beat_pending:
             self.beat_pending = True
             self.beat_posted = _now()
             try:
@@ -240,8 +253,10 @@ class LoopProbe:
             return chain[-1], chain
         return None, []
 
-    def sample(self, frames: dict[int, FrameType], now: float, wake: Wake | None = None) -> float | None:
-        """Look at the loop once; return how soon to look again (None: drop me).
+    def sample(self, frames: dict[int, FrameType], now: float, wake: Wake | None = None) -> Look | float | None:
+        """Look at the loop's stack (first half of a look; nothing here
+        releases the GIL): how soon to look again (None: drop me), or what
+        was seen, for `settle` once the watchdog has let go of every frame.
 
         *wake*: how late this wake-up of the watchdog came.  A look at a
         busy loop comes every `look_s`; a step still running at a look is
@@ -250,23 +265,25 @@ class LoopProbe:
         """
         loop = self.loop_ref()
         if loop is None or loop.is_closed() or not self.enabled:
+            del loop
             self.finish(now)
             return None
         if not loop.is_running():
+            del loop
             # Park until the loop runs: the queued heartbeat is its first
             # callback then, and wakes us at once (a stall may start at once).
             self.finish(now)
             self.parked = True
             self._park_clocks(now)
-            self._post_beat(loop)
+            self._post_beat()
             return 1.0
-        look = self.look_s
         thread_id: int | None = getattr(loop, "_thread_id", None) or self.thread_id
-        top = frames.get(thread_id) if thread_id is not None else None
+        top = frames.pop(thread_id, None) if thread_id is not None else None
         if top is None or thread_id is None:
+            del loop
             self.finish(now)
-            self._post_beat(loop)  # learn the loop thread
-            return look
+            self._post_beat()  # learn the loop thread
+            return self.look_s
         callback, chain = self.callback_frame(top)
         compiled = callback is None and self.runner_code is not None and top.f_code is self.runner_code
         if callback is not None:
@@ -284,16 +301,31 @@ class LoopProbe:
         captured: Stall | None = None
         if same_step and self.stall is None and now - self.held_since >= self.threshold_s:
             captured = self._capture(loop, top, chain)
-        del top, chain
+        # The step newly seen, kept like `held` (the probe's, so that
+        # `Watchdog.remove` lets go of it): no local of ours refers to the
+        # loop or its frames while `settle` reads clocks.
+        self.seen = callback if not idle and not same_step else None
+        return Look(thread_id, compiled, idle, same_step, early, captured)
+
+    def settle(self, look: Look, now: float, wake: Wake | None) -> float:
+        """The second half of a look: the clocks (reads that release the
+        GIL), the late hold, and what the step seen becomes."""
         meter = self.meter
+        thread_id = look.thread_id
         prev, clocks = meter.prev, meter.read(now, thread_id, self._native(thread_id))
         meter.prev = clocks
-        held_by = meter.late_hold(prev, clocks, wake, thread_id, self.threshold_s) if compiled or not idle else None
-        if compiled:
-            return self._sample_compiled(loop, now, look, prev)
-        if idle or callback is None:
+        for stall in (look.early, look.captured):
+            if stall is not None:
+                meter.captured(self.thread_id, self.native_id, stall.library_only)
+        held_by = None
+        if look.compiled or not look.idle:
+            held_by = meter.late_hold(prev, clocks, wake, thread_id, self.threshold_s)
+        if look.compiled:
+            return self._sample_compiled(now, self.look_s, prev)
+        if look.idle:
             self.finish(now)
-            return look
+            return self.look_s
+        early = look.early
         if (
             early is not None
             and held_by is not None
@@ -307,18 +339,25 @@ class LoopProbe:
         ):
             # Dated from when the wake-up was due: whoever held the GIL,
             # the loop could not go on until we took it.
-            self._late_stall(loop, callback, early, now - wake.raw, prev, clocks, now)
+            self._late_stall(early, now - wake.raw, prev, clocks, now)
             return self.tick_s
         meter.note_others(prev, clocks, thread_id)
-        if same_step:
-            return self._still(now, captured)
+        if look.same_step:
+            return self._still(now, look.captured)
         self.finish(now)
-        self.held = callback
-        self.held_since = now
-        self.held_beats = self.beats
+        self._follow(now)
         meter.mark = clocks
-        self._post_beat(loop)
-        return look
+        self._post_beat()
+        return self.look_s
+
+    def _follow(self, since: float) -> None:
+        """Follow the step `sample` saw, from *since*, unless the loop is no
+        longer watched (`Watchdog.remove` may run while `settle` reads)."""
+        if self.enabled:
+            self.held = self.seen
+            self.held_since = since
+            self.held_beats = self.beats
+        self.seen = None
 
     def _still(self, now: float, captured: Stall | None) -> float:
         """The step followed is still running: how soon to look again."""
@@ -346,8 +385,6 @@ class LoopProbe:
 
     def _late_stall(
         self,
-        loop: asyncio.AbstractEventLoop,
-        callback: FrameType,
         stall: Stall,
         since: float,
         prev: Clocks,
@@ -359,16 +396,14 @@ class LoopProbe:
         after the previous look: the step the loop is in has been stalled
         since this wake-up was due."""
         self.finish(since)
-        self.held = callback
-        self.held_since = since
-        self.held_beats = self.beats
+        self._follow(since)
         self.meter.mark = _mark_at(prev, clocks, since, 2 * self.look_s)
         stall.late = True
         self._measure(now, stall)  # before the heartbeat can see it
         self.stall = stall
-        self._post_beat(loop)
+        self._post_beat()
 
-    def _sample_compiled(self, loop: asyncio.AbstractEventLoop, now: float, tick: float, prev: Clocks | None) -> float:
+    def _sample_compiled(self, now: float, tick: float, prev: Clocks | None) -> float:
         """`sample` when uvloop looks idle or runs compiled code with no Python
         frame: a heartbeat queued for longer than the threshold tells them
         apart (an idle loop runs it at once)."""
@@ -394,7 +429,7 @@ class LoopProbe:
             # Keep one queued: the stall's start is known to within a tick.
             # (About 1/tick trivial wake-ups a second of an idle uvloop;
             # asyncio has a Python dispatch frame and needs none.)
-            self._post_beat(loop)
+            self._post_beat()
         return tick
 
     def _capture(self, loop: asyncio.AbstractEventLoop, top: FrameType, chain: list[FrameType]) -> Stall:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from types import FrameType
 
 from .._core.runtime import HiddenThread, in_forked_child, report_internal_error, start_hidden_thread
-from .loop_probe import LoopProbe
+from .loop_probe import Look, LoopProbe
 from .stall_cause import GcClock, ThreadClock
 from .stall_meter import Wake
 
@@ -88,6 +88,7 @@ class Watchdog:
             probe.finish(_now())
         except Exception as exc:
             self._failed(exc)
+        probe.seen = None
 
     def flush(self) -> None:
         """Report any stall in progress now (at exit or uninstall)."""
@@ -218,12 +219,21 @@ class Watchdog:
         try:
             frames = _current_frames()
             now = _now()
+            # Every stack first (nothing releases the GIL), then every clock:
+            # while the reads let the loops run, we hold none of their frames
+            # (a finished loop is freed by the program's next collection).
+            looks: list[tuple[LoopProbe, Look]] = []
             for probe in probes:
-                next_in = probe.sample(frames, now, wake)
-                if next_in is None:
+                seen = probe.sample(frames, now, wake)
+                if seen is None:
                     self.remove(probe)
+                elif isinstance(seen, Look):
+                    looks.append((probe, seen))
                 else:
-                    delay = min(delay, next_in)
+                    delay = min(delay, seen)
+            frames.clear()
+            for probe, look in looks:
+                delay = min(delay, probe.settle(look, now, wake))
         except Exception as exc:
             self._failed(exc)
             with self._lock:
