@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import asyncio.events
+import dis
+import gc
 import sys
 import threading
 import time
@@ -94,6 +96,57 @@ _LOOP_MACHINERY = frozenset(
         asyncio.base_events.BaseEventLoop.run_forever.__code__,
     )
 )
+
+
+# What may stand between a callee's load and its call: its arguments, when
+# each is a single load, and the call's own preludes (3.11's PRECALL, the
+# keyword names).
+_ARGUMENT_LOADS = frozenset(("LOAD_CONST", "LOAD_FAST", "LOAD_DEREF", "LOAD_GLOBAL", "LOAD_NAME", "LOAD_SMALL_INT"))
+_CALL_PRELUDES = frozenset(("PRECALL", "KW_NAMES", "PUSH_NULL"))
+
+
+def _calls_gc_collect(frame: FrameType) -> bool:
+    """Whether *frame* is calling ``gc.collect`` (``gc.collect()``,
+    ``gc.collect(2)``, or ``collect()`` imported from gc): its current
+    instruction is a call whose callee, loaded by that name just before its
+    arguments, is the gc module's.  The bytecode only: no source file (this
+    runs while the loop thread is paused; a read would release the GIL)."""
+    lasti = frame.f_lasti
+    window: list[dis.Instruction] = []
+    for instruction in dis.get_instructions(frame.f_code):
+        if instruction.offset > lasti:
+            break
+        window.append(instruction)
+        del window[:-12]  # the callee is loaded a few instructions before its call
+    if not window or not window[-1].opname.startswith("CALL") or not isinstance(window[-1].arg, int):
+        return False
+    argc, arguments = window[-1].arg, 0
+    for k in range(len(window) - 2, -1, -1):
+        instruction = window[k]
+        if instruction.opname in _CALL_PRELUDES:
+            continue
+        if instruction.argval == "collect" and arguments == argc:
+            return _is_gc_collect(frame, window, k)
+        if instruction.opname not in _ARGUMENT_LOADS:
+            return False
+        arguments += 1
+    return False
+
+
+def _is_gc_collect(frame: FrameType, window: list[dis.Instruction], k: int) -> bool:
+    """Whether the load at *k* in *window* (named ``collect``) is gc.collect."""
+    load = window[k]
+    if load.opname in ("LOAD_ATTR", "LOAD_METHOD"):
+        holder = window[k - 1].argval if k > 0 else None
+        if not isinstance(holder, str):
+            return False
+        module = frame.f_locals.get(holder, frame.f_globals.get(holder))
+        return module is gc
+    if load.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
+        return frame.f_globals.get("collect") is gc.collect
+    if load.opname in ("LOAD_FAST", "LOAD_DEREF"):
+        return frame.f_locals.get("collect") is gc.collect
+    return False
 
 
 class Look(NamedTuple):
@@ -466,6 +519,7 @@ class LoopProbe:
                 del handle
         del task  # never keep the user's task alive
         library_only = bool(chain) and blocking is None
+        explicit_gc = blocking is not None and _calls_gc_collect(blocking)
         self.meter.captured(self.thread_id, self.native_id, library_only)
         return Stall(
             site,
@@ -476,6 +530,7 @@ class LoopProbe:
             importing=_importing(chain),
             created_at=created,
             library_only=library_only,
+            explicit_gc=explicit_gc,
         )
 
     def finish(self, now: float) -> None:

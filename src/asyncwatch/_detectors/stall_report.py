@@ -12,7 +12,18 @@ __all__ = ["COMPILED", "Compiled", "Stall", "stall_finding"]
 
 
 class Stall:
-    __slots__ = ("callback", "coroutine", "created_at", "importing", "late", "library_only", "site", "stack", "task")
+    __slots__ = (
+        "callback",
+        "coroutine",
+        "created_at",
+        "explicit_gc",
+        "importing",
+        "late",
+        "library_only",
+        "site",
+        "stack",
+        "task",
+    )
 
     def __init__(
         self,
@@ -24,6 +35,7 @@ class Stall:
         importing: str | None = None,
         created_at: Site | None = None,
         library_only: bool = False,
+        explicit_gc: bool = False,
     ) -> None:
         self.importing = importing
         self.site = site
@@ -36,6 +48,9 @@ class Stall:
         # inside asyncio or the standard library (starting an executor's
         # thread, say), not at a line of the program.
         self.library_only = library_only
+        # The line was calling gc.collect(): a collection the program asked
+        # for, at that line (cause gc all the same: its length is the heap's).
+        self.explicit_gc = explicit_gc
         # Seen only once the GIL was free again (a late wake-up): the line
         # running then, which is the call's when the watchdog asked for the
         # GIL during it, and may be one just after when it asked later.
@@ -68,7 +83,9 @@ def stall_finding(
     if cause is None and breakdown is not None:
         cause = stall_cause.classify(breakdown, threshold_s)
     site = stall.site
-    if cause in (stall_cause.GC, stall_cause.GIL, stall_cause.STARVED):
+    if cause in (stall_cause.GC, stall_cause.GIL, stall_cause.STARVED) and not (
+        cause == stall_cause.GC and stall.explicit_gc
+    ):
         site = None  # never blamed on the line the loop happened to be at
     return Finding(
         kind=FindingKind.SLOW_CALLBACK,
@@ -119,6 +136,12 @@ def _why(cause: str | None, stall: Stall, breakdown: Breakdown | None, holder: s
         return (
             f" (cause: blocking_io; the loop thread was off CPU {_ms(breakdown.off_cpu - breakdown.gil)} "
             f"of {measured}): blocking I/O, a sleep or a lock; use an async API or asyncio.to_thread()"
+        )
+    if cause == stall_cause.GC and stall.explicit_gc:
+        return (
+            f" (cause: gc; the garbage collector ran {_ms(breakdown.gc)} of {measured}): this line called "
+            "gc.collect(), a full collection whose length is the whole heap's (in any thread it holds the "
+            "GIL); call it before the loop starts, or leave collecting to the collector"
         )
     if cause == stall_cause.GC:
         return (
