@@ -118,7 +118,14 @@ def _calls_gc_collect(frame: FrameType) -> bool:
             break
         window.append(instruction)
         del window[:-12]  # the callee is loaded a few instructions before its call
-    if not window or not window[-1].opname.startswith("CALL") or not isinstance(window[-1].arg, int):
+    # 3.11 specializes a call of a C function into its PRECALL, which makes
+    # the call itself: the frame is then at the PRECALL (same argument count).
+    call = window[-1] if window else None
+    if (
+        call is None
+        or not (call.opname.startswith("CALL") or call.opname == "PRECALL")
+        or not isinstance(call.arg, int)
+    ):
         return False
     argc, arguments = window[-1].arg, 0
     for k in range(len(window) - 2, -1, -1):
@@ -185,7 +192,8 @@ class LoopProbe:
         # Told the name of the thread a heartbeat ran on, when it changes.
         self.heard_from = heard_from
         self.enabled = True
-        self.wake: Callable[[], None] = lambda: None  # set by the Watchdog
+        self.wake: Callable[[], None] = lambda: None  # set by the Watchdog: the loop started
+        self.nudge: Callable[[], None] = lambda: None  # set by the Watchdog: look now
         self.parked = False
         # written by the loop thread (heartbeat)
         self.thread_id: int | None = None
@@ -235,10 +243,17 @@ class LoopProbe:
         if self.parked:
             self.parked = False
             self.wake()
-        if self.stall is not None:
-            # The blocking step is over (we run after it): report it now,
-            # before the program moves on, instead of at the next look.
-            self._end_stall(self.beat_time, measured=True)
+        stall = self.stall
+        if stall is not None:
+            if stall.library_only:
+                # A wait inside asyncio or the standard library: whose it was
+                # (other threads' CPU, their waits for one) is read over the
+                # whole stall, by the watchdog, which we wake.
+                self.nudge()
+            else:
+                # The blocking step is over (we run after it): report it now,
+                # before the program moves on, instead of at the next look.
+                self._end_stall(self.beat_time, measured=True)
 
     # -- watchdog thread -----------------------------------------------------
 

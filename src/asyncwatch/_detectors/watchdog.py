@@ -72,6 +72,7 @@ class Watchdog:
 
     def add(self, probe: LoopProbe) -> None:
         probe.wake = self._wake_up
+        probe.nudge = self._nudge
         with self._lock:
             self._probes.append(probe)
             self._ensure_thread()
@@ -119,6 +120,10 @@ class Watchdog:
         else:
             report_internal_error("slow-callback watchdog", exc)
 
+    def _nudge(self) -> None:
+        """Look now (loop thread: a heartbeat ended a stall for us to report)."""
+        self._wake.set()
+
     def _wake_up(self) -> None:
         """A parked probe's loop started running (loop thread)."""
         if self._thread is None:  # a forked child that had no loop running
@@ -154,6 +159,7 @@ class Watchdog:
             probe._stall_lock = threading.Lock()
             probe.meter.forget_after_fork()
             probe.wake = self._wake_up
+            probe.nudge = self._nudge
             # What the parent's watchdog was following is the parent's to report.
             probe.held = None
             probe.stall = None
