@@ -434,6 +434,8 @@ class LoopProbe:
             # releases the GIL lets the loop run it).
             self._measure(now, captured)
             self.stall = captured
+            if not self.enabled:  # the loop closed while we read: report it now
+                self._end_stall(now)
         elif self.stall is not None:
             self._measure(now, self.stall)
         if self.stall is not None:
@@ -469,6 +471,9 @@ class LoopProbe:
         stall.late = True
         self._measure(now, stall)  # before the heartbeat can see it
         self.stall = stall
+        if not self.enabled:  # the loop closed while we read: report it now
+            self._end_stall(now)
+            return
         self._post_beat()
 
     def _sample_compiled(self, now: float, tick: float, prev: Clocks | None) -> float:
