@@ -405,6 +405,41 @@ class TestBlockingInsideAGreenlet:
         assert slow_of(watched) == []
 
 
+class TestALoopThatNeverIdles:
+    """The watchdog looks at a busy loop a few times per threshold: many
+    short steps, of one task or of many callbacks, are never one stall."""
+
+    def test_one_task_yielding_for_several_thresholds_is_not_slow(self, watched):
+        async def main():
+            deadline = time.perf_counter() + 4 * THRESHOLD_MS / 1000
+            while time.perf_counter() < deadline:
+                sum(range(2_000))  # ~20 us of work a step, one coroutine frame throughout
+                await asyncio.sleep(0)
+
+        watched.run(main, slow_callback_ms=THRESHOLD_MS)
+        assert slow_of(watched) == []
+
+    def test_a_chain_of_short_callbacks_for_several_thresholds_is_not_slow(self, watched):
+        async def main():
+            loop = asyncio.get_running_loop()
+            done = loop.create_future()
+            deadline = time.perf_counter() + 4 * THRESHOLD_MS / 1000
+
+            def step():
+                sum(range(2_000))
+                if time.perf_counter() < deadline:
+                    loop.call_soon(step)
+                elif not done.done():
+                    done.set_result(None)
+
+            for _ in range(4):  # four chains: the ready queue is never empty
+                loop.call_soon(step)
+            await done
+
+        watched.run(main, slow_callback_ms=THRESHOLD_MS)
+        assert slow_of(watched) == []
+
+
 class TestTheStallStateHoldsNoLoop:
     """What the watchdog keeps about a stall (its clocks, its measure, the
     step it followed) refers to the loop weakly: a closed loop whose step
