@@ -141,18 +141,20 @@ def _calls_gc_collect(frame: FrameType) -> bool:
 
 
 def _is_gc_collect(frame: FrameType, window: list[dis.Instruction], k: int) -> bool:
-    """Whether the load at *k* in *window* (named ``collect``) is gc.collect."""
+    """Whether the load at *k* in *window* (named ``collect``) is gc.collect.
+
+    Globals only: reading a frame's ``f_locals`` would leave a dict of the
+    program's locals on the frame (3.11-3.12), which ``gc.get_referrers``
+    then finds (anyio's test_run_sync_worker_cyclic_references does).  A
+    ``gc`` or ``collect`` that is a local name is not told apart."""
     load = window[k]
     if load.opname in ("LOAD_ATTR", "LOAD_METHOD"):
-        holder = window[k - 1].argval if k > 0 else None
-        if not isinstance(holder, str):
+        holder = window[k - 1] if k > 0 else None
+        if holder is None or holder.opname not in ("LOAD_GLOBAL", "LOAD_NAME") or not isinstance(holder.argval, str):
             return False
-        module = frame.f_locals.get(holder, frame.f_globals.get(holder))
-        return module is gc
+        return frame.f_globals.get(holder.argval) is gc
     if load.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
         return frame.f_globals.get("collect") is gc.collect
-    if load.opname in ("LOAD_FAST", "LOAD_DEREF"):
-        return frame.f_locals.get("collect") is gc.collect
     return False
 
 
