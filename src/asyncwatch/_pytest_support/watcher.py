@@ -292,6 +292,10 @@ class Watcher:
             # app factory): start-up work, not a mistake of the test's, as
             # `asyncwatch run --fail-on-findings` also judges it (issue 13).
             return "it is a stall inside an import, start-up work (cause=import)"
+        if not counts_against_program(finding) and finding.site is not None:
+            # The test's own gc.collect() call: its line, the collector's time
+            # (a full collection lasts as long as the heap makes it).
+            return f"it is the collector's time, a collection this line asked for (cause={finding.cause})"
         if not counts_against_program(finding):
             # The collector, another thread holding the GIL, or a machine
             # short of CPUs stalled the loop: no line of the test's (issue 12).
