@@ -478,7 +478,7 @@ class TestUvicorn:
         assert watched[0] == plain[0], watched[1]
         assert watched[2]["loop"] == plain[2]["loop"]
         assert watched[2]["loop"] == ("uvloop" if loop == "uvloop" else "asyncio.unix_events")
-        [finding] = findings(asgi / "findings.jsonl")
+        [finding] = [f for f in findings(asgi / "findings.jsonl") if f["cause"] not in ("gc", "gil", "starved")]
         # A time.sleep in a request handler: the loop thread off CPU by its
         # own doing, the program's line (--fail-on-findings counts it).
         assert finding["kind"] == "slow_callback" and finding["cause"] == "blocking_io"
@@ -512,7 +512,7 @@ class TestUvicorn:
             ["/"],
         )
         assert status == plain, stderr
-        found = findings(out)
+        found = [f for f in findings(out) if f["cause"] not in ("gc", "gil", "starved")]  # a loaded machine's stalls
         assert len({f["pid"] for f in found}) == 2, stderr
         assert all(f["cause"] == "import" and f["site"]["file"] == str(asgi / "slowapp.py") for f in found), found
         assert all("while importing module 'slowapp'" in f["message"] for f in found)
