@@ -209,6 +209,7 @@ class LoopProbe:
         # written by the watchdog thread
         self.held: FrameType | Compiled | None = None
         self.seen: FrameType | None = None  # by `sample`, for `settle`
+        self.seen_beats = 0
         self.held_since = 0.0
         self.held_beats = 0
         self.stall: Stall | None = None
@@ -242,6 +243,13 @@ class LoopProbe:
         self.runner_code = None if caller.f_code is _HANDLE_RUN else caller.f_code
         self.beats += 1
         self.beat_pending = False
+        # The step followed is over (we run after it): let go of its frame
+        # now.  A frame object held past its function's return keeps the
+        # frames that called it (CPython links f_back then), and through
+        # them the loop, until our next look: a loop that stops right after
+        # would outlive the program's gc.collect() (anyio's
+        # test_asyncio_run_does_not_leak_event_loop).
+        self.held = self.seen = None
         if self.parked:
             self.parked = False
             self.wake()
@@ -375,6 +383,7 @@ class LoopProbe:
         # `Watchdog.remove` lets go of it): no local of ours refers to the
         # loop or its frames while `settle` reads clocks.
         self.seen = callback if not idle and not same_step else None
+        self.seen_beats = self.beats
         return Look(thread_id, compiled, idle, same_step, early, captured)
 
     def settle(self, look: Look, now: float, wake: Wake | None) -> float:
@@ -424,9 +433,11 @@ class LoopProbe:
         """Follow the step `sample` saw, from *since*, unless the loop is no
         longer watched (`Watchdog.remove` may run while `settle` reads)."""
         if self.enabled:
-            self.held = self.seen
+            # A heartbeat that ran meanwhile ended the step: keep no frame,
+            # and the next look sees the count changed.
+            self.held = self.seen if self.beats == self.seen_beats else None
             self.held_since = since
-            self.held_beats = self.beats
+            self.held_beats = self.seen_beats
         self.seen = None
 
     def _still(self, now: float, captured: Stall | None) -> float:
