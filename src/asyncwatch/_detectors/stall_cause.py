@@ -31,6 +31,7 @@ import collections
 import contextlib
 import gc
 import os
+import sys
 import threading
 import time
 from typing import Any, NamedTuple
@@ -134,10 +135,7 @@ class ThreadClock:
                 self._fd = os.open(f"/proc/self/task/{native_id}/schedstat", os.O_RDONLY | os.O_CLOEXEC)
             except OSError:
                 self._fd = None
-        try:
-            self._clock = time.pthread_getcpuclockid(ident)
-        except (AttributeError, OSError, OverflowError):
-            self._clock = None
+        self._clock = cpu_clock_id(ident, native_id)
 
     def read(self) -> tuple[float, float | None]:
         fd = self._fd
@@ -167,11 +165,30 @@ class ThreadClock:
         self._clock = None
 
 
-def thread_cpu(ident: int) -> float | None:
-    """A thread's CPU time (None when its clock cannot be read)."""
+def cpu_clock_id(ident: int, native_id: int | None) -> int | None:
+    """The CPU-time clock of a thread, which may have ended.
+
+    On Linux, from its kernel thread id, as glibc makes it
+    (MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED)): a thread that ended then
+    reads EINVAL.  ``pthread_getcpuclockid`` reads the thread's pthread
+    structure, freed once a detached thread ends: asking it for a thread
+    that just ended crashed the process (3.12, the pytest plugin's tests)."""
+    if sys.platform == "linux":
+        return ((~native_id) << 3) | 6 if native_id is not None else None
     try:
-        return time.clock_gettime(time.pthread_getcpuclockid(ident))
+        return time.pthread_getcpuclockid(ident)
     except (AttributeError, OSError, OverflowError):
+        return None
+
+
+def thread_cpu(ident: int, native_id: int | None) -> float | None:
+    """A thread's CPU time (None when its clock cannot be read)."""
+    clock = cpu_clock_id(ident, native_id)
+    if clock is None:
+        return None
+    try:
+        return time.clock_gettime(clock)
+    except (OSError, OverflowError):
         return None
 
 
@@ -182,7 +199,7 @@ def threads_cpu(skip: tuple[int | None, ...]) -> dict[int, float]:
         ident = thread.ident
         if ident is None or ident in skip:
             continue
-        cpu = thread_cpu(ident)
+        cpu = thread_cpu(ident, thread.native_id)
         if cpu is not None:
             times[ident] = cpu
     return times
