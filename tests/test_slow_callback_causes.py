@@ -507,6 +507,24 @@ class TestTheCauseModel:
     def test_work_over_the_threshold_stays_the_programs_on_a_busy_machine(self):
         assert classify(self.breakdown(1.2, cpu=0.3, starved=0.9), self.T) == "cpu"
 
+    def test_a_line_that_ran_while_the_machine_starved_it_stays_the_programs(self):
+        """A busy loop on the clock at a line of the program, 7 threads on 2
+        loaded cores: 55 ms on CPU of 240 ms (measured so in test_lifecycle)."""
+        busy = self.breakdown(0.24, cpu=0.055, starved=0.18)
+        assert classify(busy, self.T, program_line=True) == "cpu"
+        # The same numbers where no line of the program was running (a wait
+        # inside asyncio or the standard library) are the machine's.
+        assert classify(busy, self.T) == "starved"
+
+    def test_a_line_that_barely_ran_on_a_starved_loop_is_starved(self):
+        """5 ms of work at a line, stretched to 300 ms: under an eighth of the threshold."""
+        assert classify(self.breakdown(0.3, cpu=0.005, starved=0.29), self.T, program_line=True) == "starved"
+
+    def test_a_line_stalled_by_a_collection_or_the_gil_is_not_the_programs(self):
+        """What made the stall is the collector or another thread, not the wait for a CPU."""
+        assert classify(self.breakdown(0.3, cpu=0.28, gc=0.25, starved=0.01), self.T, program_line=True) == "gc"
+        assert classify(self.breakdown(0.3, cpu=0.03, gil=0.25, others=0.25), self.T, program_line=True) == "gil"
+
     def test_a_collection_in_a_short_step_is_gc(self):
         assert classify(self.breakdown(0.3, cpu=0.29, gc=0.27), self.T) == "gc"
 

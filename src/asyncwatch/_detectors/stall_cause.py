@@ -285,12 +285,30 @@ class Breakdown(NamedTuple):
         )
 
 
-def classify(breakdown: Breakdown, threshold_s: float) -> str:
+#: Of the threshold, the CPU time the loop thread must have spent at the
+#: program's line for a stall stretched by the machine to stay the
+#: program's (see `classify`).
+RUNNING_SHARE = 1 / 8
+
+
+def classify(breakdown: Breakdown, threshold_s: float, program_line: bool = False) -> str:
     """The cause of a stall (one of `CPU`, `BLOCKING_IO`, `GC`, `GIL`, `STARVED`).
 
     The program's own share is what is left once the collector, the wait
     for a CPU and the wait for another thread's GIL are taken out; under the
     threshold, the stall would not have been one without them.
+
+    *program_line*: the stall was captured at a line of the program, which
+    the watchdog saw on the loop thread's stack.  A step that computes until
+    a deadline (a busy loop on the clock) gets, on a machine with L runnable
+    threads a CPU, about 1/L of its wall time: measured in CPU it looks like
+    a short step the machine stretched, and the two cannot be told apart by
+    clocks.  When the wait for a CPU alone made the stall (the collector's
+    pauses and the GIL's waits leave it over the threshold) and the loop
+    thread ran the program's frames for a meaningful time (`RUNNING_SHARE`
+    of the threshold: 12 ms at 100 ms, which a busy step gets up to a load
+    of about 40 a CPU over a stall of 2.5 thresholds), the stall is the
+    program's: its line held the loop, the machine only slowed it down.
     """
     gil = min(breakdown.gil, breakdown.off_cpu)
     pauses = breakdown.gc if breakdown.gc_pauses < 0 else min(breakdown.gc_pauses, breakdown.gc)
@@ -299,13 +317,14 @@ def classify(breakdown: Breakdown, threshold_s: float) -> str:
     # body runs hundreds, a few of them full) leave its own work over the
     # threshold: that is the step's doing; one long pause in a short step is not.
     own = breakdown.wall - sum(excused.values())
-    if own < threshold_s:
+    own_cpu = max(breakdown.cpu - max(breakdown.gc, 0.0), 0.0)
+    stretched = program_line and breakdown.wall - pauses - gil >= threshold_s
+    if own < threshold_s and not (stretched and own_cpu >= threshold_s * RUNNING_SHARE):
         # The collector or another thread that alone made a stall is named
         # before a busy machine that only stretched it.
         for cause in (GC, GIL):
             if excused[cause] >= threshold_s:
                 return cause
         return max(excused, key=lambda cause: excused[cause])
-    own_cpu = max(breakdown.cpu - breakdown.gc, 0.0)
     blocking = max(breakdown.off_cpu - gil, 0.0)
     return CPU if own_cpu >= blocking else BLOCKING_IO

@@ -180,6 +180,8 @@ class StallMeter:
                 gil = max(gil, off_cpu)
                 after = stall_cause.threads_cpu((thread_id, threading.get_ident()))
                 holder, _ = stall_cause.busiest_thread(self.stall_threads, after)
-        gc_time = self.gc_clock.read(end) - mark.gc
+        # A collection in progress at the mark counted its wall time, and
+        # counts its CPU time once over: never less than none.
+        gc_time = max(self.gc_clock.read(end) - mark.gc, 0.0)
         pauses = self.gc_clock.pauses_since(mark.wall, end, GcClock.PAUSE_FLOOR_S)
         return Breakdown(wall, loop_cpu, max(starved, 0.0), gc_time, gil, others, pauses), holder

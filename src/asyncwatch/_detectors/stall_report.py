@@ -81,7 +81,8 @@ def stall_finding(
         what = "A callback with no Python frame (compiled code)"
     cause = stall_cause.IMPORT if stall.importing is not None else None
     if cause is None and breakdown is not None:
-        cause = stall_cause.classify(breakdown, threshold_s)
+        program_line = stall.site is not None and not stall.library_only
+        cause = stall_cause.classify(breakdown, threshold_s, program_line)
     site = stall.site
     if cause in (stall_cause.GC, stall_cause.GIL, stall_cause.STARVED) and not (
         cause == stall_cause.GC and stall.explicit_gc
