@@ -42,13 +42,17 @@ _HANDLE_RUN = asyncio.events.Handle._run.__code__
 _STEP_WRAPPERS = STEP_WRAPPER_CODES
 
 #: How many times per threshold the watchdog looks at a loop that is busy.
-#: Each look takes the GIL from the loop once (issue 15: at ten looks per
-#: threshold, each with several GIL hand-offs, a loop that never idles ran
-#: 1.05x-1.07x slower); four bound what a look can miss: a step first seen
-#: up to a quarter of the threshold after it began is reported from then,
-#: so every step of 1.25x the threshold or more is reported, and its
-#: duration is short by less than a quarter of the threshold.
-LOOKS_PER_THRESHOLD = 4
+#: The look interval is what a look can miss: a step is first seen up to
+#: one interval after it began and is timed from then, so steps between 1x
+#: and (1 + 1/LOOKS) x the threshold may go unreported and a duration is
+#: short by up to an interval.  Only a look proves a step was already
+#: running (the heartbeat dates a step's end, never its start, and dating
+#: one from the look before it would report steps shorter than the
+#: threshold), so the window cannot shrink without more looks.  Four looks
+#: (a quarter of the threshold missed) lost stalls that ten found; ten is
+#: the rate issue 15's wall-time cost was measured at (each look takes the
+#: GIL from the loop once, without the loop thread reading any clock).
+LOOKS_PER_THRESHOLD = 10
 
 _now = time.perf_counter
 
