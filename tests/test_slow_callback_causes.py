@@ -23,7 +23,9 @@ import pytest
 
 import asyncwatch
 from asyncwatch._core.findings import NOT_THE_PROGRAMS, Finding, FindingKind, counts_against_program
+from asyncwatch._core.findings import Site
 from asyncwatch._detectors.stall_cause import Breakdown, classify
+from asyncwatch._detectors.stall_report import Stall, stall_finding
 from asyncwatch.testing import CollectingReporter
 from conftest import base_factory, line_of
 
@@ -524,6 +526,16 @@ class TestTheCauseModel:
         """What made the stall is the collector or another thread, not the wait for a CPU."""
         assert classify(self.breakdown(0.3, cpu=0.28, gc=0.25, starved=0.01), self.T, program_line=True) == "gc"
         assert classify(self.breakdown(0.3, cpu=0.03, gil=0.25, others=0.25), self.T, program_line=True) == "gil"
+
+    def test_a_gc_collect_line_stretched_by_a_busy_machine_is_gc_at_its_line(self):
+        """gc_collect_harder() over a large heap on 3.13 at load 6 (measured):
+        the collector's time, never work of the program's line stretched."""
+        line = Site("app.py", 30, "gc_collect_harder")
+        stall = Stall(line, (line,), "Task-3", "main", None, explicit_gc=True)
+        measured = self.breakdown(0.7, cpu=0.38, starved=0.56, gc=0.29)
+        finding = stall_finding(stall, 0.69, self.T, measured, None)
+        assert (finding.cause, finding.site) == ("gc", line)
+        assert not counts_against_program(finding)
 
     def test_a_collection_in_a_short_step_is_gc(self):
         assert classify(self.breakdown(0.3, cpu=0.29, gc=0.27), self.T) == "gc"

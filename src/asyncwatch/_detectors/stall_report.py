@@ -81,7 +81,9 @@ def stall_finding(
         what = "A callback with no Python frame (compiled code)"
     cause = stall_cause.IMPORT if stall.importing is not None else None
     if cause is None and breakdown is not None:
-        program_line = stall.site is not None and not stall.library_only
+        # A line calling gc.collect() ran the collector, whose time is
+        # judged as the collector's: no program work was stretched there.
+        program_line = stall.site is not None and not stall.library_only and not stall.explicit_gc
         cause = stall_cause.classify(breakdown, threshold_s, program_line)
     site = stall.site
     if cause in (stall_cause.GC, stall_cause.GIL, stall_cause.STARVED) and not (
