@@ -151,7 +151,10 @@ class TestBlockingThatHoldsTheGil:
 
         watched.run(main, slow_callback_ms=THRESHOLD_MS)
 
-        assert slow_of(watched) == []
+        # On a loaded machine a wait for a CPU may stretch a few steps into a
+        # stall: reported as the machine's (starved, no line), failing nothing.
+        blamed = [f for f in slow_of(watched) if counts_against_program(f) or f.site is not None]
+        assert blamed == []
 
 
 class TestWhereTheBlockedTaskWasCreated:
@@ -519,8 +522,9 @@ class TestTheCauseModel:
         assert classify(busy, self.T) == "starved"
 
     def test_a_line_that_barely_ran_on_a_starved_loop_is_starved(self):
-        """5 ms of work at a line, stretched to 300 ms: under an eighth of the threshold."""
-        assert classify(self.breakdown(0.3, cpu=0.005, starved=0.29), self.T, program_line=True) == "starved"
+        """Short C calls at a line, 13 ms of CPU stretched to 125 ms (measured
+        at load 7): under a quarter of the threshold, the machine's."""
+        assert classify(self.breakdown(0.125, cpu=0.013, starved=0.111), self.T, program_line=True) == "starved"
 
     def test_a_line_stalled_by_a_collection_or_the_gil_is_not_the_programs(self):
         """What made the stall is the collector or another thread, not the wait for a CPU."""

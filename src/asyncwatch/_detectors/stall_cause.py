@@ -288,7 +288,7 @@ class Breakdown(NamedTuple):
 #: Of the threshold, the CPU time the loop thread must have spent at the
 #: program's line for a stall stretched by the machine to stay the
 #: program's (see `classify`).
-RUNNING_SHARE = 1 / 8
+RUNNING_SHARE = 1 / 4
 
 
 def classify(breakdown: Breakdown, threshold_s: float, program_line: bool = False) -> str:
@@ -306,9 +306,10 @@ def classify(breakdown: Breakdown, threshold_s: float, program_line: bool = Fals
     clocks.  When the wait for a CPU alone made the stall (the collector's
     pauses and the GIL's waits leave it over the threshold) and the loop
     thread ran the program's frames for a meaningful time (`RUNNING_SHARE`
-    of the threshold: 12 ms at 100 ms, which a busy step gets up to a load
-    of about 40 a CPU over a stall of 2.5 thresholds), the stall is the
-    program's: its line held the loop, the machine only slowed it down.
+    of the threshold: 25 ms at 100 ms, which a step busy for 2.5 thresholds
+    gets up to about 10 runnable threads a CPU; steps of a few milliseconds
+    each, stretched, measured 13 ms), the stall is the program's: its line
+    held the loop, the machine only slowed it down.
     """
     gil = min(breakdown.gil, breakdown.off_cpu)
     pauses = breakdown.gc if breakdown.gc_pauses < 0 else min(breakdown.gc_pauses, breakdown.gc)
