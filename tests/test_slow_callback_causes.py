@@ -24,7 +24,8 @@ import pytest
 import asyncwatch
 from asyncwatch._core.findings import NOT_THE_PROGRAMS, Finding, FindingKind, counts_against_program
 from asyncwatch._core.findings import Site
-from asyncwatch._detectors.stall_cause import Breakdown, classify
+from asyncwatch._detectors.stall_cause import Breakdown, GcClock, classify
+from asyncwatch._detectors.stall_meter import StallMeter
 from asyncwatch._detectors.stall_report import Stall, stall_finding
 from asyncwatch.testing import CollectingReporter
 from conftest import base_factory, line_of
@@ -546,6 +547,17 @@ class TestTheCauseModel:
         finding = stall_finding(stall, 0.69, self.T, measured, None)
         assert (finding.cause, finding.site) == ("gc", line)
         assert not counts_against_program(finding)
+
+    def test_the_thread_that_held_the_gil_longest_is_named_not_the_last(self):
+        """A pool's thread starting as the stall ends (asyncio_0) holds the GIL
+        briefly after the worker that made the stall."""
+        meter = StallMeter(GcClock())
+        meter.holds.append((0.05, "before-the-stall", 0.05))
+        meter.holds.append((0.55, "regex-worker", 0.5))
+        meter.holds.append((0.58, "asyncio_0", 0.03))
+        assert meter.holder_since(0.05) == "regex-worker"
+        assert meter.holder_since(0.55) == "asyncio_0"
+        assert meter.holder_since(0.58) is None
 
     def test_a_collection_in_a_short_step_is_gc(self):
         assert classify(self.breakdown(0.3, cpu=0.29, gc=0.27), self.T) == "gc"

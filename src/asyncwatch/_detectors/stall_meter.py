@@ -11,6 +11,7 @@ see nothing of ours there).
 
 from __future__ import annotations
 
+import collections
 import sys
 import threading
 import time
@@ -70,7 +71,8 @@ class StallMeter:
         self.mark: Clocks | None = None  # when the followed callback was first seen
         self.foreign = 0.0  # total GIL hold by other threads seen by late wake-ups
         self.others_before: dict[int, float] = {}  # other threads' CPU, when last busy
-        self.holder: str | None = None  # the thread named for the last foreign hold
+        #: Each foreign hold: (`foreign` after it, the thread named, its length).
+        self.holds: collections.deque[tuple[float, str | None, float]] = collections.deque(maxlen=64)
         self.stall_threads: dict[int, float] = {}  # other threads' CPU at the stall's capture
         self.stall_waits: float | None = None  # other threads' run-queue wait then (library-only stalls)
 
@@ -132,13 +134,25 @@ class StallMeter:
         if wake.known and others >= late / 4:
             # The whole wait, ours for a CPU included: the holder kept the
             # GIL until we took it, and the loop could not have it before.
-            self.foreign += max(wake.raw - loop_busy, 0.0)
+            hold = max(wake.raw - loop_busy, 0.0)
+            self.foreign += hold
             skip = (thread_id, threading.get_ident())
             now_cpu = stall_cause.threads_cpu(skip)
-            self.holder, _ = stall_cause.busiest_thread(self.others_before, now_cpu)
+            holder, _ = stall_cause.busiest_thread(self.others_before, now_cpu)
+            self.holds.append((self.foreign, holder, hold))
             self.others_before = now_cpu
             return "foreign"
         return None
+
+    def holder_since(self, foreign: float) -> str | None:
+        """The thread named for the most GIL time held since `foreign` was
+        *foreign*: a short hold that came later (a pool's new thread
+        starting as the stall ends) never renames the one that made it."""
+        held: dict[str | None, float] = {}
+        for after, name, hold in list(self.holds):
+            if after > foreign:
+                held[name] = held.get(name, 0.0) + hold
+        return max(held, key=lambda name: held[name]) if held else None
 
     def captured(self, thread_id: int | None, native_id: int | None, library_only: bool) -> None:
         """A stall was just captured: the other threads' clocks, to name the
@@ -163,7 +177,7 @@ class StallMeter:
         starved = wait - mark.loop_wait if wait is not None and mark.loop_wait is not None else 0.0
         wall = end - mark.wall
         gil = self.foreign - mark.foreign
-        holder = self.holder if gil > 0 else None
+        holder = self.holder_since(mark.foreign) if gil > 0 else None
         off_cpu = wall - loop_cpu - starved
         if library_only and off_cpu >= wall / 2:
             # Waiting inside asyncio or the standard library for other threads
