@@ -153,6 +153,18 @@ class ThreadClock:
                 self._clock = None
         return 0.0, None
 
+    def waits(self) -> tuple[float, int] | None:
+        """The run-queue wait so far and how many times the thread was put
+        on a CPU (schedstat fields 2 and 3); None where unknown."""
+        fd = self._fd
+        if fd is None:
+            return None
+        try:
+            fields = os.pread(fd, 128, 0).split()
+            return int(fields[1]) / 1e9, int(fields[2])
+        except (OSError, ValueError, IndexError):
+            return None
+
     def close(self) -> None:
         fd, self._fd = self._fd, None
         if fd is not None:

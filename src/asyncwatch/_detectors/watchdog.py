@@ -59,6 +59,13 @@ class Watchdog:
     def __init__(self) -> None:
         self._probes: list[LoopProbe] = []
         self._lock = threading.Lock()
+        # Held for a whole look (reentrant: a look drops a closed loop's
+        # probe itself).  Stopping to watch a loop waits for a look in
+        # progress: a stall it captured is reported before the loop's
+        # close returns, never after the program moved on (a look reads
+        # clocks between capturing a stall and keeping it, and the loop
+        # may finish meanwhile).
+        self._looking = threading.RLock()
         self._wake = threading.Event()
         self._thread: HiddenThread | None = None
         self._stopping = False
@@ -79,17 +86,18 @@ class Watchdog:
         self._wake.set()
 
     def remove(self, probe: LoopProbe) -> None:
-        with self._lock:
-            probe.enabled = False
-            if probe in self._probes:
-                self._probes.remove(probe)
-        # A stall a heartbeat ended just before the loop closed is reported
-        # here if the watchdog thread has not yet (or waited for, if it has begun).
-        try:
-            probe.finish(_now())
-        except Exception as exc:
-            self._failed(exc)
-        probe.seen = None
+        with self._looking:
+            with self._lock:
+                probe.enabled = False
+                if probe in self._probes:
+                    self._probes.remove(probe)
+            # A stall a heartbeat ended just before the loop closed is reported
+            # here if the watchdog thread has not yet.
+            try:
+                probe.finish(_now())
+            except Exception as exc:
+                self._failed(exc)
+            probe.seen = None
 
     def flush(self) -> None:
         """Report any stall in progress now (at exit or uninstall)."""
@@ -151,6 +159,7 @@ class Watchdog:
         parked probe, a new one is added) starts one then.
         """
         self._lock = threading.Lock()
+        self._looking = threading.RLock()
         self._wake = threading.Event()
         self._thread = None
         self._stopping = False
@@ -177,8 +186,12 @@ class Watchdog:
 
     def _run(self) -> None:
         me = _thread.get_ident()  # not threading.current_thread(): that would register us
-        own = ThreadClock(threading.get_ident(), threading.get_native_id())
-        wake = Wake(max(_now() - self._woken_at, 0.0), own, own.read()[1])
+        # Our clock is opened after the first look: opening it releases the
+        # GIL, and a loop whose first step held the GIL since we started
+        # would move on from that step before we looked (3.12, loaded: the
+        # first step's json.loads went unreported one run in six).
+        own: ThreadClock | None = None
+        wake = Wake(max(_now() - self._woken_at, 0.0))
         try:
             while True:
                 # Cleared before looking, so a wake-up that comes while we sample
@@ -196,7 +209,9 @@ class Watchdog:
                 del wake
                 if delay is None:
                     return
-                _, waited = own.read()
+                if own is None:
+                    own = ThreadClock(threading.get_ident(), threading.get_native_id())
+                waited = own.waits()
                 due = _now() + delay
                 self._wake.wait(delay)
                 # How late this wake-up came: the GIL held by someone, or no
@@ -209,7 +224,8 @@ class Watchdog:
                     late = max(late, now - self._woken_at)
                 wake = Wake(max(late, 0.0), own, waited)
         finally:
-            own.close()
+            if own is not None:
+                own.close()
 
     def _sample_all(self, wake: Wake | None = None) -> float | None:
         """Sample every probe once; return how long to sleep (None: stop).
@@ -218,6 +234,10 @@ class Watchdog:
         watch) stays referenced from the thread's locals while it sleeps:
         a closed loop's state is freed as soon as its probe is dropped.
         """
+        with self._looking:
+            return self._look_at_all(wake)
+
+    def _look_at_all(self, wake: Wake | None) -> float | None:
         with self._lock:
             probes = list(self._probes)
         delay = 1.0
