@@ -55,18 +55,12 @@ class Wake:
             before = self._before
             self.known = before is not None and after is not None
             if before is not None and after is not None:
-                waited = after[0] - before[0]
-                runs = after[1] - before[1]
-                if runs >= 3:
-                    # Put on a CPU again and again: take_gil's wait times
-                    # out every switch interval to ask for the GIL, and each
-                    # time we wait for a CPU anew.  Those waits passed while
-                    # someone held the GIL anyway; only the first (before we
-                    # asked) and the last (once it was let go) made us late.
-                    # Counting them all missed GIL-holding calls on a loaded
-                    # machine (json.loads in a loop's first step, 3.12).
-                    waited *= 2 / runs
-                self._late = max(self.raw - waited, 0.0)
+                # All of our waits for a CPU: a hand-off of the GIL takes
+                # three runs of ours (the wake-up, take_gil's timed-out wait
+                # that asks for it, the signal once it is let go), and the
+                # loop thread waits for us after it lets go, so no share of
+                # them can be told to have passed while someone held it.
+                self._late = max(self.raw - (after[0] - before[0]), 0.0)
             else:
                 self._late = self.raw
         return self._late
