@@ -59,13 +59,6 @@ class Watchdog:
     def __init__(self) -> None:
         self._probes: list[LoopProbe] = []
         self._lock = threading.Lock()
-        # Held for a whole look (reentrant: a look drops a closed loop's
-        # probe itself).  Stopping to watch a loop waits for a look in
-        # progress: a stall it captured is reported before the loop's
-        # close returns, never after the program moved on (a look reads
-        # clocks between capturing a stall and keeping it, and the loop
-        # may finish meanwhile).
-        self._looking = threading.RLock()
         self._wake = threading.Event()
         self._thread: HiddenThread | None = None
         self._stopping = False
@@ -86,18 +79,17 @@ class Watchdog:
         self._wake.set()
 
     def remove(self, probe: LoopProbe) -> None:
-        with self._looking:
-            with self._lock:
-                probe.enabled = False
-                if probe in self._probes:
-                    self._probes.remove(probe)
-            # A stall a heartbeat ended just before the loop closed is reported
-            # here if the watchdog thread has not yet.
-            try:
-                probe.finish(_now())
-            except Exception as exc:
-                self._failed(exc)
-            probe.seen = None
+        with self._lock:
+            probe.enabled = False
+            if probe in self._probes:
+                self._probes.remove(probe)
+        # A stall a heartbeat ended just before the loop closed is reported
+        # here if the watchdog thread has not yet (or waited for, if it has begun).
+        try:
+            probe.finish(_now())
+        except Exception as exc:
+            self._failed(exc)
+        probe.seen = None
 
     def flush(self) -> None:
         """Report any stall in progress now (at exit or uninstall)."""
@@ -159,7 +151,6 @@ class Watchdog:
         parked probe, a new one is added) starts one then.
         """
         self._lock = threading.Lock()
-        self._looking = threading.RLock()
         self._wake = threading.Event()
         self._thread = None
         self._stopping = False
@@ -234,10 +225,6 @@ class Watchdog:
         watch) stays referenced from the thread's locals while it sleeps:
         a closed loop's state is freed as soon as its probe is dropped.
         """
-        with self._looking:
-            return self._look_at_all(wake)
-
-    def _look_at_all(self, wake: Wake | None) -> float | None:
         with self._lock:
             probes = list(self._probes)
         delay = 1.0
