@@ -46,6 +46,7 @@ EXIT_UNAVAILABLE = 4
 MODES: tuple[str, ...] = (
     "plain",
     "asyncwatch",
+    "asyncwatch-watchdog",
     "asyncwatch-spans",
     "debug",
     "uvloop",
@@ -59,6 +60,7 @@ MODES: tuple[str, ...] = (
 MODE_DESCRIPTIONS: dict[str, str] = {
     "plain": "asyncio, nothing else",
     "asyncwatch": "asyncwatch.install(log=False), all detectors on",
+    "asyncwatch-watchdog": 'the watchdog alone: asyncwatch.install(log=False, detect=["slow_callback"]), no task factory',
     "asyncwatch-spans": "asyncwatch with a span for every task through the OpenTelemetry SDK",
     "debug": "asyncio debug mode (debug=True, slow_callback_duration=0.1)",
     "uvloop": "plain uvloop",
@@ -160,6 +162,11 @@ def setup_mode(mode: str) -> Setup:
         return Setup()
     if mode == "asyncwatch":
         return Setup(collector=_install_asyncwatch())
+    if mode == "asyncwatch-watchdog":
+        # What watching for blocking alone costs in wall time (issue 15): the
+        # watchdog thread taking the GIL from a busy loop, which instruction
+        # counts do not see.
+        return Setup(collector=_install_asyncwatch(detect=["slow_callback"]))
     if mode == "asyncwatch-spans":
         import asyncwatch
 

@@ -3,6 +3,8 @@
     python benchmarks/run.py                      # the full protocol: 5 rounds, every workload and mode
     python benchmarks/run.py --smoke --rounds 1   # tiny sizes, to check that it runs (CI)
     python benchmarks/run.py --workloads tcp_echo --modes plain asyncwatch --rounds 9
+    # the watchdog's wall-time cost on a loop that never idles (issue 15): 15+ shuffled rounds
+    python benchmarks/run.py --workloads producer_consumer call_soon --modes plain asyncwatch-watchdog --rounds 15
 
 Every measurement is one fresh process (`_child.py`), which times the workload
 itself (no interpreter start-up or imports), after a warm-up run with tiny
@@ -51,6 +53,9 @@ TARGETS: tuple[tuple[str, str | None, float], ...] = (
     ("asyncwatch", "call_soon", 1.05),
     ("asyncwatch", "tcp_echo", 1.03),
     ("asyncwatch", "producer_consumer", 1.05),
+    # Issue 15: the watchdog alone on a loop that never idles, in wall time.
+    ("asyncwatch-watchdog", "producer_consumer", 1.02),
+    ("asyncwatch-watchdog", "call_soon", 1.02),
     ("asyncwatch-uvloop", None, 1.05),
     ("asyncwatch-spans", "task_churn", 3.0),
     ("asyncwatch-spans", "tcp_echo", 1.10),

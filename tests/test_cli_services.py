@@ -478,9 +478,12 @@ class TestUvicorn:
         assert watched[0] == plain[0], watched[1]
         assert watched[2]["loop"] == plain[2]["loop"]
         assert watched[2]["loop"] == ("uvloop" if loop == "uvloop" else "asyncio.unix_events")
-        [finding] = findings(asgi / "findings.jsonl")
-        assert finding["kind"] == "slow_callback" and finding["cause"] is None
+        [finding] = [f for f in findings(asgi / "findings.jsonl") if f["cause"] not in ("gc", "gil", "starved")]
+        # A time.sleep in a request handler: the loop thread off CPU by its
+        # own doing, the program's line (--fail-on-findings counts it).
+        assert finding["kind"] == "slow_callback" and finding["cause"] == "blocking_io"
         assert finding["site"]["line"] == line_of(asgi / "app.py", "# <- blocks the loop")
+        assert "asyncio.to_thread()" in finding["message"]
         assert "asyncwatch: 1 finding in 1 place" in watched[1]
 
     @pytest.mark.parametrize("loop", LOOPS)
@@ -509,7 +512,7 @@ class TestUvicorn:
             ["/"],
         )
         assert status == plain, stderr
-        found = findings(out)
+        found = [f for f in findings(out) if f["cause"] not in ("gc", "gil", "starved")]  # a loaded machine's stalls
         assert len({f["pid"] for f in found}) == 2, stderr
         assert all(f["cause"] == "import" and f["site"]["file"] == str(asgi / "slowapp.py") for f in found), found
         assert all("while importing module 'slowapp'" in f["message"] for f in found)

@@ -7,6 +7,7 @@ import asyncio
 
 import asyncwatch
 from asyncwatch._core.detector import Detector, Hooks
+from asyncwatch._core.findings import counts_against_program
 from asyncwatch._engine import current_engine
 from asyncwatch._outputs.collect import CollectingReporter
 from conftest import gc_collect_harder
@@ -104,7 +105,10 @@ class TestRegisteredDetectors:
                 loop.close()
         assert Exploding.calls == 1
         assert seen == ["Task exception was never retrieved"] * 2
-        assert [f.kind.value for f in collector.findings] == ["task_exception_unretrieved"] * 2
+        # (gc_collect_harder in the loop over a full suite's heap is a
+        # collector pause, cause gc: not the program's, left out here.)
+        blamed = [f for f in collector.findings if counts_against_program(f)]
+        assert [f.kind.value for f in blamed] == ["task_exception_unretrieved"] * 2
         out = capsys.readouterr()
         logged = out.out + out.err + caplog.text  # structlog if a test configured it, else stdlib logging
         assert logged.count("asyncwatch.internal_error") == 1

@@ -70,6 +70,8 @@ class TestFinding:
             "suppressed",
             "cause",
             "dropped_at",
+            "breakdown",
+            "gil_holder",
         }
         assert d["kind"] == "slow_callback"
         assert d["site"] == {"file": "/app/service.py", "line": 12, "function": "handler"}

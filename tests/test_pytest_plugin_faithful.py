@@ -445,6 +445,62 @@ class TestSites:
         assert record["site"]["file"].endswith("slowmod.py") and record["site"]["line"] == 2  # the line importing ran
         assert record["counts"] is False
 
+    def test_a_collector_pause_is_reported_not_failed(self, suite):
+        """A full collection stalling a test's loop is the collector's, not a line of the test's (cause=gc)."""
+        suite.module(
+            """
+            import asyncio
+            import gc
+
+            HEAP = [[] for _ in range(2_000_000)]  # ~0.12 s of collector CPU a full collection
+
+            async def test_collects():
+                await asyncio.sleep(0.02)
+                list(map(gc.collect, [2]))  # a collection this line does not call (as an allocation's)
+            """
+        )
+        result = suite.run(
+            "--asyncwatch",
+            "--asyncwatch-fail-on=all",
+            "--asyncwatch-slow-callback-ms=50",
+            "--asyncwatch-findings",
+            "f.jsonl",
+        )
+        result.assert_outcomes(passed=1)
+        result.stdout.fnmatch_lines(["*reported, not failing*", "*not the program's line (cause=gc)*"])
+        records = [json.loads(x) for x in (suite.path / "f.jsonl").read_text().splitlines()]
+        assert [(r["kind"], r["cause"], r["site"], r["counts"]) for r in records] == [
+            ("slow_callback", "gc", None, False)
+        ]
+
+    def test_a_tests_own_gc_collect_is_reported_at_its_line_not_failed(self, suite):
+        """The test's gc.collect() on the loop: its line is the site, cause gc, and it fails no test."""
+        suite.module(
+            """
+            import asyncio
+            import gc
+
+            HEAP = [[] for _ in range(2_000_000)]  # ~0.12 s of collector CPU a full collection
+
+            async def test_collects():
+                await asyncio.sleep(0.02)
+                gc.collect()
+            """
+        )
+        result = suite.run(
+            "--asyncwatch",
+            "--asyncwatch-fail-on=all",
+            "--asyncwatch-slow-callback-ms=50",
+            "--asyncwatch-findings",
+            "f.jsonl",
+        )
+        result.assert_outcomes(passed=1)
+        result.stdout.fnmatch_lines(["*reported, not failing*", "*a collection this line asked for (cause=gc)*"])
+        records = [json.loads(x) for x in (suite.path / "f.jsonl").read_text().splitlines()]
+        assert [(r["kind"], r["cause"], r["site"]["line"], r["counts"]) for r in records] == [
+            ("slow_callback", "gc", 8, False)
+        ]
+
     def test_bad_fail_on_is_a_usage_error(self, suite):
         suite.module("def test_it(): pass")
         result = suite.run("--asyncwatch", "--asyncwatch-fail-on=everything")

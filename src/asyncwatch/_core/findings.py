@@ -13,7 +13,18 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Finding", "FindingKind", "Site"]
+__all__ = ["NOT_THE_PROGRAMS", "Finding", "FindingKind", "Site", "counts_against_program"]
+
+#: ``Finding.cause`` values that are not a line of the program blocking the
+#: loop (the collector, another thread's GIL, a machine short of CPUs, start-up
+#: imports): reported, but not counted by ``--fail-on-findings`` or the pytest
+#: plugin's verdict.
+NOT_THE_PROGRAMS = frozenset({"gc", "gil", "starved", "import"})
+
+
+def counts_against_program(finding: Finding) -> bool:
+    """Whether a verdict (a failed test, ``--fail-on-findings``) counts *finding*."""
+    return finding.cause not in NOT_THE_PROGRAMS
 
 
 class FindingKind(str, enum.Enum):
@@ -83,9 +94,14 @@ class Finding:
     #: How many findings like this one (same kind and site) the rate limit
     #: held back since the last one reported (see ``report_limit``).
     suppressed: int = 0
-    #: What the stall was part of, when asyncwatch can tell: ``"import"`` for a
-    #: ``slow_callback`` whose stack is inside the import system (start-up
-    #: work such as a server importing the application in its loop).
+    #: Why a ``slow_callback`` stalled the loop, when asyncwatch can tell:
+    #: ``"cpu"`` (the loop thread computing), ``"blocking_io"`` (the loop
+    #: thread off CPU: I/O, a sleep, a lock), ``"gc"`` (the garbage
+    #: collector), ``"gil"`` (another thread held the GIL: `gil_holder`),
+    #: ``"starved"`` (the loop thread waited for a CPU: an overloaded
+    #: machine), ``"import"`` (the import system: start-up work).  The last
+    #: four are not a line of the program (`NOT_THE_PROGRAMS`): `site` is
+    #: None for the first three, and no verdict counts them by default.
     cause: str | None = None
     #: What the pipeline's enrichment stage added for the outputs to show
     #: beside the finding's own fields, as ``(key, value)`` pairs: the
@@ -98,6 +114,13 @@ class Finding:
     #: `created_at` is where it was created, where known; the two are the
     #: same line for ``save(x)`` as a statement.
     dropped_at: Site | None = None
+    #: Of a ``slow_callback``'s duration, the seconds measured for each
+    #: cause, as ``(cause, seconds)`` pairs (``"cpu"``, ``"blocking_io"``,
+    #: ``"gc"``, ``"gil"``, ``"starved"``); empty where not measured.
+    breakdown: tuple[tuple[str, float], ...] = ()
+    #: For ``cause="gil"``: the name of the thread that ran most while the
+    #: loop waited for the GIL, where it could be told.
+    gil_holder: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON form, the same fields in every output."""
@@ -117,4 +140,6 @@ class Finding:
             "thread": self.thread,
             "suppressed": self.suppressed,
             "cause": self.cause,
+            "breakdown": dict(self.breakdown) if self.breakdown else None,
+            "gil_holder": self.gil_holder,
         }

@@ -6,7 +6,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
 
-from .._core.findings import Finding, FindingKind, Site
+from .._core.findings import Finding, FindingKind, Site, counts_against_program
 from .._core.frames import site_text
 
 __all__ = ["CollectingReporter", "SummaryReporter"]
@@ -44,6 +44,10 @@ class SummaryReporter:
         self.counts: Counter[tuple[FindingKind, Site | None]] = Counter()
         #: Of `counts`, the stalls inside an import (``cause="import"``): start-up work.
         self.imports: Counter[tuple[FindingKind, Site | None]] = Counter()
+        #: Of `counts`, the stalls that are not the program's, by cause (the
+        #: collector, another thread's GIL, no CPU free, an import).
+        self.not_the_programs: Counter[tuple[FindingKind, Site | None]] = Counter()
+        self.causes: dict[tuple[FindingKind, Site | None], set[str]] = {}
         self._lock = threading.Lock()
 
     def report(self, finding: Finding) -> None:
@@ -51,6 +55,9 @@ class SummaryReporter:
             self.counts[(finding.kind, finding.site)] += 1
             if finding.cause == "import":
                 self.imports[(finding.kind, finding.site)] += 1
+            if not counts_against_program(finding):
+                self.not_the_programs[(finding.kind, finding.site)] += 1
+                self.causes.setdefault((finding.kind, finding.site), set()).add(str(finding.cause))
 
     @property
     def total(self) -> int:
@@ -58,8 +65,10 @@ class SummaryReporter:
 
     @property
     def verdict_total(self) -> int:
-        """The findings that fail ``--fail-on-findings``: all but start-up imports."""
-        return self.total - sum(self.imports.values())
+        """The findings that fail ``--fail-on-findings``: all but the stalls
+        that are not the program's (start-up imports, the collector, another
+        thread's GIL, a machine short of CPUs)."""
+        return self.total - sum(self.not_the_programs.values())
 
     def render(self, held_back: Mapping[tuple[FindingKind, Site | None], int] | None = None) -> str:
         """A short text: findings grouped by kind and site, with counts, and
@@ -79,6 +88,9 @@ class SummaryReporter:
             line = f"  {kind.value:<{width}}  {count:>4}x  {where}"
             if self.imports.get((kind, site)):
                 line += "  (inside an import: start-up; not counted by --fail-on-findings)"
+            elif self.not_the_programs.get((kind, site)):
+                causes = ", ".join(sorted(self.causes.get((kind, site), ())))
+                line += f"  (cause {causes}: not the program's line; not counted by --fail-on-findings)"
             held = held_back.get((kind, site), 0) if held_back else 0
             if held:
                 line += f"  ({held} not logged one by one: report limit)"

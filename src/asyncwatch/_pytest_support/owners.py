@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from .._core.findings import Finding, FindingKind, Site
+from .._core.findings import Finding, FindingKind, Site, counts_against_program
 from .._core.frames import absolute_path, await_chain, is_library_file, relative_path
 from .._core.tasks import coro_name, created_at, task_context
 from .options import NodeOptions
@@ -155,7 +155,9 @@ def _sited(finding: Finding, fallback: Site | None, root: str) -> Finding:
     the project (under the rootdir, not an installed package), else the
     test's own line, else the innermost frame of its stack; the message says
     which line it is."""
-    if finding.site is not None:
+    if finding.site is not None or not counts_against_program(finding):
+        # (A stall of the collector, another thread's GIL or a busy machine
+        # has no site on purpose: no line of the program is to blame.)
         return finding
     stack = finding.stack
     site = next((s for s in reversed(stack) if _in_project(s.file, root)), None)

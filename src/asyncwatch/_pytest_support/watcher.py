@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from .._core.findings import Finding
+from .._core.findings import Finding, counts_against_program
 from .._core.runtime import report_internal_error
 from .._engine import Engine, current_engine, ensure_engine
 from .._install import uninstall, watch_future_loops
@@ -297,6 +297,14 @@ class Watcher:
             # app factory): start-up work, not a mistake of the test's, as
             # `asyncwatch run --fail-on-findings` also judges it (issue 13).
             return "it is a stall inside an import, start-up work (cause=import)"
+        if not counts_against_program(finding) and finding.site is not None:
+            # The test's own gc.collect() call: its line, the collector's time
+            # (a full collection lasts as long as the heap makes it).
+            return f"it is the collector's time, a collection this line asked for (cause={finding.cause})"
+        if not counts_against_program(finding):
+            # The collector, another thread holding the GIL, or a machine
+            # short of CPUs stalled the loop: no line of the test's (issue 12).
+            return f"it is a stall that is not the program's line (cause={finding.cause})"
         if self.options.fail_on == "all":
             return None
         if site is None:

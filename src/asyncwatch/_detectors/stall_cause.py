@@ -1,0 +1,343 @@
+"""Why the loop stalled: the clocks the slow-callback watchdog reads, and the
+cause they give.
+
+Everything here runs in the watchdog thread (or, for the collector's clock,
+in whichever thread collects), never on the loop's hot path: the loop
+thread reads none of these clocks or files for us.  Over a stall
+the watchdog compares, for the loop thread, its wall time with:
+
+* its CPU time (``/proc/self/task/<tid>/schedstat``, field 1, or the
+  thread's CPU clock): on CPU, the step is CPU-bound;
+* its run-queue wait (schedstat, field 2): runnable but no CPU free, the
+  machine is overloaded (``starved``);
+* the time the garbage collector ran (``gc.callbacks``): a collection stops
+  every thread, whatever line the loop was at (``gc``);
+* the CPU time of the process's other threads, and how late the watchdog's
+  own wake-ups were while it was not waiting for a CPU: the GIL held by
+  someone else (``gil``; the thread that ran most is named);
+* what is left is the loop thread off CPU by its own doing: blocking I/O,
+  a sleep, a lock (``blocking_io``).
+
+The cause is what the stall would not have reached the threshold without:
+if the time left after the collector, the run-queue wait and the GIL wait
+is under the threshold, the stall is theirs (the largest one names it) and
+no line of the program is blamed.  Otherwise it is the program's own,
+``cpu`` or ``blocking_io`` by the larger of the two.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import gc
+import os
+import sys
+import threading
+import time
+from typing import Any, NamedTuple
+
+from .._core.findings import NOT_THE_PROGRAMS
+
+__all__ = [
+    "BLOCKING_IO",
+    "CPU",
+    "GC",
+    "GIL",
+    "IMPORT",
+    "STARVED",
+    "Breakdown",
+    "GcClock",
+    "ThreadClock",
+    "classify",
+    "tasks_wait",
+    "thread_cpu",
+]
+
+CPU = "cpu"
+BLOCKING_IO = "blocking_io"
+GC = "gc"
+GIL = "gil"
+STARVED = "starved"
+IMPORT = "import"
+
+assert frozenset({GC, GIL, STARVED, IMPORT}) == NOT_THE_PROGRAMS
+
+
+class GcClock:
+    """CPU time spent in garbage collection, from ``gc.callbacks``.
+
+    CPU time, not wall time: a collection preempted by the machine's other
+    work is counted once, as the wait for a CPU.  One append to the list
+    while installed (removed, never replaced, on uninstall); the callback
+    costs three clock reads per collection, which already walks hundreds of
+    objects.
+    """
+
+    #: Collections at least this long (CPU) are remembered one by one.
+    PAUSE_FLOOR_S = 0.005
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.started = 0.0  # wall clock, while a collection runs
+        self.started_cpu = 0.0
+        #: (when it ended, CPU seconds) of the last long collections
+        self.pauses: collections.deque[tuple[float, float]] = collections.deque(maxlen=64)
+
+    def _gc_callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self.started_cpu = time.thread_time()
+            self.started = time.perf_counter()
+        elif self.started:
+            spent = time.thread_time() - self.started_cpu
+            self.total += spent
+            if spent >= self.PAUSE_FLOOR_S:
+                self.pauses.append((time.perf_counter(), spent))
+            self.started = 0.0
+
+    def pauses_since(self, since: float, now: float, floor: float) -> float:
+        """CPU time of the collections, each at least *floor* long, that
+        ended after *since* (one in progress that long included)."""
+        total = sum(spent for end, spent in list(self.pauses) if end > since and spent >= floor)
+        started = self.started
+        if started and now - started >= floor:
+            total += now - started
+        return total
+
+    def read(self, now: float) -> float:
+        """Collection time so far; one in progress counts its wall time."""
+        started = self.started
+        return self.total + (now - started if started and now > started else 0.0)
+
+    def install(self) -> None:
+        if self._gc_callback not in gc.callbacks:
+            gc.callbacks.append(self._gc_callback)
+
+    def uninstall(self) -> None:
+        while self._gc_callback in gc.callbacks:
+            gc.callbacks.remove(self._gc_callback)
+
+
+class ThreadClock:
+    """One thread's CPU time and run-queue wait, in seconds.
+
+    Linux's schedstat gives both; where it is missing (another system) or
+    reads zero (a kernel without schedstats), the thread's CPU clock gives
+    the CPU time and the wait is unknown (None).
+    """
+
+    __slots__ = ("_clock", "_fd")
+
+    def __init__(self, ident: int, native_id: int | None) -> None:
+        self._fd: int | None = None
+        self._clock: int | None = None
+        if native_id is not None:
+            try:
+                self._fd = os.open(f"/proc/self/task/{native_id}/schedstat", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                self._fd = None
+        self._clock = cpu_clock_id(ident, native_id)
+
+    def read(self) -> tuple[float, float | None]:
+        fd = self._fd
+        if fd is not None:
+            try:
+                run, wait = os.pread(fd, 128, 0).split()[:2]
+                if int(run):
+                    return int(run) / 1e9, int(wait) / 1e9
+            except (OSError, ValueError):
+                self.close()
+        if self._clock is not None:
+            try:
+                return time.clock_gettime(self._clock), None
+            except OSError:
+                self._clock = None
+        return 0.0, None
+
+    def waits(self) -> tuple[float, int] | None:
+        """The run-queue wait so far and how many times the thread was put
+        on a CPU (schedstat fields 2 and 3); None where unknown."""
+        fd = self._fd
+        if fd is None:
+            return None
+        try:
+            fields = os.pread(fd, 128, 0).split()
+            return int(fields[1]) / 1e9, int(fields[2])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def forget_after_fork(self) -> None:
+        """In a forked child the descriptor names the parent's thread."""
+        self.close()
+        self._clock = None
+
+
+def cpu_clock_id(ident: int, native_id: int | None) -> int | None:
+    """The CPU-time clock of a thread, which may have ended.
+
+    On Linux, from its kernel thread id, as glibc makes it
+    (MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED)): a thread that ended then
+    reads EINVAL.  ``pthread_getcpuclockid`` reads the thread's pthread
+    structure, freed once a detached thread ends: asking it for a thread
+    that just ended crashed the process (3.12, the pytest plugin's tests)."""
+    if sys.platform == "linux":
+        return ((~native_id) << 3) | 6 if native_id is not None else None
+    try:
+        return time.pthread_getcpuclockid(ident)
+    except (AttributeError, OSError, OverflowError):
+        return None
+
+
+def thread_cpu(ident: int, native_id: int | None) -> float | None:
+    """A thread's CPU time (None when its clock cannot be read)."""
+    clock = cpu_clock_id(ident, native_id)
+    if clock is None:
+        return None
+    try:
+        return time.clock_gettime(clock)
+    except (OSError, OverflowError):
+        return None
+
+
+def threads_cpu(skip: tuple[int | None, ...]) -> dict[int, float]:
+    """The CPU time of every Python thread but those in *skip*."""
+    times: dict[int, float] = {}
+    for thread in threading.enumerate():
+        ident = thread.ident
+        if ident is None or ident in skip:
+            continue
+        cpu = thread_cpu(ident, thread.native_id)
+        if cpu is not None:
+            times[ident] = cpu
+    return times
+
+
+def tasks_wait(skip: tuple[int | None, ...]) -> float | None:
+    """The run-queue wait of every thread of the process but those in
+    *skip* (native ids), summed; None where schedstat cannot be read.
+    A directory listing and a read a thread: only at a stall's start and end."""
+    total = 0.0
+    try:
+        for name in os.listdir("/proc/self/task"):
+            if int(name) in skip:
+                continue
+            try:
+                with open(f"/proc/self/task/{name}/schedstat", "rb") as f:
+                    total += int(f.read().split()[1]) / 1e9
+            except (OSError, ValueError, IndexError):
+                continue  # a thread that just ended
+    except (OSError, ValueError):
+        return None
+    return total
+
+
+def busiest_thread(before: dict[int, float], after: dict[int, float]) -> tuple[str | None, float]:
+    """The thread that used most CPU between two `threads_cpu` readings."""
+    best: int | None = None
+    most = 0.0
+    for ident, cpu in after.items():
+        used = cpu - before.get(ident, 0.0)  # a thread new since: all of its time
+        if used > most:
+            best, most = ident, used
+    if best is None:
+        return None, 0.0
+    names = {t.ident: t.name for t in threading.enumerate()}
+    return names.get(best, f"thread {best}"), most
+
+
+class Breakdown(NamedTuple):
+    """Where the wall time of a stall went, in seconds."""
+
+    wall: float
+    cpu: float  # the loop thread on CPU (collections it ran included)
+    starved: float  # the loop thread runnable, waiting for a CPU
+    gc: float  # the collector running (CPU time), in any thread
+    gil: float  # the loop thread waiting for a GIL another thread held
+    others_cpu: float  # CPU time of the process's other threads (not the watchdog)
+    #: Of `gc`, the collections that each lasted at least
+    #: `GcClock.PAUSE_FLOOR_S` (the full ones, in practice): a pause of their
+    #: own.  The hundreds of young ones a step's allocations trigger
+    #: (json.loads of a large body) stay the step's.
+    gc_pauses: float = -1.0  # -1: as `gc`
+
+    @property
+    def off_cpu(self) -> float:
+        """The loop thread neither running nor runnable."""
+        return max(self.wall - self.cpu - self.starved, 0.0)
+
+    def scaled(self, factor: float) -> Breakdown:
+        """The same shares over a stall *factor* times as long (a stall's
+        tail after the watchdog's last look, measured like the rest)."""
+        pauses = self.gc_pauses * factor if self.gc_pauses >= 0 else self.gc_pauses
+        return Breakdown(
+            self.wall * factor,
+            self.cpu * factor,
+            self.starved * factor,
+            self.gc * factor,
+            self.gil * factor,
+            self.others_cpu * factor,
+            pauses,
+        )
+
+    def as_pairs(self) -> tuple[tuple[str, float], ...]:
+        """The finding's ``breakdown`` field: seconds per cause."""
+        blocking = max(self.off_cpu - self.gil, 0.0)
+        own_cpu = max(self.cpu - self.gc, 0.0)
+        return (
+            (CPU, round(own_cpu, 6)),
+            (BLOCKING_IO, round(blocking, 6)),
+            (GC, round(self.gc, 6)),
+            (GIL, round(self.gil, 6)),
+            (STARVED, round(self.starved, 6)),
+        )
+
+
+#: Of the threshold, the CPU time the loop thread must have spent at the
+#: program's line for a stall stretched by the machine to stay the
+#: program's (see `classify`).
+RUNNING_SHARE = 1 / 4
+
+
+def classify(breakdown: Breakdown, threshold_s: float, program_line: bool = False) -> str:
+    """The cause of a stall (one of `CPU`, `BLOCKING_IO`, `GC`, `GIL`, `STARVED`).
+
+    The program's own share is what is left once the collector, the wait
+    for a CPU and the wait for another thread's GIL are taken out; under the
+    threshold, the stall would not have been one without them.
+
+    *program_line*: the stall was captured at a line of the program, which
+    the watchdog saw on the loop thread's stack.  A step that computes until
+    a deadline (a busy loop on the clock) gets, on a machine with L runnable
+    threads a CPU, about 1/L of its wall time: measured in CPU it looks like
+    a short step the machine stretched, and the two cannot be told apart by
+    clocks.  When the wait for a CPU alone made the stall (the collector's
+    pauses and the GIL's waits leave it over the threshold) and the loop
+    thread ran the program's frames for a meaningful time (`RUNNING_SHARE`
+    of the threshold: 25 ms at 100 ms, which a step busy for 2.5 thresholds
+    gets up to about 10 runnable threads a CPU; steps of a few milliseconds
+    each, stretched, measured 13 ms), the stall is the program's: its line
+    held the loop, the machine only slowed it down.
+    """
+    gil = min(breakdown.gil, breakdown.off_cpu)
+    pauses = breakdown.gc if breakdown.gc_pauses < 0 else min(breakdown.gc_pauses, breakdown.gc)
+    excused = {GC: pauses, STARVED: breakdown.starved, GIL: gil}
+    # Collections the step's own allocations trigger (json.loads of a large
+    # body runs hundreds, a few of them full) leave its own work over the
+    # threshold: that is the step's doing; one long pause in a short step is not.
+    own = breakdown.wall - sum(excused.values())
+    own_cpu = max(breakdown.cpu - max(breakdown.gc, 0.0), 0.0)
+    stretched = program_line and breakdown.wall - pauses - gil >= threshold_s
+    if own < threshold_s and not (stretched and own_cpu >= threshold_s * RUNNING_SHARE):
+        # The collector or another thread that alone made a stall is named
+        # before a busy machine that only stretched it.
+        for cause in (GC, GIL):
+            if excused[cause] >= threshold_s:
+                return cause
+        return max(excused, key=lambda cause: excused[cause])
+    blocking = max(breakdown.off_cpu - gil, 0.0)
+    return CPU if own_cpu >= blocking else BLOCKING_IO

@@ -1,0 +1,207 @@
+"""One loop's clocks over time, read by the watchdog thread: what held the
+GIL while a wake-up of the watchdog came late, and where a stall's time went.
+
+`stall_cause` has the clocks and turns a `Breakdown` into a cause; this
+module keeps, per watched loop, the readings between two looks of the
+watchdog and over a stall.  Everything here runs in the watchdog thread:
+the loop thread reads no clock and no file for it (a test suite that
+forbids blocking calls on the loop, such as anyio's with blockbuster, must
+see nothing of ours there).
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+import threading
+import time
+from typing import NamedTuple
+
+from . import stall_cause
+from .stall_cause import Breakdown, GcClock, ThreadClock
+
+__all__ = ["Clocks", "StallMeter", "Wake"]
+
+
+class Clocks(NamedTuple):
+    """What the watchdog reads at a look at a running loop."""
+
+    wall: float
+    loop_cpu: float
+    loop_wait: float | None  # None: the kernel does not say
+    process_cpu: float
+    gc: float
+    foreign: float  # GIL held by other threads so far (late wake-ups)
+
+
+class Wake:
+    """How late a wake-up of the watchdog came (`raw`), and, read only when
+    asked (the read releases the GIL), less its own wait for a CPU."""
+
+    __slots__ = ("_before", "_clock", "_late", "known", "raw")
+
+    def __init__(self, raw: float, clock: ThreadClock | None = None, before: tuple[float, int] | None = None) -> None:
+        self.raw = raw
+        self._clock = clock
+        self._before = before
+        self._late: float | None = None
+        self.known = False
+
+    def late(self) -> float:
+        if self._late is None:
+            after = self._clock.waits() if self._clock is not None else None
+            before = self._before
+            self.known = before is not None and after is not None
+            if before is not None and after is not None:
+                # All of our waits for a CPU: a hand-off of the GIL takes
+                # three runs of ours (the wake-up, take_gil's timed-out wait
+                # that asks for it, the signal once it is let go), and the
+                # loop thread waits for us after it lets go, so no share of
+                # them can be told to have passed while someone held it.
+                self._late = max(self.raw - (after[0] - before[0]), 0.0)
+            else:
+                self._late = self.raw
+        return self._late
+
+
+class StallMeter:
+    """The loop thread's clocks as the watchdog reads them, and the other
+    threads' when they matter.  Holds numbers and thread ids only: never
+    the loop, a frame or a task."""
+
+    def __init__(self, gc_clock: GcClock) -> None:
+        self.gc_clock = gc_clock
+        self.clock: ThreadClock | None = None
+        self.clock_ident: tuple[int, int | None] | None = None
+        self.prev: Clocks | None = None  # at the previous look
+        self.mark: Clocks | None = None  # when the followed callback was first seen
+        self.foreign = 0.0  # total GIL hold by other threads seen by late wake-ups
+        self.others_before: dict[int, float] = {}  # other threads' CPU, when last busy
+        #: Each foreign hold: (`foreign` after it, the thread named, its length).
+        self.holds: collections.deque[tuple[float, str | None, float]] = collections.deque(maxlen=64)
+        self.stall_threads: dict[int, float] = {}  # other threads' CPU at the stall's capture
+        self.stall_waits: float | None = None  # other threads' run-queue wait then (library-only stalls)
+
+    def forget(self) -> None:
+        """The loop stopped: the next run's clocks start with its first look."""
+        self.prev = None
+
+    def forget_after_fork(self) -> None:
+        if self.clock is not None:  # names the parent's loop thread
+            self.clock.forget_after_fork()
+        self.clock = None
+        self.prev = self.mark = None
+
+    def read(self, now: float, thread_id: int, native_id: int | None) -> Clocks:
+        """The loop thread's clocks now (see `stall_cause`)."""
+        if self.clock is None or self.clock_ident != (thread_id, native_id):
+            if self.clock is not None:
+                self.clock.close()
+            self.clock = ThreadClock(thread_id, native_id)
+            self.clock_ident = (thread_id, native_id)
+            self.prev = self.mark = None
+            self.others_before = stall_cause.threads_cpu((thread_id, threading.get_ident()))
+        cpu, wait = self.clock.read()
+        return Clocks(now, cpu, wait, time.process_time(), self.gc_clock.read(now), self.foreign)
+
+    def note_others(self, prev: Clocks | None, clocks: Clocks, thread_id: int) -> None:
+        """Other threads are busy: keep their CPU clocks, so that one that
+        takes the GIL next can be named (only then: ~1 us a thread)."""
+        if prev is None:
+            return
+        others = (clocks.process_cpu - prev.process_cpu) - (clocks.loop_cpu - prev.loop_cpu)
+        if others > (clocks.wall - prev.wall) / 4:
+            self.others_before = stall_cause.threads_cpu((thread_id, threading.get_ident()))
+
+    def late_hold(
+        self, prev: Clocks | None, clocks: Clocks, wake: Wake | None, thread_id: int, threshold_s: float
+    ) -> str | None:
+        """Who held the GIL while this wake-up was late: "loop", "gc",
+        "foreign" (another thread; added to `foreign`, its name to
+        `holder`), or None (not late, or cannot tell)."""
+        if wake is None or prev is None or wake.raw < max(threshold_s / 4, 4 * sys.getswitchinterval()):
+            return None
+        late = wake.late()
+        loop_cpu = clocks.loop_cpu - prev.loop_cpu
+        loop_busy = loop_cpu
+        if clocks.loop_wait is not None and prev.loop_wait is not None:
+            loop_busy += clocks.loop_wait - prev.loop_wait  # preempted while holding it
+        if clocks.gc - prev.gc >= late / 2:
+            return "gc"
+        # Only the thread holding the GIL runs Python: the loop thread ran
+        # more than all the others together.  (A thread waiting for the GIL
+        # wakes every switch interval to ask for it, so on a loaded machine
+        # it waits in the run queue too: its wait alone proves nothing.)
+        others = (clocks.process_cpu - prev.process_cpu) - loop_cpu
+        # Without the run-queue wait, a watchdog that waited for a CPU looks
+        # late too: ask the loop thread to have run almost all the time.
+        if loop_cpu >= others and loop_busy >= late * (0.5 if wake.known else 0.8):
+            return "loop"
+        if wake.known and others >= late / 4:
+            # The whole wait, ours for a CPU included: the holder kept the
+            # GIL until we took it, and the loop could not have it before.
+            hold = max(wake.raw - loop_busy, 0.0)
+            self.foreign += hold
+            skip = (thread_id, threading.get_ident())
+            now_cpu = stall_cause.threads_cpu(skip)
+            holder, _ = stall_cause.busiest_thread(self.others_before, now_cpu)
+            self.holds.append((self.foreign, holder, hold))
+            self.others_before = now_cpu
+            return "foreign"
+        return None
+
+    def holder_since(self, foreign: float) -> str | None:
+        """The thread named for the most GIL time held since `foreign` was
+        *foreign*: a short hold that came later (a pool's new thread
+        starting as the stall ends) never renames the one that made it."""
+        held: dict[str | None, float] = {}
+        for after, name, hold in list(self.holds):
+            if after > foreign:
+                held[name] = held.get(name, 0.0) + hold
+        return max(held, key=lambda name: held[name]) if held else None
+
+    def captured(self, thread_id: int | None, native_id: int | None, library_only: bool) -> None:
+        """A stall was just captured: the other threads' clocks, to name the
+        one that ran meanwhile (and, for a wait inside the library, their
+        waits for a CPU)."""
+        if thread_id is not None:
+            self.stall_threads = stall_cause.threads_cpu((thread_id, threading.get_ident()))
+        if library_only:
+            self.stall_waits = stall_cause.tasks_wait((native_id, threading.get_native_id()))
+
+    def breakdown(
+        self, library_only: bool, end: float, thread_id: int | None, native_id: int | None
+    ) -> tuple[Breakdown | None, str | None]:
+        """Where the stall's time went since `mark`, and the other thread
+        that ran most meanwhile."""
+        mark, clock = self.mark, self.clock
+        if mark is None or clock is None:
+            return None, None
+        cpu, wait = clock.read()
+        loop_cpu = cpu - mark.loop_cpu
+        others = time.process_time() - mark.process_cpu - loop_cpu
+        starved = wait - mark.loop_wait if wait is not None and mark.loop_wait is not None else 0.0
+        wall = end - mark.wall
+        gil = self.foreign - mark.foreign
+        holder = self.holder_since(mark.foreign) if gil > 0 else None
+        off_cpu = wall - loop_cpu - starved
+        if library_only and off_cpu >= wall / 2:
+            # Waiting inside asyncio or the standard library for other threads
+            # (a new executor thread that must get the GIL from busy ones, or
+            # a CPU on a loaded machine): no line of the program.  Theirs is
+            # the time they ran (the GIL) or waited for a CPU.
+            waits = None
+            if self.stall_waits is not None:
+                now_waits = stall_cause.tasks_wait((native_id, threading.get_native_id()))
+                waits = now_waits - self.stall_waits if now_waits is not None else None
+            if waits is not None and waits >= off_cpu / 2 and waits > others:
+                starved = max(starved, off_cpu)
+            elif others >= off_cpu / 4 or (waits is not None and others + waits >= off_cpu / 2):
+                gil = max(gil, off_cpu)
+                after = stall_cause.threads_cpu((thread_id, threading.get_ident()))
+                holder, _ = stall_cause.busiest_thread(self.stall_threads, after)
+        # A collection in progress at the mark counted its wall time, and
+        # counts its CPU time once over: never less than none.
+        gc_time = max(self.gc_clock.read(end) - mark.gc, 0.0)
+        pauses = self.gc_clock.pauses_since(mark.wall, end, GcClock.PAUSE_FLOOR_S)
+        return Breakdown(wall, loop_cpu, max(starved, 0.0), gc_time, gil, others, pauses), holder

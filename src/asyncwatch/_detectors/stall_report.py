@@ -1,0 +1,165 @@
+"""What a stall of the loop becomes: the captured `Stall` (the line that was
+running, the task, the stack) and the ``slow_callback`` finding made of it,
+with the cause's message and advice (see `stall_cause`)."""
+
+from __future__ import annotations
+
+from .._core.findings import Finding, FindingKind, Site
+from . import stall_cause
+from .stall_cause import Breakdown
+
+__all__ = ["COMPILED", "Compiled", "Stall", "stall_finding"]
+
+
+class Stall:
+    __slots__ = (
+        "callback",
+        "coroutine",
+        "created_at",
+        "explicit_gc",
+        "importing",
+        "late",
+        "library_only",
+        "site",
+        "stack",
+        "task",
+    )
+
+    def __init__(
+        self,
+        site: Site | None,
+        stack: tuple[Site, ...],
+        task: str | None,
+        coroutine: str | None,
+        callback: str | None,
+        importing: str | None = None,
+        created_at: Site | None = None,
+        library_only: bool = False,
+        explicit_gc: bool = False,
+    ) -> None:
+        self.importing = importing
+        self.site = site
+        self.stack = stack
+        self.task = task
+        self.coroutine = coroutine
+        self.callback = callback
+        self.created_at = created_at
+        # Python frames, none of them the application's: the loop waited
+        # inside asyncio or the standard library (starting an executor's
+        # thread, say), not at a line of the program.
+        self.library_only = library_only
+        # The line was calling gc.collect(): a collection the program asked
+        # for, at that line (cause gc all the same: its length is the heap's).
+        self.explicit_gc = explicit_gc
+        # Seen only once the GIL was free again (a late wake-up): the line
+        # running then, which is the call's when the watchdog asked for the
+        # GIL during it, and may be one just after when it asked later.
+        self.late = False
+
+
+class Compiled:
+    """Stands for a callback with no Python frame (a C function, on uvloop)."""
+
+
+COMPILED = Compiled()
+
+
+def stall_finding(
+    stall: Stall,
+    duration: float,
+    threshold_s: float,
+    breakdown: Breakdown | None,
+    holder: str | None,
+) -> Finding:
+    """The ``slow_callback`` finding for *stall*, which held the loop for
+    *duration* seconds (*breakdown*: where that time went, when measured)."""
+    if stall.task:
+        what = f"Task {stall.task!r} (coroutine {stall.coroutine!r})"
+    elif stall.callback:
+        what = f"Callback {stall.callback!r}"
+    else:
+        what = "A callback with no Python frame (compiled code)"
+    cause = stall_cause.IMPORT if stall.importing is not None else None
+    if cause is None and breakdown is not None:
+        # A line calling gc.collect() ran the collector, whose time is
+        # judged as the collector's: no program work was stretched there.
+        program_line = stall.site is not None and not stall.library_only and not stall.explicit_gc
+        cause = stall_cause.classify(breakdown, threshold_s, program_line)
+    site = stall.site
+    if cause in (stall_cause.GC, stall_cause.GIL, stall_cause.STARVED) and not (
+        cause == stall_cause.GC and stall.explicit_gc
+    ):
+        site = None  # never blamed on the line the loop happened to be at
+    return Finding(
+        kind=FindingKind.SLOW_CALLBACK,
+        message=(
+            f"{what} blocked the event loop for {duration * 1000:.0f} ms "
+            f"(threshold {threshold_s * 1000:.0f} ms)" + _why(cause, stall, breakdown, holder)
+        ),
+        site=site,
+        stack=stall.stack,
+        task=stall.task,
+        coroutine=stall.coroutine,
+        duration_s=round(duration, 6),
+        created_at=stall.created_at,
+        cause=cause,
+        breakdown=breakdown.as_pairs() if breakdown is not None else (),
+        gil_holder=holder if cause == stall_cause.GIL else None,
+    )
+
+
+def _ms(seconds: float) -> str:
+    return f"{max(seconds, 0.0) * 1000:.0f} ms"
+
+
+def _why(cause: str | None, stall: Stall, breakdown: Breakdown | None, holder: str | None) -> str:
+    """The message's second half: the cause, what was measured, the advice."""
+    if cause == stall_cause.IMPORT:
+        module = f"module {stall.importing!r}" if stall.importing else "a module"
+        return (
+            f" while importing {module} (cause: import; start-up work, such as a server importing "
+            "the application in its loop: the site is the line the import was running); import it "
+            "before the loop starts to keep it off the loop"
+        )
+    if breakdown is None or cause is None:
+        return "; move blocking or CPU-bound work to asyncio.to_thread() or an executor"
+    measured = f"{_ms(breakdown.wall)} measured"
+    if cause == stall_cause.CPU:
+        where = (
+            "; one call held the GIL: the site is the line running when it returned, the call's or just after it"
+            if stall.late
+            else ""
+        )
+        return (
+            f" (cause: cpu; the loop thread was on CPU {_ms(breakdown.cpu - breakdown.gc)} of {measured}{where}): "
+            "CPU-bound work; run it in a process pool (loop.run_in_executor(ProcessPoolExecutor(), ...)), "
+            "since threads share the GIL"
+        )
+    if cause == stall_cause.BLOCKING_IO:
+        return (
+            f" (cause: blocking_io; the loop thread was off CPU {_ms(breakdown.off_cpu - breakdown.gil)} "
+            f"of {measured}): blocking I/O, a sleep or a lock; use an async API or asyncio.to_thread()"
+        )
+    if cause == stall_cause.GC and stall.explicit_gc:
+        return (
+            f" (cause: gc; the garbage collector ran {_ms(breakdown.gc)} of {measured}): this line called "
+            "gc.collect(), a full collection whose length is the whole heap's (in any thread it holds the "
+            "GIL); call it before the loop starts, or leave collecting to the collector"
+        )
+    if cause == stall_cause.GC:
+        return (
+            f" (cause: gc; the garbage collector ran {_ms(breakdown.gc)} of {measured}): a collection "
+            "pauses every thread, so no line of the program is blamed; many long-lived objects make "
+            "full collections long (gc.freeze() after start-up, or fewer objects, shortens them)"
+        )
+    if cause == stall_cause.GIL:
+        who = f"thread {holder!r}" if holder else "another thread"
+        return (
+            f" (cause: gil; the loop thread waited {_ms(breakdown.gil)} of {measured} for the GIL while "
+            f"{who} held it): not the line the loop was at; move that thread's CPU-bound work "
+            "(or long C calls that hold the GIL) to a process pool"
+        )
+    return (
+        f" (cause: starved; the loop thread waited {_ms(breakdown.starved)} of {measured} for a CPU): "
+        "the machine is overloaded, not a line of the program; give the process more CPU or run less beside it"
+    )

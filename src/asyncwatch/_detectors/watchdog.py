@@ -1,0 +1,262 @@
+"""The watchdog thread: one daemon thread, shared by every watched loop,
+that looks at each loop's `LoopProbe` and sleeps until the next look is due.
+
+It takes the GIL only to look.  A look at a loop that is busy comes every
+``threshold / LOOKS_PER_THRESHOLD``; between looks the thread sleeps on an
+event that a loop starting to run (or a heartbeat ending a stall) sets.
+How late each wake-up came is measured: a long C call on the loop thread
+holds the GIL, so the wake-up due during it arrives when the call returns,
+late by about the call's length (issue 12), and the probe dates the stall
+from when the wake-up was due.
+"""
+
+from __future__ import annotations
+
+import _thread
+import gc
+import sys
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+
+from .._core.runtime import HiddenThread, in_forked_child, report_internal_error, start_hidden_thread
+from .loop_probe import Look, LoopProbe
+from .stall_cause import GcClock, ThreadClock
+from .stall_meter import Wake
+
+__all__ = ["Watchdog"]
+
+_now = time.perf_counter
+
+
+if sys.version_info < (3, 11, 9):
+
+    def _current_frames() -> dict[int, FrameType]:
+        """``sys._current_frames()`` without gh-106883's deadlock.
+
+        Before 3.11.9 it holds the runtime's thread-list lock while it makes
+        frame objects; a collection triggered by one of those allocations
+        that frees a ``threading.local`` (an event-loop policy's, say) takes
+        the same lock and hangs the whole process.  CPython's own fix turns
+        the collector off for the call; so do we, unless it is already off.
+        """
+        if not gc.isenabled():
+            return sys._current_frames()
+        gc.disable()
+        try:
+            return sys._current_frames()
+        finally:
+            gc.enable()
+
+else:
+    _current_frames = sys._current_frames
+
+
+class Watchdog:
+    """One daemon thread sampling every registered `LoopProbe`."""
+
+    def __init__(self) -> None:
+        self._probes: list[LoopProbe] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: HiddenThread | None = None
+        self._stopping = False
+        self._woken_at = 0.0  # when a loop starting to run last woke us
+        #: Time spent in garbage collection (installed by the detector).
+        self.gc_clock = GcClock()
+        #: Told when sampling fails (the detector disables itself through the
+        #: engine); without one, the error is reported here.
+        self.on_failure: Callable[[Exception], None] | None = None
+        in_forked_child(self, Watchdog._after_fork)
+
+    def add(self, probe: LoopProbe) -> None:
+        probe.wake = self._wake_up
+        probe.nudge = self._nudge
+        with self._lock:
+            self._probes.append(probe)
+            self._ensure_thread()
+        self._wake.set()
+
+    def remove(self, probe: LoopProbe) -> None:
+        with self._lock:
+            probe.enabled = False
+            if probe in self._probes:
+                self._probes.remove(probe)
+        # A stall a heartbeat ended just before the loop closed is reported
+        # here if the watchdog thread has not yet (or waited for, if it has begun).
+        try:
+            probe.finish(_now())
+        except Exception as exc:
+            self._failed(exc)
+        probe.seen = None
+
+    def flush(self) -> None:
+        """Report any stall in progress now (at exit or uninstall)."""
+        now = _now()
+        for probe in list(self._probes):
+            try:
+                probe.finish(now)
+            except Exception as exc:
+                self._failed(exc)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            thread = self._thread
+            self._thread = None
+        self._wake.set()
+        if thread is not None:
+            thread.join(timeout=1.0)
+        self.flush()
+        with self._lock:
+            self._probes.clear()
+            self._stopping = False
+
+    def _failed(self, exc: Exception) -> None:
+        on_failure = self.on_failure
+        if on_failure is not None:
+            on_failure(exc)
+        else:
+            report_internal_error("slow-callback watchdog", exc)
+
+    def _nudge(self) -> None:
+        """Look now (loop thread: a heartbeat ended a stall for us to report)."""
+        self._wake.set()
+
+    def _wake_up(self) -> None:
+        """A parked probe's loop started running (loop thread)."""
+        if self._thread is None:  # a forked child that had no loop running
+            with self._lock:
+                if self._probes and not self._stopping:
+                    self._ensure_thread()
+        self._woken_at = _now()
+        self._wake.set()
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            # Its first look is late if the loop's first step holds the GIL.
+            self._woken_at = _now()
+            self._thread = start_hidden_thread(self._run, "asyncwatch-watchdog")
+
+    def _after_fork(self) -> None:
+        """In a forked child: only the thread that called fork() survives.
+
+        The watchdog thread is gone, and a lock or event some parent thread
+        held at that moment stays held forever: make them all new.  A loop
+        that was running is the parent's: its thread is gone, or, for the
+        thread that forked, asyncio no longer sees it as running (its running
+        loop is per process); stop watching it.  No thread starts here: a
+        loop the child runs (an inherited one that was not running wakes its
+        parked probe, a new one is added) starts one then.
+        """
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread = None
+        self._stopping = False
+        kept: list[LoopProbe] = []
+        for probe in self._probes:
+            probe._stall_lock = threading.Lock()
+            probe.meter.forget_after_fork()
+            probe.wake = self._wake_up
+            probe.nudge = self._nudge
+            # What the parent's watchdog was following is the parent's to report.
+            probe.held = None
+            probe.stall = None
+            loop = probe.loop_ref()
+            if loop is None or loop.is_closed() or loop.is_running() or not probe.enabled:
+                probe.enabled = False
+                continue
+            # Parked, with a heartbeat queued, so that the child running it wakes us.
+            probe.parked = True
+            if not probe.beat_pending:
+                probe.beat_pending = True
+                loop.call_soon(probe.beat)
+            kept.append(probe)
+        self._probes = kept
+
+    def _run(self) -> None:
+        me = _thread.get_ident()  # not threading.current_thread(): that would register us
+        # Our clock is opened after the first look: opening it releases the
+        # GIL, and a loop whose first step held the GIL since we started
+        # would move on from that step before we looked (3.12, loaded: the
+        # first step's json.loads went unreported one run in six).
+        own: ThreadClock | None = None
+        wake = Wake(max(_now() - self._woken_at, 0.0))
+        try:
+            while True:
+                # Cleared before looking, so a wake-up that comes while we sample
+                # is never lost: the wait below then returns at once.
+                self._wake.clear()
+                with self._lock:
+                    if self._stopping or self._thread is None or self._thread.ident != me:
+                        return
+                    has_probes = bool(self._probes)
+                if not has_probes:
+                    self._wake.wait()
+                    wake = Wake(0.0)
+                    continue
+                delay = self._sample_all(wake)
+                del wake
+                if delay is None:
+                    return
+                if own is None:
+                    own = ThreadClock(threading.get_ident(), threading.get_native_id())
+                waited = own.waits()
+                due = _now() + delay
+                self._wake.wait(delay)
+                # How late this wake-up came: the GIL held by someone, or no
+                # CPU free (our own run-queue wait, subtracted when asked).
+                now = _now()
+                late = now - due
+                if self._woken_at > due - delay:
+                    # Woken by a loop starting to run, whose first step may
+                    # have held the GIL since.
+                    late = max(late, now - self._woken_at)
+                wake = Wake(max(late, 0.0), own, waited)
+        finally:
+            if own is not None:
+                own.close()
+
+    def _sample_all(self, wake: Wake | None = None) -> float | None:
+        """Sample every probe once; return how long to sleep (None: stop).
+
+        A method of its own so that no probe (and through it the loop's
+        watch) stays referenced from the thread's locals while it sleeps:
+        a closed loop's state is freed as soon as its probe is dropped.
+        """
+        with self._lock:
+            probes = list(self._probes)
+        delay = 1.0
+        frames: dict[int, FrameType] = {}
+        try:
+            frames = _current_frames()
+            now = _now()
+            # Every stack first (nothing releases the GIL), then every clock:
+            # while the reads let the loops run, we hold none of their frames
+            # (a finished loop is freed by the program's next collection).
+            looks: list[tuple[LoopProbe, Look]] = []
+            for probe in probes:
+                seen = probe.sample(frames, now, wake)
+                if seen is None:
+                    self.remove(probe)
+                elif isinstance(seen, Look):
+                    looks.append((probe, seen))
+                else:
+                    delay = min(delay, seen)
+            frames.clear()
+            for probe, look in looks:
+                delay = min(delay, probe.settle(look, now, wake))
+        except Exception as exc:
+            self._failed(exc)
+            with self._lock:
+                for probe in self._probes:
+                    probe.enabled = False
+                self._probes.clear()
+            return None
+        finally:
+            # The dict holds this thread's own frame, which holds the dict:
+            # a cycle that would keep every thread's frames, and their
+            # locals, alive until the next collection.
+            frames.clear()
+        return delay

@@ -1,0 +1,583 @@
+"""slow_callback in the field: blocking that holds the GIL, blocking inside a
+greenlet, where the blocked task was created, and why the loop stalled.
+
+Every end-to-end test runs on asyncio's loop and on uvloop (``watched``).
+Work is sized by CPU time measured on a quiet machine (several times the
+threshold); a loaded machine only makes it longer, and the assertions are
+about sites and causes, never about wall-clock bounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import random
+import re
+import threading
+import time
+import weakref
+from gc import collect
+
+import pytest
+
+import asyncwatch
+from asyncwatch._core.findings import NOT_THE_PROGRAMS, Finding, FindingKind, Site, counts_against_program
+from asyncwatch._detectors.stall_cause import Breakdown, GcClock, classify
+from asyncwatch._detectors.stall_meter import StallMeter
+from asyncwatch._detectors.stall_report import Stall, stall_finding
+from asyncwatch.testing import CollectingReporter
+from conftest import base_factory, line_of
+
+THRESHOLD_MS = 100
+
+# json.loads of this body: ~0.25 s of CPU in one C call (3.11-3.13), and no
+# collection (floats are not tracked by the collector).
+BIG_BODY = json.dumps([i * 0.5 for i in range(3_000_000)])
+SMALL_BODY = json.dumps([{"a": i} for i in range(500)])  # well under 1 ms
+# (a+)+$ against a's then a b backtracks 2**n times, in C, holding the GIL: ~0.5 s.
+BACKTRACK = "a" * 24 + "b"
+
+
+def shuffled(n):
+    items = list(range(n))
+    random.Random(1).shuffle(items)
+    return items
+
+
+def slow_of(watched):
+    return watched.of("slow_callback")
+
+
+def breakdown_of(finding: Finding) -> dict[str, float]:
+    return dict(finding.breakdown)
+
+
+def assert_at_the_call(finding: Finding, call: int) -> None:
+    """A call that held the GIL is seen once it returned: at its line, or,
+    when the watchdog (waiting for a CPU on a loaded machine) asked for the
+    GIL only after it, at the next line, which the message then says."""
+    assert finding.site is not None
+    assert finding.site.file == __file__
+    assert finding.site.line in (call, call + 1), (finding.site, call)
+    if finding.site.line != call:
+        assert "the call's or just after it" in finding.message
+
+
+class TestBlockingThatHoldsTheGil:
+    """One long C call holding the GIL: reported at the line that made it."""
+
+    def test_json_loads_of_a_large_body_is_reported_at_the_call(self, watched):
+        async def main():
+            await asyncio.sleep(0.02)
+            data = json.loads(BIG_BODY)  # <- json.loads holds the GIL
+            await asyncio.sleep(0.02)
+            return len(data)
+
+        watched.run(main, slow_callback_ms=THRESHOLD_MS)
+
+        [finding] = slow_of(watched)
+        assert_at_the_call(finding, line_of("# <- json.loads holds the GIL"))
+        assert finding.cause == "cpu"
+        assert "CPU-bound" in finding.message and "process pool" in finding.message
+        assert "one call held the GIL" in finding.message
+        assert finding.duration_s is not None and finding.duration_s >= THRESHOLD_MS / 1000
+        assert breakdown_of(finding)["cpu"] >= THRESHOLD_MS / 1000
+        assert counts_against_program(finding)
+
+    def test_list_sort_is_reported_at_the_call(self, watched):
+        items = shuffled(2_000_000)
+
+        async def main():
+            await asyncio.sleep(0.02)
+            items.sort()  # <- sort holds the GIL
+            await asyncio.sleep(0.02)
+
+        watched.run(main, slow_callback_ms=THRESHOLD_MS)
+
+        [finding] = slow_of(watched)
+        assert finding.site is not None
+        assert_at_the_call(finding, line_of("# <- sort holds the GIL"))
+        assert finding.cause == "cpu"
+
+    def test_a_backtracking_regex_is_reported_at_the_call(self, watched):
+        async def main():
+            await asyncio.sleep(0.02)
+            re.match(r"(a+)+$", BACKTRACK)  # <- regex holds the GIL
+            await asyncio.sleep(0.02)
+
+        watched.run(main, slow_callback_ms=THRESHOLD_MS)
+
+        [finding] = slow_of(watched)
+        assert finding.site is not None
+        assert_at_the_call(finding, line_of("# <- regex holds the GIL"))
+        assert finding.cause == "cpu"
+
+    def test_a_call_in_the_first_step_of_the_loop_is_reported(self, watched):
+        """Before the watchdog's first look at the running loop: its wake-up waits too."""
+
+        async def main():
+            json.loads(BIG_BODY)  # <- first thing the loop runs
+            await asyncio.sleep(0)
+
+        watched.run(main, slow_callback_ms=THRESHOLD_MS)
+
+        [finding] = slow_of(watched)
+        # The watchdog's first look may ask for the GIL only after the call
+        # (a thread just started, on a loaded machine).
+        assert_at_the_call(finding, line_of("# <- first thing the loop runs"))
+        assert finding.cause == "cpu"
+
+    def test_the_call_inside_a_helper_is_reported_in_the_helper(self, watched):
+        def parse(body):
+            return json.loads(body)  # <- helper parses
+
+        async def main():
+            await asyncio.sleep(0.02)
+            parse(BIG_BODY)  # <- calls the parser
+            await asyncio.sleep(0.02)
+
+        watched.run(main, slow_callback_ms=THRESHOLD_MS)
+
+        [finding] = slow_of(watched)
+        assert finding.site is not None
+        assert finding.site.line == line_of("# <- helper parses")
+        assert (__file__, line_of("# <- calls the parser")) in [(s.file, s.line) for s in finding.stack]
+
+    def test_short_c_calls_below_the_threshold_are_not_reported(self, watched):
+        """Many short GIL-holding calls, each in its own step, add up to no stall."""
+        items = shuffled(20_000)
+
+        async def main():
+            for _ in range(100):
+                json.loads(SMALL_BODY)
+                sorted(items)
+                re.match(r"(a+)+$", "a" * 8 + "b")
+                await asyncio.sleep(0)
+
+        watched.run(main, slow_callback_ms=THRESHOLD_MS)
+
+        # On a loaded machine a wait for a CPU may stretch a few steps into a
+        # stall: reported as the machine's (starved, no line), failing nothing.
+        blamed = [f for f in slow_of(watched) if counts_against_program(f) or f.site is not None]
+        assert blamed == []
+
+
+class TestWhereTheBlockedTaskWasCreated:
+    def test_a_blocked_task_says_where_it_was_created(self, watched):
+        async def worker():
+            await asyncio.sleep(0)
+            time.sleep(0.25)  # <- worker sleeps
+
+        async def main():
+            task = asyncio.create_task(worker())  # <- creates the worker
+            await task
+
+        watched.run(main, slow_callback_ms=THRESHOLD_MS)
+
+        [finding] = slow_of(watched)
+        assert finding.site is not None and finding.site.line == line_of("# <- worker sleeps")
+        assert finding.created_at is not None
+        assert (finding.created_at.file, finding.created_at.line) == (__file__, line_of("# <- creates the worker"))
+        assert finding.to_dict()["created_at"]["line"] == line_of("# <- creates the worker")
+
+    def test_a_plain_callback_has_no_creation_site(self, watched):
+        async def main():
+            done = asyncio.get_running_loop().create_future()
+
+            def callback():
+                time.sleep(0.25)  # <- callback sleeps
+                done.set_result(None)
+
+            asyncio.get_running_loop().call_soon(callback)
+            await done
+
+        watched.run(main, slow_callback_ms=THRESHOLD_MS)
+
+        [finding] = slow_of(watched)
+        assert finding.site is not None and finding.site.line == line_of("# <- callback sleeps")
+        assert finding.created_at is None
+
+
+class TestWhyTheLoopStalled:
+    def test_sleeping_on_the_loop_is_blocking_io_with_to_thread_advice(self, watched):
+        async def main():
+            await asyncio.sleep(0)
+            time.sleep(0.25)  # <- sleeps off CPU
+
+        watched.run(main, slow_callback_ms=THRESHOLD_MS)
+
+        [finding] = slow_of(watched)
+        assert finding.site is not None and finding.site.line == line_of("# <- sleeps off CPU")
+        assert finding.cause == "blocking_io"
+        assert "to_thread" in finding.message
+        assert breakdown_of(finding)["blocking_io"] >= THRESHOLD_MS / 1000
+        assert finding.to_dict()["cause"] == "blocking_io"
+        assert set(finding.to_dict()["breakdown"]) == {"cpu", "blocking_io", "gc", "gil", "starved"}
+
+    def test_pure_python_computing_is_cpu(self, watched):
+        async def main():
+            await asyncio.sleep(0)
+            total = 0
+            for i in range(10_000_000):  # <- computes
+                total += i
+            return total
+
+        watched.run(main, slow_callback_ms=THRESHOLD_MS)
+
+        [finding] = slow_of(watched)
+        assert finding.cause == "cpu"
+        assert finding.site is not None and finding.site.line in (
+            line_of("# <- computes"),
+            line_of("# <- computes") + 1,
+        )
+
+    def test_a_full_collection_in_a_short_step_is_the_collectors_not_a_line(self, watched):
+        """A gen-2 pause: cause gc, no site, not counted against the program."""
+        heap = [[] for _ in range(2_000_000)]  # ~0.12 s of collector CPU per full collection
+        gc.collect()
+
+        async def main():
+            await asyncio.sleep(0.02)
+            # A full collection this line does not call (map calls it from
+            # C): stands for one an allocation triggered.
+            list(map(gc.collect, [2]))
+            await asyncio.sleep(0)
+
+        try:
+            watched.run(main, slow_callback_ms=50)
+        finally:
+            del heap
+        [finding] = slow_of(watched)
+        assert finding.cause == "gc"
+        assert finding.site is None
+        assert finding.stack  # where the loop was, for context
+        assert "garbage collector" in finding.message
+        assert breakdown_of(finding)["gc"] > 0
+        assert not counts_against_program(finding)
+
+    @pytest.mark.parametrize("spelling", ["gc.collect", "collect"])
+    def test_an_explicit_gc_collect_is_reported_at_its_line_as_gc(self, watched, spelling):
+        """``gc.collect()`` on the loop: the program's line asked for it, so
+        the site is that line; the cause is gc (its length is the heap's,
+        not the line's), which no verdict counts."""
+        heap = [[] for _ in range(2_000_000)]  # ~0.12 s of collector CPU per full collection
+        gc.collect()
+
+        class Held:
+            pass
+
+        referrers = []
+
+        async def main():
+            held = Held()
+            await asyncio.sleep(0.02)
+            if spelling == "gc.collect":
+                gc.collect()  # <- asks for a full collection
+            else:
+                collect()  # <- by its own name
+            await asyncio.sleep(0)
+            # Reading the stalled frame left no dict of its locals behind
+            # (anyio's test_run_sync_worker_cyclic_references looks).
+            referrers.extend(r for r in gc.get_referrers(held) if isinstance(r, dict))
+
+        try:
+            watched.run(main, slow_callback_ms=50)
+        finally:
+            del heap
+        lines = {"gc.collect": line_of("# <- asks for a full collection"), "collect": line_of("# <- by its own name")}
+        # (gc.get_referrers over the large heap may be a stall of its own.)
+        [finding] = [f for f in slow_of(watched) if f.stack and f.stack[-1].line == lines[spelling]]
+        assert finding.cause == "gc"
+        assert finding.site is not None and finding.site.line == lines[spelling]
+        assert "this line called gc.collect()" in finding.message
+        assert referrers == []
+        assert not counts_against_program(finding)
+
+    def test_another_thread_holding_the_gil_is_named_and_no_line_is_blamed(self, watched):
+        """A worker's long GIL-holding C call stalls the loop: cause gil, the worker named."""
+
+        finished = threading.Event()
+        release = threading.Event()
+
+        def hog():
+            re.match(r"(a+)+$", "a" * 24 + "b")  # ~0.5 s in C, GIL held
+            finished.set()
+            release.wait()  # a pool's worker lives on
+
+        async def main():
+            await asyncio.sleep(0.02)
+            worker = threading.Thread(target=hog, name="regex-worker")
+            worker.start()
+            # The step spins in Python until the worker is done: the worker
+            # takes the GIL at the next switch interval and keeps it for the
+            # whole regex, so this step waits, not computes.
+            while not finished.is_set():
+                pass
+            await asyncio.sleep(0)
+            release.set()
+            await asyncio.to_thread(worker.join)
+
+        watched.run(main, slow_callback_ms=THRESHOLD_MS)
+
+        found = slow_of(watched)
+        assert found, "the stall was not reported"
+        assert all(f.cause == "gil" for f in found), [(f.cause, f.breakdown) for f in found]
+        assert all(f.site is None for f in found)
+        assert any(f.gil_holder == "regex-worker" for f in found), [f.gil_holder for f in found]
+        assert "regex-worker" in found[0].message or found[0].gil_holder is None
+        assert not any(counts_against_program(f) for f in found)
+
+    def test_an_idle_loop_beside_a_busy_thread_is_not_slow(self, watched):
+        """Other threads computing (the fixed example's to_thread work) stall nothing."""
+
+        def compute():
+            total = 0
+            for i in range(2_000_000):
+                total += i
+            return total
+
+        async def ticker(stop):
+            while not stop.is_set():
+                await asyncio.sleep(0.01)
+
+        async def main():
+            stop = asyncio.Event()
+            tick = asyncio.create_task(ticker(stop))
+            await asyncio.gather(*(asyncio.to_thread(compute) for _ in range(2)))
+            stop.set()
+            await tick
+
+        watched.run(main, slow_callback_ms=THRESHOLD_MS)
+
+        assert [f for f in slow_of(watched) if counts_against_program(f)] == []
+
+
+greenlet = pytest.importorskip("greenlet")
+
+
+class TestBlockingInsideAGreenlet:
+    """SQLAlchemy's asyncio layer runs sync code in greenlets on the loop thread."""
+
+    def test_sleep_inside_a_greenlet_is_reported_at_the_sleep(self, watched):
+        def blocking():
+            time.sleep(0.25)  # <- sleeps in the greenlet
+
+        async def main():
+            await asyncio.sleep(0)
+            greenlet.greenlet(blocking).switch()  # <- switches in
+            await asyncio.sleep(0)
+
+        watched.run(main, slow_callback_ms=THRESHOLD_MS)
+
+        [finding] = slow_of(watched)
+        assert finding.site is not None
+        assert (finding.site.file, finding.site.line) == (__file__, line_of("# <- sleeps in the greenlet"))
+        assert finding.cause == "blocking_io"
+        assert finding.coroutine is not None and finding.coroutine.endswith("main")
+
+    def test_computing_inside_a_greenlet_is_reported(self, watched):
+        def compute():
+            return json.loads(BIG_BODY)  # <- parses in the greenlet
+
+        async def main():
+            await asyncio.sleep(0.02)
+            greenlet.greenlet(compute).switch()
+            await asyncio.sleep(0.02)
+
+        watched.run(main, slow_callback_ms=THRESHOLD_MS)
+
+        [finding] = slow_of(watched)
+        assert finding.site is not None and finding.site.line == line_of("# <- parses in the greenlet")
+        assert finding.cause == "cpu"
+
+    def test_a_greenlet_that_switches_back_to_await_is_not_slow(self, watched):
+        """SQLAlchemy's await_only pattern: the greenlet hands each awaitable to
+        the coroutine, which awaits it; no step is long."""
+
+        def sync_work(parent):
+            for _ in range(60):
+                time.sleep(0.002)  # short sync work between awaits
+                parent.switch(asyncio.sleep(0.01))  # hand an awaitable to the coroutine
+            return "done"
+
+        async def main():
+            await asyncio.sleep(0)
+            child = greenlet.greenlet(sync_work)
+            awaitable = child.switch(greenlet.getcurrent())
+            while not child.dead:
+                await awaitable
+                awaitable = child.switch()
+            return awaitable
+
+        assert watched.run(main, slow_callback_ms=THRESHOLD_MS) == "done"
+        assert slow_of(watched) == []
+
+    def test_many_short_greenlets_are_not_slow(self, watched):
+        def short():
+            time.sleep(0.003)
+
+        async def main():
+            for _ in range(80):
+                greenlet.greenlet(short).switch()
+                await asyncio.sleep(0.005)
+
+        watched.run(main, slow_callback_ms=THRESHOLD_MS)
+        assert slow_of(watched) == []
+
+
+class TestALoopThatNeverIdles:
+    """The watchdog looks at a busy loop a few times per threshold: many
+    short steps, of one task or of many callbacks, are never one stall."""
+
+    def test_one_task_yielding_for_several_thresholds_is_not_slow(self, watched):
+        async def main():
+            deadline = time.perf_counter() + 4 * THRESHOLD_MS / 1000
+            while time.perf_counter() < deadline:
+                sum(range(2_000))  # ~20 us of work a step, one coroutine frame throughout
+                await asyncio.sleep(0)
+
+        watched.run(main, slow_callback_ms=THRESHOLD_MS)
+        assert slow_of(watched) == []
+
+    def test_a_chain_of_short_callbacks_for_several_thresholds_is_not_slow(self, watched):
+        async def main():
+            loop = asyncio.get_running_loop()
+            done = loop.create_future()
+            deadline = time.perf_counter() + 4 * THRESHOLD_MS / 1000
+
+            def step():
+                sum(range(2_000))
+                if time.perf_counter() < deadline:
+                    loop.call_soon(step)
+                elif not done.done():
+                    done.set_result(None)
+
+            for _ in range(4):  # four chains: the ready queue is never empty
+                loop.call_soon(step)
+            await done
+
+        watched.run(main, slow_callback_ms=THRESHOLD_MS)
+        assert slow_of(watched) == []
+
+
+class TestTheStallStateHoldsNoLoop:
+    """What the watchdog keeps about a stall (its clocks, its measure, the
+    step it followed) refers to the loop weakly: a closed loop whose step
+    stalled is freed by one collection (anyio's
+    test_asyncio_run_does_not_leak_event_loop checks this of anyio.run)."""
+
+    @pytest.mark.parametrize("how", ["sleep", "gil"])
+    def test_a_closed_loop_that_stalled_is_freed_by_one_collection(self, loop_name, how):
+        collector = CollectingReporter()
+        asyncwatch.install(log=False, reporters=[collector])
+        refs = []
+
+        async def main():
+            loop = asyncio.get_running_loop()  # a local of the stalled step's frame
+            refs.append(weakref.ref(loop))
+            if how == "sleep":
+                time.sleep(0.3)  # <- sleeps with the loop in a local
+            else:
+                json.loads(BIG_BODY)  # holds the GIL with the loop in a local
+            await asyncio.sleep(0)
+            del loop
+
+        factory = asyncwatch.loop_factory(base_factory(loop_name), slow_callback_ms=THRESHOLD_MS)
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(main())
+        gc.collect()
+        assert refs[0]() is None
+        [finding] = [f for f in collector.findings if f.kind is FindingKind.SLOW_CALLBACK]
+        # The stall was followed and reported (the state under test existed).
+        # Its line is the call's (a late wake-up can give the next line on a
+        # loaded machine: test_json_loads_of_a_large_body_is_reported_at_the_call).
+        assert finding.site is not None and finding.site.function.endswith("<locals>.main")
+        if how == "sleep":
+            assert finding.site.line == line_of("# <- sleeps with the loop in a local")
+
+
+class TestTheCauseModel:
+    """`classify` on measured breakdowns (seconds): what each cause means."""
+
+    T = 0.1
+
+    def breakdown(self, wall, cpu=0.0, starved=0.0, gc=0.0, gil=0.0, others=0.0):
+        return Breakdown(wall, cpu, starved, gc, gil, others)
+
+    def test_on_cpu_is_cpu(self):
+        assert classify(self.breakdown(0.3, cpu=0.29), self.T) == "cpu"
+
+    def test_off_cpu_is_blocking_io(self):
+        assert classify(self.breakdown(0.3, cpu=0.01), self.T) == "blocking_io"
+
+    def test_waiting_for_a_cpu_with_little_work_is_starved(self):
+        """80 ms of work stretched to 400 ms by a busy machine: not the program's."""
+        assert classify(self.breakdown(0.4, cpu=0.08, starved=0.32), self.T) == "starved"
+
+    def test_work_over_the_threshold_stays_the_programs_on_a_busy_machine(self):
+        assert classify(self.breakdown(1.2, cpu=0.3, starved=0.9), self.T) == "cpu"
+
+    def test_a_line_that_ran_while_the_machine_starved_it_stays_the_programs(self):
+        """A busy loop on the clock at a line of the program, 7 threads on 2
+        loaded cores: 55 ms on CPU of 240 ms (measured so in test_lifecycle)."""
+        busy = self.breakdown(0.24, cpu=0.055, starved=0.18)
+        assert classify(busy, self.T, program_line=True) == "cpu"
+        # The same numbers where no line of the program was running (a wait
+        # inside asyncio or the standard library) are the machine's.
+        assert classify(busy, self.T) == "starved"
+
+    def test_a_line_that_barely_ran_on_a_starved_loop_is_starved(self):
+        """Short C calls at a line, 13 ms of CPU stretched to 125 ms (measured
+        at load 7): under a quarter of the threshold, the machine's."""
+        assert classify(self.breakdown(0.125, cpu=0.013, starved=0.111), self.T, program_line=True) == "starved"
+
+    def test_a_line_stalled_by_a_collection_or_the_gil_is_not_the_programs(self):
+        """What made the stall is the collector or another thread, not the wait for a CPU."""
+        assert classify(self.breakdown(0.3, cpu=0.28, gc=0.25, starved=0.01), self.T, program_line=True) == "gc"
+        assert classify(self.breakdown(0.3, cpu=0.03, gil=0.25, others=0.25), self.T, program_line=True) == "gil"
+
+    def test_a_gc_collect_line_stretched_by_a_busy_machine_is_gc_at_its_line(self):
+        """gc_collect_harder() over a large heap on 3.13 at load 6 (measured):
+        the collector's time, never work of the program's line stretched."""
+        line = Site("app.py", 30, "gc_collect_harder")
+        stall = Stall(line, (line,), "Task-3", "main", None, explicit_gc=True)
+        measured = self.breakdown(0.7, cpu=0.38, starved=0.56, gc=0.29)
+        finding = stall_finding(stall, 0.69, self.T, measured, None)
+        assert (finding.cause, finding.site) == ("gc", line)
+        assert not counts_against_program(finding)
+
+    def test_the_thread_that_held_the_gil_longest_is_named_not_the_last(self):
+        """A pool's thread starting as the stall ends (asyncio_0) holds the GIL
+        briefly after the worker that made the stall."""
+        meter = StallMeter(GcClock())
+        meter.holds.append((0.05, "before-the-stall", 0.05))
+        meter.holds.append((0.55, "regex-worker", 0.5))
+        meter.holds.append((0.58, "asyncio_0", 0.03))
+        assert meter.holder_since(0.05) == "regex-worker"
+        assert meter.holder_since(0.55) == "asyncio_0"
+        assert meter.holder_since(0.58) is None
+
+    def test_a_collection_in_a_short_step_is_gc(self):
+        assert classify(self.breakdown(0.3, cpu=0.29, gc=0.27), self.T) == "gc"
+
+    def test_a_collection_stretched_by_a_busy_machine_is_still_gc(self):
+        assert classify(self.breakdown(0.5, cpu=0.15, starved=0.33, gc=0.14), self.T) == "gc"
+
+    def test_many_short_collections_are_the_steps_own_allocations(self):
+        """json.loads of a large body of objects: hundreds of collections, none a pause."""
+        assert classify(Breakdown(0.9, 0.88, 0.0, 0.41, 0.0, 0.0, gc_pauses=0.0), self.T) == "cpu"
+        assert classify(Breakdown(0.9, 0.88, 0.0, 0.41, 0.0, 0.0, gc_pauses=0.4), self.T) == "cpu"
+        assert classify(Breakdown(0.2, 0.19, 0.0, 0.15, 0.0, 0.0, gc_pauses=0.15), self.T) == "gc"
+
+    def test_waiting_for_another_threads_gil_is_gil(self):
+        assert classify(self.breakdown(0.5, cpu=0.01, gil=0.48, others=0.48), self.T) == "gil"
+
+    def test_sleeping_beside_a_short_gil_wait_is_blocking_io(self):
+        assert classify(self.breakdown(0.5, cpu=0.01, gil=0.05, others=0.4), self.T) == "blocking_io"
+
+    def test_the_causes_that_fail_no_test(self):
+        assert {"gc", "gil", "starved", "import"} == NOT_THE_PROGRAMS
+        for cause, counts in [("cpu", True), ("blocking_io", True), (None, True), ("gc", False), ("gil", False)]:
+            finding = Finding(FindingKind.SLOW_CALLBACK, "m", None, cause=cause)
+            assert counts_against_program(finding) is counts
