@@ -24,7 +24,6 @@ either line.
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
 import threading
@@ -32,12 +31,13 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from .._core.bytecode import called_function_code
+from .._core.collecting import after_collections, collecting, no_longer_after_collections
 from .._core.detector import CoroutineClaims, Detector, DetectorContext
 from .._core.findings import Finding, FindingKind, Site
 from .._core.frames import (
     LOOP_DISPATCH_NAMES,
     app_frame_in_callback,
-    called_function_code,
     frame_site,
     is_library_file,
     qualname_of,
@@ -52,13 +52,6 @@ __all__ = ["ORIGIN_DEPTH", "NeverAwaitedDetector"]
 #: past library frames to the creating line; CPython prints them in its own
 #: "never awaited" warning too, so no deeper.
 ORIGIN_DEPTH = 8
-
-
-class _GcState(threading.local):
-    collecting = False
-
-
-_gc_state = _GcState()
 
 
 def _is_stdlib_hook(func: Any) -> bool:
@@ -135,7 +128,7 @@ class NeverAwaitedDetector(Detector):
 
         self._installed = _warn_unawaited_coroutine
         warnings._warn_unawaited_coroutine = _warn_unawaited_coroutine  # type: ignore[attr-defined]
-        gc.callbacks.append(self._gc_callback)
+        after_collections(self._after_collection)
         if self._track_origins:
             self._previous_depth = sys.get_coroutine_origin_tracking_depth()
             sys.set_coroutine_origin_tracking_depth(max(self._previous_depth, ORIGIN_DEPTH))
@@ -149,8 +142,7 @@ class NeverAwaitedDetector(Detector):
                 # Someone wrapped us after we installed: stay in their chain, inert.
                 self.enabled = False
             self._installed = None
-        if self._gc_callback in gc.callbacks:
-            gc.callbacks.remove(self._gc_callback)
+        no_longer_after_collections(self._after_collection)
         self._flush_held()
         if self._previous_depth is not None:
             sys.set_coroutine_origin_tracking_depth(self._previous_depth)
@@ -162,11 +154,7 @@ class NeverAwaitedDetector(Detector):
         else:
             report_internal_error(self.name, exc)
 
-    def _gc_callback(self, phase: str, _info: dict[str, Any]) -> None:
-        if phase == "start":
-            _gc_state.collecting = True
-            return
-        _gc_state.collecting = False
+    def _after_collection(self) -> None:
         try:
             self._flush_held()
         except Exception as exc:
@@ -185,7 +173,7 @@ class NeverAwaitedDetector(Detector):
         if self._claims.take(id(coro)):
             return
         finding = self._finding(coro, caller)
-        if _gc_state.collecting:
+        if collecting():
             with self._held_lock:
                 self._held.append((id(coro), finding))
         else:
@@ -207,7 +195,7 @@ class NeverAwaitedDetector(Detector):
                 sites.append(Site(source_path(filename), line, function))
             created = next((s for s in sites if not is_library_file(s.file)), None)
             stack = tuple(reversed(sites))
-        if not _gc_state.collecting:
+        if not collecting():
             # Dropped right here (not by a collection, which may run anywhere).
             frame = app_frame_in_callback(caller)
             if frame is not None:
@@ -229,7 +217,7 @@ class NeverAwaitedDetector(Detector):
             dropped_at=dropped,
             # Dropped right here, or finalized by a collection that may be
             # another thread's: then where it was dropped is unknown.
-            thread=None if _gc_state.collecting else threading.current_thread().name,
+            thread=None if collecting() else threading.current_thread().name,
         )
 
 

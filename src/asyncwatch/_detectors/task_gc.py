@@ -18,12 +18,12 @@ the task waiting on it is reported in the same collection.
 from __future__ import annotations
 
 import asyncio
-import gc
 import threading
 import weakref
 from collections.abc import Mapping
 from typing import Any
 
+from .._core.collecting import after_collections, collecting, no_longer_after_collections
 from .._core.detector import Detector, DetectorContext, WatchedLoop
 from .._core.findings import Finding, FindingKind, Site
 from .._core.tasks import coro_name, created_at, forget, user_coro_of
@@ -44,17 +44,16 @@ class TaskGarbageDetector(Detector):
         # id(future) -> the weak reference that reports a gather's future.
         self._gathered: dict[int, _LostGather] = {}
         self._lock = threading.Lock()
-        self._collecting = False
+        # Gathers' findings made while this thread collects (see _core.collecting).
         self._held: list[tuple[int, WatchedLoop, Finding]] = []
         self._claimed: set[int] = set()
 
     def install(self, context: DetectorContext) -> None:
         self._context = context
-        gc.callbacks.append(self._gc_callback)
+        after_collections(self._after_collection)
 
     def uninstall(self) -> None:
-        if self._gc_callback in gc.callbacks:
-            gc.callbacks.remove(self._gc_callback)
+        no_longer_after_collections(self._after_collection)
         with self._lock:
             self._gathered.clear()  # the references go, and with them their callbacks
         self._flush_held()
@@ -78,7 +77,7 @@ class TaskGarbageDetector(Detector):
                     return
                 del self._gathered[lost.future_id]
             finding = lost.finding()
-            if self._collecting:
+            if collecting():
                 with self._lock:
                     self._held.append((lost.future_id, lost.watch, finding))
             else:
@@ -87,11 +86,7 @@ class TaskGarbageDetector(Detector):
             if self._context is not None:
                 self._context.failed(self, exc)
 
-    def _gc_callback(self, phase: str, _info: dict[str, Any]) -> None:
-        if phase == "start":
-            self._collecting = True
-            return
-        self._collecting = False
+    def _after_collection(self) -> None:
         try:
             self._flush_held()
         except Exception as exc:
