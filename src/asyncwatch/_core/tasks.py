@@ -12,6 +12,11 @@ Cost model (this runs for every task):
   for the loop's task hooks (`Hooks`): with none (the default detectors need
   only creation sites), it runs its common path of about a dozen bytecodes.
 * Nothing here holds a strong reference to a task or a coroutine.
+
+One concept, hence one module over the usual length: the Task subclass, the
+factory that makes it and the creation sites it records share the task's
+slots and one cost model (the factory is specialised by hand, measured per
+bytecode); split apart, each half would have to know the other's layout.
 """
 
 from __future__ import annotations

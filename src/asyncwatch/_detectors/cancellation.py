@@ -24,6 +24,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from .._core.bytecode import enclosing_async_withs
 from .._core.detector import Detector, DetectorContext, watches
 from .._core.findings import Finding, FindingKind, Site
 from .._core.frames import (
@@ -31,7 +32,6 @@ from .._core.frames import (
     app_frame,
     app_frame_in_callback,
     await_chain,
-    enclosing_async_withs,
     frame_site,
     is_library_file,
     is_own_file,
