@@ -24,7 +24,7 @@ import pytest
 import asyncwatch
 from asyncwatch._core.findings import NOT_THE_PROGRAMS, Finding, FindingKind, Site, counts_against_program
 from asyncwatch._detectors.stall_cause import Breakdown, GcClock, classify
-from asyncwatch._detectors.stall_meter import StallMeter
+from asyncwatch._detectors.stall_meter import Clocks, StallMeter, Wake
 from asyncwatch._detectors.stall_report import Stall, stall_finding
 from asyncwatch.testing import CollectingReporter
 from conftest import base_factory, line_of
@@ -557,6 +557,46 @@ class TestTheCauseModel:
         assert meter.holder_since(0.05) == "regex-worker"
         assert meter.holder_since(0.55) == "asyncio_0"
         assert meter.holder_since(0.58) is None
+
+    class _OwnWaits:
+        """The watchdog's own schedstat: its run-queue wait so far."""
+
+        def __init__(self, wait: float) -> None:
+            self.wait = wait
+
+        def waits(self) -> tuple[float, int]:
+            return self.wait, 9
+
+    def clocks(self, wall, loop_cpu=0.0, process_cpu=0.0, own_cpu=0.0):
+        return Clocks(wall, loop_cpu, 0.0, process_cpu, 0.0, 0.0, own_cpu, reader=1)
+
+    def test_a_watchdog_late_only_by_its_own_wait_for_a_cpu_blames_no_thread(self):
+        """The loop thread in time.sleep(0.2) on a loaded machine (3.12, load 8):
+        the watchdog woke 143 ms late, 140 ms of it in the run queue, and
+        its own look ran 4 ms.  No thread held the GIL: nothing is 'gil'."""
+        meter = StallMeter(GcClock())
+        wake = Wake(0.143, self._OwnWaits(0.140), (0.0, 1))
+        before, after = self.clocks(0.0), self.clocks(0.2, process_cpu=0.004, own_cpu=0.004)
+        assert meter.late_hold(before, after, wake, 1, self.T) is None
+        assert meter.foreign == 0.0
+
+    def test_a_watchdog_kept_late_by_another_threads_long_hold_names_it(self):
+        """Another thread held the GIL 300 ms (one long C call): the watchdog
+        waited for it, not for a CPU, and the hold is foreign."""
+        meter = StallMeter(GcClock())
+        wake = Wake(0.3, self._OwnWaits(0.005), (0.0, 1))
+        before, after = self.clocks(0.0), self.clocks(0.31, process_cpu=0.302, own_cpu=0.002)
+        assert meter.late_hold(before, after, wake, 1, self.T) == "foreign"
+        assert meter.foreign == pytest.approx(0.3)
+
+    def test_the_watchdogs_own_cpu_is_taken_off_only_between_its_own_reads(self):
+        """Clocks read while the loop was parked may be another thread's
+        (an older watchdog's, the loop thread's): its CPU clock is not ours."""
+        meter = StallMeter(GcClock())
+        wake = Wake(0.3, self._OwnWaits(0.005), (0.0, 1))
+        parked = Clocks(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, own_cpu=1.6, reader=2)
+        after = self.clocks(0.31, process_cpu=0.302, own_cpu=0.002)
+        assert meter.late_hold(parked, after, wake, 1, self.T) == "foreign"
 
     def test_a_collection_in_a_short_step_is_gc(self):
         assert classify(self.breakdown(0.3, cpu=0.29, gc=0.27), self.T) == "gc"

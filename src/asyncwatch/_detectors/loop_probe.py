@@ -633,4 +633,6 @@ def _mark_at(prev: Clocks, clocks: Clocks, since: float, fresh_s: float) -> Cloc
         clocks.process_cpu - loop_cpu,
         clocks.gc - gc_time,
         prev.foreign,
+        clocks.own_cpu,
+        clocks.reader,
     )

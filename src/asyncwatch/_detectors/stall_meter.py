@@ -32,6 +32,13 @@ class Clocks(NamedTuple):
     process_cpu: float
     gc: float
     foreign: float  # GIL held by other threads so far (late wake-ups)
+    #: The CPU time of the thread that read these clocks (the watchdog's,
+    #: at its looks): not "another thread" when the process's CPU is
+    #: compared with the loop thread's.  Comparable only between two reads
+    #: by the same thread (`reader`): clocks read while a loop was parked
+    #: may be an older watchdog thread's, or the loop thread's own.
+    own_cpu: float = 0.0
+    reader: int = 0
 
 
 class Wake:
@@ -102,14 +109,23 @@ class StallMeter:
             self.prev = self.mark = None
             self.others_before = stall_cause.threads_cpu((thread_id, threading.get_ident()))
         cpu, wait = self.clock.read()
-        return Clocks(now, cpu, wait, time.process_time(), self.gc_clock.read(now), self.foreign)
+        return Clocks(
+            now,
+            cpu,
+            wait,
+            time.process_time(),
+            self.gc_clock.read(now),
+            self.foreign,
+            time.thread_time(),
+            threading.get_ident(),
+        )
 
     def note_others(self, prev: Clocks | None, clocks: Clocks, thread_id: int) -> None:
         """Other threads are busy: keep their CPU clocks, so that one that
         takes the GIL next can be named (only then: ~1 us a thread)."""
         if prev is None:
             return
-        others = (clocks.process_cpu - prev.process_cpu) - (clocks.loop_cpu - prev.loop_cpu)
+        others = _others_cpu(prev, clocks, clocks.loop_cpu - prev.loop_cpu)
         if others > (clocks.wall - prev.wall) / 4:
             self.others_before = stall_cause.threads_cpu((thread_id, threading.get_ident()))
 
@@ -132,12 +148,16 @@ class StallMeter:
         # more than all the others together.  (A thread waiting for the GIL
         # wakes every switch interval to ask for it, so on a loaded machine
         # it waits in the run queue too: its wait alone proves nothing.)
-        others = (clocks.process_cpu - prev.process_cpu) - loop_cpu
+        others = _others_cpu(prev, clocks, loop_cpu)
         # Without the run-queue wait, a watchdog that waited for a CPU looks
         # late too: ask the loop thread to have run almost all the time.
         if loop_cpu >= others and loop_busy >= late * (0.5 if wake.known else 0.8):
             return "loop"
-        if wake.known and others >= late / 4:
+        # Some other thread must have run: on a loaded machine `late` (our
+        # own waits for a CPU taken off) is often near zero, and "at least a
+        # quarter of nothing" held for no CPU at all called a loop thread
+        # asleep in the program's time.sleep() "gil" (3.12, load 8).
+        if wake.known and others >= max(late / 4, 2 * sys.getswitchinterval()):
             # The whole wait, ours for a CPU included: the holder kept the
             # GIL until we took it, and the loop could not have it before.
             hold = max(wake.raw - loop_busy, 0.0)
@@ -205,3 +225,10 @@ class StallMeter:
         gc_time = max(self.gc_clock.read(end) - mark.gc, 0.0)
         pauses = self.gc_clock.pauses_since(mark.wall, end, GcClock.PAUSE_FLOOR_S)
         return Breakdown(wall, loop_cpu, max(starved, 0.0), gc_time, gil, others, pauses), holder
+
+
+def _others_cpu(prev: Clocks, clocks: Clocks, loop_cpu: float) -> float:
+    """CPU time of the process's threads other than the loop's and the
+    watchdog's between two reads (the watchdog's own only when it made both)."""
+    own = clocks.own_cpu - prev.own_cpu if clocks.reader == prev.reader else 0.0
+    return (clocks.process_cpu - prev.process_cpu) - loop_cpu - own
