@@ -100,6 +100,18 @@ KNOWN_FINDINGS: dict[tuple[str, str], str] = {
         "SlowTask.run ignores cancellation by design ('except CancelledError: pass'); from 3.12 wait_for() "
         "runs it in the cancelled task itself (3.11 runs it in an inner task that wait_for cancels)"
     ),
+    ("cancellation_swallowed", "test_asyncio_wait_for_timeout"): (
+        "SlowTask.run ignores cancellation by design ('except CancelledError: pass') and wait_for() times out "
+        "on it: wait_for returns instead of raising TimeoutError, which the test is about"
+    ),
+    ("cancellation_swallowed", "test_wait_for_cancellation_race_condition"): (
+        "inner() catches wait_for's CancelledError with assertRaises and returns 1 on purpose: the test checks "
+        "that wait_for then returns the value"
+    ),
+    ("cancellation_swallowed", "test_timeout_expiring"): (
+        "the test catches the expiring timeout's CancelledError with assertRaises inside the block, on purpose, "
+        "to test reschedule() while the timeout is expiring"
+    ),
     ("cancellation_swallowed", "test_taskgroup_no_create_task_after_failure"): (
         "coro2 catches the CancelledError of the TaskGroup's abort to test create_task() after a failure, and "
         "returns normally: the group never uncancels its children, so that is a swallowed cancellation"

@@ -587,6 +587,100 @@ class TestStructuredCancellationSwallowed:
             coroutine=inner,
         )
 
+    def test_a_timeout_whose_own_block_swallows_its_cancellation(self, watched):
+        """The same task: ``except CancelledError: pass`` inside the block, so the
+        block runs on past its deadline and no TimeoutError is raised."""
+        went_on = []
+
+        async def fetch():
+            try:
+                await asyncio.sleep(LONG)  # <- own block: delivered
+            except asyncio.CancelledError:
+                pass
+            return "partial"
+
+        async def handler():
+            async with asyncio.timeout(TICK):  # <- own block: async with
+                await fetch()
+                went_on.append(True)
+
+        async def main():
+            await asyncio.create_task(handler(), name="handler")  # <- own block: created
+
+        watched.run(main)
+        assert went_on == [True]
+        finding = the_one_swallowed(watched.findings)
+        assert_reported(
+            finding,
+            site="own block: delivered",
+            site_in=fetch,
+            cancelled_by="own block: async with",
+            created_at="own block: created",
+            task="handler",
+            coroutine=handler,
+        )
+        assert "by the timeout" in finding.message
+        assert "TimeoutError" in finding.message
+
+    def test_wait_for_on_a_coroutine_that_swallows(self, watched):
+        """wait_for returns the coroutine's value instead of raising TimeoutError;
+        the same finding whether wait_for runs it in a task (3.11) or under a timeout (3.12+)."""
+
+        async def fetch():
+            try:
+                await asyncio.sleep(LONG)  # <- wait_for coro: delivered
+            except asyncio.CancelledError:
+                return None
+            return "data"
+
+        async def handler():
+            return await asyncio.wait_for(fetch(), TICK)  # <- wait_for coro: call
+
+        async def main():
+            return await asyncio.create_task(handler(), name="handler")  # <- wait_for coro: created
+
+        assert watched.run(main) is None
+        finding = the_one_swallowed(watched.findings)
+        assert (finding.site.file, finding.site.line) == (__file__, line_of("# <- wait_for coro: delivered"))
+        assert finding.cancelled_by is not None
+        assert finding.cancelled_by.line == line_of("# <- wait_for coro: call")
+        assert "swallowed" in finding.message
+
+    def test_a_deliberate_uncancel_inside_a_timeout_block_is_silent(self, watched):
+        async def resilient():
+            try:
+                await asyncio.sleep(LONG)
+            except asyncio.CancelledError:
+                asyncio.current_task().uncancel()  # on purpose: carry on
+            return "carried on"
+
+        async def main():
+            async with asyncio.timeout(TICK):
+                return await resilient()
+
+        assert watched.run(main) == "carried on"
+        assert_silent(watched.findings)
+
+    def test_the_timeout_exit_is_asyncios_own_again_after_uninstall_and_in_no_traceback(self, watched):
+        original = asyncio.Timeout.__dict__["__aexit__"]
+        frames = []
+
+        async def main():
+            try:
+                async with asyncio.timeout(TICK):
+                    await asyncio.sleep(LONG)
+            except TimeoutError as exc:
+                tb = exc.__traceback__
+                while tb is not None:
+                    frames.append(tb.tb_frame.f_code.co_filename)
+                    tb = tb.tb_next
+
+        watched.run(main)
+        assert frames and not [f for f in frames if "asyncwatch" in f], frames
+        assert_silent(watched.findings)
+        asyncwatch.uninstall()
+        assert asyncio.Timeout.__dict__["__aexit__"] is original
+
     def test_taskgroup_child_that_cleans_up_then_reraises_is_silent(self, watched):
         """``except CancelledError: await cleanup(); raise`` inside a TaskGroup child."""
         cleaned = []

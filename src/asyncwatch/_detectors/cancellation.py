@@ -14,15 +14,28 @@ and where the CancelledError will land (the task's innermost application
 finished normally while still ``cancelling()``.  A request forwarded from an
 outer task's ``cancel()`` into the task it awaits is reported once, on the
 task that swallowed it.
+
+A timeout's cancellation of its own task is exempt from that check (the
+timeout uncancels it), but it can be swallowed all the same, inside the
+``async with asyncio.timeout()`` block (and so inside 3.12+'s ``wait_for``,
+which is one): the block then runs on past its deadline and ends without
+the CancelledError the timeout turns into TimeoutError.  The timeout's
+``__aexit__`` is the one place that knows; it is wrapped while the detector
+is installed (a plain function returning asyncio's own coroutine, so no
+frame of ours is in a traceback), and when it sees an expired timeout whose
+cancellation never arrived and was not uncancelled, the finding names where
+the error landed (recorded when the timeout fired) and the ``async with``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
+import weakref
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import Any, NamedTuple
 
 from .._core.bytecode import enclosing_async_withs
 from .._core.detector import Detector, DetectorContext, watches
@@ -51,9 +64,26 @@ class CancellationDetector(Detector):
 
     def __init__(self) -> None:
         self._context: DetectorContext | None = None
+        self._timeout_exit: _TimeoutExitPatch | None = None
 
     def install(self, context: DetectorContext) -> None:
         self._context = context
+        self._timeout_exit = _TimeoutExitPatch(self._check_timeout)
+
+    def uninstall(self) -> None:
+        if self._timeout_exit is not None:
+            self._timeout_exit.restore()
+            self._timeout_exit = None
+
+    def _check_timeout(self, timeout: asyncio.Timeout) -> None:
+        """An expired timeout's block ended without an exception (its ``__aexit__``)."""
+        try:
+            _check_timeout_swallowed(timeout)
+        except Exception as exc:
+            if self._context is not None:
+                self._context.failed(self, exc)
+            else:
+                report_internal_error(self.name, exc)
 
     def task_cancel_requested(self, task: asyncio.Task[Any], caller: FrameType, message: Any) -> None:
         calls = cancel_calls()
@@ -102,7 +132,7 @@ class CancelRecord:
 class _Note:
     """What one cancel() call left for the cancel() calls it causes."""
 
-    __slots__ = ("canceller", "request", "structure", "structured")
+    __slots__ = ("canceller", "forwarded", "request", "structure", "structured")
 
     def __init__(
         self, request: CancelRequest | None, structured: bool, canceller: Site | None, structure: str | None = None
@@ -113,6 +143,9 @@ class _Note:
         self.structured = structured
         self.canceller = canceller
         self.structure = structure
+        # The tasks that cancel() was forwarded into (weakly): one that
+        # swallows it is reported itself, not the structure's own task.
+        self.forwarded: list[weakref.ReferenceType[asyncio.Task[Any]]] = []
 
 
 _NOTE = "cancellation"
@@ -165,13 +198,11 @@ def _structured_cancel(frame: FrameType, task: asyncio.Task[Any]) -> tuple[str, 
         app = app_frame_in_callback(frame)
         if app is None:
             return _EXEMPT, None, None
-        line = frame_site(app)
-        if created_at(task) == line:
-            # 3.11's wait_for(coroutine) runs it in a task of its own, made on
-            # the wait_for line; 3.12+ awaits it in the caller's task, which
-            # its timeout owns.  The same program, the same answer.
-            return _EXEMPT, None, None
-        return _REQUEST, line, "wait_for"
+        # 3.11's wait_for(coroutine) runs it in a task of its own, made on
+        # the wait_for line; 3.12+ awaits it in the caller's task, under a
+        # timeout (see `_check_timeout_swallowed`).  Either way, a coroutine
+        # that swallows wait_for's cancellation is reported, at the wait_for line.
+        return _REQUEST, frame_site(app), "wait_for"
     return _EXEMPT, None, None
 
 
@@ -254,6 +285,7 @@ def _note_cancel(
         # Forwarded from a structure's cancel of the task it owns into the
         # task that one awaits, which the structure never uncancels.
         structured, canceller, structure = False, note.canceller, note.structure
+        note.forwarded.append(weakref.ref(task))
     else:
         frame: FrameType | None = caller
         while frame is not None and is_own_file(frame.f_code.co_filename):
@@ -261,7 +293,11 @@ def _note_cancel(
         if frame is not None and _is_structured(frame):
             kind, canceller, structure = _structured_cancel(frame, task)
             if kind == _OWN:
-                call.notes[_NOTE] = _Note(None, False, canceller, structure)
+                own = call.notes[_NOTE] = _Note(None, False, canceller, structure)
+                owner = frame.f_locals.get("self")
+                if isinstance(owner, asyncio.Timeout):
+                    # Where its CancelledError lands, for `_check_timeout_swallowed`.
+                    owner._aw_landed = _Landed(own, *_delivery_point(task, canceller))  # type: ignore[attr-defined]
                 return
             structured = kind == _EXEMPT
         else:
@@ -333,6 +369,79 @@ def _check_swallowed(task: asyncio.Task[Any]) -> None:
             task=name,
             coroutine=coro,
             cancelled_by=request.cancelled_by,
+            created_at=created_at(task),
+        )
+    )
+
+
+_EXPIRING = getattr(getattr(asyncio.timeouts, "_State", None), "EXPIRING", None)
+
+
+class _TimeoutExitPatch:
+    """``asyncio.Timeout.__aexit__`` wrapped to tell *check* about an expired
+    timeout whose block ended without an exception; restored on `restore`."""
+
+    def __init__(self, check: Callable[[asyncio.Timeout], None]) -> None:
+        self.original = original = asyncio.Timeout.__dict__["__aexit__"]
+        self.active = True
+
+        def __aexit__(self_: asyncio.Timeout, exc_type: Any, exc_val: Any, exc_tb: Any) -> Any:
+            if exc_type is None and patch.active and getattr(self_, "_state", None) is _EXPIRING:
+                check(self_)
+            return original(self_, exc_type, exc_val, exc_tb)
+
+        patch = self
+        __aexit__.__qualname__ = original.__qualname__
+        __aexit__.__doc__ = original.__doc__
+        __aexit__.__wrapped__ = original  # type: ignore[attr-defined]
+        mark = getattr(inspect, "markcoroutinefunction", None)  # 3.12+
+        self.installed = mark(__aexit__) if mark is not None else __aexit__
+        asyncio.Timeout.__aexit__ = self.installed  # type: ignore[method-assign,assignment]
+
+    def restore(self) -> None:
+        self.active = False
+        if asyncio.Timeout.__dict__.get("__aexit__") is self.installed:
+            asyncio.Timeout.__aexit__ = self.original  # type: ignore[method-assign]
+        # else someone wrapped us since: stay in their chain, inert.
+
+
+class _Landed(NamedTuple):
+    """Where an expired timeout's cancellation of its task lands."""
+
+    note: _Note  # of the timeout's cancel(): what it was forwarded into
+    delivered_at: Site | None
+    stack: tuple[Site, ...]
+
+
+def _check_timeout_swallowed(timeout: asyncio.Timeout) -> None:
+    landed: _Landed | None = getattr(timeout, "_aw_landed", None)
+    task: asyncio.Task[Any] | None = getattr(timeout, "_task", None)
+    if landed is None or task is None or task.cancelling() <= getattr(timeout, "_cancelling", 0):
+        return  # not ours to judge, or uncancel()ed on purpose
+    for ref in landed.note.forwarded:
+        awaited = ref()
+        if awaited is not None and awaited.done() and not awaited.cancelled():
+            return  # the task it went into swallowed it, and is reported for it
+    watch = watches.get(task.get_loop())
+    if watch is None or not watch.detects(FindingKind.CANCELLATION_SWALLOWED):
+        return
+    cancelled_by, delivered_at, stack = landed.note.canceller, landed.delivered_at, landed.stack
+    name = task.get_name()
+    coro = coro_name(task)
+    where = f"set up at {_short(cancelled_by)}" if cancelled_by else "set up where asyncwatch cannot tell"
+    watch.emit(
+        Finding(
+            kind=FindingKind.CANCELLATION_SWALLOWED,
+            message=(
+                f"Task {name!r} (coroutine {coro!r}) was cancelled (by the timeout, {where}) but its block "
+                "went on without raising CancelledError, so the cancellation was swallowed and the timeout "
+                "neither ended the block nor raised TimeoutError; re-raise CancelledError after cleanup"
+            ),
+            site=delivered_at,
+            stack=stack,
+            task=name,
+            coroutine=coro,
+            cancelled_by=cancelled_by,
             created_at=created_at(task),
         )
     )
