@@ -95,6 +95,27 @@ class TestDroppedCoroutineOnALoop:
         assert data["kind"] == NEVER_AWAITED
         assert data["site"]["line"] == line_of("# <- forgot await in main")
 
+    def test_a_coroutine_function_given_to_call_soon_is_never_said_to_be_garbage(self, watched):
+        """The loop calls it and drops the coroutine: no line of the program is
+        known, and the message says what happened, never "the garbage collector"."""
+
+        async def main():
+            asyncio.get_running_loop().call_soon(save, 1)
+            await asyncio.sleep(0.01)
+
+        watched.run(main)
+
+        [finding] = watched.findings
+        assert finding.kind.value == NEVER_AWAITED
+        assert (finding.site, finding.created_at, finding.dropped_at) == (None, None, None)
+        assert "garbage collector" not in finding.message
+        if watched.loop_name == "asyncio":
+            # asyncio's Handle runs in Python: the callback is seen.
+            assert "as a callback" in finding.message
+            assert "asyncio.create_task(save(...))" in finding.message
+        else:
+            assert "library code dropped it" in finding.message
+
     def test_call_in_a_sync_helper_is_reported_inside_the_helper(self, watched):
         """Dropped inside a plain function called from the coroutine: the helper's line."""
 

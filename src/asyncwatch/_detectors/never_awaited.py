@@ -36,6 +36,7 @@ from .._core.collecting import after_collections, collecting, no_longer_after_co
 from .._core.detector import CoroutineClaims, Detector, DetectorContext
 from .._core.findings import Finding, FindingKind, Site
 from .._core.frames import (
+    LOOP_DISPATCH,
     LOOP_DISPATCH_NAMES,
     app_frame_in_callback,
     frame_site,
@@ -195,9 +196,12 @@ class NeverAwaitedDetector(Detector):
                 sites.append(Site(source_path(filename), line, function))
             created = next((s for s in sites if not is_library_file(s.file)), None)
             stack = tuple(reversed(sites))
-        if not collecting():
+        collected = collecting()
+        scheduled = False
+        if not collected:
             # Dropped right here (not by a collection, which may run anywhere).
             frame = app_frame_in_callback(caller)
+            scheduled = frame is None and _called_back_by_the_loop(caller, coro)
             if frame is not None:
                 dropped = frame_site(frame)
                 if created is None and called_function_code(frame) is getattr(coro, "cr_code", None):
@@ -208,7 +212,9 @@ class NeverAwaitedDetector(Detector):
                     stack = (dropped,)
         return Finding(
             kind=FindingKind.COROUTINE_NEVER_AWAITED,
-            message=_message(name, getattr(coro, "cr_code", None), created, dropped, self._track_origins),
+            message=_message(
+                name, getattr(coro, "cr_code", None), created, dropped, self._track_origins, collected, scheduled
+            ),
             # Where it was created when known (the line to fix); else where it was dropped, said so.
             site=created or dropped,
             stack=stack,
@@ -217,11 +223,35 @@ class NeverAwaitedDetector(Detector):
             dropped_at=dropped,
             # Dropped right here, or finalized by a collection that may be
             # another thread's: then where it was dropped is unknown.
-            thread=None if collecting() else threading.current_thread().name,
+            thread=None if collected else threading.current_thread().name,
         )
 
 
-def _message(name: str | None, code: Any, created: Site | None, dropped: Site | None, tracking: bool) -> str:
+def _called_back_by_the_loop(caller: Any, coro: Any) -> bool:
+    """Whether asyncio's loop called *coro*'s coroutine function as a plain
+    callback (``call_soon(refresh)``) and dropped what it returned."""
+    frame = caller
+    while frame is not None and frame.f_code not in LOOP_DISPATCH:
+        if not is_library_file(frame.f_code.co_filename):
+            return False
+        frame = frame.f_back
+    if frame is None:
+        return False
+    handle = frame.f_locals.get("self")  # asyncio's Handle._run: a library frame
+    callback = getattr(handle, "_callback", None)
+    callback = getattr(callback, "func", callback)  # functools.partial
+    return getattr(callback, "__code__", None) is getattr(coro, "cr_code", False)
+
+
+def _message(
+    name: str | None,
+    code: Any,
+    created: Site | None,
+    dropped: Site | None,
+    tracking: bool,
+    collected: bool = True,
+    scheduled: bool = False,
+) -> str:
     advice = "add 'await', or schedule it with asyncio.create_task() and keep the task"
     if created is not None and created == dropped:
         return f"Coroutine {name!r} was created and dropped at {_short(created)} without being awaited; {advice}"
@@ -234,6 +264,18 @@ def _message(name: str | None, code: Any, created: Site | None, dropped: Site | 
         return (
             f"Coroutine {name!r}{defined} was dropped at {_short(dropped)} without being awaited; where it "
             f"was created is not known{how}; {advice} where it is created"
+        )
+    if scheduled:
+        return (
+            f"Coroutine function {name!r}{defined} was given to the event loop as a callback (call_soon, "
+            "call_later, call_at, add_done_callback, add_reader take plain functions): the loop called it and "
+            "dropped the coroutine it returned, so it never ran; where it was scheduled is unknown; "
+            f"pass a function that calls asyncio.create_task({name}(...)) and keeps the task"
+        )
+    if not collected:
+        return (
+            f"Coroutine {name!r}{defined} was never awaited; library code dropped it with no line of the "
+            f"program running, so where it was created and dropped is unknown{how}; {advice}"
         )
     return (
         f"Coroutine {name!r}{defined} was never awaited; the garbage collector freed it, so where it was "
