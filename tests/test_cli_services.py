@@ -188,22 +188,33 @@ def signalled(
 ) -> tuple[int, str]:
     """Start *cmd*, wait for its "ready" line (and *when*), send *signum*; its status and stderr."""
     err = cwd / f"stderr-{os.getpid()}-{len(list(cwd.iterdir()))}.txt"
-    with open(err, "w") as stderr:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
-        try:
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            assert line == "ready\n", (line, err.read_text())
-            while not when():
-                assert proc.poll() is None, err.read_text()
-                time.sleep(0.01)
-            proc.send_signal(signum)
-            proc.wait(timeout=HANG_GUARD_S)
-        finally:
-            proc.kill()
-            proc.wait()
-            assert proc.stdout is not None
-            proc.stdout.close()
+    # A background job of a shell without job control inherits SIGINT
+    # ignored, and so would both pythons (plain python then never dies by
+    # Ctrl-C: a hang seen when the suite ran under `( ... & )`).  Start them
+    # as a terminal's foreground program is started: SIGINT at its default.
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with open(err, "w") as stderr:
+            proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line == "ready\n", (line, err.read_text())
+        while not when():
+            assert proc.poll() is None, err.read_text()
+            time.sleep(0.01)
+        proc.send_signal(signum)
+        proc.wait(timeout=HANG_GUARD_S)
+    finally:
+        proc.kill()
+        proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
     return proc.returncode, err.read_text()
 
 
