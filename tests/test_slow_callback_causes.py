@@ -22,10 +22,10 @@ from gc import collect
 import pytest
 
 import asyncwatch
-from asyncwatch._core.findings import NOT_THE_PROGRAMS, Finding, FindingKind, counts_against_program
-from asyncwatch._core.findings import Site
+from asyncwatch._core.findings import NOT_THE_PROGRAMS, Finding, FindingKind, Site, counts_against_program
+from asyncwatch._detectors.loop_probe import LoopProbe
 from asyncwatch._detectors.stall_cause import Breakdown, GcClock, classify
-from asyncwatch._detectors.stall_meter import StallMeter
+from asyncwatch._detectors.stall_meter import Clocks, StallMeter, Wake
 from asyncwatch._detectors.stall_report import Stall, stall_finding
 from asyncwatch.testing import CollectingReporter
 from conftest import base_factory, line_of
@@ -498,6 +498,29 @@ class TestTheStallStateHoldsNoLoop:
             assert finding.site.line == line_of("# <- sleeps with the loop in a local")
 
 
+class TestALoopClosingDuringALook:
+    def test_a_late_stall_captured_as_the_loop_closes_is_timed_from_its_start(self):
+        """A last step's list.sort held the GIL (uvloop, two CPU burners): the
+        loop closed while the watchdog read its clocks, and the stall, reported
+        at once, was timed from the probe's initial zero (22789 s)."""
+        emitted = []
+        loop = asyncio.new_event_loop()
+        try:
+            probe = LoopProbe(loop, THRESHOLD_MS / 1000, emitted.append)
+            probe.enabled = False  # Watchdog.remove ran while settle read the clocks
+            me = threading.get_ident()
+            now = time.perf_counter()
+            prev = Clocks(now - 0.3, 1.0, 0.0, 1.0, 0.0, 0.0, own_cpu=0.1, reader=me)
+            clocks = Clocks(now, 1.25, 0.0, 1.25, 0.0, 0.0, own_cpu=0.1, reader=me)
+            line = Site(__file__, 1, "main")
+            probe._late_stall(Stall(line, (line,), "Task-1", "main", None), now - 0.25, prev, clocks, now)
+        finally:
+            loop.close()
+        [finding] = emitted
+        assert finding.site == line
+        assert 0.2 <= finding.duration_s <= 0.3, finding.duration_s
+
+
 class TestTheCauseModel:
     """`classify` on measured breakdowns (seconds): what each cause means."""
 
@@ -558,6 +581,33 @@ class TestTheCauseModel:
         assert meter.holder_since(0.05) == "regex-worker"
         assert meter.holder_since(0.55) == "asyncio_0"
         assert meter.holder_since(0.58) is None
+
+    def test_a_watchdog_late_only_by_waiting_for_a_cpu_names_no_gil_holder(self):
+        """A sleep on the loop with two CPU burners beside the process (uvloop,
+        3.11, measured): the watchdog's wake-up came 40 ms late, 38 ms of it
+        waiting for a CPU, and the only CPU the process used meanwhile was the
+        watchdog's own.  No other thread held the GIL: a sleep reported as
+        cause gil lost its line."""
+
+        class WaitingClock:
+            def __init__(self, waits):
+                self.waits_now = waits
+
+            def waits(self):
+                return self.waits_now
+
+        me = threading.get_ident()
+        meter = StallMeter(GcClock())
+        prev = Clocks(1.0, 0.5, 0.0, 2.0, 0.0, 0.0, own_cpu=0.3, reader=me)
+        now = Clocks(1.05, 0.5, 0.0, 2.002, 0.0, 0.0, own_cpu=0.302, reader=me)
+        wake = Wake(0.04, WaitingClock((0.238, 12)), (0.2, 10))
+        assert meter.late_hold(prev, now, wake, thread_id=1, threshold_s=self.T) is None
+        assert meter.foreign == 0.0
+        # Another thread that ran meanwhile, late by far more than our waits: gil.
+        busy = Clocks(1.3, 0.5, 0.0, 2.27, 0.0, 0.0, own_cpu=0.302, reader=me)
+        late = Wake(0.29, WaitingClock((0.21, 12)), (0.2, 10))
+        assert meter.late_hold(prev, busy, late, thread_id=1, threshold_s=self.T) == "foreign"
+        assert meter.foreign > 0.25
 
     def test_a_collection_in_a_short_step_is_gc(self):
         assert classify(self.breakdown(0.3, cpu=0.29, gc=0.27), self.T) == "gc"

@@ -434,14 +434,17 @@ class LoopProbe:
         return self.look_s
 
     def _follow(self, since: float) -> None:
-        """Follow the step `sample` saw, from *since*, unless the loop is no
-        longer watched (`Watchdog.remove` may run while `settle` reads)."""
-        if self.enabled:
-            # A heartbeat that ran meanwhile ended the step: keep no frame,
-            # and the next look sees the count changed.
-            self.held = self.seen if self.beats == self.seen_beats else None
-            self.held_since = since
-            self.held_beats = self.seen_beats
+        """Follow the step `sample` saw, from *since*; keep its frame only
+        while the loop is watched (`Watchdog.remove` may run while `settle`
+        reads).  Its start is kept all the same: a stall captured as the loop
+        closed is reported at once, timed from it (left at the previous
+        step's, a first step's json.loads as its loop closed was reported as
+        lasting since the clock's epoch)."""
+        # A heartbeat that ran meanwhile ended the step: keep no frame,
+        # and the next look sees the count changed.
+        self.held = self.seen if self.enabled and self.beats == self.seen_beats else None
+        self.held_since = since
+        self.held_beats = self.seen_beats
         self.seen = None
 
     def _still(self, now: float, captured: Stall | None) -> float:
@@ -633,4 +636,6 @@ def _mark_at(prev: Clocks, clocks: Clocks, since: float, fresh_s: float) -> Cloc
         clocks.process_cpu - loop_cpu,
         clocks.gc - gc_time,
         prev.foreign,
+        clocks.own_cpu,
+        clocks.reader,
     )

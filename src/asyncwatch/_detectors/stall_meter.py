@@ -32,6 +32,23 @@ class Clocks(NamedTuple):
     process_cpu: float
     gc: float
     foreign: float  # GIL held by other threads so far (late wake-ups)
+    #: The CPU time of the thread that read these clocks (the watchdog's,
+    #: but for the clocks a parked loop's first look compares with), and
+    #: that thread: the process's CPU time includes our own reads.
+    own_cpu: float = 0.0
+    reader: int = 0
+
+
+def others_cpu(prev: Clocks, clocks: Clocks) -> float:
+    """CPU time the process's other threads (neither the loop's nor ours)
+    used between two readings.  Our own counted as another thread's made a
+    watchdog late only by waiting for a CPU (a sleeping loop on a loaded
+    machine) look like it waited for the GIL: cause gil, the sleep's line
+    never blamed."""
+    used = (clocks.process_cpu - prev.process_cpu) - (clocks.loop_cpu - prev.loop_cpu)
+    if clocks.reader == prev.reader:
+        used -= clocks.own_cpu - prev.own_cpu
+    return max(used, 0.0)
 
 
 class Wake:
@@ -40,9 +57,7 @@ class Wake:
 
     __slots__ = ("_before", "_clock", "_late", "known", "raw")
 
-    def __init__(
-        self, raw: float, clock: ThreadClock | None = None, before: tuple[float, int] | None = None
-    ) -> None:
+    def __init__(self, raw: float, clock: ThreadClock | None = None, before: tuple[float, int] | None = None) -> None:
         self.raw = raw
         self._clock = clock
         self._before = before
@@ -104,15 +119,17 @@ class StallMeter:
             self.prev = self.mark = None
             self.others_before = stall_cause.threads_cpu((thread_id, threading.get_ident()))
         cpu, wait = self.clock.read()
-        return Clocks(now, cpu, wait, time.process_time(), self.gc_clock.read(now), self.foreign)
+        own = time.thread_time()
+        return Clocks(
+            now, cpu, wait, time.process_time(), self.gc_clock.read(now), self.foreign, own, threading.get_ident()
+        )
 
     def note_others(self, prev: Clocks | None, clocks: Clocks, thread_id: int) -> None:
         """Other threads are busy: keep their CPU clocks, so that one that
         takes the GIL next can be named (only then: ~1 us a thread)."""
         if prev is None:
             return
-        others = (clocks.process_cpu - prev.process_cpu) - (clocks.loop_cpu - prev.loop_cpu)
-        if others > (clocks.wall - prev.wall) / 4:
+        if others_cpu(prev, clocks) > (clocks.wall - prev.wall) / 4:
             self.others_before = stall_cause.threads_cpu((thread_id, threading.get_ident()))
 
     def late_hold(
@@ -121,7 +138,8 @@ class StallMeter:
         """Who held the GIL while this wake-up was late: "loop", "gc",
         "foreign" (another thread; added to `foreign`, its name to
         `holder`), or None (not late, or cannot tell)."""
-        if wake is None or prev is None or wake.raw < max(threshold_s / 4, 4 * sys.getswitchinterval()):
+        gate = max(threshold_s / 4, 4 * sys.getswitchinterval())
+        if wake is None or prev is None or wake.raw < gate:
             return None
         late = wake.late()
         loop_cpu = clocks.loop_cpu - prev.loop_cpu
@@ -134,12 +152,15 @@ class StallMeter:
         # more than all the others together.  (A thread waiting for the GIL
         # wakes every switch interval to ask for it, so on a loaded machine
         # it waits in the run queue too: its wait alone proves nothing.)
-        others = (clocks.process_cpu - prev.process_cpu) - loop_cpu
+        others = others_cpu(prev, clocks)
         # Without the run-queue wait, a watchdog that waited for a CPU looks
         # late too: ask the loop thread to have run almost all the time.
         if loop_cpu >= others and loop_busy >= late * (0.5 if wake.known else 0.8):
             return "loop"
-        if wake.known and others >= late / 4:
+        # Another thread held the GIL only if the wake-up was late by more
+        # than our own waits for a CPU (a loaded machine delays us by tens of
+        # milliseconds while the loop thread sleeps with the GIL let go).
+        if wake.known and late >= gate / 2 and others >= late / 4:
             # The whole wait, ours for a CPU included: the holder kept the
             # GIL until we took it, and the loop could not have it before.
             hold = max(wake.raw - loop_busy, 0.0)
@@ -182,6 +203,8 @@ class StallMeter:
         cpu, wait = clock.read()
         loop_cpu = cpu - mark.loop_cpu
         others = time.process_time() - mark.process_cpu - loop_cpu
+        if mark.reader == threading.get_ident():
+            others = max(others - (time.thread_time() - mark.own_cpu), 0.0)
         starved = wait - mark.loop_wait if wait is not None and mark.loop_wait is not None else 0.0
         wall = end - mark.wall
         gil = self.foreign - mark.foreign
