@@ -40,6 +40,21 @@ SMALL_BODY = json.dumps([{"a": i} for i in range(500)])  # well under 1 ms
 BACKTRACK = "a" * 24 + "b"
 
 
+def sort_size_for(cpu_s):
+    """How many shuffled ints ``sorted`` takes about *cpu_s* of CPU to sort,
+    in one C call holding the GIL (measured in CPU time, which a loaded
+    machine does not stretch)."""
+    n = 50_000
+    while True:
+        items = shuffled(n)
+        start = time.thread_time()
+        sorted(items)
+        spent = time.thread_time() - start
+        if spent >= 0.01:
+            return int(n * cpu_s / spent)
+        n *= 2
+
+
 def shuffled(n):
     items = list(range(n))
     random.Random(1).shuffle(items)
@@ -144,6 +159,37 @@ class TestBlockingThatHoldsTheGil:
         assert finding.site is not None
         assert finding.site.line == line_of("# <- helper parses")
         assert (__file__, line_of("# <- calls the parser")) in [(s.file, s.line) for s in finding.stack]
+
+    def test_calls_each_under_the_threshold_in_one_step_are_one_stall(self, watched):
+        """The watchdog's first look at the step comes late, as the first call
+        returns: the step is timed from when that look was due, not from the
+        look (a json.loads of 1.3x the threshold, first seen 36 ms into it,
+        was never reported).  Four sorts of 0.3 threshold each: timed from
+        the look after the first, the step was 0.9 threshold.  asyncio only:
+        uvloop's dispatch between two steps is compiled, so a late look
+        cannot tell this step's hold from the one before's."""
+        if watched.loop_name != "asyncio":
+            pytest.skip("a late look dates a step only where the loop's dispatch is Python")
+        items = shuffled(sort_size_for(0.3 * THRESHOLD_MS / 1000))
+
+        async def main():
+            await asyncio.sleep(0.02)
+            sorted(items)  # <- first sort
+            sorted(items)
+            sorted(items)
+            sorted(items)  # <- last sort
+            await asyncio.sleep(0.02)
+
+        watched.run(main, slow_callback_ms=THRESHOLD_MS)
+
+        [finding] = slow_of(watched)
+        assert finding.cause == "cpu"
+        assert finding.site is not None
+        # Seen at a sort once it returned: the one running as the step
+        # crossed the threshold (the last on a quiet machine).
+        first, last = line_of("# <- first sort"), line_of("# <- last sort")
+        assert first <= finding.site.line <= last + 1, finding.site
+        assert finding.duration_s is not None and finding.duration_s >= THRESHOLD_MS / 1000
 
     def test_short_c_calls_below_the_threshold_are_not_reported(self, watched):
         """Many short GIL-holding calls, each in its own step, add up to no stall."""

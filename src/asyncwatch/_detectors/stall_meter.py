@@ -81,6 +81,12 @@ class Wake:
         return self._late
 
 
+def _gate(threshold_s: float) -> float:
+    """How late a wake-up must be for a hold of the GIL to be looked into:
+    longer than a few switch intervals (the hand-off's own delay)."""
+    return max(threshold_s / 4, 4 * sys.getswitchinterval())
+
+
 class StallMeter:
     """The loop thread's clocks as the watchdog reads them, and the other
     threads' when they matter.  Holds numbers and thread ids only: never
@@ -98,6 +104,22 @@ class StallMeter:
         self.holds: collections.deque[tuple[float, str | None, float]] = collections.deque(maxlen=64)
         self.stall_threads: dict[int, float] = {}  # other threads' CPU at the stall's capture
         self.stall_waits: float | None = None  # other threads' run-queue wait then (library-only stalls)
+        #: The other threads' CPU clocks and names, read by a late wake-up
+        #: before anything of ours let the GIL go (`glance`).
+        self.glanced: tuple[dict[int, float], dict[int, str]] | None = None
+
+    def glance(self, thread_id: int, late: float, threshold_s: float) -> None:
+        """A late wake-up, holding the GIL since it took it: read the other
+        threads' CPU clocks now (no read here lets the GIL go), for
+        `late_hold` to name the one that held the GIL.  Read later, after a
+        clock read of ours let the program run, a worker that ended right
+        after its hold was gone, and no thread was named (a test's
+        regex-worker, 1 run in 4 on a loaded machine)."""
+        self.glanced = None
+        if late >= _gate(threshold_s):
+            skip = (thread_id, threading.get_ident())
+            names = {t.ident: t.name for t in threading.enumerate() if t.ident is not None and t.ident not in skip}
+            self.glanced = (stall_cause.threads_cpu(skip), names)
 
     def forget(self) -> None:
         """The loop stopped: the next run's clocks start with its first look."""
@@ -138,7 +160,8 @@ class StallMeter:
         """Who held the GIL while this wake-up was late: "loop", "gc",
         "foreign" (another thread; added to `foreign`, its name to
         `holder`), or None (not late, or cannot tell)."""
-        gate = max(threshold_s / 4, 4 * sys.getswitchinterval())
+        gate = _gate(threshold_s)
+        glanced, self.glanced = self.glanced, None
         if wake is None or prev is None or wake.raw < gate:
             return None
         late = wake.late()
@@ -165,9 +188,11 @@ class StallMeter:
             # GIL until we took it, and the loop could not have it before.
             hold = max(wake.raw - loop_busy, 0.0)
             self.foreign += hold
-            skip = (thread_id, threading.get_ident())
-            now_cpu = stall_cause.threads_cpu(skip)
-            holder, _ = stall_cause.busiest_thread(self.others_before, now_cpu)
+            if glanced is None:
+                skip = (thread_id, threading.get_ident())
+                glanced = (stall_cause.threads_cpu(skip), {})
+            now_cpu, names = glanced
+            holder, _ = stall_cause.busiest_thread(self.others_before, now_cpu, names)
             self.holds.append((self.foreign, holder, hold))
             self.others_before = now_cpu
             return "foreign"
