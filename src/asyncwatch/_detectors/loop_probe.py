@@ -54,6 +54,11 @@ _STEP_WRAPPERS = STEP_WRAPPER_CODES
 #: GIL from the loop once, without the loop thread reading any clock).
 LOOKS_PER_THRESHOLD = 10
 
+#: Of the threshold, how long a step must have been followed for its line to
+#: be kept in case no look comes between the threshold and its end (asyncio,
+#: where the heartbeat dates the end exactly: see `LoopProbe.finish`).
+TENTATIVE_SHARE = 0.5
+
 _now = time.perf_counter
 # The interpreter's switch interval when asyncwatch was imported: how long a
 # thread asking for the GIL waits before the holder is asked to let it go.
@@ -180,6 +185,17 @@ def _at_start(frame: FrameType) -> bool:
     return 0 <= lasti < len(code) and code[lasti] == _RESUME
 
 
+class _Tentative(NamedTuple):
+    """A followed step's line past `TENTATIVE_SHARE` of the threshold, with
+    what its finding needs if its heartbeat proves it a stall."""
+
+    stall: Stall
+    since: float  # when a look first saw the step
+    beats: int  # the heartbeat count then
+    mark: Clocks | None
+    measured: tuple[Breakdown | None, str | None]
+
+
 class Look(NamedTuple):
     """What `LoopProbe.sample` saw of the loop's stack, without a frame."""
 
@@ -194,6 +210,8 @@ class Look(NamedTuple):
     dated: bool = False
     #: The step newly seen is at a function's first instruction (`_at_start`).
     fresh: bool = False
+    #: The followed step is past `TENTATIVE_SHARE` of the threshold: its line.
+    tentative: Stall | None = None
 
 
 class LoopProbe:
@@ -240,6 +258,13 @@ class LoopProbe:
         self.held_since = 0.0
         self.held_beats = 0
         self.stall: Stall | None = None
+        #: The heartbeat posted for the step followed was next in asyncio's
+        #: ready queue: it runs as soon as that step ends (`_post_beat`).
+        self.beat_next = False
+        #: That step's line, seen past half the threshold: its stall if
+        #: the heartbeat then comes a threshold after it was first seen.
+        self.tentative: _Tentative | None = None
+        self.first_beat = 0.0  # written by the loop thread: the first heartbeat after the step followed
         self._stall_lock = threading.Lock()
         self.python_seen = 0.0  # last sample that saw a Python callback frame
         self.gil_lag = 0.0  # how late the last look got the GIL, up to a switch interval
@@ -269,6 +294,8 @@ class LoopProbe:
         # asyncio: Handle._run; uvloop: the frame that called run_forever
         # (matched by code, so it survives the loop being run again).
         self.runner_code = None if caller.f_code is _HANDLE_RUN else caller.f_code
+        if self.beats == self.held_beats:
+            self.first_beat = self.beat_time
         self.beats += 1
         self.beat_pending = False
         # The step followed is over (we run after it): let go of its frame
@@ -313,15 +340,25 @@ class LoopProbe:
         except RuntimeError:
             self.beat_pending = False
 
-    def _post_beat(self) -> None:
+    def _post_beat(self) -> bool:
+        """Queue a heartbeat unless one is queued; whether it was queued
+        now, first in asyncio's ready queue (read under the GIL, which the
+        loop thread waits for): then nothing runs between the callback
+        running now and the heartbeat (what the loop adds later, an I/O
+        event's callback, a timer's, the callback's own, goes after it)."""
         loop = self.loop_ref()
-        if loop is not None and not self.beat_pending:
-            self.beat_pending = True
-            self.beat_posted = _now()
-            try:
-                loop.call_soon_threadsafe(self.beat)
-            except RuntimeError:  # closed between our check and the call
-                self.beat_pending = False
+        if loop is None or self.beat_pending:
+            return False
+        ready = getattr(loop, "_ready", None) if self.pure_asyncio else None
+        first = ready is not None and len(ready) == 0
+        self.beat_pending = True
+        self.beat_posted = _now()
+        try:
+            loop.call_soon_threadsafe(self.beat)
+        except RuntimeError:  # closed between our check and the call
+            self.beat_pending = False
+            return False
+        return first
 
     def callback_frame(self, top: FrameType) -> tuple[FrameType | None, list[FrameType]]:
         """The outermost frame of the running callback, and the frames from
@@ -410,14 +447,18 @@ class LoopProbe:
             fresh = _at_start(chain[0] if chain else top)
             dated = self.pure_asyncio and any(not is_library_file(f.f_code.co_filename) for f in chain)
         captured: Stall | None = None
-        if same_step and self.stall is None and now - self.held_since >= self.threshold_s:
-            captured = self._capture(loop, top, chain)
+        tentative: Stall | None = None
+        if same_step and self.stall is None:
+            if now - self.held_since >= self.threshold_s:
+                captured = self._capture(loop, top, chain)
+            elif self.beat_next and now - self.held_since >= self.threshold_s * TENTATIVE_SHARE:
+                tentative = self._capture(loop, top, chain)
         # The step newly seen, kept like `held` (the probe's, so that
         # `Watchdog.remove` lets go of it): no local of ours refers to the
         # loop or its frames while `settle` reads clocks.
         self.seen = callback if not idle and not same_step else None
         self.seen_beats = self.beats
-        return Look(thread_id, compiled, idle, same_step, early, captured, dated, fresh)
+        return Look(thread_id, compiled, idle, same_step, early, captured, dated, fresh, tentative)
 
     def settle(self, look: Look, now: float, wake: Wake | None) -> float:
         """The second half of a look: the clocks (reads that release the
@@ -459,7 +500,7 @@ class LoopProbe:
             return self.tick_s
         meter.note_others(prev, clocks, thread_id)
         if look.same_step:
-            return self._still(now, look.captured)
+            return self._still(now, look.captured, look.tentative)
         if look.dated and not look.fresh and held_by == "loop" and wake is not None and prev is not None:
             # The loop thread kept the GIL from before this wake-up was due
             # until the step seen now let it go (at its first eval-breaker
@@ -474,12 +515,12 @@ class LoopProbe:
             self.finish(since)
             self._follow(since)
             meter.mark = _mark_at(prev, clocks, since, 2 * self.look_s)
-            self._post_beat()
+            self.beat_next = self._post_beat()
             return min(self.look_s, max(since + self.threshold_s - now, 0.001))
         self.finish(now)
         self._follow(now)
         meter.mark = clocks
-        self._post_beat()
+        self.beat_next = self._post_beat()
         return self.look_s
 
     def _follow(self, since: float) -> None:
@@ -496,9 +537,14 @@ class LoopProbe:
         self.held_beats = self.seen_beats
         self.seen = None
 
-    def _still(self, now: float, captured: Stall | None) -> float:
+    def _still(self, now: float, captured: Stall | None, tentative: Stall | None = None) -> float:
         """The step followed is still running: how soon to look again."""
+        if tentative is not None and captured is None and self.stall is None:
+            self._measure(now, tentative)  # the clocks its finding is scaled from
+            if self.beats == self.held_beats:  # the heartbeat has not ended it meanwhile
+                self.tentative = _Tentative(tentative, self.held_since, self.held_beats, self.meter.mark, self.measured)
         if captured is not None:
+            self.tentative = None
             # Measured before the heartbeat can see it (a read that
             # releases the GIL lets the loop run it).
             self._measure(now, captured)
@@ -634,6 +680,22 @@ class LoopProbe:
             end = self.beat_time  # the loop said when it got free
         self._end_stall(end)
         self.held = None
+        self.beat_next = False
+        pending = self.tentative
+        if pending is None or self.beats == pending.beats:
+            return  # none, or its heartbeat has not run: asyncio is between the step and it
+        self.tentative = None
+        if self.first_beat - pending.since >= self.threshold_s:
+            # No look came between the threshold and the step's end, but its
+            # heartbeat, next in the ready queue, ran a threshold after a look
+            # saw the step: it held the loop that long.  (A 120 ms busy loop
+            # first seen 20 ms in ended before the crossing look, which the
+            # switch interval makes land 5 ms late; a scan holding the GIL to
+            # a step's end kept every look out until asyncio was past it.)
+            self.held_since = pending.since
+            self.meter.mark, self.measured = pending.mark, pending.measured
+            self.stall = pending.stall
+            self._end_stall(self.first_beat, measured=True)
 
     def _measure(self, now: float, stall: Stall) -> None:
         """Where the stall's time went so far (watchdog thread: the reads
@@ -655,6 +717,7 @@ class LoopProbe:
             # here until a report the watchdog thread has begun is out.
             stall, self.stall = self.stall, None
             if stall is not None:
+                self.tentative = None  # this step's stall is out: never a second one
                 self.emit(self._finding(stall, end, measured))
 
     def _finding(self, stall: Stall, end: float, measured: bool) -> Finding:

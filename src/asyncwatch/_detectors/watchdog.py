@@ -162,6 +162,7 @@ class Watchdog:
             probe.nudge = self._nudge
             # What the parent's watchdog was following is the parent's to report.
             probe.held = None
+            probe.tentative = None
             probe.stall = None
             loop = probe.loop_ref()
             if loop is None or loop.is_closed() or loop.is_running() or not probe.enabled:
