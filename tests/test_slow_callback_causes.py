@@ -485,7 +485,10 @@ class TestALoopThatNeverIdles:
                 await asyncio.sleep(0)
 
         watched.run(main, slow_callback_ms=THRESHOLD_MS)
-        assert slow_of(watched) == []
+        # A loaded machine may keep the loop thread off every CPU for longer
+        # than the threshold (measured: 480 ms starved, 8 ms on CPU, load 11):
+        # a stall reported as the machine's, no line blamed, failing nothing.
+        assert [f for f in slow_of(watched) if counts_against_program(f) or f.site is not None] == []
 
     def test_a_chain_of_short_callbacks_for_several_thresholds_is_not_slow(self, watched):
         async def main():
@@ -505,7 +508,10 @@ class TestALoopThatNeverIdles:
             await done
 
         watched.run(main, slow_callback_ms=THRESHOLD_MS)
-        assert slow_of(watched) == []
+        # A loaded machine may keep the loop thread off every CPU for longer
+        # than the threshold (measured: 480 ms starved, 8 ms on CPU, load 11):
+        # a stall reported as the machine's, no line blamed, failing nothing.
+        assert [f for f in slow_of(watched) if counts_against_program(f) or f.site is not None] == []
 
 
 class TestTheStallStateHoldsNoLoop:

@@ -9,37 +9,36 @@ thread's identity (the ``threading`` objects' attributes) and a counter.  It
 reads no file and no other clock: a test suite that forbids blocking calls
 on the loop (anyio's, with blockbuster) must see nothing of ours there.
 Every per-loop object here refers to the loop weakly.
+
+What the stack says is `paused_frames`'; the clocks, `stall_meter`'s.  This
+module stays one concept, past the project's ~450 lines: the state machine
+that follows one step of the loop from the look that first sees it to the
+heartbeat that ends it (followed, tentative, captured, late, compiled),
+whose transitions read and write the same few fields from two threads; split,
+each half would need the other's invariants to be read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import asyncio.events
-import dis
-import gc
 import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable
 from types import CodeType, FrameType
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-from .._core.findings import Finding, Site
-from .._core.frames import frame_site, is_library_file, is_own_file, qualname_of, stack_of
+from .._core.findings import Finding
+from .._core.frames import is_library_file
 from .._core.runtime import report_internal_error, reporting
-from .._core.stepping import STEP_WRAPPER_CODES
-from .._core.tasks import coro_name, created_at
+from .paused_frames import HANDLE_RUN, at_start, callback_frame, own_work, read_stall
 from .stall_cause import Breakdown, GcClock
-from .stall_meter import Clocks, StallMeter, Wake
+from .stall_meter import Clocks, StallMeter, Wake, mark_at
 from .stall_report import COMPILED, Compiled, Stall, stall_finding
 
 __all__ = ["LOOKS_PER_THRESHOLD", "Look", "LoopProbe"]
-
-_HANDLE_RUN = asyncio.events.Handle._run.__code__
-# A traced task's steps run inside asyncwatch's timing wrapper: that frame is
-# the user's step, not asyncwatch's own work.
-_STEP_WRAPPERS = STEP_WRAPPER_CODES
 
 #: How many times per threshold the watchdog looks at a loop that is busy.
 #: The look interval is what a look can miss: a step is first seen up to
@@ -63,126 +62,6 @@ _now = time.perf_counter
 # The interpreter's switch interval when asyncwatch was imported: how long a
 # thread asking for the GIL waits before the holder is asked to let it go.
 _SWITCH_S = sys.getswitchinterval()
-
-
-def _own_work(chain: list[FrameType]) -> bool:
-    """Whether asyncwatch itself (not a wrapped task step) is running."""
-    for frame in chain:
-        code = frame.f_code
-        if code not in _STEP_WRAPPERS and is_own_file(code.co_filename):
-            return True
-    return False
-
-    _current_frames = sys._current_frames
-
-
-# The import system's own frames: a stall with one of these on its stack is
-# start-up work (a module's top level running inside the loop, as uvicorn's
-# workers import the application), not a stall of the running program.
-_IMPORT_FILES = frozenset(("<frozen importlib._bootstrap>", "<frozen importlib._bootstrap_external>"))
-
-
-def _importing(chain: list[FrameType]) -> str | None:
-    """The module the outermost import on *chain* (innermost first) is
-    loading; "" for an import whose name cannot be read; None for no import."""
-    found: str | None = None
-    for frame in chain:
-        if frame.f_code.co_filename in _IMPORT_FILES:
-            if found is None:
-                found = ""
-            if frame.f_code.co_name == "_find_and_load":  # outer ones overwrite inner ones
-                # As _capture reads a Handle: the loop thread is paused here.
-                try:
-                    name = frame.f_locals.get("name")
-                except Exception:
-                    name = None
-                found = name if isinstance(name, str) else found
-    return found
-
-
-# asyncio's own loop machinery: a stack through one of these that never
-# reached Handle._run is the loop between callbacks, not a greenlet.
-_LOOP_MACHINERY = frozenset(
-    (
-        asyncio.base_events.BaseEventLoop._run_once.__code__,  # type: ignore[attr-defined]
-        asyncio.base_events.BaseEventLoop.run_forever.__code__,
-    )
-)
-
-
-# What may stand between a callee's load and its call: its arguments, when
-# each is a single load, and the call's own preludes (3.11's PRECALL, the
-# keyword names).
-_ARGUMENT_LOADS = frozenset(("LOAD_CONST", "LOAD_FAST", "LOAD_DEREF", "LOAD_GLOBAL", "LOAD_NAME", "LOAD_SMALL_INT"))
-_CALL_PRELUDES = frozenset(("PRECALL", "KW_NAMES", "PUSH_NULL"))
-
-
-def _calls_gc_collect(frame: FrameType) -> bool:
-    """Whether *frame* is calling ``gc.collect`` (``gc.collect()``,
-    ``gc.collect(2)``, or ``collect()`` imported from gc): its current
-    instruction is a call whose callee, loaded by that name just before its
-    arguments, is the gc module's.  The bytecode only: no source file (this
-    runs while the loop thread is paused; a read would release the GIL)."""
-    lasti = frame.f_lasti
-    window: list[dis.Instruction] = []
-    for instruction in dis.get_instructions(frame.f_code):
-        if instruction.offset > lasti:
-            break
-        window.append(instruction)
-        del window[:-12]  # the callee is loaded a few instructions before its call
-    # 3.11 specializes a call of a C function into its PRECALL, which makes
-    # the call itself: the frame is then at the PRECALL (same argument count).
-    call = window[-1] if window else None
-    if (
-        call is None
-        or not (call.opname.startswith("CALL") or call.opname == "PRECALL")
-        or not isinstance(call.arg, int)
-    ):
-        return False
-    argc, arguments = window[-1].arg, 0
-    for k in range(len(window) - 2, -1, -1):
-        instruction = window[k]
-        if instruction.opname in _CALL_PRELUDES:
-            continue
-        if instruction.argval == "collect" and arguments == argc:
-            return _is_gc_collect(frame, window, k)
-        if instruction.opname not in _ARGUMENT_LOADS:
-            return False
-        arguments += 1
-    return False
-
-
-def _is_gc_collect(frame: FrameType, window: list[dis.Instruction], k: int) -> bool:
-    """Whether the load at *k* in *window* (named ``collect``) is gc.collect.
-
-    Globals only: reading a frame's ``f_locals`` would leave a dict of the
-    program's locals on the frame (3.11-3.12), which ``gc.get_referrers``
-    then finds (anyio's test_run_sync_worker_cyclic_references does).  A
-    ``gc`` or ``collect`` that is a local name is not told apart."""
-    load = window[k]
-    if load.opname in ("LOAD_ATTR", "LOAD_METHOD"):
-        holder = window[k - 1] if k > 0 else None
-        if holder is None or holder.opname not in ("LOAD_GLOBAL", "LOAD_NAME") or not isinstance(holder.argval, str):
-            return False
-        return frame.f_globals.get(holder.argval) is gc
-    if load.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
-        return frame.f_globals.get("collect") is gc.collect
-    return False
-
-
-_RESUME = dis.opmap["RESUME"]
-
-
-def _at_start(frame: FrameType) -> bool:
-    """Whether *frame* (the innermost of the callback's, under any
-    ``gc.callbacks`` of ours) is at its first instruction (RESUME): the GIL
-    let go when a function was entered.  After a GIL-holding call the loop thread
-    lets it go at the calling line; at the start of a step instead, the hold
-    was the step before's (uvloop's dispatch between the two is compiled,
-    with no eval-breaker check), which this step must not be blamed for."""
-    lasti = frame.f_lasti
-    code = frame.f_code.co_code
-    return 0 <= lasti < len(code) and code[lasti] == _RESUME
 
 
 class _Tentative(NamedTuple):
@@ -293,7 +172,7 @@ class LoopProbe:
         caller = sys._getframe(1)
         # asyncio: Handle._run; uvloop: the frame that called run_forever
         # (matched by code, so it survives the loop being run again).
-        self.runner_code = None if caller.f_code is _HANDLE_RUN else caller.f_code
+        self.runner_code = None if caller.f_code is HANDLE_RUN else caller.f_code
         if self.beats == self.held_beats:
             self.first_beat = self.beat_time
         self.beats += 1
@@ -363,38 +242,7 @@ class LoopProbe:
     def callback_frame(self, top: FrameType) -> tuple[FrameType | None, list[FrameType]]:
         """The outermost frame of the running callback, and the frames from
         *top* down to it (innermost first); (None, []) when idle."""
-        chain: list[FrameType] = []
-        runner = self.runner_code
-        frame: FrameType | None = top
-        own: FrameType | None = frame
-        while own is not None and is_own_file(own.f_code.co_filename):
-            if own.f_code.co_name == "_gc_callback":
-                # One of our gc.callbacks (the collector clock, the never-
-                # awaited detector's), called inside a collection the
-                # program's allocation triggered: the program's frame is the
-                # one below.  (Its call lets the GIL go, which is how a long
-                # C call is often first seen.)
-                frame = own.f_back
-                break
-            own = own.f_back
-        while frame is not None:
-            code = frame.f_code
-            if code is _HANDLE_RUN and not chain:
-                # asyncio is running a callback with no Python frame of its
-                # own (a C function such as time.sleep): follow Handle._run.
-                return frame, []
-            if code is _HANDLE_RUN or code is runner:
-                return (chain[-1] if chain else None), chain
-            if code in _LOOP_MACHINERY:
-                return None, []  # asyncio between callbacks
-            chain.append(frame)
-            frame = frame.f_back
-        if chain and "greenlet" in sys.modules and (runner is not None or self.pure_asyncio):
-            # The stack ended (f_back None) short of the dispatch: a greenlet
-            # switched to inside a callback.  Its first frame stands for the
-            # callback; the heartbeat tells one long switch-in from many.
-            return chain[-1], chain
-        return None, []
+        return callback_frame(top, self.runner_code, self.pure_asyncio)
 
     def sample(self, frames: dict[int, FrameType], now: float, wake: Wake | None = None) -> Look | float | None:
         """Look at the loop's stack (first half of a look; nothing here
@@ -433,7 +281,7 @@ class LoopProbe:
             self.python_seen = now
         # Idle, in the loop's own machinery, or in asyncwatch's own work,
         # which must never make user code look slow.
-        idle = callback is None or _own_work(chain)
+        idle = callback is None or own_work(chain)
         same_step = not idle and callback is self.held and self.beats == self.held_beats
         late = wake.raw if wake is not None else 0.0
         self.meter.glance(thread_id, late, self.threshold_s)
@@ -444,7 +292,7 @@ class LoopProbe:
         if not idle and not same_step and late >= self.look_s:
             if late >= self.threshold_s:
                 early = self._capture(loop, top, chain)
-            fresh = _at_start(chain[0] if chain else top)
+            fresh = at_start(chain[0] if chain else top)
             dated = self.pure_asyncio and any(not is_library_file(f.f_code.co_filename) for f in chain)
         captured: Stall | None = None
         tentative: Stall | None = None
@@ -514,7 +362,7 @@ class LoopProbe:
             since = now - wake.late()
             self.finish(since)
             self._follow(since)
-            meter.mark = _mark_at(prev, clocks, since, 2 * self.look_s)
+            meter.mark = mark_at(prev, clocks, since, 2 * self.look_s)
             self.beat_next = self._post_beat()
             return min(self.look_s, max(since + self.threshold_s - now, 0.001))
         self.finish(now)
@@ -587,7 +435,7 @@ class LoopProbe:
         since this wake-up was due."""
         self.finish(since)
         self._follow(since)
-        self.meter.mark = _mark_at(prev, clocks, since, 2 * self.look_s)
+        self.meter.mark = mark_at(prev, clocks, since, 2 * self.look_s)
         stall.late = True
         self._measure(now, stall)  # before the heartbeat can see it
         self.stall = stall
@@ -626,52 +474,9 @@ class LoopProbe:
         return tick
 
     def _capture(self, loop: asyncio.AbstractEventLoop, top: FrameType, chain: list[FrameType]) -> Stall:
-        # The innermost application frame *of this callback*: never further
-        # out than the loop's dispatch (that is whoever runs the loop).
-        importing = _importing(chain)
-        blocking = next((f for f in chain if not is_library_file(f.f_code.co_filename)), None)
-        if importing is not None and blocking is not None and blocking.f_code.co_filename.startswith("<"):
-            # Code a library exec'd while being imported (dataclasses'
-            # "<string>" __init__): the application's line is the import.
-            blocking = next(
-                (
-                    f
-                    for f in chain
-                    if not is_library_file(f.f_code.co_filename) and not f.f_code.co_filename.startswith("<")
-                ),
-                blocking,
-            )
-        site = frame_site(blocking) if blocking is not None else None
-        task: Any = asyncio.current_task(loop)
-        callback: str | None = None
-        created: Site | None = None
-        if task is not None:
-            name: str | None = task.get_name()
-            coroutine = coro_name(task)
-            created = created_at(task)
-        else:
-            name = coroutine = None
-            if chain:
-                callback = chain[-1].f_code.co_qualname
-            elif top.f_code is _HANDLE_RUN:
-                handle = top.f_locals.get("self")  # the Handle: names the C callback
-                callback = qualname_of(getattr(handle, "_callback", None))
-                del handle
-        del task  # never keep the user's task alive
-        library_only = bool(chain) and blocking is None
-        explicit_gc = blocking is not None and _calls_gc_collect(blocking)
-        self.meter.captured(self.thread_id, self.native_id, library_only)
-        return Stall(
-            site,
-            stack_of(chain),
-            name,
-            coroutine,
-            callback,
-            importing=_importing(chain),
-            created_at=created,
-            library_only=library_only,
-            explicit_gc=explicit_gc,
-        )
+        stall = read_stall(loop, top, chain)
+        self.meter.captured(self.thread_id, self.native_id, stall.library_only)
+        return stall
 
     def finish(self, now: float) -> None:
         """The followed callback is over (watchdog thread); report a stall."""
@@ -733,26 +538,3 @@ class LoopProbe:
             breakdown, holder = self.measured
         self.measured = (None, None)
         return stall_finding(stall, end - self.held_since, self.threshold_s, breakdown, holder)
-
-
-def _mark_at(prev: Clocks, clocks: Clocks, since: float, fresh_s: float) -> Clocks:
-    """The clocks a late stall's breakdown starts from: the previous look's,
-    or, when that look is older than *fresh_s* (the loop's first step,
-    compared with clocks read while it was parked), the clocks now taken back
-    to *since*: the loop thread on CPU all along (it held the GIL; or the
-    collector did, whose clock says so), with no wait for a CPU measured."""
-    if prev.wall >= since - fresh_s:
-        return prev
-    span = max(clocks.wall - since, 0.0)
-    loop_cpu = min(clocks.loop_cpu - prev.loop_cpu, span)
-    gc_time = min(clocks.gc - prev.gc, span)
-    return Clocks(
-        since,
-        clocks.loop_cpu - loop_cpu,
-        clocks.loop_wait,
-        clocks.process_cpu - loop_cpu,
-        clocks.gc - gc_time,
-        prev.foreign,
-        clocks.own_cpu,
-        clocks.reader,
-    )

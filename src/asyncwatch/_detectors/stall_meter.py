@@ -20,7 +20,7 @@ from typing import NamedTuple
 from . import stall_cause
 from .stall_cause import Breakdown, GcClock, ThreadClock
 
-__all__ = ["Clocks", "StallMeter", "Wake"]
+__all__ = ["Clocks", "StallMeter", "Wake", "mark_at"]
 
 
 class Clocks(NamedTuple):
@@ -255,3 +255,26 @@ class StallMeter:
         gc_time = max(self.gc_clock.read(end) - mark.gc, 0.0)
         pauses = self.gc_clock.pauses_since(mark.wall, end, GcClock.PAUSE_FLOOR_S)
         return Breakdown(wall, loop_cpu, max(starved, 0.0), gc_time, gil, others, pauses), holder
+
+
+def mark_at(prev: Clocks, clocks: Clocks, since: float, fresh_s: float) -> Clocks:
+    """The clocks a late stall's breakdown starts from: the previous look's,
+    or, when that look is older than *fresh_s* (the loop's first step,
+    compared with clocks read while it was parked), the clocks now taken back
+    to *since*: the loop thread on CPU all along (it held the GIL; or the
+    collector did, whose clock says so), with no wait for a CPU measured."""
+    if prev.wall >= since - fresh_s:
+        return prev
+    span = max(clocks.wall - since, 0.0)
+    loop_cpu = min(clocks.loop_cpu - prev.loop_cpu, span)
+    gc_time = min(clocks.gc - prev.gc, span)
+    return Clocks(
+        since,
+        clocks.loop_cpu - loop_cpu,
+        clocks.loop_wait,
+        clocks.process_cpu - loop_cpu,
+        clocks.gc - gc_time,
+        prev.foreign,
+        clocks.own_cpu,
+        clocks.reader,
+    )
