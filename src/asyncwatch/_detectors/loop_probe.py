@@ -292,7 +292,7 @@ class LoopProbe:
         if not idle and not same_step and late >= self.look_s:
             if late >= self.threshold_s:
                 early = self._capture(loop, top, chain)
-            fresh = at_start(chain[0] if chain else top)
+            fresh = at_start(chain[-1] if chain else top)
             dated = self.pure_asyncio and any(not is_library_file(f.f_code.co_filename) for f in chain)
         captured: Stall | None = None
         tentative: Stall | None = None

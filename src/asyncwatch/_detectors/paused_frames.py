@@ -139,12 +139,14 @@ _RESUME = dis.opmap["RESUME"]
 
 
 def at_start(frame: FrameType) -> bool:
-    """Whether *frame* (the innermost of the callback's, under any
-    ``gc.callbacks`` of ours) is at its first instruction (RESUME): the GIL
-    let go when a function was entered.  After a GIL-holding call the loop thread
-    lets it go at the calling line; at the start of a step instead, the hold
-    was the step before's (uvloop's dispatch between the two is compiled,
-    with no eval-breaker check), which this step must not be blamed for."""
+    """Whether *frame* is at its first instruction (RESUME): the GIL let go
+    as the function was entered.  Asked of a step's outermost frame after a
+    hold of the loop thread's: a step that has just begun was let in by the
+    step before's hold (uvloop's dispatch between the two is compiled, with
+    no eval-breaker check), which it must not be blamed for.  (Asked of the
+    innermost frame instead, it also rejected the step's own hold: 3.12 can
+    let the GIL go only at the next function the step enters, such as the
+    ``asyncio.sleep`` after a ``sorted()``.)"""
     lasti = frame.f_lasti
     code = frame.f_code.co_code
     return 0 <= lasti < len(code) and code[lasti] == _RESUME
