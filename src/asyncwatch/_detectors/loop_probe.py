@@ -284,15 +284,18 @@ class LoopProbe:
         idle = callback is None or own_work(chain)
         same_step = not idle and callback is self.held and self.beats == self.held_beats
         late = wake.raw if wake is not None else 0.0
-        self.meter.glance(thread_id, late, self.threshold_s)
         # Every frame is read before the clocks: reading /proc releases the
         # GIL, and the loop thread, given it, moves on from the line it was at.
+        # The line first of all: Python work of ours past the switch interval
+        # lets the loop thread, waiting for the GIL, take it back (a late
+        # look that read the other threads' clocks first saw the line after
+        # a str.join, or the step over, 3 runs in 4 on 3.12).
         early: Stall | None = None
         dated = fresh = False
         if not idle and not same_step and late >= self.look_s:
+            fresh = at_start(chain[-1] if chain else top)
             if late >= self.threshold_s:
                 early = self._capture(loop, top, chain)
-            fresh = at_start(chain[-1] if chain else top)
             dated = self.pure_asyncio and any(not is_library_file(f.f_code.co_filename) for f in chain)
         captured: Stall | None = None
         tentative: Stall | None = None
@@ -301,6 +304,7 @@ class LoopProbe:
                 captured = self._capture(loop, top, chain)
             elif self.beat_next and now - self.held_since >= self.threshold_s * TENTATIVE_SHARE:
                 tentative = self._capture(loop, top, chain)
+        self.meter.glance(thread_id, late, self.threshold_s)
         # The step newly seen, kept like `held` (the probe's, so that
         # `Watchdog.remove` lets go of it): no local of ours refers to the
         # loop or its frames while `settle` reads clocks.
