@@ -28,9 +28,6 @@ from .stall_meter import Wake
 __all__ = ["Watchdog"]
 
 _now = time.perf_counter
-#: A look that took this long waited for the GIL (a look takes well under a
-#: millisecond): four switch intervals, as `stall_meter`'s gate.
-_OVERRUN_S = 4 * sys.getswitchinterval()
 #: The longest an exit waits for a look in progress (a look takes a few
 #: milliseconds; its clock reads wait for a CPU on a loaded machine).
 _FLUSH_WAIT_S = 1.0
@@ -202,8 +199,6 @@ class Watchdog:
         # would move on from that step before we looked (3.12, loaded: the
         # first step's json.loads went unreported one run in six).
         own: ThreadClock | None = None
-        waited: tuple[float, int] | None = None
-        again = False  # the look just made was an overrun's look again
         wake = Wake(max(_now() - self._woken_at, 0.0))
         try:
             while True:
@@ -218,23 +213,10 @@ class Watchdog:
                     self._wake.wait()
                     wake = Wake(0.0)
                     continue
-                started = _now()
                 delay = self._sample_all(wake)
                 del wake
                 if delay is None:
                     return
-                spent = _now() - started
-                if spent >= _OVERRUN_S and not again:
-                    # The look itself waited for the GIL (a read of ours let
-                    # it go, and a call of the loop's held it): look again at
-                    # once, before anything of ours lets it go, while the loop
-                    # thread is still at the line it let go at.  A str.join
-                    # that began during our reads was otherwise never seen
-                    # (3 runs in 4 on 3.12).  Our waits for a CPU since the
-                    # last sleep began are left out of it.
-                    wake, again = Wake(spent, own, waited), True
-                    continue
-                again = False
                 if own is None:
                     own = ThreadClock(threading.get_ident(), threading.get_native_id())
                 waited = own.waits()
