@@ -14,6 +14,8 @@ import threading
 import time
 import weakref
 
+import pytest
+
 import asyncwatch
 from conftest import base_factory, gc_collect_harder, line_of
 
@@ -26,6 +28,21 @@ def assert_duration(finding, expected=BLOCK_S):
     """The measured duration is that of the blocking step, within generous margins."""
     assert finding.duration_s is not None
     assert expected - 0.05 <= finding.duration_s < expected + 0.35, finding.duration_s
+
+
+def scan_size_for(cpu_s):
+    """How long a list of ints ``-1 in items`` takes about *cpu_s* of CPU to
+    scan: one instruction (no call, so no eval-breaker check after it)
+    holding the GIL (CPU time: a loaded machine does not stretch it)."""
+    n = 1_000_000
+    while True:
+        items = list(range(n))
+        start = time.thread_time()
+        -1 in items  # noqa: B015
+        spent = time.thread_time() - start
+        if spent >= 0.005:
+            return int(n * cpu_s / spent)
+        n *= 2
 
 
 def stack_lines(finding):
@@ -180,6 +197,37 @@ class TestBlockingTaskStep:
         assert [f.site.line for f in slow] == [line_of("# <- first block"), line_of("# <- second block")]
         for finding in slow:
             assert_duration(finding)
+
+
+class TestAStepJustOverTheThreshold:
+    def test_a_step_whose_end_no_look_saw_is_timed_by_its_heartbeat(self, watched):
+        """No look can come between the threshold and the step's end: the
+        step ends with a list scan that holds the GIL past the crossing and
+        returns with no eval-breaker check in the step, so the next look
+        finds asyncio between callbacks.  Its heartbeat, next in the ready
+        queue, says when it ended.  asyncio only: uvloop's ready queue
+        cannot be read, so there the heartbeat may run after other
+        callbacks."""
+        if watched.loop_name != "asyncio":
+            pytest.skip("the heartbeat is known to run right after the step only on asyncio's loop")
+        items = list(range(scan_size_for(0.06)))
+
+        async def work():
+            time.sleep(0.07)  # <- sleeps, then scans to the step's end
+            return -1 in items
+
+        async def main():
+            await asyncio.sleep(0.02)
+            await asyncio.create_task(work())
+            await asyncio.sleep(0.02)
+
+        watched.run(main, slow_callback_ms=THRESHOLD_MS)
+
+        [finding] = watched.of("slow_callback")
+        assert finding.site is not None
+        assert finding.site.line == line_of("# <- sleeps, then scans to the step's end")
+        assert finding.coroutine == work.__qualname__
+        assert finding.duration_s is not None and finding.duration_s >= THRESHOLD_MS / 1000
 
 
 class TestBlockingPlainCallback:

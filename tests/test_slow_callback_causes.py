@@ -23,9 +23,11 @@ import pytest
 
 import asyncwatch
 from asyncwatch._core.findings import NOT_THE_PROGRAMS, Finding, FindingKind, Site, counts_against_program
+from asyncwatch._detectors.loop_probe import LoopProbe
 from asyncwatch._detectors.stall_cause import Breakdown, GcClock, classify
 from asyncwatch._detectors.stall_meter import Clocks, StallMeter, Wake
 from asyncwatch._detectors.stall_report import Stall, stall_finding
+from asyncwatch._detectors.watchdog import Watchdog
 from asyncwatch.testing import CollectingReporter
 from conftest import base_factory, line_of
 
@@ -37,6 +39,21 @@ BIG_BODY = json.dumps([i * 0.5 for i in range(3_000_000)])
 SMALL_BODY = json.dumps([{"a": i} for i in range(500)])  # well under 1 ms
 # (a+)+$ against a's then a b backtracks 2**n times, in C, holding the GIL: ~0.5 s.
 BACKTRACK = "a" * 24 + "b"
+
+
+def sort_size_for(cpu_s):
+    """How many shuffled ints ``sorted`` takes about *cpu_s* of CPU to sort,
+    in one C call holding the GIL (measured in CPU time, which a loaded
+    machine does not stretch)."""
+    n = 50_000
+    while True:
+        items = shuffled(n)
+        start = time.thread_time()
+        sorted(items)
+        spent = time.thread_time() - start
+        if spent >= 0.01:
+            return int(n * cpu_s / spent)
+        n *= 2
 
 
 def shuffled(n):
@@ -143,6 +160,37 @@ class TestBlockingThatHoldsTheGil:
         assert finding.site is not None
         assert finding.site.line == line_of("# <- helper parses")
         assert (__file__, line_of("# <- calls the parser")) in [(s.file, s.line) for s in finding.stack]
+
+    def test_calls_each_under_the_threshold_in_one_step_are_one_stall(self, watched):
+        """The watchdog's first look at the step comes late, as the first call
+        returns: the step is timed from when that look was due, not from the
+        look (a json.loads of 1.3x the threshold, first seen 36 ms into it,
+        was never reported).  Four sorts of 0.3 threshold each: timed from
+        the look after the first, the step was 0.9 threshold.  asyncio only:
+        uvloop's dispatch between two steps is compiled, so a late look
+        cannot tell this step's hold from the one before's."""
+        if watched.loop_name != "asyncio":
+            pytest.skip("a late look dates a step only where the loop's dispatch is Python")
+        items = shuffled(sort_size_for(0.3 * THRESHOLD_MS / 1000))
+
+        async def main():
+            await asyncio.sleep(0.02)
+            sorted(items)  # <- first sort
+            sorted(items)
+            sorted(items)
+            sorted(items)  # <- last sort
+            await asyncio.sleep(0.02)
+
+        watched.run(main, slow_callback_ms=THRESHOLD_MS)
+
+        [finding] = slow_of(watched)
+        assert finding.cause == "cpu"
+        assert finding.site is not None
+        # Seen at a sort once it returned: the one running as the step
+        # crossed the threshold (the last on a quiet machine).
+        first, last = line_of("# <- first sort"), line_of("# <- last sort")
+        assert first <= finding.site.line <= last + 1, finding.site
+        assert finding.duration_s is not None and finding.duration_s >= THRESHOLD_MS / 1000
 
     def test_short_c_calls_below_the_threshold_are_not_reported(self, watched):
         """Many short GIL-holding calls, each in its own step, add up to no stall."""
@@ -438,7 +486,10 @@ class TestALoopThatNeverIdles:
                 await asyncio.sleep(0)
 
         watched.run(main, slow_callback_ms=THRESHOLD_MS)
-        assert slow_of(watched) == []
+        # A loaded machine may keep the loop thread off every CPU for longer
+        # than the threshold (measured: 480 ms starved, 8 ms on CPU, load 11):
+        # a stall reported as the machine's, no line blamed, failing nothing.
+        assert [f for f in slow_of(watched) if counts_against_program(f) or f.site is not None] == []
 
     def test_a_chain_of_short_callbacks_for_several_thresholds_is_not_slow(self, watched):
         async def main():
@@ -458,7 +509,10 @@ class TestALoopThatNeverIdles:
             await done
 
         watched.run(main, slow_callback_ms=THRESHOLD_MS)
-        assert slow_of(watched) == []
+        # A loaded machine may keep the loop thread off every CPU for longer
+        # than the threshold (measured: 480 ms starved, 8 ms on CPU, load 11):
+        # a stall reported as the machine's, no line blamed, failing nothing.
+        assert [f for f in slow_of(watched) if counts_against_program(f) or f.site is not None] == []
 
 
 class TestTheStallStateHoldsNoLoop:
@@ -495,6 +549,61 @@ class TestTheStallStateHoldsNoLoop:
         assert finding.site is not None and finding.site.function.endswith("<locals>.main")
         if how == "sleep":
             assert finding.site.line == line_of("# <- sleeps with the loop in a local")
+
+
+class TestALoopClosingDuringALook:
+    def test_a_late_stall_captured_as_the_loop_closes_is_timed_from_its_start(self):
+        """A last step's list.sort held the GIL (uvloop, two CPU burners): the
+        loop closed while the watchdog read its clocks, and the stall, reported
+        at once, was timed from the probe's initial zero (22789 s)."""
+        emitted = []
+        loop = asyncio.new_event_loop()
+        try:
+            probe = LoopProbe(loop, THRESHOLD_MS / 1000, emitted.append)
+            probe.enabled = False  # Watchdog.remove ran while settle read the clocks
+            me = threading.get_ident()
+            now = time.perf_counter()
+            prev = Clocks(now - 0.3, 1.0, 0.0, 1.0, 0.0, 0.0, own_cpu=0.1, reader=me)
+            clocks = Clocks(now, 1.25, 0.0, 1.25, 0.0, 0.0, own_cpu=0.1, reader=me)
+            line = Site(__file__, 1, "main")
+            probe._late_stall(Stall(line, (line,), "Task-1", "main", None), now - 0.25, prev, clocks, now)
+        finally:
+            loop.close()
+        [finding] = emitted
+        assert finding.site == line
+        assert 0.2 <= finding.duration_s <= 0.3, finding.duration_s
+
+
+class TestAnExitDuringALook:
+    def test_a_stall_a_look_records_as_the_program_exits_is_flushed(self):
+        """A late look captures a stall, then reads clocks (letting the GIL
+        go) before it records it; the program, ended meanwhile, flushes at
+        exit: the flush waits for that look (a task's last step held the
+        GIL in sorted(); its stall was lost 1 run in 3 on 3.12)."""
+        emitted = []
+        loop = asyncio.new_event_loop()
+        watchdog = Watchdog()
+        try:
+            probe = LoopProbe(loop, THRESHOLD_MS / 1000, emitted.append)
+            watchdog._probes.append(probe)
+            line = Site(__file__, 1, "main")
+            watchdog._done_looking.clear()  # a look is reading its clocks
+            watchdog._thread = threading.Thread(target=lambda: None)  # the watchdog, not us
+
+            def the_look_records_its_stall():
+                time.sleep(0.05)
+                probe.held_since = time.perf_counter() - 0.2
+                probe.stall = Stall(line, (line,), "Task-2", "compute", None)
+                watchdog._done_looking.set()
+
+            looking = threading.Thread(target=the_look_records_its_stall)
+            looking.start()
+            watchdog.flush()  # at exit
+            looking.join()
+        finally:
+            watchdog._thread = None
+            loop.close()
+        assert [f.site for f in emitted] == [line]
 
 
 class TestTheCauseModel:
@@ -597,6 +706,33 @@ class TestTheCauseModel:
         parked = Clocks(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, own_cpu=1.6, reader=2)
         after = self.clocks(0.31, process_cpu=0.302, own_cpu=0.002)
         assert meter.late_hold(parked, after, wake, 1, self.T) == "foreign"
+
+    def test_a_watchdog_late_only_by_waiting_for_a_cpu_names_no_gil_holder(self):
+        """A sleep on the loop with two CPU burners beside the process (uvloop,
+        3.11, measured): the watchdog's wake-up came 40 ms late, 38 ms of it
+        waiting for a CPU, and the only CPU the process used meanwhile was the
+        watchdog's own.  No other thread held the GIL: a sleep reported as
+        cause gil lost its line."""
+
+        class WaitingClock:
+            def __init__(self, waits):
+                self.waits_now = waits
+
+            def waits(self):
+                return self.waits_now
+
+        me = threading.get_ident()
+        meter = StallMeter(GcClock())
+        prev = Clocks(1.0, 0.5, 0.0, 2.0, 0.0, 0.0, own_cpu=0.3, reader=me)
+        now = Clocks(1.05, 0.5, 0.0, 2.002, 0.0, 0.0, own_cpu=0.302, reader=me)
+        wake = Wake(0.04, WaitingClock((0.238, 12)), (0.2, 10))
+        assert meter.late_hold(prev, now, wake, thread_id=1, threshold_s=self.T) is None
+        assert meter.foreign == 0.0
+        # Another thread that ran meanwhile, late by far more than our waits: gil.
+        busy = Clocks(1.3, 0.5, 0.0, 2.27, 0.0, 0.0, own_cpu=0.302, reader=me)
+        late = Wake(0.29, WaitingClock((0.21, 12)), (0.2, 10))
+        assert meter.late_hold(prev, busy, late, thread_id=1, threshold_s=self.T) == "foreign"
+        assert meter.foreign > 0.25
 
     def test_a_collection_in_a_short_step_is_gc(self):
         assert classify(self.breakdown(0.3, cpu=0.29, gc=0.27), self.T) == "gc"

@@ -9,37 +9,36 @@ thread's identity (the ``threading`` objects' attributes) and a counter.  It
 reads no file and no other clock: a test suite that forbids blocking calls
 on the loop (anyio's, with blockbuster) must see nothing of ours there.
 Every per-loop object here refers to the loop weakly.
+
+What the stack says is `paused_frames`'; the clocks, `stall_meter`'s.  This
+module stays one concept, past the project's ~450 lines: the state machine
+that follows one step of the loop from the look that first sees it to the
+heartbeat that ends it (followed, tentative, captured, late, compiled),
+whose transitions read and write the same few fields from two threads; split,
+each half would need the other's invariants to be read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import asyncio.events
-import dis
-import gc
 import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable
 from types import CodeType, FrameType
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-from .._core.findings import Finding, Site
-from .._core.frames import frame_site, is_library_file, is_own_file, qualname_of, stack_of
+from .._core.findings import Finding
+from .._core.frames import is_library_file
 from .._core.runtime import report_internal_error, reporting
-from .._core.stepping import STEP_WRAPPER_CODES
-from .._core.tasks import coro_name, created_at
+from .paused_frames import HANDLE_RUN, at_start, callback_frame, own_work, read_stall
 from .stall_cause import Breakdown, GcClock
-from .stall_meter import Clocks, StallMeter, Wake
+from .stall_meter import Clocks, StallMeter, Wake, mark_at
 from .stall_report import COMPILED, Compiled, Stall, stall_finding
 
 __all__ = ["LOOKS_PER_THRESHOLD", "Look", "LoopProbe"]
-
-_HANDLE_RUN = asyncio.events.Handle._run.__code__
-# A traced task's steps run inside asyncwatch's timing wrapper: that frame is
-# the user's step, not asyncwatch's own work.
-_STEP_WRAPPERS = STEP_WRAPPER_CODES
 
 #: How many times per threshold the watchdog looks at a loop that is busy.
 #: The look interval is what a look can miss: a step is first seen up to
@@ -54,112 +53,26 @@ _STEP_WRAPPERS = STEP_WRAPPER_CODES
 #: GIL from the loop once, without the loop thread reading any clock).
 LOOKS_PER_THRESHOLD = 10
 
+#: Of the threshold, how long a step must have been followed for its line to
+#: be kept in case no look comes between the threshold and its end (asyncio,
+#: where the heartbeat dates the end exactly: see `LoopProbe.finish`).
+TENTATIVE_SHARE = 0.5
+
 _now = time.perf_counter
+# The interpreter's switch interval when asyncwatch was imported: how long a
+# thread asking for the GIL waits before the holder is asked to let it go.
+_SWITCH_S = sys.getswitchinterval()
 
 
-def _own_work(chain: list[FrameType]) -> bool:
-    """Whether asyncwatch itself (not a wrapped task step) is running."""
-    for frame in chain:
-        code = frame.f_code
-        if code not in _STEP_WRAPPERS and is_own_file(code.co_filename):
-            return True
-    return False
+class _Tentative(NamedTuple):
+    """A followed step's line past `TENTATIVE_SHARE` of the threshold, with
+    what its finding needs if its heartbeat proves it a stall."""
 
-    _current_frames = sys._current_frames
-
-
-# The import system's own frames: a stall with one of these on its stack is
-# start-up work (a module's top level running inside the loop, as uvicorn's
-# workers import the application), not a stall of the running program.
-_IMPORT_FILES = frozenset(("<frozen importlib._bootstrap>", "<frozen importlib._bootstrap_external>"))
-
-
-def _importing(chain: list[FrameType]) -> str | None:
-    """The module the outermost import on *chain* (innermost first) is
-    loading; "" for an import whose name cannot be read; None for no import."""
-    found: str | None = None
-    for frame in chain:
-        if frame.f_code.co_filename in _IMPORT_FILES:
-            if found is None:
-                found = ""
-            if frame.f_code.co_name == "_find_and_load":  # outer ones overwrite inner ones
-                # As _capture reads a Handle: the loop thread is paused here.
-                try:
-                    name = frame.f_locals.get("name")
-                except Exception:
-                    name = None
-                found = name if isinstance(name, str) else found
-    return found
-
-
-# asyncio's own loop machinery: a stack through one of these that never
-# reached Handle._run is the loop between callbacks, not a greenlet.
-_LOOP_MACHINERY = frozenset(
-    (
-        asyncio.base_events.BaseEventLoop._run_once.__code__,  # type: ignore[attr-defined]
-        asyncio.base_events.BaseEventLoop.run_forever.__code__,
-    )
-)
-
-
-# What may stand between a callee's load and its call: its arguments, when
-# each is a single load, and the call's own preludes (3.11's PRECALL, the
-# keyword names).
-_ARGUMENT_LOADS = frozenset(("LOAD_CONST", "LOAD_FAST", "LOAD_DEREF", "LOAD_GLOBAL", "LOAD_NAME", "LOAD_SMALL_INT"))
-_CALL_PRELUDES = frozenset(("PRECALL", "KW_NAMES", "PUSH_NULL"))
-
-
-def _calls_gc_collect(frame: FrameType) -> bool:
-    """Whether *frame* is calling ``gc.collect`` (``gc.collect()``,
-    ``gc.collect(2)``, or ``collect()`` imported from gc): its current
-    instruction is a call whose callee, loaded by that name just before its
-    arguments, is the gc module's.  The bytecode only: no source file (this
-    runs while the loop thread is paused; a read would release the GIL)."""
-    lasti = frame.f_lasti
-    window: list[dis.Instruction] = []
-    for instruction in dis.get_instructions(frame.f_code):
-        if instruction.offset > lasti:
-            break
-        window.append(instruction)
-        del window[:-12]  # the callee is loaded a few instructions before its call
-    # 3.11 specializes a call of a C function into its PRECALL, which makes
-    # the call itself: the frame is then at the PRECALL (same argument count).
-    call = window[-1] if window else None
-    if (
-        call is None
-        or not (call.opname.startswith("CALL") or call.opname == "PRECALL")
-        or not isinstance(call.arg, int)
-    ):
-        return False
-    argc, arguments = window[-1].arg, 0
-    for k in range(len(window) - 2, -1, -1):
-        instruction = window[k]
-        if instruction.opname in _CALL_PRELUDES:
-            continue
-        if instruction.argval == "collect" and arguments == argc:
-            return _is_gc_collect(frame, window, k)
-        if instruction.opname not in _ARGUMENT_LOADS:
-            return False
-        arguments += 1
-    return False
-
-
-def _is_gc_collect(frame: FrameType, window: list[dis.Instruction], k: int) -> bool:
-    """Whether the load at *k* in *window* (named ``collect``) is gc.collect.
-
-    Globals only: reading a frame's ``f_locals`` would leave a dict of the
-    program's locals on the frame (3.11-3.12), which ``gc.get_referrers``
-    then finds (anyio's test_run_sync_worker_cyclic_references does).  A
-    ``gc`` or ``collect`` that is a local name is not told apart."""
-    load = window[k]
-    if load.opname in ("LOAD_ATTR", "LOAD_METHOD"):
-        holder = window[k - 1] if k > 0 else None
-        if holder is None or holder.opname not in ("LOAD_GLOBAL", "LOAD_NAME") or not isinstance(holder.argval, str):
-            return False
-        return frame.f_globals.get(holder.argval) is gc
-    if load.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
-        return frame.f_globals.get("collect") is gc.collect
-    return False
+    stall: Stall
+    since: float  # when a look first saw the step
+    beats: int  # the heartbeat count then
+    mark: Clocks | None
+    measured: tuple[Breakdown | None, str | None]
 
 
 class Look(NamedTuple):
@@ -171,6 +84,13 @@ class Look(NamedTuple):
     same_step: bool
     early: Stall | None  # a wake-up late by the threshold: the line running
     captured: Stall | None  # the followed step crossed the threshold: its line
+    #: A step newly seen by a late wake-up, at a line of the program, on a
+    #: loop whose dispatch is Python: it held the GIL since before the look.
+    dated: bool = False
+    #: The step newly seen is at a function's first instruction (`_at_start`).
+    fresh: bool = False
+    #: The followed step is past `TENTATIVE_SHARE` of the threshold: its line.
+    tentative: Stall | None = None
 
 
 class LoopProbe:
@@ -217,8 +137,16 @@ class LoopProbe:
         self.held_since = 0.0
         self.held_beats = 0
         self.stall: Stall | None = None
+        #: The heartbeat posted for the step followed was next in asyncio's
+        #: ready queue: it runs as soon as that step ends (`_post_beat`).
+        self.beat_next = False
+        #: That step's line, seen past half the threshold: its stall if
+        #: the heartbeat then comes a threshold after it was first seen.
+        self.tentative: _Tentative | None = None
+        self.first_beat = 0.0  # written by the loop thread: the first heartbeat after the step followed
         self._stall_lock = threading.Lock()
         self.python_seen = 0.0  # last sample that saw a Python callback frame
+        self.gil_lag = 0.0  # how late the last look got the GIL, up to a switch interval
         #: The stall's breakdown and GIL holder at the last look during it.
         self.measured: tuple[Breakdown | None, str | None] = (None, None)
         #: Why the loop stalled: its clocks, read by the watchdog.
@@ -244,7 +172,9 @@ class LoopProbe:
         caller = sys._getframe(1)
         # asyncio: Handle._run; uvloop: the frame that called run_forever
         # (matched by code, so it survives the loop being run again).
-        self.runner_code = None if caller.f_code is _HANDLE_RUN else caller.f_code
+        self.runner_code = None if caller.f_code is HANDLE_RUN else caller.f_code
+        if self.beats == self.held_beats:
+            self.first_beat = self.beat_time
         self.beats += 1
         self.beat_pending = False
         # The step followed is over (we run after it): let go of its frame
@@ -289,51 +219,30 @@ class LoopProbe:
         except RuntimeError:
             self.beat_pending = False
 
-    def _post_beat(self) -> None:
+    def _post_beat(self) -> bool:
+        """Queue a heartbeat unless one is queued; whether it was queued
+        now, first in asyncio's ready queue (read under the GIL, which the
+        loop thread waits for): then nothing runs between the callback
+        running now and the heartbeat (what the loop adds later, an I/O
+        event's callback, a timer's, the callback's own, goes after it)."""
         loop = self.loop_ref()
-        if loop is not None and not self.beat_pending:
-            self.beat_pending = True
-            self.beat_posted = _now()
-            try:
-                loop.call_soon_threadsafe(self.beat)
-            except RuntimeError:  # closed between our check and the call
-                self.beat_pending = False
+        if loop is None or self.beat_pending:
+            return False
+        ready = getattr(loop, "_ready", None) if self.pure_asyncio else None
+        first = ready is not None and len(ready) == 0
+        self.beat_pending = True
+        self.beat_posted = _now()
+        try:
+            loop.call_soon_threadsafe(self.beat)
+        except RuntimeError:  # closed between our check and the call
+            self.beat_pending = False
+            return False
+        return first
 
     def callback_frame(self, top: FrameType) -> tuple[FrameType | None, list[FrameType]]:
         """The outermost frame of the running callback, and the frames from
         *top* down to it (innermost first); (None, []) when idle."""
-        chain: list[FrameType] = []
-        runner = self.runner_code
-        frame: FrameType | None = top
-        own: FrameType | None = frame
-        while own is not None and is_own_file(own.f_code.co_filename):
-            if own.f_code.co_name == "_gc_callback":
-                # One of our gc.callbacks (the collector clock's, or
-                # _core.collecting's, named so for this), called inside a collection the
-                # program's allocation triggered: the program's frame is the
-                # one below.  (Its call lets the GIL go, which is how a long
-                # C call is often first seen.)
-                frame = own.f_back
-                break
-            own = own.f_back
-        while frame is not None:
-            code = frame.f_code
-            if code is _HANDLE_RUN and not chain:
-                # asyncio is running a callback with no Python frame of its
-                # own (a C function such as time.sleep): follow Handle._run.
-                return frame, []
-            if code is _HANDLE_RUN or code is runner:
-                return (chain[-1] if chain else None), chain
-            if code in _LOOP_MACHINERY:
-                return None, []  # asyncio between callbacks
-            chain.append(frame)
-            frame = frame.f_back
-        if chain and "greenlet" in sys.modules and (runner is not None or self.pure_asyncio):
-            # The stack ended (f_back None) short of the dispatch: a greenlet
-            # switched to inside a callback.  Its first frame stands for the
-            # callback; the heartbeat tells one long switch-in from many.
-            return chain[-1], chain
-        return None, []
+        return callback_frame(top, self.runner_code, self.pure_asyncio)
 
     def sample(self, frames: dict[int, FrameType], now: float, wake: Wake | None = None) -> Look | float | None:
         """Look at the loop's stack (first half of a look; nothing here
@@ -372,29 +281,43 @@ class LoopProbe:
             self.python_seen = now
         # Idle, in the loop's own machinery, or in asyncwatch's own work,
         # which must never make user code look slow.
-        idle = callback is None or _own_work(chain)
+        idle = callback is None or own_work(chain)
         same_step = not idle and callback is self.held and self.beats == self.held_beats
         late = wake.raw if wake is not None else 0.0
         # Every frame is read before the clocks: reading /proc releases the
         # GIL, and the loop thread, given it, moves on from the line it was at.
+        # The line first of all: Python work of ours past the switch interval
+        # lets the loop thread, waiting for the GIL, take it back (a late
+        # look that read the other threads' clocks first saw the line after
+        # a str.join, or the step over, 3 runs in 4 on 3.12).
         early: Stall | None = None
-        if not idle and not same_step and late >= self.threshold_s:
-            early = self._capture(loop, top, chain)
+        dated = fresh = False
+        if not idle and not same_step and late >= self.look_s:
+            fresh = at_start(chain[-1] if chain else top)
+            if late >= self.threshold_s:
+                early = self._capture(loop, top, chain)
+            dated = self.pure_asyncio and any(not is_library_file(f.f_code.co_filename) for f in chain)
         captured: Stall | None = None
-        if same_step and self.stall is None and now - self.held_since >= self.threshold_s:
-            captured = self._capture(loop, top, chain)
+        tentative: Stall | None = None
+        if same_step and self.stall is None:
+            if now - self.held_since >= self.threshold_s:
+                captured = self._capture(loop, top, chain)
+            elif self.beat_next and now - self.held_since >= self.threshold_s * TENTATIVE_SHARE:
+                tentative = self._capture(loop, top, chain)
+        self.meter.glance(thread_id, late, self.threshold_s)
         # The step newly seen, kept like `held` (the probe's, so that
         # `Watchdog.remove` lets go of it): no local of ours refers to the
         # loop or its frames while `settle` reads clocks.
         self.seen = callback if not idle and not same_step else None
         self.seen_beats = self.beats
-        return Look(thread_id, compiled, idle, same_step, early, captured)
+        return Look(thread_id, compiled, idle, same_step, early, captured, dated, fresh, tentative)
 
     def settle(self, look: Look, now: float, wake: Wake | None) -> float:
         """The second half of a look: the clocks (reads that release the
         GIL), the late hold, and what the step seen becomes."""
         meter = self.meter
         thread_id = look.thread_id
+        self.gil_lag = min(wake.raw, _SWITCH_S) if wake is not None else 0.0
         prev, clocks = meter.prev, meter.read(now, thread_id, self._native(thread_id))
         meter.prev = clocks
         for stall in (look.early, look.captured):
@@ -417,8 +340,11 @@ class LoopProbe:
             and wake.late() >= self.threshold_s
             # Held by the loop thread: only a call an application line made
             # (a C callback of the loop's own, with no such line, is no
-            # single call the watchdog can vouch for).
-            and (held_by != "loop" or early.site is not None)
+            # single call the watchdog can vouch for), seen at the call (a
+            # step seen at its start was let in by the step before's hold).
+            # Held by the collector or another thread, the loop thread waited
+            # wherever it was.
+            and (held_by != "loop" or (early.site is not None and not look.fresh))
         ):
             # Dated from when the wake-up was due: whoever held the GIL,
             # the loop could not go on until we took it.
@@ -426,27 +352,51 @@ class LoopProbe:
             return self.tick_s
         meter.note_others(prev, clocks, thread_id)
         if look.same_step:
-            return self._still(now, look.captured)
+            return self._still(now, look.captured, look.tentative)
+        if look.dated and not look.fresh and held_by == "loop" and wake is not None and prev is not None:
+            # The loop thread kept the GIL from before this wake-up was due
+            # until the step seen now let it go (at its first eval-breaker
+            # check after the hold: asyncio's dispatch, in Python, would
+            # have let it go between two callbacks): the step has run since
+            # at least as long as we waited for it, our own waits for a CPU
+            # left out.  Timed from the look, a json.loads of 1.3x the
+            # threshold first seen 36 ms into it (a collection's callback
+            # let us in), or a first step that held the GIL 94 ms before our
+            # first look, was never a stall.
+            since = now - wake.late()
+            self.finish(since)
+            self._follow(since)
+            meter.mark = mark_at(prev, clocks, since, 2 * self.look_s)
+            self.beat_next = self._post_beat()
+            return min(self.look_s, max(since + self.threshold_s - now, 0.001))
         self.finish(now)
         self._follow(now)
         meter.mark = clocks
-        self._post_beat()
+        self.beat_next = self._post_beat()
         return self.look_s
 
     def _follow(self, since: float) -> None:
-        """Follow the step `sample` saw, from *since*, unless the loop is no
-        longer watched (`Watchdog.remove` may run while `settle` reads)."""
-        if self.enabled:
-            # A heartbeat that ran meanwhile ended the step: keep no frame,
-            # and the next look sees the count changed.
-            self.held = self.seen if self.beats == self.seen_beats else None
-            self.held_since = since
-            self.held_beats = self.seen_beats
+        """Follow the step `sample` saw, from *since*; keep its frame only
+        while the loop is watched (`Watchdog.remove` may run while `settle`
+        reads).  Its start is kept all the same: a stall captured as the loop
+        closed is reported at once, timed from it (left at the previous
+        step's, a first step's json.loads as its loop closed was reported as
+        lasting since the clock's epoch)."""
+        # A heartbeat that ran meanwhile ended the step: keep no frame,
+        # and the next look sees the count changed.
+        self.held = self.seen if self.enabled and self.beats == self.seen_beats else None
+        self.held_since = since
+        self.held_beats = self.seen_beats
         self.seen = None
 
-    def _still(self, now: float, captured: Stall | None) -> float:
+    def _still(self, now: float, captured: Stall | None, tentative: Stall | None = None) -> float:
         """The step followed is still running: how soon to look again."""
+        if tentative is not None and captured is None and self.stall is None:
+            self._measure(now, tentative)  # the clocks its finding is scaled from
+            if self.beats == self.held_beats:  # the heartbeat has not ended it meanwhile
+                self.tentative = _Tentative(tentative, self.held_since, self.held_beats, self.meter.mark, self.measured)
         if captured is not None:
+            self.tentative = None
             # Measured before the heartbeat can see it (a read that
             # releases the GIL lets the loop run it).
             self._measure(now, captured)
@@ -457,8 +407,13 @@ class LoopProbe:
             self._measure(now, self.stall)
         if self.stall is not None:
             return self.tick_s  # its end
-        # Look again when it crosses the threshold, if not before.
-        return min(self.look_s, max(self.held_since + self.threshold_s - now, 0.001))
+        # Look again when it crosses the threshold, if not before: woken
+        # that much earlier as the GIL took us to get at the last look (a
+        # loop running Python lets it go only at the switch interval, 5 ms
+        # after we ask), so that the look lands on the crossing, not 5 ms
+        # after it (a 120 ms busy loop was missed 1 run in 12 on a loaded
+        # machine).  A look that lands early just looks again.
+        return min(self.look_s, max(self.held_since + self.threshold_s - now - self.gil_lag, 0.001))
 
     def _native(self, thread_id: int) -> int | None:
         return self.native_id if thread_id == self.thread_id else None
@@ -484,7 +439,7 @@ class LoopProbe:
         since this wake-up was due."""
         self.finish(since)
         self._follow(since)
-        self.meter.mark = _mark_at(prev, clocks, since, 2 * self.look_s)
+        self.meter.mark = mark_at(prev, clocks, since, 2 * self.look_s)
         stall.late = True
         self._measure(now, stall)  # before the heartbeat can see it
         self.stall = stall
@@ -523,52 +478,9 @@ class LoopProbe:
         return tick
 
     def _capture(self, loop: asyncio.AbstractEventLoop, top: FrameType, chain: list[FrameType]) -> Stall:
-        # The innermost application frame *of this callback*: never further
-        # out than the loop's dispatch (that is whoever runs the loop).
-        importing = _importing(chain)
-        blocking = next((f for f in chain if not is_library_file(f.f_code.co_filename)), None)
-        if importing is not None and blocking is not None and blocking.f_code.co_filename.startswith("<"):
-            # Code a library exec'd while being imported (dataclasses'
-            # "<string>" __init__): the application's line is the import.
-            blocking = next(
-                (
-                    f
-                    for f in chain
-                    if not is_library_file(f.f_code.co_filename) and not f.f_code.co_filename.startswith("<")
-                ),
-                blocking,
-            )
-        site = frame_site(blocking) if blocking is not None else None
-        task: Any = asyncio.current_task(loop)
-        callback: str | None = None
-        created: Site | None = None
-        if task is not None:
-            name: str | None = task.get_name()
-            coroutine = coro_name(task)
-            created = created_at(task)
-        else:
-            name = coroutine = None
-            if chain:
-                callback = chain[-1].f_code.co_qualname
-            elif top.f_code is _HANDLE_RUN:
-                handle = top.f_locals.get("self")  # the Handle: names the C callback
-                callback = qualname_of(getattr(handle, "_callback", None))
-                del handle
-        del task  # never keep the user's task alive
-        library_only = bool(chain) and blocking is None
-        explicit_gc = blocking is not None and _calls_gc_collect(blocking)
-        self.meter.captured(self.thread_id, self.native_id, library_only)
-        return Stall(
-            site,
-            stack_of(chain),
-            name,
-            coroutine,
-            callback,
-            importing=_importing(chain),
-            created_at=created,
-            library_only=library_only,
-            explicit_gc=explicit_gc,
-        )
+        stall = read_stall(loop, top, chain)
+        self.meter.captured(self.thread_id, self.native_id, stall.library_only)
+        return stall
 
     def finish(self, now: float) -> None:
         """The followed callback is over (watchdog thread); report a stall."""
@@ -577,6 +489,22 @@ class LoopProbe:
             end = self.beat_time  # the loop said when it got free
         self._end_stall(end)
         self.held = None
+        self.beat_next = False
+        pending = self.tentative
+        if pending is None or self.beats == pending.beats:
+            return  # none, or its heartbeat has not run: asyncio is between the step and it
+        self.tentative = None
+        if self.first_beat - pending.since >= self.threshold_s:
+            # No look came between the threshold and the step's end, but its
+            # heartbeat, next in the ready queue, ran a threshold after a look
+            # saw the step: it held the loop that long.  (A 120 ms busy loop
+            # first seen 20 ms in ended before the crossing look, which the
+            # switch interval makes land 5 ms late; a scan holding the GIL to
+            # a step's end kept every look out until asyncio was past it.)
+            self.held_since = pending.since
+            self.meter.mark, self.measured = pending.mark, pending.measured
+            self.stall = pending.stall
+            self._end_stall(self.first_beat, measured=True)
 
     def _measure(self, now: float, stall: Stall) -> None:
         """Where the stall's time went so far (watchdog thread: the reads
@@ -598,6 +526,7 @@ class LoopProbe:
             # here until a report the watchdog thread has begun is out.
             stall, self.stall = self.stall, None
             if stall is not None:
+                self.tentative = None  # this step's stall is out: never a second one
                 self.emit(self._finding(stall, end, measured))
 
     def _finding(self, stall: Stall, end: float, measured: bool) -> Finding:
@@ -613,26 +542,3 @@ class LoopProbe:
             breakdown, holder = self.measured
         self.measured = (None, None)
         return stall_finding(stall, end - self.held_since, self.threshold_s, breakdown, holder)
-
-
-def _mark_at(prev: Clocks, clocks: Clocks, since: float, fresh_s: float) -> Clocks:
-    """The clocks a late stall's breakdown starts from: the previous look's,
-    or, when that look is older than *fresh_s* (the loop's first step,
-    compared with clocks read while it was parked), the clocks now taken back
-    to *since*: the loop thread on CPU all along (it held the GIL; or the
-    collector did, whose clock says so), with no wait for a CPU measured."""
-    if prev.wall >= since - fresh_s:
-        return prev
-    span = max(clocks.wall - since, 0.0)
-    loop_cpu = min(clocks.loop_cpu - prev.loop_cpu, span)
-    gc_time = min(clocks.gc - prev.gc, span)
-    return Clocks(
-        since,
-        clocks.loop_cpu - loop_cpu,
-        clocks.loop_wait,
-        clocks.process_cpu - loop_cpu,
-        clocks.gc - gc_time,
-        prev.foreign,
-        clocks.own_cpu,
-        clocks.reader,
-    )

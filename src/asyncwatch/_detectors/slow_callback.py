@@ -30,9 +30,11 @@ loop is busy, and sleeps otherwise; it takes the GIL only for those looks
   outermost frame stands for the callback, and the heartbeat, as for a task,
   tells one long switch-in from many short ones.
 
-Why the loop stalled (the ``cause`` field) comes from the clocks in
-`stall_cause`, kept per loop by `stall_meter`, all read in the watchdog
-thread; `stall_report` turns a stall into its finding.
+What the loop thread's stack says (the callback, its line, a step just
+begun) is read by `paused_frames` while the watchdog holds the GIL.  Why the
+loop stalled (the ``cause`` field) comes from the clocks in `stall_cause`,
+kept per loop by `stall_meter`, all read in the watchdog thread;
+`stall_report` turns a stall into its finding.
 """
 
 from __future__ import annotations

@@ -292,8 +292,11 @@ def tasks_wait(skip: tuple[int | None, ...]) -> float | None:
     return total
 
 
-def busiest_thread(before: dict[int, float], after: dict[int, float]) -> tuple[str | None, float]:
-    """The thread that used most CPU between two `threads_cpu` readings."""
+def busiest_thread(
+    before: dict[int, float], after: dict[int, float], names: dict[int, str] | None = None
+) -> tuple[str | None, float]:
+    """The thread that used most CPU between two `threads_cpu` readings
+    (*names*: the threads' names read with *after*, for one that ended since)."""
     best: int | None = None
     most = 0.0
     for ident, cpu in after.items():
@@ -302,7 +305,8 @@ def busiest_thread(before: dict[int, float], after: dict[int, float]) -> tuple[s
             best, most = ident, used
     if best is None:
         return None, 0.0
-    names = {t.ident: t.name for t in threading.enumerate()}
+    if names is None or best not in names:
+        names = {t.ident: t.name for t in threading.enumerate() if t.ident is not None}
     return names.get(best, f"thread {best}"), most
 
 

@@ -20,7 +20,7 @@ from typing import NamedTuple
 from . import stall_cause
 from .stall_cause import Breakdown, GcClock, ThreadClock
 
-__all__ = ["Clocks", "StallMeter", "Wake"]
+__all__ = ["Clocks", "StallMeter", "Wake", "mark_at"]
 
 
 class Clocks(NamedTuple):
@@ -33,12 +33,22 @@ class Clocks(NamedTuple):
     gc: float
     foreign: float  # GIL held by other threads so far (late wake-ups)
     #: The CPU time of the thread that read these clocks (the watchdog's,
-    #: at its looks): not "another thread" when the process's CPU is
-    #: compared with the loop thread's.  Comparable only between two reads
-    #: by the same thread (`reader`): clocks read while a loop was parked
-    #: may be an older watchdog thread's, or the loop thread's own.
+    #: but for the clocks a parked loop's first look compares with), and
+    #: that thread: the process's CPU time includes our own reads.
     own_cpu: float = 0.0
     reader: int = 0
+
+
+def others_cpu(prev: Clocks, clocks: Clocks) -> float:
+    """CPU time the process's other threads (neither the loop's nor ours)
+    used between two readings.  Our own counted as another thread's made a
+    watchdog late only by waiting for a CPU (a sleeping loop on a loaded
+    machine) look like it waited for the GIL: cause gil, the sleep's line
+    never blamed."""
+    used = (clocks.process_cpu - prev.process_cpu) - (clocks.loop_cpu - prev.loop_cpu)
+    if clocks.reader == prev.reader:
+        used -= clocks.own_cpu - prev.own_cpu
+    return max(used, 0.0)
 
 
 class Wake:
@@ -71,6 +81,12 @@ class Wake:
         return self._late
 
 
+def _gate(threshold_s: float) -> float:
+    """How late a wake-up must be for a hold of the GIL to be looked into:
+    longer than a few switch intervals (the hand-off's own delay)."""
+    return max(threshold_s / 4, 4 * sys.getswitchinterval())
+
+
 class StallMeter:
     """The loop thread's clocks as the watchdog reads them, and the other
     threads' when they matter.  Holds numbers and thread ids only: never
@@ -88,6 +104,22 @@ class StallMeter:
         self.holds: collections.deque[tuple[float, str | None, float]] = collections.deque(maxlen=64)
         self.stall_threads: dict[int, float] = {}  # other threads' CPU at the stall's capture
         self.stall_waits: float | None = None  # other threads' run-queue wait then (library-only stalls)
+        #: The other threads' CPU clocks and names, read by a late wake-up
+        #: before anything of ours let the GIL go (`glance`).
+        self.glanced: tuple[dict[int, float], dict[int, str]] | None = None
+
+    def glance(self, thread_id: int, late: float, threshold_s: float) -> None:
+        """A late wake-up, holding the GIL since it took it: read the other
+        threads' CPU clocks now (no read here lets the GIL go), for
+        `late_hold` to name the one that held the GIL.  Read later, after a
+        clock read of ours let the program run, a worker that ended right
+        after its hold was gone, and no thread was named (a test's
+        regex-worker, 1 run in 4 on a loaded machine)."""
+        self.glanced = None
+        if late >= _gate(threshold_s):
+            skip = (thread_id, threading.get_ident())
+            names = {t.ident: t.name for t in threading.enumerate() if t.ident is not None and t.ident not in skip}
+            self.glanced = (stall_cause.threads_cpu(skip), names)
 
     def forget(self) -> None:
         """The loop stopped: the next run's clocks start with its first look."""
@@ -109,15 +141,9 @@ class StallMeter:
             self.prev = self.mark = None
             self.others_before = stall_cause.threads_cpu((thread_id, threading.get_ident()))
         cpu, wait = self.clock.read()
+        own = time.thread_time()
         return Clocks(
-            now,
-            cpu,
-            wait,
-            time.process_time(),
-            self.gc_clock.read(now),
-            self.foreign,
-            time.thread_time(),
-            threading.get_ident(),
+            now, cpu, wait, time.process_time(), self.gc_clock.read(now), self.foreign, own, threading.get_ident()
         )
 
     def note_others(self, prev: Clocks | None, clocks: Clocks, thread_id: int) -> None:
@@ -125,8 +151,7 @@ class StallMeter:
         takes the GIL next can be named (only then: ~1 us a thread)."""
         if prev is None:
             return
-        others = _others_cpu(prev, clocks, clocks.loop_cpu - prev.loop_cpu)
-        if others > (clocks.wall - prev.wall) / 4:
+        if others_cpu(prev, clocks) > (clocks.wall - prev.wall) / 4:
             self.others_before = stall_cause.threads_cpu((thread_id, threading.get_ident()))
 
     def late_hold(
@@ -135,7 +160,9 @@ class StallMeter:
         """Who held the GIL while this wake-up was late: "loop", "gc",
         "foreign" (another thread; added to `foreign`, its name to
         `holder`), or None (not late, or cannot tell)."""
-        if wake is None or prev is None or wake.raw < max(threshold_s / 4, 4 * sys.getswitchinterval()):
+        gate = _gate(threshold_s)
+        glanced, self.glanced = self.glanced, None
+        if wake is None or prev is None or wake.raw < gate:
             return None
         late = wake.late()
         loop_cpu = clocks.loop_cpu - prev.loop_cpu
@@ -148,23 +175,24 @@ class StallMeter:
         # more than all the others together.  (A thread waiting for the GIL
         # wakes every switch interval to ask for it, so on a loaded machine
         # it waits in the run queue too: its wait alone proves nothing.)
-        others = _others_cpu(prev, clocks, loop_cpu)
+        others = others_cpu(prev, clocks)
         # Without the run-queue wait, a watchdog that waited for a CPU looks
         # late too: ask the loop thread to have run almost all the time.
         if loop_cpu >= others and loop_busy >= late * (0.5 if wake.known else 0.8):
             return "loop"
-        # Some other thread must have run: on a loaded machine `late` (our
-        # own waits for a CPU taken off) is often near zero, and "at least a
-        # quarter of nothing" held for no CPU at all called a loop thread
-        # asleep in the program's time.sleep() "gil" (3.12, load 8).
-        if wake.known and others >= max(late / 4, 2 * sys.getswitchinterval()):
+        # Another thread held the GIL only if the wake-up was late by more
+        # than our own waits for a CPU (a loaded machine delays us by tens of
+        # milliseconds while the loop thread sleeps with the GIL let go).
+        if wake.known and late >= gate / 2 and others >= late / 4:
             # The whole wait, ours for a CPU included: the holder kept the
             # GIL until we took it, and the loop could not have it before.
             hold = max(wake.raw - loop_busy, 0.0)
             self.foreign += hold
-            skip = (thread_id, threading.get_ident())
-            now_cpu = stall_cause.threads_cpu(skip)
-            holder, _ = stall_cause.busiest_thread(self.others_before, now_cpu)
+            if glanced is None:
+                skip = (thread_id, threading.get_ident())
+                glanced = (stall_cause.threads_cpu(skip), {})
+            now_cpu, names = glanced
+            holder, _ = stall_cause.busiest_thread(self.others_before, now_cpu, names)
             self.holds.append((self.foreign, holder, hold))
             self.others_before = now_cpu
             return "foreign"
@@ -200,6 +228,8 @@ class StallMeter:
         cpu, wait = clock.read()
         loop_cpu = cpu - mark.loop_cpu
         others = time.process_time() - mark.process_cpu - loop_cpu
+        if mark.reader == threading.get_ident():
+            others = max(others - (time.thread_time() - mark.own_cpu), 0.0)
         starved = wait - mark.loop_wait if wait is not None and mark.loop_wait is not None else 0.0
         wall = end - mark.wall
         gil = self.foreign - mark.foreign
@@ -227,8 +257,24 @@ class StallMeter:
         return Breakdown(wall, loop_cpu, max(starved, 0.0), gc_time, gil, others, pauses), holder
 
 
-def _others_cpu(prev: Clocks, clocks: Clocks, loop_cpu: float) -> float:
-    """CPU time of the process's threads other than the loop's and the
-    watchdog's between two reads (the watchdog's own only when it made both)."""
-    own = clocks.own_cpu - prev.own_cpu if clocks.reader == prev.reader else 0.0
-    return (clocks.process_cpu - prev.process_cpu) - loop_cpu - own
+def mark_at(prev: Clocks, clocks: Clocks, since: float, fresh_s: float) -> Clocks:
+    """The clocks a late stall's breakdown starts from: the previous look's,
+    or, when that look is older than *fresh_s* (the loop's first step,
+    compared with clocks read while it was parked), the clocks now taken back
+    to *since*: the loop thread on CPU all along (it held the GIL; or the
+    collector did, whose clock says so), with no wait for a CPU measured."""
+    if prev.wall >= since - fresh_s:
+        return prev
+    span = max(clocks.wall - since, 0.0)
+    loop_cpu = min(clocks.loop_cpu - prev.loop_cpu, span)
+    gc_time = min(clocks.gc - prev.gc, span)
+    return Clocks(
+        since,
+        clocks.loop_cpu - loop_cpu,
+        clocks.loop_wait,
+        clocks.process_cpu - loop_cpu,
+        clocks.gc - gc_time,
+        prev.foreign,
+        clocks.own_cpu,
+        clocks.reader,
+    )
