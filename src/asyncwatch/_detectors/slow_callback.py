@@ -40,7 +40,7 @@ from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Any
 
-from .._core.detector import Detector, DetectorContext, WatchedLoop
+from .._core.detector import Detector, DetectorContext, WatchedLoop, watches
 from .._core.findings import Finding, FindingKind, Site
 from .._core.frames import frame_site, is_library_file, is_own_file, qualname_of, stack_of
 from .._core.runtime import HiddenThread, in_forked_child, report_internal_error, reporting, start_hidden_thread
@@ -373,6 +373,11 @@ class LoopProbe:
         if task is not None:
             name: str | None = task.get_name()
             coroutine = coro_name(task)
+            # Observers of the blocking task (notable spans: the context the
+            # step runs in) learn of it while the step still runs.
+            watch = watches.get(loop)
+            if watch is not None and watch.hooks.task_blocking:
+                watch.hooks.dispatch("task_blocking", task, self.held_since)
         else:
             name = coroutine = None
             if chain:
