@@ -361,6 +361,40 @@ class TestModes:
         ]
         assert attributes(by_name["long"])["asyncio.task.state"] == "finished"
 
+    def test_notable_mode_leaves_a_task_that_stays_unremarkable_alone(self, loop_name, spans):
+        """No timing wrapper, no done callback, no span: a task that is never notable costs its creation only."""
+        seen = {}
+
+        async def main():
+            task = asyncio.create_task(two_steps(), name="plain")
+            seen["wrapped"] = type(asyncio.Task.get_coro(task)) is TimedCoroutine
+            seen["callbacks"] = list(task._callbacks or ())
+            await task
+            seen["after"] = list(task._callbacks or ())
+
+        run_traced(loop_name, main, spans, spans="notable")
+        assert seen == {"wrapped": False, "callbacks": [], "after": []}
+        assert [s for s in spans.finished if attributes(s).get("asyncio.task.name") == "plain"] == []
+
+    def test_a_long_lived_notable_task_has_its_span_while_it_runs(self, loop_name, spans):
+        """Notable mode finds a long life by looking at the pending tasks: the span is made before the task ends."""
+        while_running = []
+
+        async def lives():
+            await asyncio.sleep(0.2)
+            note = asyncio.current_task()._aw_note  # the tracer's record, once the task is notable
+            while_running.append(getattr(note, "span", None) is not None and note.span.is_recording())
+
+        async def main():
+            await asyncio.create_task(lives(), name="long")
+
+        run_traced(loop_name, main, spans, spans="notable", spans_min_duration_ms=50)
+        assert while_running == [True]
+        [span] = [s for s in spans.finished if attributes(s).get("asyncio.task.name") == "long"]
+        assert attributes(span)["asyncio.task.state"] == "finished"
+        # Steps are not timed in notable mode.
+        assert not {"asyncio.task.busy_time", "asyncio.task.steps"} & set(attributes(span))
+
     def test_a_notable_span_starts_when_the_task_was_created(self, loop_name, spans):
         """Made late (when the task turned notable), it still starts at creation and ends at completion."""
         times = {}
@@ -1015,7 +1049,8 @@ def test_a_traced_task_failing_as_its_loop_stops_does_not_keep_its_frames():
 class TestInvisibleWrapper:
     """With spans on, the program sees its tasks as it would without asyncwatch."""
 
-    def test_a_failing_task_looks_as_without_asyncwatch(self, loop_name, spans):
+    @pytest.mark.parametrize("mode", ["all", "notable"])
+    def test_a_failing_task_looks_as_without_asyncwatch(self, loop_name, spans, mode):
         """Its traceback (awaited, and on its span) has no asyncwatch frame; get_coro(), name and repr are the program's."""
         seen = {}
 
@@ -1033,7 +1068,7 @@ class TestInvisibleWrapper:
             except ValueError as exc:
                 seen["traceback"] = "".join(traceback.format_exception(exc))
 
-        run_traced(loop_name, main, spans, spans="all")
+        run_traced(loop_name, main, spans, spans=mode)
         assert seen["coro"] is True
         assert (
             seen["repr"]

@@ -216,6 +216,8 @@ class TellingTask(Task):
             raise
 
 
+# repr(task) says the class's name: "<Task pending ...>", as without asyncwatch.
+TellingTask.__name__ = TellingTask.__qualname__ = "Task"
 _RESULT_CODE = TellingTask.result.__code__
 _EXCEPTION_CODE = TellingTask.exception.__code__
 

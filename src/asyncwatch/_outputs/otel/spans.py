@@ -658,8 +658,11 @@ class NotableTracer(TaskTracer):
     # No wrapper: not even a call per task to decline to wrap.
     wrap_coroutine = Detector.wrap_coroutine
 
-    #: How often, as a share of the notable life, pending tasks are looked at.
+    #: How often, as a share of the notable life, pending tasks are looked at
+    #: (each look costs the loop a walk over its pending tasks), and at most
+    #: how often (a threshold of a few ms must not keep the loop busy).
     SCAN_SHARE = 0.25
+    SCAN_MIN_S = 0.005
 
     def __init__(self, mode: str, min_duration_s: float) -> None:
         super().__init__(mode, min_duration_s)
@@ -808,7 +811,8 @@ class NotableTracer(TaskTracer):
     def _schedule_scan(self, loop: asyncio.AbstractEventLoop, loop_ref: Any) -> None:
         if self.failed or loop.is_closed():
             return
-        self._scans[id(loop)] = loop.call_later(self.min_duration_s * self.SCAN_SHARE, self._scan, loop_ref)
+        period = max(self.min_duration_s * self.SCAN_SHARE, self.SCAN_MIN_S)
+        self._scans[id(loop)] = loop.call_later(period, self._scan, loop_ref)
 
     def _scan(self, loop_ref: Any) -> None:
         """Make the spans of the loop's tasks that have lived the notable life."""
