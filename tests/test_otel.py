@@ -649,7 +649,8 @@ class TestFindingsOnSpans:
         assert attrs["code.line.number"] == line_of("# <- blocking callback")
         assert abs((span.end_time - span.start_time) / 1e9 - attrs["asyncwatch.finding.duration"]) < 0.001
 
-    def test_an_unretrieved_exception_is_a_short_span_under_the_task(self, loop_name, spans):
+    @pytest.mark.parametrize("mode", ["all", "notable"])
+    def test_an_unretrieved_exception_is_a_short_span_under_the_task(self, loop_name, spans, mode):
         """Reported when the failed task is collected, after its span ended: a child span of it."""
 
         async def fails():
@@ -660,7 +661,7 @@ class TestFindingsOnSpans:
             await asyncio.sleep(0.01)
             gc.collect()
 
-        run_traced(loop_name, main, spans)
+        run_traced(loop_name, main, spans, spans=mode)
         [task_span] = [s for s in spans.finished if attributes(s).get("asyncio.task.name") == "forgotten"]
         finding_span = spans.named("asyncwatch task_exception_unretrieved")
         assert spans.parent_of(finding_span) is task_span

@@ -180,14 +180,13 @@ class TellingTask(Task):
     task that raised is asked for (``result()``, ``exception()``).
 
     asyncio's C Task has no hook at its end but done callbacks, which show in
-    ``repr(task)`` and cost every task a callback; whoever awaits a task of a
-    subclass asks it for ``result()`` (``task_wakeup`` in CPython's
+    ``repr(task)`` and cost every task a callback.  But a task awaiting a
+    task of a subclass asks it for ``result()`` (``task_wakeup`` in CPython's
     Modules/_asynciomodule.c takes its generic path for any type but exactly
-    ``asyncio.Task``), as do
-    ``gather``, ``TaskGroup`` and ``wait_for``.  A failure nobody asks about
-    is "Task exception was never retrieved".  Made by the factory only while
-    a detector overrides ``task_failed``: two Python calls per task otherwise
-    spared (benchmarks/instructions.py).
+    ``asyncio.Task``), and so do ``gather``, ``TaskGroup`` and ``wait_for``;
+    a failure nobody asks about is "Task exception was never retrieved".
+    Made by the factory only while a detector overrides ``task_failed``: the
+    other tasks are spared a Python call per ``result()``/``exception()``.
 
     _aw_born and _aw_note are kept for such a detector (OpenTelemetry's
     notable spans: when the task was made, what it noted then).

@@ -677,6 +677,8 @@ class NotableTracer(TaskTracer):
         asyncwatch's own, asyncio's and uvloop's tasks: nothing)."""
         if not self.tracing:
             return
+        if self._orphans:  # tasks destroyed while pending: end their spans
+            self.drain()
         code = getattr(coro, "cr_code", None)
         if code is not None:
             filename = code.co_filename
@@ -790,7 +792,7 @@ class NotableTracer(TaskTracer):
             record = self.notable(task)
             if record is not None:
                 self.watch(record, task)
-        elif message == "Task exception was never retrieved" and task.done():
+        elif isinstance(message, str) and message.endswith(" exception was never retrieved") and task.done():
             record = self.notable(task)
             if record is not None and not record.done:
                 self._task_done(task)
