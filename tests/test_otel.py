@@ -964,8 +964,10 @@ class TestInstrumentor:
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip().splitlines()[-1] == '[true, ["asyncio.task main", "asyncio.task work"]]'
 
-    def test_opentelemetry_instrument_defaults_to_notable_spans_and_metrics(self, tmp_path):
-        """Under ``opentelemetry-instrument`` with no asyncwatch option, spans are notable (as with --otlp)."""
+    @pytest.mark.parametrize("metrics_exporter", ["none", "otlp"])
+    def test_opentelemetry_instrument_defaults_to_notable_spans_and_metrics(self, tmp_path, metrics_exporter):
+        """Under ``opentelemetry-instrument`` with no asyncwatch option, spans are notable and metrics
+        on (as with --otlp), unless ``OTEL_METRICS_EXPORTER=none`` says no metrics are exported."""
         app = tmp_path / "app.py"
         app.write_text(
             textwrap.dedent(
@@ -997,18 +999,23 @@ class TestInstrumentor:
 
                 asyncio.run(main())
                 names = sorted(s.name for s in exporter.get_finished_spans() if s.name.startswith("asyncio.task"))
-                print(json.dumps(names))
+                from asyncwatch._engine import current_engine
+                print(json.dumps([names, current_engine().settings.metrics]))
                 """
             )
         )
         instrument = os.path.join(os.path.dirname(sys.executable), "opentelemetry-instrument")
         env = {k: v for k, v in os.environ.items() if not k.startswith("ASYNCWATCH_")}
         env.update(WITHOUT_SDK_SETUP)
+        # With an exporter named, the SDK configurator would send metrics to
+        # it; no configurator runs here (OTEL_PYTHON_CONFIGURATOR=none).
+        env["OTEL_METRICS_EXPORTER"] = metrics_exporter
         result = subprocess.run(
             [instrument, sys.executable, str(app)], capture_output=True, text=True, env=env, timeout=900
         )
         assert result.returncode == 0, result.stderr
-        assert result.stdout.strip().splitlines()[-1] == '["asyncio.task swallows"]'
+        metrics_on = "true" if metrics_exporter != "none" else "false"
+        assert result.stdout.strip().splitlines()[-1] == f'[["asyncio.task swallows"], {metrics_on}]'
         assert "cancellation_swallowed" in result.stderr
 
 

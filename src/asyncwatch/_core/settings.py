@@ -204,8 +204,15 @@ def resolve_run(
         # Asking for OTLP is asking for telemetry: notable spans and metrics,
         # unless the option or its variable says otherwise.
         changes.setdefault("spans", "notable")
-        changes.setdefault("metrics", True)
+        changes.setdefault("metrics", metrics_exported(environ))
     return replace(Settings(), **changes), run
+
+
+def metrics_exported(environ: Mapping[str, str]) -> bool:
+    """Whether OpenTelemetry's ``OTEL_METRICS_EXPORTER`` leaves metrics on
+    (``none``: a receiver that takes traces only).  Metrics nobody exports
+    are not worth their cost: the task counts time every task's steps."""
+    return environ.get("OTEL_METRICS_EXPORTER", "").strip().lower() != "none"
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str]]:
