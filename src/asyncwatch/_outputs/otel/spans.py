@@ -39,7 +39,15 @@ from opentelemetry.trace import Status, StatusCode
 
 from ..._core.detector import Detector
 from ..._core.findings import Finding, Site
-from ..._core.frames import app_frame, describe_exception, frame_site, is_own_file, program_coroutine
+from ..._core.frames import (
+    WRAPPER_NAMES,
+    app_frame,
+    describe_exception,
+    frame_site,
+    is_own_file,
+    program_coroutine,
+    qualname_of,
+)
 from ..._core.runtime import report_internal_error
 from ..._core.stepping import TimedCoroutine
 from ..._core.tasks import coro_name, coro_of, created_at, task_context
@@ -680,6 +688,13 @@ class NotableTracer(TaskTracer):
         if self._orphans:  # tasks destroyed while pending: end their spans
             self.drain()
         code = getattr(coro, "cr_code", None)
+        if code is not None and code.co_name in WRAPPER_NAMES:
+            # opentelemetry-instrumentation-asyncio's trace_coroutine: judge
+            # and name the program's coroutine, which only a wrapper that has
+            # not started yet still shows (a span may be made after the end).
+            coro = program_coroutine(coro)
+            code = getattr(coro, "cr_code", None)
+            task._aw_coro = qualname_of(coro)  # type: ignore[attr-defined]
         if code is not None:
             filename = code.co_filename
             theirs = self._theirs_cache.get(filename)
