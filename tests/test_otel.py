@@ -325,7 +325,7 @@ class TestModes:
     """spans="all", "notable" and "off" (the default)."""
 
     def test_off_is_the_default(self):
-        """Spans and metrics are opt-in: any mode but off times every task step."""
+        """Spans and metrics are opt-in: "all", and "notable" with metrics, time every task step."""
         assert Settings().spans == "off" and Settings().metrics is False
 
     def test_notable_spans_only_tasks_with_something_to_say(self, loop_name, spans):

@@ -86,7 +86,8 @@ class Settings:
     * ``spans``: OpenTelemetry spans for tasks: ``"off"`` (default), ``"notable"`` (only
       tasks with a finding, an exception, a cancellation, or a life of at
       least ``spans_min_duration_ms``) or ``"all"`` (every task).  Off by
-      default: any mode but "off" times every step of every task.
+      default: "all", and "notable" with metrics on, time every step of
+      every task ("notable" without metrics times none).
       Spans go to the application's tracer provider; with none configured,
       asyncwatch does not trace at all.
     * ``spans_min_duration_ms``: how long a task must live to be notable

@@ -6,7 +6,9 @@ each task's coroutine in asyncwatch's step timer, gives every task a
 busy time) and turns records into spans: at creation in ``"all"`` mode, or
 in ``"notable"`` mode the moment a task becomes notable (a cancellation, a
 finding, an exception, a long life), with the real start time.  Findings are
-put on these spans by `Telemetry` (telemetry.py).
+put on these spans by `Telemetry` (telemetry.py).  `NotableTracer` (the end
+of this module) is notable mode without metrics: no wrapper and no record
+until a task becomes notable.
 
 Traces stay the size of a unit of work: a task created under an application
 span nests under it; one created where only a task span that began its own
