@@ -25,6 +25,7 @@ from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Any, NamedTuple
 
+from .._core.detector import watches
 from .._core.findings import Finding, Site
 from .._core.frames import frame_site, is_library_file, is_own_file, qualname_of, stack_of
 from .._core.runtime import report_internal_error, reporting
@@ -379,10 +380,10 @@ class LoopProbe:
         # GIL, and the loop thread, given it, moves on from the line it was at.
         early: Stall | None = None
         if not idle and not same_step and late >= self.threshold_s:
-            early = self._capture(loop, top, chain)
+            early = self._capture(loop, top, chain, now - late)
         captured: Stall | None = None
         if same_step and self.stall is None and now - self.held_since >= self.threshold_s:
-            captured = self._capture(loop, top, chain)
+            captured = self._capture(loop, top, chain, self.held_since)
         # The step newly seen, kept like `held` (the probe's, so that
         # `Watchdog.remove` lets go of it): no local of ours refers to the
         # loop or its frames while `settle` reads clocks.
@@ -522,7 +523,7 @@ class LoopProbe:
             self._post_beat()
         return tick
 
-    def _capture(self, loop: asyncio.AbstractEventLoop, top: FrameType, chain: list[FrameType]) -> Stall:
+    def _capture(self, loop: asyncio.AbstractEventLoop, top: FrameType, chain: list[FrameType], since: float) -> Stall:
         # The innermost application frame *of this callback*: never further
         # out than the loop's dispatch (that is whoever runs the loop).
         importing = _importing(chain)
@@ -546,6 +547,12 @@ class LoopProbe:
             name: str | None = task.get_name()
             coroutine = coro_name(task)
             created = created_at(task)
+            # Observers of the blocking task (notable spans: the context the
+            # step runs in) learn of it while the step still runs, with when
+            # the watchdog dates the block from.
+            watch = watches.get(loop)
+            if watch is not None and watch.hooks.task_blocking:
+                watch.hooks.dispatch("task_blocking", task, since)
         else:
             name = coroutine = None
             if chain:
