@@ -28,6 +28,8 @@ Modes:
   mode, to an SDK tracer provider with a batch processor and an exporter that
   drops everything (no task of the workload is notable: the long-life
   threshold is an hour, since valgrind slows the run some fifty-fold);
+  ``notable-metrics``: ``notable`` with metrics on as well, to an SDK meter
+  provider with no reader (what ``asyncwatch run --otlp`` turns on);
 * for analysis (``-uvloop`` on uvloop): ``python-factory`` (a task factory
   written in Python that makes plain Tasks) and ``task-subclass`` (one that
   makes a subclass of asyncio.Task: CPython's C Task takes slower, generic
@@ -66,6 +68,7 @@ MODES = (
     "task-subclass-uvloop",
     "notable",
     "all",
+    "notable-metrics",
 )
 DEFAULT_MODES = MODES[:4]
 BASELINE = {mode: "uvloop" if mode.endswith("-uvloop") else "plain" for mode in MODES[1:]}
@@ -105,7 +108,7 @@ if mode.startswith("asyncwatch"):
     collector = CollectingReporter()
     every_but_the_watchdog = [k.value for k in asyncwatch.FindingKind if k.value not in ("slow_callback", "task_leaked")]
     asyncwatch.install(log=False, reporters=[collector], detect=every_but_the_watchdog)
-elif mode in ("notable", "all"):
+elif mode in ("notable", "all", "notable-metrics"):
     import asyncwatch
     from asyncwatch._outputs.collect import CollectingReporter
     from opentelemetry.sdk.trace import TracerProvider
@@ -121,8 +124,13 @@ elif mode in ("notable", "all"):
     every_but_the_watchdog = [k.value for k in asyncwatch.FindingKind if k.value not in ("slow_callback", "task_leaked")]
     # Under valgrind the workload runs ~50 times slower: its tasks would live
     # past the default 1 s and all be notable.  No task is notable here.
-    asyncwatch.install(log=False, reporters=[collector], detect=every_but_the_watchdog, spans=mode, metrics=False,
-                       tracer_provider=provider, spans_min_duration_ms=3_600_000)
+    meter_provider = None
+    if mode == "notable-metrics":  # the --otlp default: notable spans and metrics
+        from opentelemetry.sdk.metrics import MeterProvider
+        meter_provider = MeterProvider()
+    asyncwatch.install(log=False, reporters=[collector], detect=every_but_the_watchdog,
+                       spans=mode.removesuffix("-metrics"), metrics=meter_provider is not None,
+                       tracer_provider=provider, meter_provider=meter_provider, spans_min_duration_ms=3_600_000)
 if on_uvloop:
     import uvloop
     loop_factory = uvloop.new_event_loop

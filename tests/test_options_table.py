@@ -55,3 +55,19 @@ def test_a_child_gets_back_the_settings_it_inherits():
     assert again == settings
     inherited = {o.name for o in OPTIONS if o.scope == "run" and o.inherit is not None}
     assert {name: getattr(run_again, name) for name in inherited} == {name: getattr(run, name) for name in inherited}
+
+
+@pytest.mark.parametrize(
+    ("environ", "metrics"),
+    [
+        ({}, True),
+        ({"OTEL_METRICS_EXPORTER": "otlp"}, True),
+        ({"OTEL_METRICS_EXPORTER": " None "}, False),
+        ({"OTEL_METRICS_EXPORTER": "none", "ASYNCWATCH_METRICS": "1"}, True),
+    ],
+)
+def test_otlp_turns_metrics_on_unless_opentelemetry_exports_none(environ, metrics):
+    """--otlp means notable spans and metrics, but metrics nobody exports
+    (``OTEL_METRICS_EXPORTER=none``) are left off, as their task counts time every step."""
+    settings, _ = resolve_run({"otlp": (True, "--otlp")}, environ)
+    assert settings.spans == "notable" and settings.metrics is metrics

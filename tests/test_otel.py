@@ -325,7 +325,7 @@ class TestModes:
     """spans="all", "notable" and "off" (the default)."""
 
     def test_off_is_the_default(self):
-        """Spans and metrics are opt-in: any mode but off times every task step."""
+        """Spans and metrics are opt-in: "all", and "notable" with metrics, time every task step."""
         assert Settings().spans == "off" and Settings().metrics is False
 
     def test_notable_spans_only_tasks_with_something_to_say(self, loop_name, spans):
@@ -360,6 +360,40 @@ class TestModes:
             "asyncwatch.cancellation_swallowed",
         ]
         assert attributes(by_name["long"])["asyncio.task.state"] == "finished"
+
+    def test_notable_mode_leaves_a_task_that_stays_unremarkable_alone(self, loop_name, spans):
+        """No timing wrapper, no done callback, no span: a task that is never notable costs its creation only."""
+        seen = {}
+
+        async def main():
+            task = asyncio.create_task(two_steps(), name="plain")
+            seen["wrapped"] = type(asyncio.Task.get_coro(task)) is TimedCoroutine
+            seen["callbacks"] = list(task._callbacks or ())
+            await task
+            seen["after"] = list(task._callbacks or ())
+
+        run_traced(loop_name, main, spans, spans="notable")
+        assert seen == {"wrapped": False, "callbacks": [], "after": []}
+        assert [s for s in spans.finished if attributes(s).get("asyncio.task.name") == "plain"] == []
+
+    def test_a_long_lived_notable_task_has_its_span_while_it_runs(self, loop_name, spans):
+        """Notable mode finds a long life by looking at the pending tasks: the span is made before the task ends."""
+        while_running = []
+
+        async def lives():
+            await asyncio.sleep(0.2)
+            note = asyncio.current_task()._aw_note  # the tracer's record, once the task is notable
+            while_running.append(getattr(note, "span", None) is not None and note.span.is_recording())
+
+        async def main():
+            await asyncio.create_task(lives(), name="long")
+
+        run_traced(loop_name, main, spans, spans="notable", spans_min_duration_ms=50)
+        assert while_running == [True]
+        [span] = [s for s in spans.finished if attributes(s).get("asyncio.task.name") == "long"]
+        assert attributes(span)["asyncio.task.state"] == "finished"
+        # Steps are not timed in notable mode.
+        assert not {"asyncio.task.busy_time", "asyncio.task.steps"} & set(attributes(span))
 
     def test_a_notable_span_starts_when_the_task_was_created(self, loop_name, spans):
         """Made late (when the task turned notable), it still starts at creation and ends at completion."""
@@ -538,10 +572,14 @@ class TestFindingsOnSpans:
         [(name, attrs)] = events(span)
         assert name == "asyncwatch.slow_callback"
         assert attrs["code.line.number"] == line_of("# <- blocks the loop")
-        # The watchdog and the timing wrapper measure the same step with different clocks.
-        assert (
-            BLOCK_S - 0.05 <= attrs["asyncwatch.finding.duration"] <= attributes(span)["asyncio.task.busy_time"] + 0.02
-        )
+        assert attrs["asyncwatch.finding.duration"] >= BLOCK_S - 0.05
+        if mode == "all":
+            # The watchdog and the timing wrapper measure the same step with different clocks.
+            assert attrs["asyncwatch.finding.duration"] <= attributes(span)["asyncio.task.busy_time"] + 0.02
+        else:
+            # Notable mode times no step: no step count or busy time to show.
+            assert "asyncio.task.busy_time" not in attributes(span)
+            assert "asyncio.task.steps" not in attributes(span)
 
     @pytest.mark.parametrize("mode", ["all", "notable"])
     def test_events_lie_inside_their_span_and_a_block_is_marked_where_it_began(self, loop_name, spans, mode):
@@ -572,7 +610,13 @@ class TestFindingsOnSpans:
                 assert span.start_time <= event.timestamp <= span.end_time, (span.name, event.name)
         [span] = [s for s in spans.finished if attributes(s).get("asyncio.task.name") == "blocker"]
         [event] = span.events
-        assert event.timestamp <= began[0] and attributes(span)["asyncwatch.has_findings"] is True
+        assert attributes(span)["asyncwatch.has_findings"] is True
+        if mode == "all":
+            assert event.timestamp <= began[0]  # the timed step's start
+        else:
+            # Steps are not timed: the event is where the watchdog first saw
+            # the block, which it saw at least the threshold (0.1 s) before its end.
+            assert began[0] - 0.005e9 <= event.timestamp <= began[0] + (BLOCK_S - 0.1) * 1e9
         # How much of the block the duration covers depends on when the
         # watchdog first saw the step (later on a loaded machine: 0.198 s of
         # 0.25 s seen once), so only the 100 ms threshold is sure.
@@ -605,7 +649,8 @@ class TestFindingsOnSpans:
         assert attrs["code.line.number"] == line_of("# <- blocking callback")
         assert abs((span.end_time - span.start_time) / 1e9 - attrs["asyncwatch.finding.duration"]) < 0.001
 
-    def test_an_unretrieved_exception_is_a_short_span_under_the_task(self, loop_name, spans):
+    @pytest.mark.parametrize("mode", ["all", "notable"])
+    def test_an_unretrieved_exception_is_a_short_span_under_the_task(self, loop_name, spans, mode):
         """Reported when the failed task is collected, after its span ended: a child span of it."""
 
         async def fails():
@@ -616,7 +661,7 @@ class TestFindingsOnSpans:
             await asyncio.sleep(0.01)
             gc.collect()
 
-        run_traced(loop_name, main, spans)
+        run_traced(loop_name, main, spans, spans=mode)
         [task_span] = [s for s in spans.finished if attributes(s).get("asyncio.task.name") == "forgotten"]
         finding_span = spans.named("asyncwatch task_exception_unretrieved")
         assert spans.parent_of(finding_span) is task_span
@@ -919,8 +964,10 @@ class TestInstrumentor:
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip().splitlines()[-1] == '[true, ["asyncio.task main", "asyncio.task work"]]'
 
-    def test_opentelemetry_instrument_defaults_to_notable_spans_and_metrics(self, tmp_path):
-        """Under ``opentelemetry-instrument`` with no asyncwatch option, spans are notable (as with --otlp)."""
+    @pytest.mark.parametrize("metrics_exporter", ["none", "otlp"])
+    def test_opentelemetry_instrument_defaults_to_notable_spans_and_metrics(self, tmp_path, metrics_exporter):
+        """Under ``opentelemetry-instrument`` with no asyncwatch option, spans are notable and metrics
+        on (as with --otlp), unless ``OTEL_METRICS_EXPORTER=none`` says no metrics are exported."""
         app = tmp_path / "app.py"
         app.write_text(
             textwrap.dedent(
@@ -952,18 +999,23 @@ class TestInstrumentor:
 
                 asyncio.run(main())
                 names = sorted(s.name for s in exporter.get_finished_spans() if s.name.startswith("asyncio.task"))
-                print(json.dumps(names))
+                from asyncwatch._engine import current_engine
+                print(json.dumps([names, current_engine().settings.metrics]))
                 """
             )
         )
         instrument = os.path.join(os.path.dirname(sys.executable), "opentelemetry-instrument")
         env = {k: v for k, v in os.environ.items() if not k.startswith("ASYNCWATCH_")}
         env.update(WITHOUT_SDK_SETUP)
+        # With an exporter named, the SDK configurator would send metrics to
+        # it; no configurator runs here (OTEL_PYTHON_CONFIGURATOR=none).
+        env["OTEL_METRICS_EXPORTER"] = metrics_exporter
         result = subprocess.run(
             [instrument, sys.executable, str(app)], capture_output=True, text=True, env=env, timeout=900
         )
         assert result.returncode == 0, result.stderr
-        assert result.stdout.strip().splitlines()[-1] == '["asyncio.task swallows"]'
+        metrics_on = "true" if metrics_exporter != "none" else "false"
+        assert result.stdout.strip().splitlines()[-1] == f'[["asyncio.task swallows"], {metrics_on}]'
         assert "cancellation_swallowed" in result.stderr
 
 
@@ -1005,7 +1057,8 @@ def test_a_traced_task_failing_as_its_loop_stops_does_not_keep_its_frames():
 class TestInvisibleWrapper:
     """With spans on, the program sees its tasks as it would without asyncwatch."""
 
-    def test_a_failing_task_looks_as_without_asyncwatch(self, loop_name, spans):
+    @pytest.mark.parametrize("mode", ["all", "notable"])
+    def test_a_failing_task_looks_as_without_asyncwatch(self, loop_name, spans, mode):
         """Its traceback (awaited, and on its span) has no asyncwatch frame; get_coro(), name and repr are the program's."""
         seen = {}
 
@@ -1023,7 +1076,7 @@ class TestInvisibleWrapper:
             except ValueError as exc:
                 seen["traceback"] = "".join(traceback.format_exception(exc))
 
-        run_traced(loop_name, main, spans, spans="all")
+        run_traced(loop_name, main, spans, spans=mode)
         assert seen["coro"] is True
         assert (
             seen["repr"]

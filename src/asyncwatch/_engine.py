@@ -210,7 +210,10 @@ class Engine:
         detectors += self._added
         tracer = self._task_tracer_for(loop, settings)
         if tracer is not None:
-            detectors.append(tracer)
+            # First: in notable mode a task destroyed while pending, or whose
+            # exception was never retrieved, gets its span from the loop's
+            # exception handler context before the finding about it is placed.
+            detectors.insert(0, tracer)
         return [d for d in detectors if id(d) not in self._disabled]
 
     def _task_tracer_for(self, loop: asyncio.AbstractEventLoop, settings: Settings) -> Detector | None:

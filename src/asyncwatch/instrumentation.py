@@ -30,7 +30,7 @@ except ImportError as exc:  # pragma: no cover - tested in a subprocess without 
         "install it with: pip install opentelemetry-instrumentation"
     ) from exc
 
-from ._core.settings import ENV_VARS, Settings
+from ._core.settings import ENV_VARS, Settings, metrics_exported
 from ._install import Installation, install
 
 __all__ = ["AsyncwatchInstrumentor"]
@@ -59,7 +59,7 @@ class AsyncwatchInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         options = {name: value for name, value in kwargs.items() if name in _OPTIONS}
         for name, value in _TELEMETRY_DEFAULTS.items():
             if name not in options and ENV_VARS[name] not in os.environ:
-                options[name] = value
+                options[name] = value if name != "metrics" else metrics_exported(os.environ)
         self._installation = install(
             tracer_provider=kwargs.get("tracer_provider"),
             meter_provider=kwargs.get("meter_provider"),

@@ -14,6 +14,8 @@ method named after the event, in the spirit of trio's ``Instrument``:
 ``task_created(...)``      asyncwatch's task factory made a task
 ``task_cancel_requested``  ``cancel()`` on a pending task of ours
 ``task_done(...)``         a task whose creation was told finished
+``task_failed(task)``      a task's exception is first asked for
+``task_blocking(task)``    a task's step holds the loop past the threshold
 ``gather_made(...)``       a ``gather()`` that made tasks has returned
 ``wrap_coroutine(coro)``   the coroutine a new task will run
 =========================  ==============================================
@@ -113,6 +115,10 @@ class Detector:
     #: Whether the detector needs asyncwatch's task factory (creation sites
     #: and ``Task.cancel``) even though it overrides no task hook.
     needs_task_factory: ClassVar[bool] = False
+    #: Whether its ``task_created`` needs the creation site as a `Site`.
+    #: Making one costs every task a lookup; a detector that needs the site
+    #: only for the few tasks it reports says False and asks `created_at`.
+    needs_creation_site: ClassVar[bool] = True
 
     @property
     def name(self) -> str:
@@ -143,13 +149,29 @@ class Detector:
         return coro
 
     def task_created(self, task: asyncio.Task[Any], coro: Any, site: Site | None) -> None:
-        """*task* (running *coro*, as wrapped) was created at *site*, on the creating thread."""
+        """*task* (running *coro*, as wrapped) was created at *site*, on the creating thread
+        (*site* is None, unresolved, for a detector whose `needs_creation_site` is False)."""
 
     def task_cancel_requested(self, task: asyncio.Task[Any], caller: FrameType, message: Any) -> None:
         """``task.cancel(message)`` was called from *caller* while *task* was pending."""
 
     def task_done(self, task: asyncio.Task[Any], coro: Any) -> None:
         """*task* finished; *coro* is what it ran (a done task may not say, gh-122332)."""
+
+    def task_failed(self, task: asyncio.Task[Any]) -> None:
+        """*task* ended with an exception, and the program (or asyncio for it:
+        ``await``, ``gather``, a ``TaskGroup``) asks for its outcome with
+        ``result()`` or ``exception()``: told on the thread asking, before it
+        gets the answer, possibly more than once.  Overriding it makes the
+        factory create tasks that tell (`asyncwatch._core.tasks.TellingTask`),
+        which costs each task a Python call per ``result()``/``exception()``,
+        no callback and no wrapper."""
+
+    def task_blocking(self, task: asyncio.Task[Any], since: float) -> None:
+        """A step of *task* has held its loop for longer than the slow-callback
+        threshold and still runs; the watchdog first saw it at *since*
+        (``time.perf_counter()``).  Told from the watchdog's thread, during
+        the step, once per slow step, only while slow callbacks are detected."""
 
     def gather_made(self, watch: WatchedLoop, gathering: asyncio.Future[Any], site: Site | None) -> None:
         """``gather()`` called at *site* made tasks and returned *gathering*,
@@ -168,10 +190,12 @@ HOOKS = (
     "task_created",
     "task_cancel_requested",
     "task_done",
+    "task_failed",
+    "task_blocking",
     "gather_made",
 )
 #: The hooks that need asyncwatch's task factory.
-TASK_HOOKS = ("wrap_coroutine", "task_created", "task_cancel_requested", "task_done")
+TASK_HOOKS = ("wrap_coroutine", "task_created", "task_cancel_requested", "task_done", "task_failed")
 
 
 def overrides(detector: Detector, hook: str) -> bool:
@@ -186,7 +210,7 @@ class Hooks:
     whoever holds the table (the task factory) sees the change.
     """
 
-    __slots__ = (*HOOKS, "_on_failure", "detectors")
+    __slots__ = (*HOOKS, "_on_failure", "creation_sites", "detectors")
 
     loop_attached: tuple[Callable[[WatchedLoop], None], ...]
     loop_detached: tuple[Callable[[WatchedLoop], None], ...]
@@ -195,6 +219,8 @@ class Hooks:
     task_created: tuple[Callable[[asyncio.Task[Any], Any, Site | None], None], ...]
     task_cancel_requested: tuple[Callable[[asyncio.Task[Any], FrameType, Any], None], ...]
     task_done: tuple[Callable[[asyncio.Task[Any], Any], None], ...]
+    task_failed: tuple[Callable[[asyncio.Task[Any]], None], ...]
+    task_blocking: tuple[Callable[[asyncio.Task[Any], float], None], ...]
     gather_made: tuple[Callable[[WatchedLoop, asyncio.Future[Any], Site | None], None], ...]
 
     def __init__(self, detectors: Iterable[Detector], on_failure: Callable[[Detector, Exception], None]) -> None:
@@ -206,6 +232,8 @@ class Hooks:
         self.detectors = tuple(detectors)
         for hook in HOOKS:
             setattr(self, hook, tuple(getattr(d, hook) for d in self.detectors if overrides(d, hook)))
+        #: Whether a ``task_created`` hook takes the creation site as a `Site`.
+        self.creation_sites = any(d.needs_creation_site for d in self.detectors if overrides(d, "task_created"))
 
     def without(self, detector: Detector) -> None:
         """Stop dispatching to *detector*."""
@@ -216,7 +244,7 @@ class Hooks:
     def observes_tasks(self) -> bool:
         """Whether a task hook other than ``task_cancel_requested`` is used (the
         task factory then takes its slower, telling path)."""
-        return bool(self.wrap_coroutine or self.task_created or self.task_done)
+        return bool(self.wrap_coroutine or self.task_created or self.task_done or self.task_failed)
 
     @property
     def needs_task_factory(self) -> bool:

@@ -243,6 +243,8 @@ def stack_of(frames: Iterable[FrameType]) -> tuple[Site, ...]:
 # ``AsyncioInstrumentor.trace_coroutine(coro)``.  Naming the wrapper would name
 # every task and finding "trace_coroutine".
 _WRAPPER_COROUTINES = {"trace_coroutine": os.path.join("opentelemetry", "instrumentation", "asyncio") + os.sep}
+#: The names of the known wrapper coroutines: a cheap first test, for the hot path.
+WRAPPER_NAMES = frozenset(_WRAPPER_COROUTINES)
 
 
 def program_coroutine(coro: Any) -> Any:

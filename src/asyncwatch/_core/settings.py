@@ -86,7 +86,8 @@ class Settings:
     * ``spans``: OpenTelemetry spans for tasks: ``"off"`` (default), ``"notable"`` (only
       tasks with a finding, an exception, a cancellation, or a life of at
       least ``spans_min_duration_ms``) or ``"all"`` (every task).  Off by
-      default: any mode but "off" times every step of every task.
+      default: "all", and "notable" with metrics on, time every step of
+      every task ("notable" without metrics times none).
       Spans go to the application's tracer provider; with none configured,
       asyncwatch does not trace at all.
     * ``spans_min_duration_ms``: how long a task must live to be notable
@@ -204,8 +205,15 @@ def resolve_run(
         # Asking for OTLP is asking for telemetry: notable spans and metrics,
         # unless the option or its variable says otherwise.
         changes.setdefault("spans", "notable")
-        changes.setdefault("metrics", True)
+        changes.setdefault("metrics", metrics_exported(environ))
     return replace(Settings(), **changes), run
+
+
+def metrics_exported(environ: Mapping[str, str]) -> bool:
+    """Whether OpenTelemetry's ``OTEL_METRICS_EXPORTER`` leaves metrics on
+    (``none``: a receiver that takes traces only).  Metrics nobody exports
+    are not worth their cost: the task counts time every task's steps."""
+    return environ.get("OTEL_METRICS_EXPORTER", "").strip().lower() != "none"
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str]]:

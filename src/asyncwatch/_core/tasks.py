@@ -43,6 +43,7 @@ __all__ = [
     "CancelCall",
     "Task",
     "TaskFactory",
+    "TellingTask",
     "cancel_calls",
     "coro_name",
     "coro_of",
@@ -68,7 +69,7 @@ def coro_of(task: asyncio.Future[Any]) -> Any:
     or None where asking would crash CPython."""
     if _GET_CORO_UNSAFE_WHEN_DONE and task.done():
         return None
-    if type(task) is Task:
+    if isinstance(task, Task):  # ours, or our TellingTask
         return _task_get_coro(task)  # past Task.get_coro, which shows the program its own coroutine
     get_coro = getattr(task, "get_coro", None)
     return get_coro() if get_coro is not None else None
@@ -85,7 +86,7 @@ def coro_name(task: asyncio.Future[Any]) -> str | None:
     name = getattr(task, "_aw_coro", None)
     if name is not None:
         return name  # type: ignore[no-any-return]
-    if type(task) is Task:
+    if isinstance(task, Task):  # ours, or our TellingTask
         # Our factory names every task it starts eagerly, so this one was
         # not, and get_coro() is safe even on 3.12.0-3.12.4.
         return qualname_of(task.get_coro())
@@ -173,6 +174,75 @@ class Task(asyncio.Task):  # type: ignore[type-arg]
             return super().cancel(msg)
         finally:
             calls.pop()
+
+
+_future_result = asyncio.Task.result
+_future_exception = asyncio.Task.exception
+
+
+class TellingTask(Task):
+    """Our Task, which tells the ``task_failed`` hooks when the outcome of a
+    task that raised is asked for (``result()``, ``exception()``).
+
+    asyncio's C Task has no hook at its end but done callbacks, which show in
+    ``repr(task)`` and cost every task a callback.  But a task awaiting a
+    task of a subclass asks it for ``result()`` (``task_wakeup`` in CPython's
+    Modules/_asynciomodule.c takes its generic path for any type but exactly
+    ``asyncio.Task``), and so do ``gather``, ``TaskGroup`` and ``wait_for``;
+    a failure nobody asks about is "Task exception was never retrieved".
+    Made by the factory only while a detector overrides ``task_failed``: the
+    other tasks are spared a Python call per ``result()``/``exception()``.
+
+    _aw_born and _aw_note are kept for such a detector (OpenTelemetry's
+    notable spans: when the task was made, what it noted then).
+    """
+
+    __slots__ = ("_aw_born", "_aw_note")
+    _aw_born: float
+    _aw_note: Any
+
+    def result(self) -> Any:
+        if self._exception is not None:
+            _tell_failed(self)
+        try:
+            return _future_result(self)
+        except BaseException as exc:
+            _drop_frame(exc, _RESULT_CODE)
+            raise  # a bare raise adds no traceback entry for this frame
+
+    def exception(self) -> BaseException | None:
+        if self._exception is not None:
+            _tell_failed(self)
+        try:
+            return _future_exception(self)
+        except BaseException as exc:  # CancelledError, InvalidStateError
+            _drop_frame(exc, _EXCEPTION_CODE)
+            raise
+
+
+# repr(task) says the class's name: "<Task pending ...>", as without asyncwatch.
+TellingTask.__name__ = TellingTask.__qualname__ = "Task"
+_RESULT_CODE = TellingTask.result.__code__
+_EXCEPTION_CODE = TellingTask.exception.__code__
+
+
+def _drop_frame(exc: BaseException, code: Any) -> None:
+    """Take this module's frame off the head of *exc*'s traceback: the
+    program sees the traceback it would see without asyncwatch."""
+    tb = exc.__traceback__
+    if tb is not None and tb.tb_frame.f_code is code:
+        exc.__traceback__ = tb.tb_next
+
+
+def _tell_failed(task: TellingTask) -> None:
+    watch = watches.get(task.get_loop())
+    if watch is not None:
+        hooks = watch.hooks
+        for hook in hooks.task_failed:
+            try:
+                hook(task)
+            except Exception as exc:
+                hooks.failed(hook, exc)
 
 
 # --- where a task was created ------------------------------------------------
@@ -314,6 +384,8 @@ def _make_factory(state: TaskFactory, depth: int, hooks: Hooks | None) -> Callab
             report_internal_error("task factory", exc)
 
     previous = state.previous
+    # Tasks that tell their failure, only while a detector wants to be told.
+    task_class = TellingTask if hooks is not None and hooks.task_failed else Task
 
     def creation_site(
         loop: asyncio.AbstractEventLoop, frame: FrameType | None, level: int, task: Any
@@ -362,12 +434,12 @@ def _make_factory(state: TaskFactory, depth: int, hooks: Hooks | None) -> Callab
                     hooks.failed(wrap, exc)
         task: Any
         if previous is None:
-            task = Task(coro, loop=loop, **kwargs)
+            task = task_class(coro, loop=loop, **kwargs)
         elif previous is _eager_task_factory:
             # Exactly what asyncio.eager_task_factory does, our Task in place
             # of asyncio's (so a loop passing eager_start itself, as uvloop
             # does on 3.13, fails here as it would without asyncwatch).
-            task = Task(coro, loop=loop, eager_start=True, **kwargs)  # type: ignore[call-arg]  # 3.12+
+            task = task_class(coro, loop=loop, eager_start=True, **kwargs)  # type: ignore[call-arg]  # 3.12+
         else:
             task = previous(loop, coro, **kwargs)
             if not hasattr(task, "_source_traceback"):
@@ -386,7 +458,7 @@ def _make_factory(state: TaskFactory, depth: int, hooks: Hooks | None) -> Callab
                     pass
             if site is None:
                 site = creation_site(loop, getframe(depth), depth, task)
-            if type(task) is Task:
+            if type(task) is task_class:
                 task._aw_site = site
                 if previous is _eager_task_factory or kwargs.get("eager_start"):
                     task._aw_coro = qualname_of(coro)
@@ -523,7 +595,7 @@ def _tell_created(task: Task, coro: Any, site: tuple[CodeType, int] | None, hook
     """Tell the task hooks about a new task (the factory's slower path)."""
     created = hooks.task_created
     if created:
-        where = code_site(*site) if site else None
+        where = code_site(*site) if site and hooks.creation_sites else None
         for hook in created:
             try:
                 hook(task, coro, where)

@@ -87,7 +87,7 @@ class CancellationDetector(Detector):
 
     def task_cancel_requested(self, task: asyncio.Task[Any], caller: FrameType, message: Any) -> None:
         calls = cancel_calls()
-        if type(task) is Task and calls and calls[-1].task is task:
+        if isinstance(task, Task) and calls and calls[-1].task is task:
             _note_cancel(task, caller, calls[-1], calls[-2] if len(calls) > 1 else None, self._check_swallowed)
 
     def _check_swallowed(self, task: asyncio.Task[Any]) -> None:

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import NamedTuple
 
+from .._core.detector import watches
 from .._core.findings import Finding
 from .._core.frames import is_library_file
 from .._core.runtime import report_internal_error, reporting
@@ -295,13 +296,13 @@ class LoopProbe:
         if not idle and not same_step and late >= self.look_s:
             fresh = at_start(chain[-1] if chain else top)
             if late >= self.threshold_s:
-                early = self._capture(loop, top, chain)
+                early = self._capture(loop, top, chain, now - late)
             dated = self.pure_asyncio and any(not is_library_file(f.f_code.co_filename) for f in chain)
         captured: Stall | None = None
         tentative: Stall | None = None
         if same_step and self.stall is None:
             if now - self.held_since >= self.threshold_s:
-                captured = self._capture(loop, top, chain)
+                captured = self._capture(loop, top, chain, self.held_since)
             elif self.beat_next and now - self.held_since >= self.threshold_s * TENTATIVE_SHARE:
                 tentative = self._capture(loop, top, chain)
         self.meter.glance(thread_id, late, self.threshold_s)
@@ -477,9 +478,23 @@ class LoopProbe:
             self._post_beat()
         return tick
 
-    def _capture(self, loop: asyncio.AbstractEventLoop, top: FrameType, chain: list[FrameType]) -> Stall:
+    def _capture(
+        self, loop: asyncio.AbstractEventLoop, top: FrameType, chain: list[FrameType], since: float | None = None
+    ) -> Stall:
+        """What the loop thread is stalled in; *since*: when the stall is
+        dated from, told to the blocking task's observers (None: a step not
+        yet known to be a stall)."""
         stall = read_stall(loop, top, chain)
         self.meter.captured(self.thread_id, self.native_id, stall.library_only)
+        if since is not None:
+            # Observers of the blocking task (notable spans: the context the
+            # step runs in) learn of it while the step still runs.
+            watch = watches.get(loop)
+            if watch is not None and watch.hooks.task_blocking:
+                task = asyncio.current_task(loop)
+                if task is not None:
+                    watch.hooks.dispatch("task_blocking", task, since)
+                del task  # never keep the user's task alive
         return stall
 
     def finish(self, now: float) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 from opentelemetry import metrics, trace
 
 from ..._core.runtime import report_internal_error, start_hidden_thread
+from ..._core.settings import metrics_exported
 from .names import INSTALL_OTLP
 
 __all__ = ["OtlpSetup", "check_otlp_installed", "setup_otlp"]
@@ -37,7 +38,7 @@ class OtlpSetup:
     def __init__(self, *, metrics: bool = True) -> None:
         check_otlp_installed()
         self.traces = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() != "none"
-        self.metrics = metrics and os.environ.get("OTEL_METRICS_EXPORTER", "").strip().lower() != "none"
+        self.metrics = metrics and metrics_exported(os.environ)
         self.tracer_provider: Any = None
         self.meter_provider: Any = None
         self._exporters: list[Any] = []

@@ -49,7 +49,7 @@ from .names import (
     finding_attributes,
     finding_ns,
 )
-from .spans import TaskTracer, _TaskRecord, now_ns_for
+from .spans import NotableTracer, TaskTracer, _TaskRecord, now_ns_for
 
 __all__ = ["LAG_INTERVAL_S", "Telemetry"]
 
@@ -104,7 +104,12 @@ class Telemetry:
         #: (``asyncwatch run --otlp`` sets up the SDK this way, so that a
         #: program that configures OpenTelemetry itself keeps its own).
         self.fallback: Callable[[], None] | None = None
-        self.task_tracer = TaskTracer(settings.spans, settings.spans_min_duration_ms / 1000)
+        # Notable spans without metrics need nothing from a task that never
+        # becomes notable (`NotableTracer`); the metrics' task counts by final
+        # state need every task's end, which only the step-timing wrapper
+        # tells without a done callback in every task's repr.
+        tracer_class = NotableTracer if settings.spans == "notable" and not settings.metrics else TaskTracer
+        self.task_tracer = tracer_class(settings.spans, settings.spans_min_duration_ms / 1000)
         self._metering = False
         self._findings_counter: Any = None
         self._lag_histogram: Any = None
@@ -241,7 +246,9 @@ class Telemetry:
             match = self._match_slow(finding)
             if match is not None:
                 record, (start, _duration, context) = match
-                # The event marks the start of the block; its duration is an attribute.
+                # The event marks the start of the block (in notable mode, where
+                # the watchdog first saw it: steps are not timed); its duration
+                # is an attribute.
                 return self._place_slow(finding, record, now_ns_for(start), context)
             record = None
         else:
@@ -296,7 +303,11 @@ class Telemetry:
                     if record.slow:
                         # The step nearest in length (the detector times the
                         # whole callback, a little longer than the step).
-                        taken = min(record.slow, key=lambda step: abs(step[1] - (finding.duration_s or 0.0)))
+                        # Untimed (duration -1, notable mode): the oldest.
+                        taken = min(
+                            record.slow,
+                            key=lambda step: abs(step[1] - (finding.duration_s or 0.0)) if step[1] >= 0 else 0.0,
+                        )
                         record.slow.remove(taken)
                         return record, taken
             # The watchdog thread can report the step while the loop thread
