@@ -77,13 +77,7 @@ class CancellationDetector(Detector):
 
     def _check_timeout(self, timeout: asyncio.Timeout) -> None:
         """An expired timeout's block ended without an exception (its ``__aexit__``)."""
-        try:
-            _check_timeout_swallowed(timeout)
-        except Exception as exc:
-            if self._context is not None:
-                self._context.failed(self, exc)
-            else:
-                report_internal_error(self.name, exc)
+        self._contained(_check_timeout_swallowed, timeout)
 
     def task_cancel_requested(self, task: asyncio.Task[Any], caller: FrameType, message: Any) -> None:
         calls = cancel_calls()
@@ -92,8 +86,13 @@ class CancellationDetector(Detector):
 
     def _check_swallowed(self, task: asyncio.Task[Any]) -> None:
         """Done callback of a cancelled task: report if it finished normally."""
+        self._contained(_check_swallowed, task)
+
+    def _contained(self, check: Callable[[Any], None], subject: Any) -> None:
+        """Run *check*, called from asyncio's machinery: an error of ours is
+        contained and disables this detector, reported once."""
         try:
-            _check_swallowed(task)
+            check(subject)
         except Exception as exc:
             if self._context is not None:
                 self._context.failed(self, exc)
