@@ -6,8 +6,8 @@ each task's coroutine in asyncwatch's step timer, gives every task a
 busy time) and turns records into spans: at creation in ``"all"`` mode, or
 in ``"notable"`` mode the moment a task becomes notable (a cancellation, a
 finding, an exception, a long life), with the real start time.  Findings are
-put on these spans by `Telemetry` (telemetry.py).  `NotableTracer` (the end
-of this module) is notable mode without metrics: no wrapper and no record
+put on these spans by `Telemetry` (telemetry.py).  `NotableTracer`
+(notable.py) is notable mode without metrics: no wrapper and no record
 until a task becomes notable.
 
 Traces stay the size of a unit of work: a task created under an application
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import contextvars
 import os
 import sys
@@ -42,17 +41,15 @@ from opentelemetry.trace import Status, StatusCode
 from ..._core.detector import Detector
 from ..._core.findings import Finding, Site
 from ..._core.frames import (
-    WRAPPER_NAMES,
     app_frame,
     describe_exception,
     frame_site,
     is_own_file,
     program_coroutine,
-    qualname_of,
 )
 from ..._core.runtime import report_internal_error
 from ..._core.stepping import TimedCoroutine
-from ..._core.tasks import coro_name, coro_of, created_at, task_context
+from ..._core.tasks import coro_of, task_context
 from .names import (
     ATTR_BUSY_TIME,
     ATTR_CANCEL_MESSAGE,
@@ -74,7 +71,7 @@ from .names import (
     site_attributes,
 )
 
-__all__ = ["RECENT_LIMIT", "NotableTracer", "TaskTracer"]
+__all__ = ["RECENT_LIMIT", "TaskTracer"]
 
 # asyncio's and uvloop's own tasks (Runner.close's shutdown_asyncgens, a
 # server's _accept_connection2, create_server's _create_server_getaddrinfo
@@ -618,235 +615,3 @@ class TaskTracer(Detector):
     def failed_span_context(self, finding: Finding) -> Any:
         with self._lock:
             return self._failed.pop(finding.task, None) if finding.task else None
-
-
-# --- notable mode: pay only for what becomes notable ----------------------------
-
-# OpenTelemetry's current context is a ContextVar in the API's default runtime
-# context: read in a task's own `contextvars.Context` to see what the task has
-# current (from another thread, during a slow step).
-_CONTEXT_VARIABLE = getattr(getattr(otel_context, "_RUNTIME_CONTEXT", None), "_current_context", None)
-
-
-def _first_done_callback(task: asyncio.Task[Any], callback: Any) -> None:
-    """Add *callback* to *task* ahead of the callbacks it has (in their order):
-    so that it runs before whoever awaits the task resumes, and a span ends
-    when the task did, not after its awaiter's next step."""
-    callbacks = list(getattr(task, "_callbacks", None) or ())
-    for function, _context in callbacks:
-        task.remove_done_callback(function)  # removes every copy: all are added back below
-    task.add_done_callback(callback)
-    for function, context in callbacks:
-        task.add_done_callback(function, context=context)
-
-
-class NotableTracer(TaskTracer):
-    """The task tracer of ``spans="notable"`` without metrics: nothing per
-    step, nothing at a task's end, unless the task becomes notable.
-
-    A task costs its creation only: when it was made and the OpenTelemetry
-    context current there, kept in two slots of the task itself
-    (`asyncwatch._core.tasks.TellingTask`); no wrapper, no record, no
-    creation site, no callback.  A task becomes notable, and gets a record, a
-    span (from its creation time, under that context) and a done callback
-    that ends it, when
-
-    * ``cancel()`` is called on it (``task_cancel_requested``);
-    * a step of it blocks the loop (``task_blocking``, from the watchdog);
-    * its exception is asked for (``task_failed``: ``await``, ``gather``...)
-      or never is (the loop's "exception was never retrieved");
-    * it is destroyed while pending (the loop's "destroyed but it is pending");
-    * it has lived `min_duration_s`: a timer on each loop looks at the loop's
-      pending tasks every quarter of it (a task living between 1x and 1.25x
-      the threshold may end unseen).
-
-    Steps are not timed: the spans have no ``asyncio.task.steps``,
-    ``busy_time`` or ``scheduling_delay`` (``spans="all"`` has them).
-    """
-
-    needs_creation_site = False  # resolved for notable tasks only (`created_at`)
-    # No wrapper: not even a call per task to decline to wrap.
-    wrap_coroutine = Detector.wrap_coroutine
-
-    #: How often, as a share of the notable life, pending tasks are looked at
-    #: (each look costs the loop a walk over its pending tasks), and at most
-    #: how often (a threshold of a few ms must not keep the loop busy).
-    SCAN_SHARE = 0.25
-    SCAN_MIN_S = 0.005
-
-    def __init__(self, mode: str, min_duration_s: float) -> None:
-        super().__init__(mode, min_duration_s)
-        self._scans: dict[int, asyncio.TimerHandle] = {}
-        self._clock = time.perf_counter
-        self._theirs_cache = self._file_kinds
-
-    # -- every task -----------------------------------------------------------
-
-    def task_created(self, task: asyncio.Task[Any], coro: Any, site: Site | None) -> None:
-        """Note when *task* was made and the context current there (for
-        asyncwatch's own, asyncio's and uvloop's tasks: nothing)."""
-        if not self.tracing:
-            return
-        if self._orphans:  # tasks destroyed while pending: end their spans
-            self.drain()
-        code = getattr(coro, "cr_code", None)
-        if code is not None and code.co_name in WRAPPER_NAMES:
-            # opentelemetry-instrumentation-asyncio's trace_coroutine: judge
-            # and name the program's coroutine, which only a wrapper that has
-            # not started yet still shows (a span may be made after the end).
-            coro = program_coroutine(coro)
-            code = getattr(coro, "cr_code", None)
-            task._aw_coro = qualname_of(coro)  # type: ignore[attr-defined]
-        if code is not None:
-            filename = code.co_filename
-            theirs = self._theirs_cache.get(filename)
-            if theirs is None:
-                theirs = self._theirs(filename)
-            if theirs and (is_own_file(filename) or self._created_by_them()):
-                return
-        task._aw_born = self._clock()  # type: ignore[attr-defined]
-        task._aw_note = _current_context()  # type: ignore[attr-defined]
-
-    # -- becoming notable ----------------------------------------------------
-
-    def notable(self, task: asyncio.Task[Any], span: bool = True) -> _TaskRecord | None:
-        """The record of *task*, made now if it had none (with its span,
-        unless *span* is False), or None for a task that is not traced."""
-        note = getattr(task, "_aw_note", None)
-        if note is None or type(note) is _TaskRecord:
-            if span and note is not None and note.span is None and not note.done:
-                self.promote(note)
-            return note
-        if not self.tracing:
-            return None
-        with self._lock:
-            note = task._aw_note  # type: ignore[attr-defined]
-            if type(note) is _TaskRecord:  # made meanwhile by another thread
-                return note
-            record = _TaskRecord(
-                self,
-                coro_name(task) or "<unknown>",
-                created_at(task),
-                note,
-                None,
-                0,
-                task._aw_born,  # type: ignore[attr-defined]
-            )
-            record.stepped = False
-            task._aw_note = record  # type: ignore[attr-defined]
-        if span:
-            self.promote(record)
-        if not task.done():
-            loop = task.get_loop()
-            if asyncio._get_running_loop() is loop:
-                _first_done_callback(task, self._task_done)
-            else:  # the watchdog's thread, during a slow step
-                with contextlib.suppress(RuntimeError):  # the loop is closed
-                    loop.call_soon_threadsafe(self._watch_end, task)
-        return record
-
-    def _watch_end(self, task: asyncio.Task[Any]) -> None:
-        if task.done():
-            self._task_done(task)
-        else:
-            _first_done_callback(task, self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        """End a notable task's span: it ended now."""
-        record = getattr(task, "_aw_note", None)
-        if type(record) is not _TaskRecord or record.done:
-            return
-        record.end_ns = time.time_ns()
-        if task.cancelled():
-            state, exc = STATE_CANCELLED, None
-        else:
-            exc = task._exception  # not exception(): that would mark it retrieved
-            state = STATE_EXCEPTION if exc is not None else STATE_FINISHED
-        record.ended(task, state, exc)
-
-    def task_cancel_requested(self, task: asyncio.Task[Any], caller: FrameType, message: Any) -> None:
-        """A cancelled task is notable: put the request on its span."""
-        record = self.notable(task)
-        if record is not None:
-            app = app_frame(caller)
-            record.task_cancel_requested(task, frame_site(app) if app is not None else None, message)
-
-    def task_failed(self, task: asyncio.Task[Any]) -> None:
-        """A failed task is notable: end its span with the exception, now."""
-        record = self.notable(task)
-        if record is not None and not record.done:
-            self._task_done(task)
-
-    def task_blocking(self, task: asyncio.Task[Any], since: float) -> None:
-        """A slow step makes its task notable: keep the context the step runs
-        in (a request span it opened) and when the watchdog first saw it (the
-        step is not timed: its event is placed there), for its finding."""
-        # Its span is made only if the finding goes on it: a block inside a
-        # request span the task opened goes to that request's trace instead.
-        record = self.notable(task, span=False)
-        if record is None:
-            return
-        context = record.parent
-        if isinstance(_CONTEXT_VARIABLE, contextvars.ContextVar):
-            inside = task_context(task)
-            current = inside.get(_CONTEXT_VARIABLE) if inside is not None else None
-            if current is not None and trace.get_current_span(current).get_span_context().is_valid:
-                context = current
-        self.watch(record, task)
-        with self._lock:
-            # How long comes with the finding (its duration runs from *since*).
-            record.slow.append((since, -1.0, context))
-            del record.slow[:-16]
-
-    def exception_context(self, watch: Any, context: Any) -> None:
-        """A task destroyed while pending, or whose exception nobody asked
-        for, is notable: its span is made now (ended when it is freed, or now)."""
-        task = context.get("task") or context.get("future")
-        if getattr(task, "_aw_note", None) is None:
-            return
-        message = context.get("message")
-        if message == "Task was destroyed but it is pending!":
-            record = self.notable(task)
-            if record is not None:
-                self.watch(record, task)
-        elif isinstance(message, str) and message.endswith(" exception was never retrieved") and task.done():
-            record = self.notable(task)
-            if record is not None and not record.done:
-                self._task_done(task)
-
-    # -- long lives ------------------------------------------------------------
-
-    def loop_attached(self, watch: Any) -> None:
-        loop = watch.loop_ref()
-        if loop is not None:
-            self._schedule_scan(loop, weakref.ref(loop))
-
-    def loop_detached(self, watch: Any) -> None:
-        loop = watch.loop_ref()
-        handle = self._scans.pop(id(loop), None) if loop is not None else None
-        if handle is not None:
-            handle.cancel()
-
-    def _schedule_scan(self, loop: asyncio.AbstractEventLoop, loop_ref: Any) -> None:
-        if self.failed or loop.is_closed():
-            return
-        period = max(self.min_duration_s * self.SCAN_SHARE, self.SCAN_MIN_S)
-        self._scans[id(loop)] = loop.call_later(period, self._scan, loop_ref)
-
-    def _scan(self, loop_ref: Any) -> None:
-        """Make the spans of the loop's tasks that have lived the notable life."""
-        loop = loop_ref()
-        if loop is None:
-            return
-        try:
-            oldest = self._clock() - self.min_duration_s
-            for task in asyncio.all_tasks(loop):
-                note = getattr(task, "_aw_note", None)
-                if note is not None and type(note) is not _TaskRecord and task._aw_born <= oldest:  # type: ignore[attr-defined]
-                    self.notable(task)
-        except Exception as exc:
-            self.failed = True
-            self.tracing = False
-            report_internal_error("OpenTelemetry task tracing", exc)
-            return
-        self._schedule_scan(loop, loop_ref)

@@ -49,7 +49,8 @@ from .names import (
     finding_attributes,
     finding_ns,
 )
-from .spans import NotableTracer, TaskTracer, _TaskRecord, now_ns_for
+from .notable import NotableTracer
+from .spans import TaskTracer, _TaskRecord, now_ns_for
 
 __all__ = ["LAG_INTERVAL_S", "Telemetry"]
 
