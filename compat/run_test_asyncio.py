@@ -112,6 +112,10 @@ KNOWN_FINDINGS: dict[tuple[str, str], str] = {
         "the test catches the expiring timeout's CancelledError with assertRaises inside the block, on purpose, "
         "to test reschedule() while the timeout is expiring"
     ),
+    ("cancellation_swallowed", "test_wait_for_cancel_suppressed"): (
+        "return_42 suppresses wait_for's CancelledError and returns 42 on purpose (3.12+, gh-86296: "
+        "'Supressing CancelledError is discouraged'); the test checks that wait_for returns the value"
+    ),
     ("cancellation_swallowed", "test_taskgroup_no_create_task_after_failure"): (
         "coro2 catches the CancelledError of the TaskGroup's abort to test create_task() after a failure, and "
         "returns normally: the group never uncancels its children, so that is a swallowed cancellation"
