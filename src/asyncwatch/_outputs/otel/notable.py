@@ -20,7 +20,6 @@ import weakref
 from types import FrameType
 from typing import Any
 
-from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from ..._core.detector import Detector
@@ -40,14 +39,9 @@ from .names import (
     STATE_EXCEPTION,
     STATE_FINISHED,
 )
-from .spans import TaskTracer, _current_context, _TaskRecord
+from .spans import _CONTEXT_VARIABLE, TaskTracer, _current_context, _TaskRecord
 
 __all__ = ["NotableTracer"]
-
-# OpenTelemetry's current context is a ContextVar in the API's default runtime
-# context: read in a task's own `contextvars.Context` to see what the task has
-# current (from another thread, during a slow step).
-_CONTEXT_VARIABLE = getattr(getattr(otel_context, "_RUNTIME_CONTEXT", None), "_current_context", None)
 
 
 def _first_done_callback(task: asyncio.Task[Any], callback: Any) -> None:

@@ -91,13 +91,18 @@ _ROOT_TASK = otel_context.create_key("asyncwatch.root-task-span")
 _NO_PARENT = otel_context.Context()
 
 
+# OpenTelemetry's current context is a ContextVar in the API's default
+# runtime context (None for another runtime context).  Also read in a task's
+# own `contextvars.Context` (notable.py), to see what the task has current.
+_CONTEXT_VARIABLE = getattr(getattr(otel_context, "_RUNTIME_CONTEXT", None), "_current_context", None)
+
+
 def _context_reader() -> Any:
     """A function returning OpenTelemetry's current context, as cheap as can be:
     the API's ContextVar's own ``get`` (one C call, read after every task
     step), else the API's `get_current` for another runtime context."""
-    variable = getattr(getattr(otel_context, "_RUNTIME_CONTEXT", None), "_current_context", None)
-    if isinstance(variable, contextvars.ContextVar):
-        return variable.get
+    if isinstance(_CONTEXT_VARIABLE, contextvars.ContextVar):
+        return _CONTEXT_VARIABLE.get
     return otel_context.get_current
 
 
