@@ -34,6 +34,7 @@ from .._core.detector import watches
 from .._core.findings import Finding
 from .._core.frames import is_library_file
 from .._core.runtime import report_internal_error, reporting
+from .deadline import Deadline, ticks_safely
 from .paused_frames import HANDLE_RUN, at_start, callback_frame, own_work, read_stall
 from .stall_cause import Breakdown, GcClock
 from .stall_meter import Clocks, StallMeter, Wake, mark_at
@@ -152,8 +153,35 @@ class LoopProbe:
         self.measured: tuple[Breakdown | None, str | None] = (None, None)
         #: Why the loop stalled: its clocks, read by the watchdog.
         self.meter = StallMeter(gc_clock if gc_clock is not None else GcClock())
+        #: Pushed back by `tick` while the loop turns; the watchdog sleeps
+        #: on it instead of looking on its clock (None: it looks on its clock).
+        self.deadline: Deadline | None = None
+        self.ticking = False  # written by the loop thread: a tick is scheduled
 
     # -- loop thread ---------------------------------------------------------
+
+    def tick(self) -> None:
+        """The loop's proof that it turns: a timer every half deadline that
+        pushes the deadline back, with the loop thread's clocks for the look
+        a missed deadline brings (the previous look may be minutes old).
+        The schedstat read goes through ctypes and never blocks."""
+        deadline, loop = self.deadline, self.loop_ref()
+        if deadline is None or loop is None or not self.enabled:
+            self.ticking = False
+            return
+        now = _now()
+        meter = self.meter
+        clock = meter.clock
+        if clock is not None and meter.clock_ident is not None and meter.clock_ident[0] == threading.get_ident():
+            cpu, wait = clock.read()
+        else:
+            cpu, wait = time.thread_time(), None
+        clocks = Clocks(now, cpu, wait, time.process_time(), meter.gc_clock.read(now), meter.foreign)
+        deadline.push(now, clocks)
+        try:
+            loop.call_later(self.look_s / 2, self.tick)
+        except RuntimeError:  # closed
+            self.ticking = False
 
     def beat(self) -> None:
         """Heartbeat, run by the loop: who runs the loop, and from where.
@@ -178,6 +206,12 @@ class LoopProbe:
             self.first_beat = self.beat_time
         self.beats += 1
         self.beat_pending = False
+        if not self.ticking and self.deadline is not None:
+            loop = self.loop_ref()
+            if loop is not None:
+                self.ticking = True
+                loop.call_later(self.look_s / 2, self.tick)
+            del loop
         # The step followed is over (we run after it): let go of its frame
         # now.  A frame object held past its function's return keeps the
         # frames that called it (CPython links f_back then), and through
@@ -204,7 +238,10 @@ class LoopProbe:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Queue the first heartbeat now, so that it runs before the first
-        step of the program's main task (which may block at once)."""
+        step of the program's main task (which may block at once); it
+        starts the ticks where they are safe (`deadline.ticks_safely`)."""
+        if self.deadline is None and ticks_safely(loop):
+            self.deadline = Deadline.open(self.look_s)
         self.thread_id = threading.get_ident()
         self.native_id = threading.current_thread().native_id
         if asyncio._get_running_loop() is None:
@@ -239,6 +276,13 @@ class LoopProbe:
             self.beat_pending = False
             return False
         return first
+
+    def covered(self) -> bool:
+        """Whether the loop's deadline wakes the watchdog when a look is
+        due: armed (a tick since it last passed), and no stall or tentative
+        stall followed, whose end a look on the clock finds."""
+        deadline = self.deadline
+        return deadline is not None and deadline.armed and self.stall is None and self.tentative is None
 
     def callback_frame(self, top: FrameType) -> tuple[FrameType | None, list[FrameType]]:
         """The outermost frame of the running callback, and the frames from
@@ -319,7 +363,7 @@ class LoopProbe:
         meter = self.meter
         thread_id = look.thread_id
         self.gil_lag = min(wake.raw, _SWITCH_S) if wake is not None else 0.0
-        prev, clocks = meter.prev, meter.read(now, thread_id, self._native(thread_id))
+        prev, clocks = self._baseline(meter.prev), meter.read(now, thread_id, self._native(thread_id))
         meter.prev = clocks
         for stall in (look.early, look.captured):
             if stall is not None:
@@ -415,6 +459,17 @@ class LoopProbe:
         # after it (a 120 ms busy loop was missed 1 run in 12 on a loaded
         # machine).  A look that lands early just looks again.
         return min(self.look_s, max(self.held_since + self.threshold_s - now - self.gil_lag, 0.001))
+
+    def _baseline(self, prev: Clocks | None) -> Clocks | None:
+        """The clocks this look compares with: the previous look's, or the
+        last tick's when it came since (looks are rare while the deadline
+        holds: compared with a look minutes old, any late wake-up of a busy
+        loop looked like its own hold of the GIL)."""
+        deadline = self.deadline
+        ticked: Clocks | None = deadline.clocks if deadline is not None else None
+        if ticked is not None and (prev is None or ticked.wall > prev.wall):
+            return ticked
+        return prev
 
     def _native(self, thread_id: int) -> int | None:
         return self.native_id if thread_id == self.thread_id else None

@@ -1,13 +1,17 @@
 """The watchdog thread: one daemon thread, shared by every watched loop,
 that looks at each loop's `LoopProbe` and sleeps until the next look is due.
 
-It takes the GIL only to look.  A look at a loop that is busy comes every
-``threshold / LOOKS_PER_THRESHOLD``; between looks the thread sleeps on an
-event that a loop starting to run (or a heartbeat ending a stall) sets.
-How late each wake-up came is measured: a long C call on the loop thread
-holds the GIL, so the wake-up due during it arrives when the call returns,
-late by about the call's length (issue 12), and the probe dates the stall
-from when the wake-up was due.
+It takes the GIL only to look.  While a loop turns, its ticks push back its
+`Deadline` and the thread sleeps in ``poll(2)`` (`deadline.Alarm`) until
+one passes: a healthy loop is never looked at (issue 15).  A loop without a
+deadline (no timerfd; a test loop's own clock) is looked at every
+``threshold / LOOKS_PER_THRESHOLD`` while it is busy, as is one whose
+deadline passed until it ticks again.  A loop starting to run, or a
+heartbeat ending a stall, wakes the thread at once.  How late each wake-up
+came is measured: a long C call on the loop thread holds the GIL, so the
+wake-up due during it arrives when the call returns, late by about the
+call's length (issue 12), and the probe dates the stall from when the
+wake-up was due.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import Callable
 from types import FrameType
 
 from .._core.runtime import HiddenThread, in_forked_child, report_internal_error, start_hidden_thread
+from .deadline import Alarm, Deadline
 from .loop_probe import Look, LoopProbe
 from .stall_cause import GcClock, ThreadClock
 from .stall_meter import Wake
@@ -62,7 +67,11 @@ class Watchdog:
     def __init__(self) -> None:
         self._probes: list[LoopProbe] = []
         self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self._wake = Alarm()
+        #: Deadlines of loops no longer watched, closed by the watchdog
+        #: thread (it may be polling them; a number closed under poll(2)
+        #: and reused by the program must never be read or waited on).
+        self._retired: list[Deadline] = []
         self._thread: HiddenThread | None = None
         self._stopping = False
         self._woken_at = 0.0  # when a loop starting to run last woke us
@@ -88,6 +97,15 @@ class Watchdog:
             probe.enabled = False
             if probe in self._probes:
                 self._probes.remove(probe)
+            deadline, probe.deadline = probe.deadline, None
+            if deadline is not None:
+                self._retired.append(deadline)
+        if deadline is not None:
+            thread = self._thread
+            if thread is None or thread.ident == threading.get_ident():
+                self._close_retired()
+            else:
+                self._wake.set()
         # A stall a heartbeat ended just before the loop closed is reported
         # here if the watchdog thread has not yet (or waited for, if it has begun).
         try:
@@ -124,8 +142,20 @@ class Watchdog:
             thread.join(timeout=1.0)
         self.flush()
         with self._lock:
+            for probe in self._probes:
+                if probe.deadline is not None:
+                    self._retired.append(probe.deadline)
+                    probe.deadline = None
             self._probes.clear()
             self._stopping = False
+        if thread is None or not thread.is_alive():
+            self._close_retired()
+
+    def _close_retired(self) -> None:
+        with self._lock:
+            retired, self._retired = self._retired, []
+        for deadline in retired:
+            deadline.close()
 
     def _failed(self, exc: Exception) -> None:
         on_failure = self.on_failure
@@ -165,7 +195,13 @@ class Watchdog:
         parked probe, a new one is added) starts one then.
         """
         self._lock = threading.Lock()
-        self._wake = threading.Event()
+        # The parent's eventfd and timers, shared with it: pushed or written
+        # here, they would move the parent's deadlines or wake its watchdog.
+        self._wake.close()
+        self._wake = Alarm()
+        for deadline in self._retired:
+            deadline.close()
+        self._retired = []
         self._done_looking = threading.Event()
         self._done_looking.set()
         self._thread = None
@@ -180,6 +216,10 @@ class Watchdog:
             probe.held = None
             probe.tentative = None
             probe.stall = None
+            if probe.deadline is not None:
+                after = probe.deadline.after
+                probe.deadline.close()
+                probe.deadline = Deadline.open(after)
             loop = probe.loop_ref()
             if loop is None or loop.is_closed() or loop.is_running() or not probe.enabled:
                 probe.enabled = False
@@ -210,33 +250,51 @@ class Watchdog:
                         return
                     has_probes = bool(self._probes)
                 if not has_probes:
-                    self._wake.wait()
+                    self._wake.wait(None, [])
+                    self._close_retired()
                     wake = Wake(0.0)
                     continue
-                delay = self._sample_all(wake)
+                sampled = self._sample_all(wake)
                 del wake
-                if delay is None:
+                if sampled is None:
                     return
+                delay, deadlines = sampled
                 if own is None:
                     own = ThreadClock(threading.get_ident(), threading.get_native_id())
                 waited = own.waits()
-                due = _now() + delay
-                self._wake.wait(delay)
+                began = _now()
+                passed = self._wake.wait(delay, deadlines)
                 # How late this wake-up came: the GIL held by someone, or no
                 # CPU free (our own run-queue wait, subtracted when asked).
                 now = _now()
+                if passed:
+                    # Due when the earliest deadline passed (a tick since
+                    # moved it on: not late).  Marked seen with no read of
+                    # the timer, which would let the GIL go before the look:
+                    # the next tick re-arms it and clears its expiry.
+                    due = min(deadline.due for deadline in passed)
+                    for deadline in passed:
+                        deadline.passed()
+                else:
+                    due = began + delay if delay is not None else now
                 late = now - due
-                if self._woken_at > due - delay:
+                if self._woken_at > began:
                     # Woken by a loop starting to run, whose first step may
                     # have held the GIL since.
                     late = max(late, now - self._woken_at)
+                del passed, deadlines
                 wake = Wake(max(late, 0.0), own, waited)
+                if self._retired:
+                    self._close_retired()
         finally:
             if own is not None:
                 own.close()
 
-    def _sample_all(self, wake: Wake | None = None) -> float | None:
-        """Sample every probe once; return how long to sleep (None: stop).
+    def _sample_all(self, wake: Wake | None = None) -> tuple[float | None, list[Deadline]] | None:
+        """Sample every probe once; return how long to sleep (None: until a
+        deadline passes or we are woken) and the deadlines to wait on, or
+        None to stop.  A loop whose armed deadline will wake us needs no
+        look on our clock (`LoopProbe.covered`).
 
         A method of its own so that no probe (and through it the loop's
         watch) stays referenced from the thread's locals while it sleeps:
@@ -244,7 +302,7 @@ class Watchdog:
         """
         with self._lock:
             probes = list(self._probes)
-        delay = 1.0
+        delay: float | None = None
         frames: dict[int, FrameType] = {}
         self._done_looking.clear()
         try:
@@ -260,11 +318,14 @@ class Watchdog:
                     self.remove(probe)
                 elif isinstance(seen, Look):
                     looks.append((probe, seen))
-                else:
-                    delay = min(delay, seen)
+                elif not probe.covered():
+                    delay = seen if delay is None else min(delay, seen)
             frames.clear()
             for probe, look in looks:
-                delay = min(delay, probe.settle(look, now, wake))
+                seen = probe.settle(look, now, wake)
+                if not probe.covered():
+                    delay = seen if delay is None else min(delay, seen)
+            deadlines = [p.deadline for p in probes if p.deadline is not None and p.deadline.armed]
         except Exception as exc:
             self._failed(exc)
             with self._lock:
@@ -278,4 +339,4 @@ class Watchdog:
             # locals, alive until the next collection.
             frames.clear()
             self._done_looking.set()
-        return delay
+        return delay, deadlines
