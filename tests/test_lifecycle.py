@@ -474,7 +474,8 @@ class TestFork:
         watchdog = parent_loop_running
         locks = [
             watchdog._lock,
-            watchdog._wake._cond,  # type: ignore[attr-defined]  # the event the watchdog sleeps on
+            # The event the watchdog sleeps on, where it is one (an eventfd has no lock).
+            *([watchdog._wake._event._cond] if watchdog._wake._event is not None else []),
             *(probe._stall_lock for probe in watchdog._probes),
             _engine._state.lock,
             engine._lock,

@@ -187,7 +187,13 @@ class Alarm:
         self._fd = -1
         self._flag = False
         self._event: threading.Event | None = None
-        if hasattr(os, "eventfd"):  # Linux (no ctypes here: the Watchdog is made at install())
+        self._opened = False
+
+    def _open(self) -> None:
+        """Its eventfd, when first used (closed by `close`: a detector
+        installed and uninstalled leaves no descriptor open)."""
+        self._opened = True
+        if hasattr(os, "eventfd"):  # Linux
             with contextlib.suppress(OSError):
                 self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         if self._fd < 0:
@@ -195,6 +201,8 @@ class Alarm:
 
     def set(self) -> None:
         """Wake the watchdog (any thread); a wake-up before it sleeps is kept."""
+        if not self._opened:
+            self._open()
         if self._event is not None:
             self._event.set()
             return
@@ -210,6 +218,8 @@ class Alarm:
     def wait(self, timeout: float | None, deadlines: list[Deadline]) -> list[Deadline]:
         """Sleep until set, *timeout* (None: none) or one of *deadlines*
         passes; the deadlines that passed."""
+        if not self._opened:
+            self._open()
         if self._event is not None:
             self._event.wait(timeout)
             return []
@@ -228,7 +238,9 @@ class Alarm:
         return [by_fd[fd] for fd, _ in ready if fd in by_fd]
 
     def close(self) -> None:
+        """Close its eventfd; used again, it opens a new one."""
         fd, self._fd = self._fd, -1
+        self._opened, self._event = False, None
         if fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(fd)

@@ -107,6 +107,9 @@ class StallMeter:
         #: The other threads' CPU clocks and names, read by a late wake-up
         #: before anything of ours let the GIL go (`glance`).
         self.glanced: tuple[dict[int, float], dict[int, str]] | None = None
+        #: No longer watched (`retire`): a look still in progress reads with
+        #: a clock it closes at once, never one left open.
+        self.retired = False
 
     def glance(self, thread_id: int, late: float, threshold_s: float) -> None:
         """A late wake-up, holding the GIL since it took it: read the other
@@ -125,6 +128,14 @@ class StallMeter:
         """The loop stopped: the next run's clocks start with its first look."""
         self.prev = None
 
+    def retire(self) -> ThreadClock | None:
+        """The loop is no longer watched: its clock, for the watchdog to close."""
+        clock, self.clock = self.clock, None
+        self.clock_ident = None
+        self.prev = self.mark = None
+        self.retired = True
+        return clock
+
     def forget_after_fork(self) -> None:
         if self.clock is not None:  # names the parent's loop thread
             self.clock.forget_after_fork()
@@ -141,6 +152,9 @@ class StallMeter:
             self.prev = self.mark = None
             self.others_before = stall_cause.threads_cpu((thread_id, threading.get_ident()))
         cpu, wait = self.clock.read()
+        if self.retired:
+            self.clock.close()
+            self.clock = None
         own = time.thread_time()
         return Clocks(
             now, cpu, wait, time.process_time(), self.gc_clock.read(now), self.foreign, own, threading.get_ident()

@@ -71,7 +71,7 @@ class Watchdog:
         #: Deadlines of loops no longer watched, closed by the watchdog
         #: thread (it may be polling them; a number closed under poll(2)
         #: and reused by the program must never be read or waited on).
-        self._retired: list[Deadline] = []
+        self._retired: list[Deadline | ThreadClock] = []
         self._thread: HiddenThread | None = None
         self._stopping = False
         self._woken_at = 0.0  # when a loop starting to run last woke us
@@ -97,12 +97,17 @@ class Watchdog:
             probe.enabled = False
             if probe in self._probes:
                 self._probes.remove(probe)
+            # Its descriptors: the deadline, and the loop thread's clock (one
+            # schedstat file a loop, left open for ever before).
             deadline, probe.deadline = probe.deadline, None
-            if deadline is not None:
-                self._retired.append(deadline)
-        if deadline is not None:
+            retired = [deadline] if deadline is not None else []
+            clock = probe.meter.retire()
+            if clock is not None:
+                retired.append(clock)
+            self._retired.extend(retired)
+        if retired:
             thread = self._thread
-            if thread is None or thread.ident == threading.get_ident():
+            if thread is None or thread.ident == threading.get_ident() or not thread.is_alive():
                 self._close_retired()
             else:
                 self._wake.set()
@@ -141,15 +146,13 @@ class Watchdog:
         if thread is not None:
             thread.join(timeout=1.0)
         self.flush()
+        for probe in list(self._probes):
+            self.remove(probe)
         with self._lock:
-            for probe in self._probes:
-                if probe.deadline is not None:
-                    self._retired.append(probe.deadline)
-                    probe.deadline = None
-            self._probes.clear()
             self._stopping = False
         if thread is None or not thread.is_alive():
             self._close_retired()
+            self._wake.close()
 
     def _close_retired(self) -> None:
         with self._lock:
