@@ -18,9 +18,9 @@ from unittest import mock
 import pytest
 
 import asyncwatch
-from asyncwatch.testing import CollectingReporter
 from asyncwatch._detectors import watchdog as watchdog_module
 from asyncwatch._detectors.deadline import Alarm, Deadline, deadlines_supported, ticks_safely
+from asyncwatch.testing import CollectingReporter
 from conftest import base_factory, line_of
 
 pytestmark = pytest.mark.skipif(not deadlines_supported(), reason="deadlines need Linux's timerfd")
