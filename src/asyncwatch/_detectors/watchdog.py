@@ -100,7 +100,7 @@ class Watchdog:
             # Its descriptors: the deadline, and the loop thread's clock (one
             # schedstat file a loop, left open for ever before).
             deadline, probe.deadline = probe.deadline, None
-            retired = [deadline] if deadline is not None else []
+            retired: list[Deadline | ThreadClock] = [deadline] if deadline is not None else []
             clock = probe.meter.retire()
             if clock is not None:
                 retired.append(clock)
