@@ -45,6 +45,7 @@ EXIT_UNAVAILABLE = 4
 #: Every mode, in the order tables show them.
 MODES: tuple[str, ...] = (
     "plain",
+    "plain-thread",
     "asyncwatch",
     "asyncwatch-watchdog",
     "asyncwatch-spans",
@@ -59,6 +60,7 @@ MODES: tuple[str, ...] = (
 #: What each mode is, for the tables and the README.
 MODE_DESCRIPTIONS: dict[str, str] = {
     "plain": "asyncio, nothing else",
+    "plain-thread": "asyncio and one idle thread (blocked in poll): what any second thread costs, a watchdog's floor",
     "asyncwatch": "asyncwatch.install(log=False), all detectors on",
     "asyncwatch-watchdog": 'the watchdog alone: asyncwatch.install(log=False, detect=["slow_callback"]), no task factory',
     "asyncwatch-spans": "asyncwatch with a span for every task through the OpenTelemetry SDK",
@@ -159,6 +161,17 @@ def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
 def setup_mode(mode: str) -> Setup:
     """Prepare this process for *mode*; raise `Unavailable` if it cannot run here."""
     if mode == "plain":
+        return Setup()
+    if mode == "plain-thread":
+        # A thread that never runs still costs a process that had none:
+        # once a thread is created, glibc leaves its single-threaded fast
+        # paths (malloc's among them) for good.  Any watchdog pays this; a
+        # program with a thread of its own (an executor, a resolver) already
+        # does.  The asyncwatch-watchdog row is read against this one.
+        import select
+        import threading
+
+        threading.Thread(target=lambda: select.poll().poll(), name="idle", daemon=True).start()
         return Setup()
     if mode == "asyncwatch":
         return Setup(collector=_install_asyncwatch())

@@ -2,13 +2,16 @@
 running, whether that is still the step seen at the last look, and the stall
 it becomes once one step has held the loop for the threshold.
 
-All of it runs in the watchdog thread but `LoopProbe.beat`, the heartbeat
-the loop runs as an ordinary callback when the watchdog queues one.  The
-heartbeat only stores: a clock read through the vDSO (no system call), the
-thread's identity (the ``threading`` objects' attributes) and a counter.  It
-reads no file and no other clock: a test suite that forbids blocking calls
-on the loop (anyio's, with blockbuster) must see nothing of ours there.
-Every per-loop object here refers to the loop weakly.
+All of it runs in the watchdog thread but two callbacks the loop runs:
+`LoopProbe.beat`, the heartbeat the watchdog queues, and `LoopProbe.tick`,
+the loop's own timer that pushes back its deadline.  The heartbeat only
+stores: a clock read through the vDSO (no system call), the thread's
+identity (the ``threading`` objects' attributes) and a counter.  The tick
+reads the loop thread's clocks, its schedstat file through ctypes (a read
+that never blocks, and no Python-level I/O: a test suite that forbids
+blocking calls on the loop, anyio's with blockbuster, sees nothing of ours
+there), and sets a timer.  Every per-loop object here refers to the loop
+weakly.
 
 What the stack says is `paused_frames`'; the clocks, `stall_meter`'s.  This
 module stays one concept, past the project's ~450 lines: the state machine

@@ -2,9 +2,12 @@
 
 Nothing of ours runs on the event loop's hot path.  One daemon thread
 (`watchdog`), shared by every watched loop, looks at each loop
-(`loop_probe`) at most ``LOOKS_PER_THRESHOLD`` times per threshold while the
-loop is busy, and sleeps otherwise; it takes the GIL only for those looks
-(issue 15: a healthy loop must not lose the GIL on a fixed fast clock).
+(`loop_probe`) only when the loop missed the deadline its own ticks keep
+pushing back (`deadline`): a step has held it for a tenth of the threshold.
+From then on, until the loop ticks again, it looks at most
+``LOOKS_PER_THRESHOLD`` times per threshold; it takes the GIL only for
+those looks (issue 15: a healthy loop must not lose the GIL on a fixed
+clock).  Where the loop cannot tick safely, it looks on that clock always.
 
 * the *callback frame* is the outermost frame of the running callback: the
   frame just inside ``Handle._run`` (asyncio), or just inside the frame that

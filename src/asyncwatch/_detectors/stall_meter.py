@@ -3,10 +3,9 @@ GIL while a wake-up of the watchdog came late, and where a stall's time went.
 
 `stall_cause` has the clocks and turns a `Breakdown` into a cause; this
 module keeps, per watched loop, the readings between two looks of the
-watchdog and over a stall.  Everything here runs in the watchdog thread:
-the loop thread reads no clock and no file for it (a test suite that
-forbids blocking calls on the loop, such as anyio's with blockbuster, must
-see nothing of ours there).
+watchdog and over a stall.  Everything here runs in the watchdog thread
+but the reads `LoopProbe.tick` makes of the loop thread's clock (see
+`loop_probe`): the baseline a missed deadline's look compares with.
 """
 
 from __future__ import annotations
