@@ -239,3 +239,24 @@ class TestAlarm:
         finally:
             deadline.close()
             alarm.close()
+
+
+def test_a_failing_tick_is_said_once_and_the_watchdog_keeps_its_own_clock(watched, monkeypatch, capsys, caplog):
+    def broken(self, now, clocks):
+        raise OSError("injected")
+
+    monkeypatch.setattr(Deadline, "push", broken)
+
+    async def main() -> None:
+        await busy_for(0.3)
+        time.sleep(0.25)  # <- blocks after the ticks failed
+        await asyncio.sleep(0)
+
+    watched.run(main, slow_callback_ms=100)
+    [finding] = watched.of("slow_callback")
+    assert finding.site is not None and finding.site.line == line_of("# <- blocks after the ticks failed")
+    errors = [r for r in caplog.records if "asyncwatch.internal_error" in r.getMessage()]
+    assert len(errors) == 1 and "slow-callback deadline" in errors[0].getMessage(), caplog.text
+    said = capsys.readouterr()
+    # Nothing of ours reached the loop's exception handler.
+    assert "Exception in callback" not in said.out + said.err + caplog.text

@@ -160,6 +160,7 @@ class LoopProbe:
         #: on it instead of looking on its clock (None: it looks on its clock).
         self.deadline: Deadline | None = None
         self.ticking = False  # written by the loop thread: a tick is scheduled
+        self.tick_failed = False
 
     # -- loop thread ---------------------------------------------------------
 
@@ -172,19 +173,33 @@ class LoopProbe:
         if deadline is None or loop is None or not self.enabled:
             self.ticking = False
             return
-        now = _now()
-        meter = self.meter
-        clock = meter.clock
-        if clock is not None and meter.clock_ident is not None and meter.clock_ident[0] == threading.get_ident():
-            cpu, wait = clock.read()
-        else:
-            cpu, wait = time.thread_time(), None
-        clocks = Clocks(now, cpu, wait, time.process_time(), meter.gc_clock.read(now), meter.foreign)
-        deadline.push(now, clocks)
         try:
+            now = _now()
+            meter = self.meter
+            clock = meter.clock
+            if clock is not None and meter.clock_ident is not None and meter.clock_ident[0] == threading.get_ident():
+                cpu, wait = clock.read()
+            else:
+                cpu, wait = time.thread_time(), None
+            clocks = Clocks(now, cpu, wait, time.process_time(), meter.gc_clock.read(now), meter.foreign)
+            deadline.push(now, clocks)
             loop.call_later(self.look_s / 2, self.tick)
         except RuntimeError:  # closed
             self.ticking = False
+        except Exception as exc:  # contained: the watchdog goes back to its own clock
+            self.ticking = False
+            self.tick_failed = True  # never armed again: once passed, the watchdog's own clock
+            report_internal_error("slow-callback deadline", exc)
+
+    def _start_ticking(self) -> None:
+        loop = self.loop_ref()
+        if loop is None:
+            return
+        try:
+            loop.call_later(self.look_s / 2, self.tick)
+        except RuntimeError:  # closed: no more ticks, the watchdog's own clock
+            return
+        self.ticking = True
 
     def beat(self) -> None:
         """Heartbeat, run by the loop: who runs the loop, and from where.
@@ -209,12 +224,8 @@ class LoopProbe:
             self.first_beat = self.beat_time
         self.beats += 1
         self.beat_pending = False
-        if not self.ticking and self.deadline is not None:
-            loop = self.loop_ref()
-            if loop is not None:
-                self.ticking = True
-                loop.call_later(self.look_s / 2, self.tick)
-            del loop
+        if not self.ticking and self.deadline is not None and not self.tick_failed:
+            self._start_ticking()
         # The step followed is over (we run after it): let go of its frame
         # now.  A frame object held past its function's return keeps the
         # frames that called it (CPython links f_back then), and through
