@@ -214,6 +214,37 @@ class TestAlarm:
         finally:
             alarm.close()
 
+    def test_sets_from_another_thread_while_it_waits_never_fail(self):
+        alarm = Alarm()
+        errors: list[BaseException] = []
+        stop = threading.Event()
+
+        def setter() -> None:
+            try:
+                while not stop.is_set():
+                    alarm.set()
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=setter)
+        thread.start()
+        try:
+            for _ in range(500):
+                alarm.clear()
+                alarm.wait(0.001, [])
+        finally:
+            stop.set()
+            thread.join()
+            alarm.close()
+        assert errors == []
+
+    def test_a_closed_alarm_ignores_a_late_set(self):
+        alarm = Alarm()
+        alarm.close()
+        assert alarm.closed
+        alarm.set()  # a loop thread's heartbeat after uninstall: nothing written anywhere
+        assert alarm.wait(0.01, []) == []
+
     def test_a_deadline_not_pushed_back_wakes_it_and_is_named(self):
         alarm = Alarm()
         deadline = Deadline.open(0.05)

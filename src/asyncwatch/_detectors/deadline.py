@@ -181,34 +181,37 @@ class Alarm:
     the GIL go, and a loop thread waiting to return from a long C call
     would move on from the line the look is for.  `clear` only lowers a
     flag; `wait` empties the eventfd first, then sleeps unless the flag
-    went up meanwhile (a `set` after the emptying leaves it readable)."""
+    went up meanwhile (a `set` after the emptying leaves it readable).
+
+    Closed only once the watchdog thread is gone, and written under a lock
+    that closing takes: a descriptor number closed and reused by the
+    program must never be written to or read from."""
 
     def __init__(self) -> None:
         self._fd = -1
         self._flag = False
+        self._lock = threading.Lock()
         self._event: threading.Event | None = None
-        self._opened = False
-
-    def _open(self) -> None:
-        """Its eventfd, when first used (closed by `close`: a detector
-        installed and uninstalled leaves no descriptor open)."""
-        self._opened = True
         if hasattr(os, "eventfd"):  # Linux
             with contextlib.suppress(OSError):
                 self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         if self._fd < 0:
             self._event = threading.Event()
 
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0 and self._event is None
+
     def set(self) -> None:
         """Wake the watchdog (any thread); a wake-up before it sleeps is kept."""
-        if not self._opened:
-            self._open()
         if self._event is not None:
             self._event.set()
             return
         self._flag = True
-        with contextlib.suppress(OSError):
-            os.eventfd_write(self._fd, 1)
+        with self._lock:
+            if self._fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.eventfd_write(self._fd, 1)
 
     def clear(self) -> None:
         if self._event is not None:
@@ -218,29 +221,38 @@ class Alarm:
     def wait(self, timeout: float | None, deadlines: list[Deadline]) -> list[Deadline]:
         """Sleep until set, *timeout* (None: none) or one of *deadlines*
         passes; the deadlines that passed."""
-        if not self._opened:
-            self._open()
-        if self._event is not None:
-            self._event.wait(timeout)
+        event, fd = self._event, self._fd
+        if event is not None or fd < 0:
+            if event is not None:
+                event.wait(timeout)
             return []
         with contextlib.suppress(OSError):  # BlockingIOError: nothing written
-            os.eventfd_read(self._fd)
+            os.eventfd_read(fd)
         if self._flag:
             return []
         poller = select.poll()
-        poller.register(self._fd, select.POLLIN)
+        poller.register(fd, select.POLLIN)
         by_fd = {d.fd: d for d in deadlines if d.fd >= 0}
-        for fd in by_fd:
-            poller.register(fd, select.POLLIN)
+        for deadline_fd in by_fd:
+            poller.register(deadline_fd, select.POLLIN)
         # poll(2) counts milliseconds: rounded up, a look lands late by
         # less than one (early, it would only look again).
         ready = poller.poll(None if timeout is None else max(math.ceil(timeout * 1000), 0))
-        return [by_fd[fd] for fd, _ in ready if fd in by_fd]
+        return [by_fd[ready_fd] for ready_fd, _ in ready if ready_fd in by_fd]
 
-    def close(self) -> None:
-        """Close its eventfd; used again, it opens a new one."""
+    def close(self, *, forked: bool = False) -> None:
+        """Close its eventfd (with no watchdog thread waiting on it).  In a
+        forked child the lock may be held for ever by a parent's thread:
+        the child's copy is closed without it."""
+        if forked:
+            self._close()
+            return
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         fd, self._fd = self._fd, -1
-        self._opened, self._event = False, None
+        self._event = None
         if fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(fd)

@@ -182,6 +182,8 @@ class Watchdog:
 
     def _ensure_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
+            if self._wake.closed:  # stopped before: a new thread sleeps on a new alarm
+                self._wake = Alarm()
             # Its first look is late if the loop's first step holds the GIL.
             self._woken_at = _now()
             self._thread = start_hidden_thread(self._run, "asyncwatch-watchdog")
@@ -200,7 +202,7 @@ class Watchdog:
         self._lock = threading.Lock()
         # The parent's eventfd and timers, shared with it: pushed or written
         # here, they would move the parent's deadlines or wake its watchdog.
-        self._wake.close()
+        self._wake.close(forked=True)
         self._wake = Alarm()
         for deadline in self._retired:
             deadline.close()
