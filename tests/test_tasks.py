@@ -666,3 +666,53 @@ class TestAChainedFactoryMayReturnAnyFutureLikeObject:
         [finding] = collector.findings
         assert finding.kind is asyncwatch.FindingKind.TASK_EXCEPTION_UNRETRIEVED
         assert finding.site.line == line_of("# <- after the future-like one")
+
+
+def test_a_task_an_installed_server_makes_is_not_said_to_come_from_its_console_script(tmp_path):
+    """A virtual environment's bin/ holds the scripts pip wrote (uvicorn's,
+    three lines that call the package): never the application's line.  The
+    task a server made in a callback has no creation site there, rather
+    than "created at venv/bin/uvicorn:4"."""
+    import os
+    import subprocess
+    import sysconfig
+    import venv
+
+    env_dir = tmp_path / "env"
+    venv.EnvBuilder(with_pip=False, symlinks=True).create(env_dir)
+    site_packages = tmp_path / "lib" / "site-packages"
+    site_packages.mkdir(parents=True)
+    (site_packages / "fakeserver.py").write_text(
+        "import asyncio, gc, sys\n"
+        "import asyncwatch\n"
+        "async def handler():\n"
+        "    raise ValueError('nobody retrieves this')\n"
+        "def main():\n"
+        "    asyncwatch.install(findings=sys.argv[1], log=False)\n"
+        "    async def serve():\n"
+        "        loop = asyncio.get_running_loop()\n"
+        "        loop.call_soon(lambda: loop.create_task(handler()))\n"
+        "        await asyncio.sleep(0.05)\n"
+        "        gc.collect()\n"
+        "    asyncio.run(serve())\n"
+        "    return 0\n",
+        encoding="utf-8",
+    )
+    bin_dir = env_dir / ("Scripts" if os.name == "nt" else "bin")
+    script = bin_dir / "fakeserver"
+    script.write_text("import sys\nfrom fakeserver import main\nsys.exit(main())\n", encoding="utf-8")
+    findings = tmp_path / "findings.jsonl"
+    src = os.path.dirname(os.path.dirname(asyncwatch.__file__))
+    ours = sysconfig.get_paths()["purelib"]  # structlog and the rest, from the running environment
+    path = os.pathsep.join([src, str(site_packages), ours])
+    result = subprocess.run(
+        [str(bin_dir / "python"), str(script), str(findings)],
+        env={**os.environ, "PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    [record] = [json.loads(line) for line in findings.read_text(encoding="utf-8").splitlines()]
+    assert record["kind"] == "task_exception_unretrieved"
+    assert record["site"] is None, record["site"]

@@ -13,6 +13,7 @@ import gc
 import inspect
 import os
 import site as _site
+import sys
 from collections.abc import Iterable
 from types import CodeType, FrameType
 from typing import Any
@@ -94,6 +95,17 @@ def _library_prefixes() -> tuple[str, ...]:
     user = getattr(_site, "getusersitepackages", lambda: None)()
     if user:
         paths.add(os.path.abspath(user))
+    if sys.prefix != sys.base_prefix:
+        # A virtual environment's bin/ holds the console scripts pip wrote
+        # (uvicorn, gunicorn, asyncwatch itself): three lines that call an
+        # installed package, never the application.  Counted as the
+        # program's, every task uvicorn made was "created at
+        # venv/bin/uvicorn:8", a confident wrong line.  (Not a system
+        # Python's scripts directory: /usr/local/bin may hold the
+        # program's own scripts.)
+        scripts = sysconfig.get_paths().get("scripts")
+        if scripts:
+            paths.add(os.path.abspath(scripts))
     # Resolve symlinked prefixes too (pyenv, Debian's /usr/lib vs /lib).
     paths.update({os.path.realpath(p) for p in paths})
     return (*tuple(sorted(p.rstrip(os.sep) + os.sep for p in paths)), _PACKAGE_DIR)
