@@ -110,6 +110,33 @@ class TestAMissedDeadlineBringsALook:
         assert finding.cause == "cpu", finding.cause
 
 
+    def test_another_threads_hold_after_a_healthy_while_blames_no_line(self, watched):
+        """The look a missed deadline brings compares clocks with the last
+        tick's, not with a look long past: the loop thread, kept from the
+        GIL by a worker's C call, did not hold it itself."""
+        finished = threading.Event()
+        items = items_to_sort(0.4)
+
+        def hog() -> None:
+            sorted(items)  # one C call holding the GIL
+            finished.set()
+
+        async def main() -> None:
+            await busy_for(0.4)
+            worker = threading.Thread(target=hog, name="sort-worker")
+            worker.start()
+            while not finished.is_set():  # spins in Python: waits for the GIL, computes nothing
+                pass
+            await asyncio.sleep(0)
+            await asyncio.to_thread(worker.join)
+
+        watched.run(main, slow_callback_ms=100)
+        found = watched.of("slow_callback")
+        assert found, "the stall was not reported"
+        assert all(f.cause == "gil" and f.site is None for f in found), [(f.cause, f.site) for f in found]
+        assert watched.findings == []  # none counts against the program
+
+
 class TestLoopsThatKeepTheFixedClock:
     def test_a_loop_with_a_clock_of_its_own_gets_no_timer_of_ours(self, looks):
         class OwnClock(asyncio.SelectorEventLoop):
