@@ -109,7 +109,6 @@ class TestAMissedDeadlineBringsALook:
         assert finding.site.line == line_of("# <- holds the GIL after a healthy while")
         assert finding.cause == "cpu", finding.cause
 
-
     def test_another_threads_hold_after_a_healthy_while_blames_no_line(self, watched):
         """The look a missed deadline brings compares clocks with the last
         tick's, not with a look long past: the loop thread, kept from the
