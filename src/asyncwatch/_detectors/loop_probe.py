@@ -363,7 +363,7 @@ class LoopProbe:
                 captured = self._capture(loop, top, chain, self.held_since)
             elif self.beat_next and now - self.held_since >= self.threshold_s * TENTATIVE_SHARE:
                 tentative = self._capture(loop, top, chain)
-        self.meter.glance(thread_id, late, self.threshold_s)
+        self.meter.glance(thread_id, late + (wake.head if wake is not None else 0.0), self.threshold_s)
         # The step newly seen, kept like `held` (the probe's, so that
         # `Watchdog.remove` lets go of it): no local of ours refers to the
         # loop or its frames while `settle` reads clocks.

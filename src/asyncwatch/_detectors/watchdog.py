@@ -272,12 +272,14 @@ class Watchdog:
                 # How late this wake-up came: the GIL held by someone, or no
                 # CPU free (our own run-queue wait, subtracted when asked).
                 now = _now()
+                head = 0.0
                 if passed:
                     # Due when the earliest deadline passed (a tick since
                     # moved it on: not late).  Marked seen with no read of
                     # the timer, which would let the GIL go before the look:
                     # the next tick re-arms it and clears its expiry.
                     due = min(deadline.due for deadline in passed)
+                    head = min(deadline.after for deadline in passed) / 2  # a tick every half deadline
                     for deadline in passed:
                         deadline.passed()
                 else:
@@ -288,7 +290,7 @@ class Watchdog:
                     # have held the GIL since.
                     late = max(late, now - self._woken_at)
                 del passed, deadlines
-                wake = Wake(max(late, 0.0), own, waited)
+                wake = Wake(max(late, 0.0), own, waited, head)
                 if self._retired:
                     self._close_retired()
         finally:
