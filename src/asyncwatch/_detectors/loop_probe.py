@@ -45,7 +45,9 @@ from .stall_report import COMPILED, Compiled, Stall, stall_finding
 
 __all__ = ["LOOKS_PER_THRESHOLD", "Look", "LoopProbe"]
 
-#: How many times per threshold the watchdog looks at a loop that is busy.
+#: How many times per threshold the watchdog looks at a loop that is busy
+#: with no deadline (`deadline`), or whose deadline passed; it is also the
+#: deadline itself: a step is first seen within a tenth of the threshold.
 #: The look interval is what a look can miss: a step is first seen up to
 #: one interval after it began and is timed from then, so steps between 1x
 #: and (1 + 1/LOOKS) x the threshold may go unreported and a duration is
@@ -53,9 +55,10 @@ __all__ = ["LOOKS_PER_THRESHOLD", "Look", "LoopProbe"]
 #: running (the heartbeat dates a step's end, never its start, and dating
 #: one from the look before it would report steps shorter than the
 #: threshold), so the window cannot shrink without more looks.  Four looks
-#: (a quarter of the threshold missed) lost stalls that ten found; ten is
-#: the rate issue 15's wall-time cost was measured at (each look takes the
-#: GIL from the loop once, without the loop thread reading any clock).
+#: (a quarter of the threshold missed) lost stalls that ten found.  Each
+#: look takes the GIL from the loop once: on a fixed clock, ten a threshold
+#: cost a never-idle loop 1.07x-1.11x wall time (issue 15), which is why a
+#: healthy loop is now looked at only when it misses its deadline.
 LOOKS_PER_THRESHOLD = 10
 
 #: Of the threshold, how long a step must have been followed for its line to
