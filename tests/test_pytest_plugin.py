@@ -12,6 +12,7 @@ import warnings
 import pytest
 
 import asyncwatch
+from asyncwatch._core.findings import NOT_THE_PROGRAMS
 from asyncwatch._policy import get_policy
 
 pytest_plugins = ["pytester"]
@@ -840,7 +841,11 @@ class TestCleanliness:
         result = suite.run("--asyncwatch", "--asyncwatch-findings", "findings.jsonl")
         result.assert_outcomes(passed=7)  # the async tests once per loop factory
         assert result.ret == 0
-        assert findings_in(pytester.path / "findings.jsonl") == []
+        # A full collection of this process's heap (the outer test session's,
+        # pytester runs in-process) may pause a loop: cause gc, reported and
+        # never counted (441 ms once on 3.13 in CI).  Nothing else.
+        found = findings_in(pytester.path / "findings.jsonl")
+        assert [f for f in found if f.get("cause") not in NOT_THE_PROGRAMS or f["counts"]] == [], found
 
     def test_run_restores_the_process(self, suite):
         policy = get_policy()
