@@ -44,6 +44,8 @@ _TFD_CLOEXEC = os.O_CLOEXEC
 
 _timerfd: tuple[Any, Any, Any] | None = None  # (create, settime, itimerspec type)
 _tried = False
+#: Writes 1 to an eventfd keeping the GIL (loaded with the timerfd functions).
+_eventfd_add_one: Any = None
 
 
 def _timerfd_functions() -> tuple[Any, Any, Any] | None:
@@ -52,7 +54,7 @@ def _timerfd_functions() -> tuple[Any, Any, Any] | None:
     any thread waiting), or None.  Loaded when the first loop is watched,
     not at ``import asyncwatch`` (ctypes adds ~550 objects to the heap the
     collector walks)."""
-    global _timerfd, _tried
+    global _timerfd, _tried, _eventfd_add_one
     if _tried:
         return _timerfd
     _tried = True
@@ -74,6 +76,17 @@ def _timerfd_functions() -> tuple[Any, Any, Any] | None:
 
     create.restype = ctypes.c_int
     create.argtypes = (ctypes.c_int, ctypes.c_int)
+    with contextlib.suppress(AttributeError):
+        write = libc.write
+        write.restype = ctypes.c_ssize_t
+        write.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)
+        one = ctypes.c_uint64(1)
+        address = ctypes.addressof(one)
+
+        def add_one(fd: int, _one: Any = one) -> None:  # _one: kept alive with the function
+            write(fd, address, 8)
+
+        _eventfd_add_one = add_one
     settime.restype = ctypes.c_int
     settime.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.POINTER(Itimerspec), ctypes.c_void_p)
     _timerfd = (create, settime, Itimerspec)
@@ -210,6 +223,14 @@ class Alarm:
         self._flag = True
         with self._lock:
             if self._fd >= 0:
+                # From the loop thread (a heartbeat), keeping the GIL as
+                # threading.Event.set did: os.eventfd_write lets it go, and
+                # the watchdog, woken by that very write, took it and looked
+                # before the loop's first step began.
+                add_one = _eventfd_add_one
+                if add_one is not None:
+                    add_one(self._fd)
+                    return
                 with contextlib.suppress(OSError):
                     os.eventfd_write(self._fd, 1)
 
