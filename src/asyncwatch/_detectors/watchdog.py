@@ -157,8 +157,8 @@ class Watchdog:
     def _close_retired(self) -> None:
         with self._lock:
             retired, self._retired = self._retired, []
-        for deadline in retired:
-            deadline.close()
+        for item in retired:
+            item.close()
 
     def _failed(self, exc: Exception) -> None:
         on_failure = self.on_failure
@@ -221,14 +221,15 @@ class Watchdog:
             probe.held = None
             probe.tentative = None
             probe.stall = None
-            if probe.deadline is not None:
-                after = probe.deadline.after
-                probe.deadline.close()
-                probe.deadline = Deadline.open(after)
+            inherited, probe.deadline = probe.deadline, None
+            if inherited is not None:
+                inherited.close()
             loop = probe.loop_ref()
             if loop is None or loop.is_closed() or loop.is_running() or not probe.enabled:
                 probe.enabled = False
                 continue
+            if inherited is not None:  # a timer of the child's own (its ticks, inherited, push it)
+                probe.deadline = Deadline.open(inherited.after)
             # Parked, with a heartbeat queued, so that the child running it wakes us.
             probe.parked = True
             if not probe.beat_pending:
