@@ -169,6 +169,12 @@ class Deadline:
         self.ticks += 1
 
     @property
+    def tick_every(self) -> float:
+        """How often the loop pushes it back: half of it, so that a tick
+        late by less than that (a long loop iteration) misses nothing."""
+        return self.after / 2
+
+    @property
     def armed(self) -> bool:
         return self.ticks != self.seen_ticks
 

@@ -186,7 +186,7 @@ class LoopProbe:
                 cpu, wait = time.thread_time(), None
             clocks = Clocks(now, cpu, wait, time.process_time(), meter.gc_clock.read(now), meter.foreign)
             deadline.push(now, clocks)
-            loop.call_later(self.look_s / 2, self.tick)
+            loop.call_later(deadline.tick_every, self.tick)
         except RuntimeError:  # closed
             self.ticking = False
         except Exception as exc:  # contained: the watchdog goes back to its own clock
@@ -194,12 +194,12 @@ class LoopProbe:
             self.tick_failed = True  # never armed again: once passed, the watchdog's own clock
             report_internal_error("slow-callback deadline", exc)
 
-    def _start_ticking(self) -> None:
+    def _start_ticking(self, deadline: Deadline) -> None:
         loop = self.loop_ref()
         if loop is None:
             return
         try:
-            loop.call_later(self.look_s / 2, self.tick)
+            loop.call_later(deadline.tick_every, self.tick)
         except RuntimeError:  # closed: no more ticks, the watchdog's own clock
             return
         self.ticking = True
@@ -228,7 +228,7 @@ class LoopProbe:
         self.beats += 1
         self.beat_pending = False
         if not self.ticking and self.deadline is not None and not self.tick_failed:
-            self._start_ticking()
+            self._start_ticking(self.deadline)
         # The step followed is over (we run after it): let go of its frame
         # now.  A frame object held past its function's return keeps the
         # frames that called it (CPython links f_back then), and through

@@ -280,7 +280,7 @@ class Watchdog:
                     # the timer, which would let the GIL go before the look:
                     # the next tick re-arms it and clears its expiry.
                     due = min(deadline.due for deadline in passed)
-                    head = min(deadline.after for deadline in passed) / 2  # a tick every half deadline
+                    head = min(deadline.tick_every for deadline in passed)
                     for deadline in passed:
                         deadline.passed()
                 else:
