@@ -697,3 +697,24 @@ print(sorted({m.split(".")[0] for m in sys.modules} & {"structlog", "opentelemet
         assert done.returncode == 0, done.stderr
         assert "via='app-structlog'" in done.stderr
         assert "event='coroutine_never_awaited'" in done.stderr
+
+    def test_datetime_waits_for_the_first_finding_and_type_hints_resolve_before_it(self, tmp_path):
+        """datetime (192 objects for every collection to walk) comes with the
+        first finding's timestamp; `typing.get_type_hints(Finding)`, which
+        serialisers call, resolves `time` before and after."""
+        import subprocess
+
+        script = tmp_path / "app.py"
+        script.write_text(
+            "import asyncio, sys, typing\n"
+            "import asyncwatch\n"
+            "asyncwatch.install(slow_callback_ms=60_000)\n"
+            "before = 'datetime' in sys.modules\n"
+            "hint = typing.get_type_hints(asyncwatch.Finding)['time']\n"
+            "finding = asyncwatch.Finding(asyncwatch.FindingKind.SLOW_CALLBACK, 'm', None)\n"
+            "after = typing.get_type_hints(asyncwatch.Finding)['time']\n"
+            "print(before, hint is after, type(finding.time) is after, finding.time.utcoffset())\n"
+        )
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == ["False", "True", "True", "0:00:00"]

@@ -7,11 +7,35 @@ object, so the contract lives in one place.
 
 from __future__ import annotations
 
-import datetime as _dt
 import enum
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import datetime as _dt
+else:
+
+    class _LazyDatetime:
+        """The `datetime` module, imported when the first finding is made.
+
+        Importing it costs 192 objects tracked by the garbage collector, which
+        every full collection of the program walks again (issue 15), for a
+        timestamp only a finding needs.  ``Finding.time``'s annotation names
+        ``_dt.datetime``: this stand-in resolves it, so that
+        ``typing.get_type_hints(Finding)`` (which serialisers call) works
+        before the first finding as after it.
+        """
+
+        __slots__ = ()
+
+        def __getattr__(self, name: str) -> Any:
+            global _dt
+            import datetime as _dt
+
+            return getattr(_dt, name)
+
+    _dt = _LazyDatetime()
 
 __all__ = ["NOT_THE_PROGRAMS", "Finding", "FindingKind", "Site", "counts_against_program"]
 

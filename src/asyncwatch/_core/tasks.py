@@ -31,7 +31,7 @@ import sys
 import threading
 from collections.abc import Callable
 from types import CodeType, FrameType
-from typing import Any, NamedTuple
+from typing import Any
 
 from .detector import Hooks, WatchedLoop, watches
 from .findings import Site
@@ -257,13 +257,16 @@ def _tell_failed(task: TellingTask) -> None:
 _FOREIGN_LIMIT = 100_000
 
 
-class _ForeignSite(NamedTuple):
+class _ForeignSite:
     """Where a task of another library's factory was created."""
 
-    coro_id: int  # id() of what the task runs, 0 if unknown; checked against reuse of the task's id
-    code: CodeType
-    offset: int
-    coroutine: str | None  # the name of the program's coroutine
+    __slots__ = ("code", "coro_id", "coroutine", "offset")
+
+    def __init__(self, coro_id: int, code: CodeType, offset: int, coroutine: str | None) -> None:
+        self.coro_id = coro_id  # id() of what the task runs, 0 if unknown; checked against reuse of the task's id
+        self.code = code
+        self.offset = offset
+        self.coroutine = coroutine  # the name of the program's coroutine
 
 
 _foreign_sites: dict[int, _ForeignSite] = {}

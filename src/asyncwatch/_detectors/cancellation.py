@@ -35,7 +35,7 @@ import os
 import weakref
 from collections.abc import Callable
 from types import FrameType
-from typing import Any, NamedTuple
+from typing import Any
 
 from .._core.bytecode import enclosing_async_withs
 from .._core.detector import Detector, DetectorContext, watches
@@ -404,12 +404,15 @@ class _TimeoutExitPatch:
         # else someone wrapped us since: stay in their chain, inert.
 
 
-class _Landed(NamedTuple):
+class _Landed:
     """Where an expired timeout's cancellation of its task lands."""
 
-    note: _Note  # of the timeout's cancel(): what it was forwarded into
-    delivered_at: Site | None
-    stack: tuple[Site, ...]
+    __slots__ = ("delivered_at", "note", "stack")
+
+    def __init__(self, note: _Note, delivered_at: Site | None, stack: tuple[Site, ...]) -> None:
+        self.note = note  # of the timeout's cancel(): what it was forwarded into
+        self.delivered_at = delivered_at
+        self.stack = stack
 
 
 def _check_timeout_swallowed(timeout: asyncio.Timeout) -> None:

@@ -31,7 +31,6 @@ import time
 import weakref
 from collections.abc import Callable
 from types import CodeType, FrameType
-from typing import NamedTuple
 
 from .._core.detector import watches
 from .._core.findings import Finding
@@ -72,33 +71,67 @@ _now = time.perf_counter
 _SWITCH_S = sys.getswitchinterval()
 
 
-class _Tentative(NamedTuple):
+# The two below are plain classes with slots, not NamedTuples: each
+# NamedTuple costs about 30 objects that every full collection of the
+# program walks again, a slots class 9 (issue 15's import footprint).
+
+
+class _Tentative:
     """A followed step's line past `TENTATIVE_SHARE` of the threshold, with
     what its finding needs if its heartbeat proves it a stall."""
 
-    stall: Stall
-    since: float  # when a look first saw the step
-    beats: int  # the heartbeat count then
-    mark: Clocks | None
-    measured: tuple[Breakdown | None, str | None]
+    __slots__ = ("beats", "mark", "measured", "since", "stall")
+
+    def __init__(
+        self,
+        stall: Stall,
+        since: float,
+        beats: int,
+        mark: Clocks | None,
+        measured: tuple[Breakdown | None, str | None],
+    ) -> None:
+        self.stall = stall
+        self.since = since  # when a look first saw the step
+        self.beats = beats  # the heartbeat count then
+        self.mark = mark
+        self.measured = measured
 
 
-class Look(NamedTuple):
-    """What `LoopProbe.sample` saw of the loop's stack, without a frame."""
+class Look:
+    """What `LoopProbe.sample` saw of the loop's stack, without a frame.
 
-    thread_id: int
-    compiled: bool
-    idle: bool
-    same_step: bool
-    early: Stall | None  # a wake-up late by the threshold: the line running
-    captured: Stall | None  # the followed step crossed the threshold: its line
-    #: A step newly seen by a late wake-up, at a line of the program, on a
-    #: loop whose dispatch is Python: it held the GIL since before the look.
-    dated: bool = False
-    #: The step newly seen is at a function's first instruction (`_at_start`).
-    fresh: bool = False
-    #: The followed step is past `TENTATIVE_SHARE` of the threshold: its line.
-    tentative: Stall | None = None
+    *early*: a wake-up late by the threshold, the line running.  *captured*:
+    the followed step crossed the threshold, its line.  *dated*: a step newly
+    seen by a late wake-up, at a line of the program, on a loop whose
+    dispatch is Python: it held the GIL since before the look.  *fresh*: the
+    step newly seen is at a function's first instruction (`_at_start`).
+    *tentative*: the followed step is past `TENTATIVE_SHARE` of the
+    threshold, its line.
+    """
+
+    __slots__ = ("captured", "compiled", "dated", "early", "fresh", "idle", "same_step", "tentative", "thread_id")
+
+    def __init__(
+        self,
+        thread_id: int,
+        compiled: bool,
+        idle: bool,
+        same_step: bool,
+        early: Stall | None,
+        captured: Stall | None,
+        dated: bool = False,
+        fresh: bool = False,
+        tentative: Stall | None = None,
+    ) -> None:
+        self.thread_id = thread_id
+        self.compiled = compiled
+        self.idle = idle
+        self.same_step = same_step
+        self.early = early
+        self.captured = captured
+        self.dated = dated
+        self.fresh = fresh
+        self.tentative = tentative
 
 
 class LoopProbe:

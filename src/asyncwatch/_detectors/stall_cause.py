@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 from .._core.findings import NOT_THE_PROGRAMS
 
@@ -310,20 +310,46 @@ def busiest_thread(
     return names.get(best, f"thread {best}"), most
 
 
-class Breakdown(NamedTuple):
-    """Where the wall time of a stall went, in seconds."""
+class Breakdown:
+    """Where the wall time of a stall went, in seconds.
 
-    wall: float
-    cpu: float  # the loop thread on CPU (collections it ran included)
-    starved: float  # the loop thread runnable, waiting for a CPU
-    gc: float  # the collector running (CPU time), in any thread
-    gil: float  # the loop thread waiting for a GIL another thread held
-    others_cpu: float  # CPU time of the process's other threads (not the watchdog)
-    #: Of `gc`, the collections that each lasted at least
-    #: `GcClock.PAUSE_FLOOR_S` (the full ones, in practice): a pause of their
-    #: own.  The hundreds of young ones a step's allocations trigger
-    #: (json.loads of a large body) stay the step's.
-    gc_pauses: float = -1.0  # -1: as `gc`
+    *cpu*: the loop thread on CPU (collections it ran included).  *starved*:
+    the loop thread runnable, waiting for a CPU.  *gc*: the collector running
+    (CPU time), in any thread.  *gil*: the loop thread waiting for a GIL
+    another thread held.  *others_cpu*: CPU time of the process's other
+    threads (not the watchdog).  *gc_pauses*: of *gc*, the collections that
+    each lasted at least `GcClock.PAUSE_FLOOR_S` (the full ones, in
+    practice), a pause of their own; the hundreds of young ones a step's
+    allocations trigger (json.loads of a large body) stay the step's; -1
+    means as *gc*.
+
+    A slots class, not a NamedTuple (about 30 objects for the collector to
+    walk, against 9: issue 15's import footprint).
+    """
+
+    __slots__ = ("cpu", "gc", "gc_pauses", "gil", "others_cpu", "starved", "wall")
+
+    def __init__(
+        self,
+        wall: float,
+        cpu: float,
+        starved: float,
+        gc: float,
+        gil: float,
+        others_cpu: float,
+        gc_pauses: float = -1.0,
+    ) -> None:
+        self.wall = wall
+        self.cpu = cpu
+        self.starved = starved
+        self.gc = gc
+        self.gil = gil
+        self.others_cpu = others_cpu
+        self.gc_pauses = gc_pauses
+
+    def __repr__(self) -> str:  # read in test failures and internal-error reports
+        shares = ", ".join(f"{name}={getattr(self, name):.4f}" for name in self.__slots__)
+        return f"Breakdown({shares})"
 
     @property
     def off_cpu(self) -> float:

@@ -14,7 +14,6 @@ import collections
 import sys
 import threading
 import time
-from typing import NamedTuple
 
 from . import stall_cause
 from .stall_cause import Breakdown, GcClock, ThreadClock
@@ -22,20 +21,40 @@ from .stall_cause import Breakdown, GcClock, ThreadClock
 __all__ = ["Clocks", "StallMeter", "Wake", "mark_at"]
 
 
-class Clocks(NamedTuple):
-    """What the watchdog reads at a look at a running loop."""
+class Clocks:
+    """What the watchdog reads at a look at a running loop.
 
-    wall: float
-    loop_cpu: float
-    loop_wait: float | None  # None: the kernel does not say
-    process_cpu: float
-    gc: float
-    foreign: float  # GIL held by other threads so far (late wake-ups)
-    #: The CPU time of the thread that read these clocks (the watchdog's,
-    #: but for the clocks a parked loop's first look compares with), and
-    #: that thread: the process's CPU time includes our own reads.
-    own_cpu: float = 0.0
-    reader: int = 0
+    *loop_wait* is None where the kernel does not say; *foreign* is the GIL
+    held by other threads so far (late wake-ups).  *own_cpu* is the CPU time
+    of the thread that read these clocks (the watchdog's, but for the clocks
+    a parked loop's first look compares with), and *reader* that thread:
+    the process's CPU time includes our own reads.
+
+    A slots class, not a NamedTuple: a NamedTuple costs about 30 objects
+    that every full collection of the program walks again (issue 15).
+    """
+
+    __slots__ = ("foreign", "gc", "loop_cpu", "loop_wait", "own_cpu", "process_cpu", "reader", "wall")
+
+    def __init__(
+        self,
+        wall: float,
+        loop_cpu: float,
+        loop_wait: float | None,
+        process_cpu: float,
+        gc: float,
+        foreign: float,
+        own_cpu: float = 0.0,
+        reader: int = 0,
+    ) -> None:
+        self.wall = wall
+        self.loop_cpu = loop_cpu
+        self.loop_wait = loop_wait
+        self.process_cpu = process_cpu
+        self.gc = gc
+        self.foreign = foreign
+        self.own_cpu = own_cpu
+        self.reader = reader
 
 
 def others_cpu(prev: Clocks, clocks: Clocks) -> float:
