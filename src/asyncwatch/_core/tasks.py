@@ -480,7 +480,7 @@ def _make_factory(state: TaskFactory, depth: int, hooks: Hooks | None) -> Callab
     running_loop = asyncio.events._get_running_loop
 
     def asyncwatch_plain_task_factory(
-        loop: asyncio.AbstractEventLoop, coro: Any, *, context: Any = None, **kwargs: Any
+        loop: asyncio.AbstractEventLoop, coro: Any, *, context: Any = None, eager_start: Any = None, **kwargs: Any
     ) -> Any:
         """`asyncwatch_task_factory` when it chains no factory and tells no
         task hooks (the default): asyncio's Task, our slots, nothing else.
@@ -490,17 +490,15 @@ def _make_factory(state: TaskFactory, depth: int, hooks: Hooks | None) -> Callab
         instructions of a trivial task's 70,000 (benchmarks/instructions.py).
         """
         task: Any
-        # uvloop passes context=None to every factory call (asyncio passes
-        # nothing): a named parameter takes it without a dict.
-        if kwargs or context is not None or not state.enabled:
+        # uvloop passes context=None to every factory call, and on 3.13
+        # eager_start=None too (asyncio passes neither): named parameters
+        # take them without filling the keyword dict.
+        if kwargs or context is not None or eager_start is not None or not state.enabled:
+            if eager_start is not None:
+                kwargs["eager_start"] = eager_start
             if not state.enabled:
                 return asyncio.Task(coro, loop=loop, context=context, **kwargs)
-            if kwargs.get("eager_start", False) is None:
-                del kwargs["eager_start"]  # uvloop on 3.13 passes the default
-            if kwargs or context is not None:
-                task = Task(coro, loop=loop, context=context, **kwargs)
-            else:  # uvloop on 3.13: defaults only
-                task = Task(coro) if loop is running_loop() else Task(coro, loop=loop)
+            task = Task(coro, loop=loop, context=context, **kwargs)
         elif loop is running_loop():
             # Task(coro, loop=loop) would build a dict for the keyword and
             # parse it against Task's keyword parameters (about 400
@@ -517,7 +515,7 @@ def _make_factory(state: TaskFactory, depth: int, hooks: Hooks | None) -> Callab
                     task._aw_site = creation_site(loop, getframe(depth), depth, task)
             except ValueError:  # the stack is not as deep as the fan-out's frame
                 task._aw_site = creation_site(loop, getframe(depth), depth, task)
-            if kwargs and kwargs.get("eager_start"):
+            if eager_start:
                 task._aw_coro = qualname_of(coro)  # get_coro() may be gone (gh-122332)
             if task._source_traceback:  # asyncio debug mode
                 _trim_source_traceback(task._source_traceback)
