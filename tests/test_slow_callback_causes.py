@@ -14,6 +14,7 @@ import gc
 import json
 import random
 import re
+import sys
 import threading
 import time
 import weakref
@@ -23,13 +24,14 @@ import pytest
 
 import asyncwatch
 from asyncwatch._core.findings import NOT_THE_PROGRAMS, Finding, FindingKind, Site, counts_against_program
+from asyncwatch._detectors import watchdog as watchdog_module
 from asyncwatch._detectors.loop_probe import LoopProbe
 from asyncwatch._detectors.stall_cause import Breakdown, GcClock, classify
 from asyncwatch._detectors.stall_meter import Clocks, StallMeter, Wake
 from asyncwatch._detectors.stall_report import Stall, stall_finding
 from asyncwatch._detectors.watchdog import Watchdog
 from asyncwatch.testing import CollectingReporter
-from conftest import base_factory, line_of
+from conftest import base_factory, flush_what_the_run_left, line_of
 
 THRESHOLD_MS = 100
 
@@ -144,6 +146,67 @@ class TestBlockingThatHoldsTheGil:
         # (a thread just started, on a loaded machine).
         assert_at_the_call(finding, line_of("# <- first thing the loop runs"))
         assert finding.cause == "cpu"
+
+    def test_a_first_step_that_began_while_the_first_look_let_the_gil_go_is_reported(self, watched, monkeypatch):
+        """The loop's first callbacks run as soon as the watchdog's first look
+        lets the GIL go (its clock reads, the opening of its own clock); a
+        first step's json.loads that began then kept the watchdog from going
+        to sleep until it returned, and the wake-up, timed from then, looked
+        on time: no finding (the test above, 2 runs in 30 on uvloop under
+        load).  Here the watchdog has looked at the loop before it runs, and
+        its own clock opens only once the first step has begun."""
+        opening, stepping = threading.Event(), threading.Event()
+        opened = watchdog_module.ThreadClock
+
+        def opened_as_the_first_step_begins(*args):
+            clock = opened(*args)
+            opening.set()
+            stepping.wait(5.0)  # lets the GIL go, as the open does
+            return clock
+
+        monkeypatch.setattr(watchdog_module, "ThreadClock", opened_as_the_first_step_begins)
+
+        async def main():
+            stepping.set()
+            json.loads(BIG_BODY)  # <- begins as the watchdog opens its clock
+            await asyncio.sleep(0)
+
+        factory = asyncwatch.loop_factory(base_factory(watched.loop_name), slow_callback_ms=THRESHOLD_MS, log=False)
+        asyncwatch.install(reporters=[watched.collector], log=False)
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.get_loop()  # watched: the watchdog starts, and looks
+            assert opening.wait(5.0)
+            runner.run(main())
+        flush_what_the_run_left()
+
+        [finding] = slow_of(watched)
+        assert_at_the_call(finding, line_of("# <- begins as the watchdog opens its clock"))
+        assert finding.cause == "cpu"
+
+    def test_the_first_heartbeat_wakes_the_watchdog_after_a_look_at_the_running_loop(self):
+        """A loop runs before its first callback (uvloop makes its signal
+        socketpair in Python then), and a look there saw no step to follow:
+        the heartbeat queued when the loop was attached must still wake the
+        watchdog, which dates the first step from it (without, a first
+        step's json.loads went unreported)."""
+        loop = asyncio.new_event_loop()
+        woken = []
+        try:
+            probe = LoopProbe(loop, THRESHOLD_MS / 1000, lambda finding: None)
+            probe.wake = lambda: woken.append(probe.beats)
+
+            def a_look_from_the_watchdog():
+                looking = threading.Thread(target=lambda: probe.sample(sys._current_frames(), time.perf_counter()))
+                looking.start()
+                looking.join()
+
+            loop.call_soon(a_look_from_the_watchdog)  # runs before the heartbeat
+            probe.start(loop)
+            loop.call_soon(loop.stop)
+            loop.run_forever()
+        finally:
+            loop.close()
+        assert woken == [1]
 
     def test_the_call_inside_a_helper_is_reported_in_the_helper(self, watched):
         def parse(body):

@@ -253,6 +253,12 @@ class Alarm:
             if event is not None:
                 event.wait(timeout)
             return []
+        if self._flag:
+            # Set since the look (a loop's first heartbeat): look again with
+            # no read first, which would let the GIL go once more, and the
+            # loop thread, given it, move on from the line to be seen.  The
+            # next wait empties the eventfd.
+            return []
         with contextlib.suppress(OSError):  # BlockingIOError: nothing written
             os.eventfd_read(fd)
         if self._flag:

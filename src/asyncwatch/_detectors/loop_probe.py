@@ -299,13 +299,21 @@ class LoopProbe:
             # clocks a first step holding the GIL at once is measured from.
             self._park_clocks(_now())
         self.beat_pending = True
+        # Parked until that heartbeat runs, whatever a look sees meanwhile:
+        # it wakes the watchdog and dates the loop's start.  A loop is
+        # running before its first callback (uvloop makes its signal
+        # socketpair in Python then, asyncio is in run_forever's set-up),
+        # and a look there, seeing no step, used to leave the probe
+        # unparked: a first step holding the GIL from the heartbeat on went
+        # unreported (see `Watchdog._run`).
+        self.parked = True
         try:
             if loop.is_running():
                 loop.call_soon_threadsafe(self.beat)
             else:
                 loop.call_soon(self.beat)
         except RuntimeError:
-            self.beat_pending = False
+            self.beat_pending = self.parked = False
 
     def _post_beat(self) -> bool:
         """Queue a heartbeat unless one is queued; whether it was queued
@@ -413,7 +421,7 @@ class LoopProbe:
         meter = self.meter
         thread_id = look.thread_id
         self.gil_lag = min(wake.raw, _SWITCH_S) if wake is not None else 0.0
-        prev, clocks = self._baseline(meter.prev), meter.read(now, thread_id, self._native(thread_id))
+        prev, clocks = self._baseline(meter.prev, now), meter.read(now, thread_id, self._native(thread_id))
         meter.prev = clocks
         for stall in (look.early, look.captured):
             if stall is not None:
@@ -510,14 +518,19 @@ class LoopProbe:
         # machine).  A look that lands early just looks again.
         return min(self.look_s, max(self.held_since + self.threshold_s - now - self.gil_lag, 0.001))
 
-    def _baseline(self, prev: Clocks | None) -> Clocks | None:
-        """The clocks this look compares with: the previous look's, or the
-        last tick's when it came since (looks are rare while the deadline
-        holds: compared with a look minutes old, any late wake-up of a busy
-        loop looked like its own hold of the GIL)."""
+    def _baseline(self, prev: Clocks | None, now: float) -> Clocks | None:
+        """The clocks the look at *now* compares with: the previous look's,
+        or the last tick's when it came since (looks are rare while the
+        deadline holds: compared with a look minutes old, any late wake-up
+        of a busy loop looked like its own hold of the GIL), but never a
+        tick that came after the look.  The loop thread runs between the
+        stacks and the clocks (our Python work past the switch interval, a
+        read that lets the GIL go); a tick it ran there, right after the
+        hold the look was late for, made that hold vanish from the
+        comparison (a first step's json.loads on uvloop, unreported)."""
         deadline = self.deadline
         ticked: Clocks | None = deadline.clocks if deadline is not None else None
-        if ticked is not None and (prev is None or ticked.wall > prev.wall):
+        if ticked is not None and ticked.wall <= now and (prev is None or ticked.wall > prev.wall):
             return ticked
         return prev
 
