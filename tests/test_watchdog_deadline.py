@@ -26,17 +26,37 @@ from conftest import base_factory, line_of
 pytestmark = pytest.mark.skipif(not deadlines_supported(), reason="deadlines need Linux's timerfd")
 
 
+class Looks(list):
+    """The looks the watchdog took (each one takes the GIL from the loops),
+    and how many of the loops' deadlines passed."""
+
+    passed = 0
+
+    def on_its_own_clock(self) -> int:
+        """Looks no passed deadline explains.  A loop thread that waits a
+        tick's interval for a CPU (a loaded machine) misses its deadline,
+        and the watchdog rightly looks, then once more a look later, when
+        the loop has ticked again: at most two looks for each pass."""
+        return max(len(self) - 2 * self.passed, 0)
+
+
 @pytest.fixture
 def looks(monkeypatch):
-    """How many looks the watchdog took (each one takes the GIL from the loops)."""
-    taken: list[float] = []
+    """The watchdog's looks (`Looks`)."""
+    taken = Looks()
     sample_all = watchdog_module.Watchdog._sample_all
+    passed = Deadline.passed
 
     def counted(self, wake=None):
         taken.append(time.perf_counter())
         return sample_all(self, wake)
 
+    def counted_pass(self):
+        taken.passed += 1
+        passed(self)
+
     monkeypatch.setattr(watchdog_module.Watchdog, "_sample_all", counted)
+    monkeypatch.setattr(Deadline, "passed", counted_pass)
     return taken
 
 
@@ -58,12 +78,12 @@ class TestAHealthyLoopIsNotLookedAt:
         assert steps > 1000
         assert watched.findings == []
         # The fixed clock took 15; the first looks come before the first tick.
-        assert len(looks) <= 5, len(looks)
+        assert looks.on_its_own_clock() <= 5, (len(looks), looks.passed)
 
     def test_an_idle_loop_is_looked_at_only_as_it_starts(self, watched, looks):
         watched.run(lambda: asyncio.sleep(1.5), slow_callback_ms=1000)
         assert watched.findings == []
-        assert len(looks) <= 5, len(looks)
+        assert looks.on_its_own_clock() <= 5, (len(looks), looks.passed)
 
 
 async def healthy_then_blocks() -> None:
