@@ -278,10 +278,10 @@ class TaskEnds:
         else:
             self.destroyed += 1
 
-    def counts(self) -> EndCounts:
-        """The counts now: tasks freed, by final state, plus the tasks that
-        ended and are still referenced (asyncio's registry holds them), by
-        theirs.  Safe from any thread; exact while no task of these counts
+    def counts(self) -> tuple[int, int, int, int, int]:
+        """The counts now, as (created, finished, cancelled, exception,
+        destroyed): tasks freed, by final state, plus the tasks that ended
+        and are still referenced (asyncio's registry holds them), by theirs.  Safe from any thread; exact while no task of these counts
         is created, ends or is freed meanwhile (each count then lags by at
         most the tasks doing so, and never counts a task twice)."""
         # Freed tasks first: one freed during the walk below is then either
@@ -300,17 +300,7 @@ class TaskEnds:
             del task
         # Read last: every task counted as ended above was created before.
         created = self.created
-        return EndCounts(created, freed[0] + ended[0], freed[1] + ended[1], freed[2] + ended[2], freed[3])
-
-
-class EndCounts(NamedTuple):
-    """`TaskEnds.counts`: tasks counted, and those that ended, by final state."""
-
-    created: int
-    finished: int
-    cancelled: int
-    exception: int
-    destroyed: int
+        return created, freed[0] + ended[0], freed[1] + ended[1], freed[2] + ended[2], freed[3]
 
 
 def _registered() -> list[Any]:

@@ -119,12 +119,12 @@ class NotableTracer(TaskTracer):
         ends = self.ends
         if ends is None:
             return 0, dict.fromkeys(self.finished, 0)
-        counts = ends.counts()
-        return counts.created, {
-            STATE_FINISHED: counts.finished,
-            STATE_CANCELLED: counts.cancelled,
-            STATE_EXCEPTION: counts.exception,
-            STATE_DESTROYED: counts.destroyed,
+        created, finished, cancelled, exception, destroyed = ends.counts()
+        return created, {
+            STATE_FINISHED: finished,
+            STATE_CANCELLED: cancelled,
+            STATE_EXCEPTION: exception,
+            STATE_DESTROYED: destroyed,
         }
 
     # -- every task -----------------------------------------------------------
