@@ -851,6 +851,12 @@ async def forgotten() -> None:
     await asyncio.get_running_loop().create_future()  # nothing will ever complete it
 
 
+#: `every_end`'s counts midway (main, 5 + 1 finished, 2 failed, 2 cancelled,
+#: 1 destroyed, 3 pending) and at the end.
+EVERY_END_MIDWAY = {"created": 15, "alive": 4, "finished": 6, "exception": 2, "cancelled": 2, "destroyed_pending": 1}
+EVERY_END = {"created": 15, "alive": 0, "finished": 7, "exception": 2, "cancelled": 5, "destroyed_pending": 1}
+
+
 async def every_end(reader: InMemoryMetricReader, seen: dict[str, Any]) -> None:
     """Tasks that end in every way, and some still pending, counted midway."""
     await asyncio.gather(*(two_steps() for _ in range(5)))  # 5 finished, freed
@@ -878,34 +884,27 @@ async def every_end(reader: InMemoryMetricReader, seen: dict[str, Any]) -> None:
         task.exception()
 
 
-class TestNotableMetrics:
-    """spans="notable" with metrics (``--otlp``'s default): exact task counts, and still no per-task wrapper."""
+class TestTaskCounts:
+    """Metrics with spans "notable" (``--otlp``'s default) or "off": exact task counts, and no per-task wrapper."""
 
-    def test_tasks_are_counted_exactly_by_final_state_without_timing_them(self, loop_name, spans, meter):
-        """Finished, failed, cancelled (by cancel() or by what it awaited), destroyed and pending tasks."""
+    @pytest.mark.parametrize("mode", ["notable", "off"])
+    def test_tasks_are_counted_exactly_by_final_state_without_timing_them(self, loop_name, spans, meter, mode):
+        """Finished, failed, cancelled (by cancel() or by what it awaited), destroyed and pending tasks;
+        with notable spans (``--otlp``'s default) or none."""
         provider, reader = meter
         seen: dict[str, Any] = {}
         run_traced(
-            loop_name, lambda: every_end(reader, seen), spans, spans="notable", metrics=True, meter_provider=provider
+            loop_name,
+            functools.partial(every_end, reader, seen),
+            spans,
+            spans=mode,
+            metrics=True,
+            meter_provider=provider,
         )
         assert not seen["wrapped"]
-        # main, 5 + 1 finished, 2 failed, 2 cancelled, 1 destroyed, 3 pending
-        assert seen["midway"] == {
-            "created": 15,
-            "alive": 4,
-            "finished": 6,
-            "exception": 2,
-            "cancelled": 2,
-            "destroyed_pending": 1,
-        }
-        assert task_counts(metric_points(reader)) == {
-            "created": 15,
-            "alive": 0,
-            "finished": 7,
-            "exception": 2,
-            "cancelled": 5,
-            "destroyed_pending": 1,
-        }
+        assert seen["midway"] == EVERY_END_MIDWAY and task_counts(metric_points(reader)) == EVERY_END
+        if mode == "off":
+            assert spans.finished == []
 
     def test_notable_mode_counts_as_all_mode_does(self, loop_name, spans):
         """The same program, the same counts: the states mean what the step-timing wrapper says."""
@@ -931,10 +930,14 @@ class TestNotableMetrics:
         provider, reader = meter
         seen: dict[str, Any] = {}
         run_traced(
-            loop_name, lambda: every_end(reader, seen), None, spans="notable", metrics=True, meter_provider=provider
+            loop_name,
+            functools.partial(every_end, reader, seen),
+            None,
+            spans="notable",
+            metrics=True,
+            meter_provider=provider,
         )
-        assert task_counts(metric_points(reader))["created"] == 15
-        assert seen["midway"]["alive"] == 4 and task_counts(metric_points(reader))["alive"] == 0
+        assert seen["midway"] == EVERY_END_MIDWAY and task_counts(metric_points(reader)) == EVERY_END
 
     def test_task_counters_never_decrease_across_collections(self, loop_name, spans, meter, monkeypatch):
         """Collected from another thread while tasks come and go, and after a reading that came out lower."""

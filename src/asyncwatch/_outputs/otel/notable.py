@@ -61,7 +61,8 @@ def _first_done_callback(task: asyncio.Task[Any], callback: Any) -> None:
 
 class NotableTracer(TaskTracer):
     """The task tracer of ``spans="notable"``: nothing per step, nothing at
-    a task's end, unless the task becomes notable.
+    a task's end, unless the task becomes notable.  With ``spans="off"``
+    and metrics on, it only counts tasks (it never traces).
 
     A task costs its creation only: when it was made and the OpenTelemetry
     context current there, kept in two slots of the task itself
@@ -272,7 +273,7 @@ class NotableTracer(TaskTracer):
 
     def loop_attached(self, watch: Any) -> None:
         loop = watch.loop_ref()
-        if loop is not None:
+        if loop is not None and self.mode != "off":  # "off": counting tasks only, no span to make
             self._schedule_scan(loop, weakref.ref(loop))
 
     def loop_detached(self, watch: Any) -> None:

@@ -384,7 +384,7 @@ class TaskTracer(Detector):
     """
 
     def __init__(self, mode: str, min_duration_s: float) -> None:
-        self.mode = mode  # "all", "notable" or "off" (then only counted, for the metrics)
+        self.mode = mode  # "all"; or "notable" or "off" for `NotableTracer`
         self.tracing = False
         self.min_duration_s = min_duration_s
         self.slow_floor_s = float("inf")  # the lowest slow-callback threshold of a watched loop

@@ -109,8 +109,9 @@ class Telemetry:
         self.fallback: Callable[[], None] | None = None
         # Notable spans need nothing from a task that never becomes notable
         # (`NotableTracer`), and neither do the metrics' task counts, which
-        # it keeps from each task's creation and its being freed.
-        tracer_class = NotableTracer if settings.spans == "notable" else TaskTracer
+        # it keeps from each task's creation and its being freed: with
+        # spans "off" it only counts.  Only "all" times every task's steps.
+        tracer_class = TaskTracer if settings.spans == "all" else NotableTracer
         self.task_tracer = tracer_class(settings.spans, settings.spans_min_duration_ms / 1000)
         # The last value of each task counter read by a collection: a
         # counter never goes back, whatever a reading racing the loops' threads saw.
