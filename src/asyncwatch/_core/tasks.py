@@ -239,7 +239,8 @@ class TaskEnds:
 
     The counts are plain ints: ``+=`` on an attribute is not interrupted by
     a thread switch under the GIL (nothing between the read and the write
-    checks for one), and a finalizer runs only where such a check is made.
+    checks for one), nor by a finalizer (nothing there frees an object that
+    has one, or starts a collection).
     """
 
     __slots__ = ("cancelled", "created", "destroyed", "exception", "finished")
@@ -281,7 +282,8 @@ class TaskEnds:
     def counts(self) -> tuple[int, int, int, int, int]:
         """The counts now, as (created, finished, cancelled, exception,
         destroyed): tasks freed, by final state, plus the tasks that ended
-        and are still referenced (asyncio's registry holds them), by theirs.  Safe from any thread; exact while no task of these counts
+        and are still referenced (asyncio's registry holds them), by
+        theirs.  Safe from any thread; exact while no task of these counts
         is created, ends or is freed meanwhile (each count then lags by at
         most the tasks doing so, and never counts a task twice)."""
         # Freed tasks first: one freed during the walk below is then either
@@ -309,9 +311,10 @@ def _registered() -> list[Any]:
     but those running an eager first step, all pending).  Copied at once
     under the GIL (a C-level copy of the set runs no Python code), so
     another thread may add tasks meanwhile; a reference at a time is
-    followed, so no user's task is kept by the copy.  Empty where the
-    registry is not a `weakref.WeakSet` (a later Python's own layout): ended
-    tasks still referenced then count as alive until they are freed."""
+    followed, so no user's task is kept by the copy.  Where asyncio keeps
+    its tasks elsewhere (3.14 puts its C tasks in per-thread lists), ours
+    are not found: ended tasks still referenced then count as alive until
+    they are freed."""
     registry = getattr(asyncio.tasks, "_all_tasks", None)
     if registry is None:
         registry = getattr(asyncio.tasks, "_scheduled_tasks", None)
