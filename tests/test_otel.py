@@ -877,6 +877,7 @@ async def every_end(reader: InMemoryMetricReader, seen: dict[str, Any]) -> None:
     await asyncio.sleep(0)
     seen["midway"] = task_counts(metric_points(reader))
     seen["wrapped"] = type(asyncio.Task.get_coro(kept)) is TimedCoroutine or kept._callbacks
+    seen["repr"] = repr(kept).split(" name=")[0]
     for task in pending:
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
@@ -893,7 +894,7 @@ class TestTaskCounts:
         with notable spans (``--otlp``'s default) or none."""
         provider, reader = meter
         seen: dict[str, Any] = {}
-        run_traced(
+        found = run_traced(
             loop_name,
             functools.partial(every_end, reader, seen),
             spans,
@@ -901,7 +902,9 @@ class TestTaskCounts:
             metrics=True,
             meter_provider=provider,
         )
-        assert not seen["wrapped"]
+        assert not seen["wrapped"] and seen["repr"] == "<Task finished"
+        # A task that counts its end when freed still runs asyncio's finalizer, which reports it.
+        assert [f.kind.value for f in found] == ["task_destroyed_pending"]
         assert seen["midway"] == EVERY_END_MIDWAY and task_counts(metric_points(reader)) == EVERY_END
         if mode == "off":
             assert spans.finished == []
