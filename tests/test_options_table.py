@@ -68,6 +68,6 @@ def test_a_child_gets_back_the_settings_it_inherits():
 )
 def test_otlp_turns_metrics_on_unless_opentelemetry_exports_none(environ, metrics):
     """--otlp means notable spans and metrics, but metrics nobody exports
-    (``OTEL_METRICS_EXPORTER=none``) are left off, as their task counts time every step."""
+    (``OTEL_METRICS_EXPORTER=none``) are left off: their task counts cost every task something."""
     settings, _ = resolve_run({"otlp": (True, "--otlp")}, environ)
     assert settings.spans == "notable" and settings.metrics is metrics

@@ -9,11 +9,13 @@ subprocesses).  Most tests run on asyncio's loop and on uvloop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import traceback
 import weakref
@@ -37,6 +39,7 @@ import asyncwatch._outputs.otel.telemetry
 from asyncwatch import ConfigurationError, Settings
 from asyncwatch._core.stepping import TimedCoroutine
 from asyncwatch._outputs.collect import CollectingReporter
+from asyncwatch._outputs.otel.notable import NotableTracer
 from conftest import base_factory, gc_collect_harder, line_of
 
 BLOCK_S = 0.25  # a slow step: well over the 100 ms threshold
@@ -325,7 +328,7 @@ class TestModes:
     """spans="all", "notable" and "off" (the default)."""
 
     def test_off_is_the_default(self):
-        """Spans and metrics are opt-in: "all", and "notable" with metrics, time every task step."""
+        """Spans and metrics are opt-in: "all" times every task step."""
         assert Settings().spans == "off" and Settings().metrics is False
 
     def test_notable_spans_only_tasks_with_something_to_say(self, loop_name, spans):
@@ -828,6 +831,228 @@ class TestMetrics:
         [lag] = metric_points(reader)["asyncio.event_loop.lag"].values()
         assert lag.count >= 3
         assert BLOCK_S - 0.05 <= lag.max < BLOCK_S + 0.2
+
+
+def task_counts(points: dict[str, dict[tuple[tuple[str, Any], ...], Any]]) -> dict[str, Any]:
+    """created, alive and finished by state, from `metric_points`."""
+    finished = {dict(key)["asyncio.task.state"]: value for key, value in points["asyncio.task.finished"].items()}
+    return {"created": points["asyncio.task.created"][()], "alive": points["asyncio.task.count"][()], **finished}
+
+
+async def fails() -> None:
+    raise OSError("down")
+
+
+async def waits_on(future: asyncio.Future[Any]) -> None:
+    await future
+
+
+async def forgotten() -> None:
+    await asyncio.get_running_loop().create_future()  # nothing will ever complete it
+
+
+#: `every_end`'s counts midway (main, 5 + 1 finished, 2 failed, 2 cancelled,
+#: 1 destroyed, 3 pending) and at the end.
+EVERY_END_MIDWAY = {"created": 15, "alive": 4, "finished": 6, "exception": 2, "cancelled": 2, "destroyed_pending": 1}
+EVERY_END = {"created": 15, "alive": 0, "finished": 7, "exception": 2, "cancelled": 5, "destroyed_pending": 1}
+
+
+async def every_end(reader: InMemoryMetricReader, seen: dict[str, Any]) -> None:
+    """Tasks that end in every way, and some still pending, counted midway."""
+    await asyncio.gather(*(two_steps() for _ in range(5)))  # 5 finished, freed
+    kept = asyncio.create_task(two_steps())
+    await kept  # finished, still referenced
+    failed = [asyncio.create_task(fails()) for _ in range(2)]  # exception, nobody asked yet
+    cancelled = asyncio.create_task(asyncio.sleep(10))
+    future = asyncio.get_running_loop().create_future()
+    follower = asyncio.create_task(waits_on(future))  # cancelled without a cancel() of its own
+    lost = asyncio.create_task(forgotten())
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    future.cancel()
+    del lost
+    gc_collect_harder()  # destroyed while pending
+    await asyncio.gather(cancelled, follower, return_exceptions=True)
+    pending = [asyncio.create_task(asyncio.sleep(10)) for _ in range(3)]
+    await asyncio.sleep(0)
+    seen["midway"] = task_counts(metric_points(reader))
+    seen["wrapped"] = type(asyncio.Task.get_coro(kept)) is TimedCoroutine or kept._callbacks
+    seen["repr"] = repr(kept).split(" name=")[0]
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    for task in failed:
+        task.exception()
+
+
+class TestTaskCounts:
+    """Metrics with spans "notable" (``--otlp``'s default) or "off": exact task counts, and no per-task wrapper."""
+
+    @pytest.mark.parametrize("mode", ["notable", "off"])
+    def test_tasks_are_counted_exactly_by_final_state_without_timing_them(self, loop_name, spans, meter, mode):
+        """Finished, failed, cancelled (by cancel() or by what it awaited), destroyed and pending tasks;
+        with notable spans (``--otlp``'s default) or none."""
+        provider, reader = meter
+        seen: dict[str, Any] = {}
+        found = run_traced(
+            loop_name,
+            functools.partial(every_end, reader, seen),
+            spans,
+            spans=mode,
+            metrics=True,
+            meter_provider=provider,
+        )
+        assert not seen["wrapped"] and seen["repr"] == "<Task finished"
+        # A task that counts its end when freed still runs asyncio's finalizer, which reports it.
+        assert [f.kind.value for f in found] == ["task_destroyed_pending"]
+        assert seen["midway"] == EVERY_END_MIDWAY and task_counts(metric_points(reader)) == EVERY_END
+        if mode == "off":
+            assert spans.finished == []
+
+    def test_notable_mode_counts_as_all_mode_does(self, loop_name, spans):
+        """The same program, the same counts: the states mean what the step-timing wrapper says."""
+        counts = {}
+        for mode in ("all", "notable"):
+            reader = InMemoryMetricReader()
+            provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
+            seen: dict[str, Any] = {}
+            run_traced(
+                loop_name,
+                functools.partial(every_end, reader, seen),
+                spans,
+                spans=mode,
+                metrics=True,
+                meter_provider=provider,
+            )
+            counts[mode] = (seen["midway"], task_counts(metric_points(reader)))
+            provider.shutdown()
+        assert counts["notable"] == counts["all"]
+
+    def test_tasks_are_counted_without_a_tracer_provider(self, loop_name, meter):
+        """Metrics alone (traces not configured): the counts need no span."""
+        provider, reader = meter
+        seen: dict[str, Any] = {}
+        run_traced(
+            loop_name,
+            functools.partial(every_end, reader, seen),
+            None,
+            spans="notable",
+            metrics=True,
+            meter_provider=provider,
+        )
+        assert seen["midway"] == EVERY_END_MIDWAY and task_counts(metric_points(reader)) == EVERY_END
+
+    def test_task_counters_never_decrease_across_collections(self, loop_name, spans, meter, monkeypatch):
+        """Collected from another thread while tasks come and go, and after a reading that came out lower."""
+        provider, reader = meter
+        readings: list[dict[str, Any]] = []
+        stop = threading.Event()
+
+        def collect() -> None:
+            while not stop.is_set():
+                readings.append(task_counts(metric_points(reader)))
+
+        real = NotableTracer.task_counts
+        low: list[bool] = []
+
+        def task_counts_now(self: NotableTracer) -> tuple[int, dict[str, int]]:
+            created, finished = real(self)
+            return (0, dict.fromkeys(finished, 0)) if low else (created, finished)
+
+        monkeypatch.setattr(NotableTracer, "task_counts", task_counts_now)
+
+        async def main():
+            thread = threading.Thread(target=collect)
+            thread.start()
+            try:
+                for _ in range(50):
+                    await asyncio.gather(*(two_steps() for _ in range(20)), fails(), return_exceptions=True)
+            finally:
+                stop.set()
+                thread.join()
+            before = task_counts(metric_points(reader))
+            low.append(True)
+            assert task_counts(metric_points(reader)) == before
+            low.clear()
+
+        run_traced(loop_name, main, spans, spans="notable", metrics=True, meter_provider=provider)
+        readings.append(task_counts(metric_points(reader)))
+        assert len(readings) > 2
+        for name in ("created", "finished", "exception"):
+            values = [reading[name] for reading in readings]
+            assert values == sorted(values), name
+        assert readings[-1]["created"] == 1 + 50 * 21 and readings[-1]["exception"] == 50
+
+    @pytest.mark.parametrize("mode", ["all", "notable"])
+    def test_a_task_of_another_librarys_factory_is_not_counted(self, loop_name, spans, meter, mode):
+        """In either mode: the library's task is neither ours nor wrapped, so it is not counted."""
+        provider, reader = meter
+        made: list[asyncio.Task[Any]] = []
+
+        def library_factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+            task = asyncio.Task(coro, loop=loop, **kwargs)
+            made.append(task)
+            return task
+
+        def with_library() -> asyncio.AbstractEventLoop:
+            loop = base_factory(loop_name)()
+            loop.set_task_factory(library_factory)  # before asyncwatch chains it
+            return loop
+
+        async def main():
+            one, failure = await asyncio.gather(two_steps(), fails(), return_exceptions=True)
+            assert one == 1 and isinstance(failure, OSError)
+
+        asyncwatch.install(tracer_provider=spans.provider, spans=mode, metrics=True, meter_provider=provider, log=False)
+        try:
+            with asyncio.Runner(loop_factory=asyncwatch.loop_factory(with_library)) as runner:
+                runner.run(main())
+        finally:
+            asyncwatch.uninstall()
+        assert len(made) >= 3  # main, its two children (and asyncio.Runner's own at its close)
+        assert task_counts(metric_points(reader)) == {
+            "created": 0,
+            "alive": 0,
+            "finished": 0,
+            "exception": 0,
+            "cancelled": 0,
+            "destroyed_pending": 0,
+        }
+
+    @pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks are 3.12+")
+    def test_eager_tasks_are_counted_ended_inside_create_task_or_later(self, meter, spans):
+        """A task that ends in its eager first step is never in asyncio's registry: counted at once."""
+        provider, reader = meter
+        seen = {}
+
+        async def quick():
+            return 1
+
+        async def main():
+            asyncio.get_running_loop().set_task_factory(asyncio.eager_task_factory)
+            asyncwatch.install(
+                tracer_provider=spans.provider, spans="notable", metrics=True, meter_provider=provider, log=False
+            )
+            done = asyncio.create_task(quick())
+            assert done.done()
+            later = asyncio.create_task(two_steps())
+            seen["midway"] = task_counts(metric_points(reader))
+            await later
+            seen["end"] = task_counts(metric_points(reader))
+
+        try:
+            asyncio.run(main())
+        finally:
+            asyncwatch.uninstall()
+        assert seen["midway"] == {
+            "created": 2,
+            "alive": 1,
+            "finished": 1,
+            "exception": 0,
+            "cancelled": 0,
+            "destroyed_pending": 0,
+        }
+        assert seen["end"]["finished"] == 2 and seen["end"]["alive"] == 0
 
 
 class TestContainment:

@@ -119,6 +119,12 @@ class Detector:
     #: Making one costs every task a lookup; a detector that needs the site
     #: only for the few tasks it reports says False and asks `created_at`.
     needs_creation_site: ClassVar[bool] = True
+    #: Whether it counts tasks with a `asyncwatch._core.tasks.TaskEnds`:
+    #: the factory then makes tasks that count their own end when they are
+    #: freed (`asyncwatch._core.tasks.CountingTask`), which costs each task
+    #: a Python call then.  Read when a loop is attached (an instance may
+    #: set it before).
+    counts_task_ends: bool = False
 
     @property
     def name(self) -> str:
@@ -210,7 +216,7 @@ class Hooks:
     whoever holds the table (the task factory) sees the change.
     """
 
-    __slots__ = (*HOOKS, "_on_failure", "creation_sites", "detectors")
+    __slots__ = (*HOOKS, "_on_failure", "counts_task_ends", "creation_sites", "detectors")
 
     loop_attached: tuple[Callable[[WatchedLoop], None], ...]
     loop_detached: tuple[Callable[[WatchedLoop], None], ...]
@@ -234,6 +240,8 @@ class Hooks:
             setattr(self, hook, tuple(getattr(d, hook) for d in self.detectors if overrides(d, hook)))
         #: Whether a ``task_created`` hook takes the creation site as a `Site`.
         self.creation_sites = any(d.needs_creation_site for d in self.detectors if overrides(d, "task_created"))
+        #: Whether a detector counts tasks' ends (`Detector.counts_task_ends`).
+        self.counts_task_ends = any(d.counts_task_ends for d in self.detectors if overrides(d, "task_created"))
 
     def without(self, detector: Detector) -> None:
         """Stop dispatching to *detector*."""

@@ -86,15 +86,14 @@ class Settings:
     * ``spans``: OpenTelemetry spans for tasks: ``"off"`` (default), ``"notable"`` (only
       tasks with a finding, an exception, a cancellation, or a life of at
       least ``spans_min_duration_ms``) or ``"all"`` (every task).  Off by
-      default: "all", and "notable" with metrics on, time every step of
-      every task ("notable" without metrics times none).
+      default: "all" times every step of every task ("notable" times none).
       Spans go to the application's tracer provider; with none configured,
       asyncwatch does not trace at all.
     * ``spans_min_duration_ms``: how long a task must live to be notable
       (default 1000).
     * ``metrics``: OpenTelemetry metrics (loop lag, tasks, findings) to the
       application's meter provider, when it configured one (default False;
-      they too time every task).
+      the task counts cost each task a call when it is freed).
     * ``report_limit``: at most this many findings of one kind at one site
       are reported one by one; after that, one a minute, which says how many
       like it were held back (default 10; 0: no limit).  Counting (the exit
@@ -212,7 +211,7 @@ def resolve_run(
 def metrics_exported(environ: Mapping[str, str]) -> bool:
     """Whether OpenTelemetry's ``OTEL_METRICS_EXPORTER`` leaves metrics on
     (``none``: a receiver that takes traces only).  Metrics nobody exports
-    are not worth their cost: the task counts time every task's steps."""
+    are not worth their cost: the task counts cost each task a call."""
     return environ.get("OTEL_METRICS_EXPORTER", "").strip().lower() != "none"
 
 

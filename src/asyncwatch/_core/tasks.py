@@ -29,6 +29,7 @@ import gc
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Any
@@ -41,7 +42,9 @@ from .stepping import TimedCoroutine
 
 __all__ = [
     "CancelCall",
+    "CountingTask",
     "Task",
+    "TaskEnds",
     "TaskFactory",
     "TellingTask",
     "cancel_calls",
@@ -222,6 +225,147 @@ class TellingTask(Task):
 
 # repr(task) says the class's name: "<Task pending ...>", as without asyncwatch.
 TellingTask.__name__ = TellingTask.__qualname__ = "Task"
+
+
+class TaskEnds:
+    """How many tasks were counted here, and how those that ended ended,
+    without a wrapper, a done callback or anything else per step.
+
+    A detector gives each task it counts this object (`count`): the task
+    must be a `CountingTask`, whose finalizer counts its final state here.
+    A task that ended but is still referenced is found by `counts` in
+    asyncio's own registry of tasks, so that the counts are exact whenever
+    they are read, not only once tasks are freed.
+
+    The counts are plain ints: ``+=`` on an attribute is not interrupted by
+    a thread switch under the GIL (nothing between the read and the write
+    checks for one), nor by a finalizer (nothing there frees an object that
+    has one, or starts a collection).
+    """
+
+    __slots__ = ("cancelled", "created", "destroyed", "exception", "finished")
+
+    def __init__(self) -> None:
+        self.created = 0
+        # Freed tasks, by final state (``destroyed``: freed while pending).
+        self.finished = 0
+        self.cancelled = 0
+        self.exception = 0
+        self.destroyed = 0
+
+    def count(self, task: asyncio.Task[Any]) -> bool:
+        """Count *task* (a `CountingTask`, just created); False for any
+        other task, which is not counted (it could not count its end)."""
+        if type(task) is not CountingTask:
+            return False
+        if task.done():
+            # Eager (3.12+), and ended inside create_task: asyncio never
+            # registers it, so `counts` would not find it; its end is final.
+            self.created += 1
+            self._ended(task._state, task._exception)
+            return True
+        task._aw_ends = self
+        self.created += 1
+        return True
+
+    def _ended(self, state: str, exception: BaseException | None) -> None:
+        if state == "FINISHED":
+            if exception is None:
+                self.finished += 1
+            else:
+                self.exception += 1
+        elif state == "CANCELLED":
+            self.cancelled += 1
+        else:
+            self.destroyed += 1
+
+    def counts(self) -> tuple[int, int, int, int, int]:
+        """The counts now, as (created, finished, cancelled, exception,
+        destroyed): tasks freed, by final state, plus the tasks that ended
+        and are still referenced (asyncio's registry holds them), by
+        theirs.  Safe from any thread; exact while no task of these counts
+        is created, ends or is freed meanwhile (each count then lags by at
+        most the tasks doing so, and never counts a task twice)."""
+        # Freed tasks first: one freed during the walk below is then either
+        # not counted yet here, or no longer found there (its finalizer
+        # takes it off `_aw_ends` before counting it), never both.
+        freed = (self.finished, self.cancelled, self.exception, self.destroyed)
+        ended = [0, 0, 0]
+        for ref in _registered():
+            task = ref()
+            if type(task) is CountingTask and getattr(task, "_aw_ends", None) is self:
+                state = task._state
+                if state == "FINISHED":
+                    ended[0 if task._exception is None else 2] += 1
+                elif state == "CANCELLED":
+                    ended[1] += 1
+            del task
+        # Read last: every task counted as ended above was created before.
+        created = self.created
+        return created, freed[0] + ended[0], freed[1] + ended[1], freed[2] + ended[2], freed[3]
+
+
+def _registered() -> list[Any]:
+    """Weak references to the tasks asyncio has registered (3.11:
+    ``_all_tasks``; 3.12, 3.13: ``_scheduled_tasks``, which has every task
+    but those running an eager first step, all pending).  Copied at once
+    under the GIL (a C-level copy of the set runs no Python code), so
+    another thread may add tasks meanwhile; a reference at a time is
+    followed, so no user's task is kept by the copy.  Where asyncio keeps
+    its tasks elsewhere (3.14 puts its C tasks in per-thread lists), ours
+    are not found: ended tasks still referenced then count as alive until
+    they are freed."""
+    registry = getattr(asyncio.tasks, "_all_tasks", None)
+    if registry is None:
+        registry = getattr(asyncio.tasks, "_scheduled_tasks", None)
+    data = getattr(registry, "data", None) if isinstance(registry, weakref.WeakSet) else None
+    return list(data) if isinstance(data, set) else []
+
+
+_task_finalize = asyncio.Task.__del__
+
+
+class CountingTask(TellingTask):
+    """A `TellingTask` that counts its own end, by final state, in the
+    `TaskEnds` it was given, when it is freed: the one moment every task
+    has, with no wrapper around its steps and no done callback (which
+    would show in ``repr(task)`` and cost every task a call through the
+    loop).  Made by the factory only while a detector counts tasks
+    (`Detector.counts_task_ends`)."""
+
+    __slots__ = ("_aw_ends",)
+    _aw_ends: TaskEnds
+
+    # *finalize* as a default: read as a local (cheaper than a global, on
+    # every task), and still there at interpreter shutdown, when module
+    # globals may already be gone.
+    def __del__(self, finalize: Any = _task_finalize) -> None:
+        try:
+            try:
+                ends = self._aw_ends
+            except AttributeError:  # not counted (asyncio's own tasks)
+                return
+            # Taken off first: `TaskEnds.counts`, walking asyncio's registry
+            # on another thread, must not count this task as well.
+            del self._aw_ends
+            # `TaskEnds._ended`, inline: this runs for every task counted.
+            state = self._state
+            if state == "FINISHED":
+                if self._exception is None:
+                    ends.finished += 1
+                else:
+                    ends.exception += 1
+            elif state == "CANCELLED":
+                ends.cancelled += 1
+            else:
+                ends.destroyed += 1
+        finally:
+            # asyncio's own finalizer: "Task was destroyed but it is
+            # pending!", "Task exception was never retrieved".
+            finalize(self)
+
+
+CountingTask.__name__ = CountingTask.__qualname__ = "Task"
 _RESULT_CODE = TellingTask.result.__code__
 _EXCEPTION_CODE = TellingTask.exception.__code__
 
@@ -387,8 +531,13 @@ def _make_factory(state: TaskFactory, depth: int, hooks: Hooks | None) -> Callab
             report_internal_error("task factory", exc)
 
     previous = state.previous
-    # Tasks that tell their failure, only while a detector wants to be told.
-    task_class = TellingTask if hooks is not None and hooks.task_failed else Task
+    # Tasks that tell their failure, only while a detector wants to be told;
+    # that count their end, only while a detector counts tasks.
+    task_class: type[Task] = Task
+    if hooks is not None and hooks.counts_task_ends:
+        task_class = CountingTask
+    elif hooks is not None and hooks.task_failed:
+        task_class = TellingTask
 
     def creation_site(
         loop: asyncio.AbstractEventLoop, frame: FrameType | None, level: int, task: Any

@@ -1,4 +1,4 @@
-"""Notable mode without metrics: spans that cost a task nothing until it becomes notable.
+"""Notable mode: spans that cost a task nothing until it becomes notable.
 
 `NotableTracer` is `TaskTracer` (spans.py) without the per-task step timer,
 record, creation site or done callback: a task keeps only when it was made
@@ -6,7 +6,9 @@ and the OpenTelemetry context current there, in two slots of its own; a
 record, a span from that creation time and a done callback come only once
 the task becomes notable (a cancel(), a step that blocks the loop, its
 exception asked for, asyncio's own report of it, or a life longer than the
-threshold, found by a per-loop scan).  A module of its own: what it leaves
+threshold, found by a per-loop scan).  With metrics on, the task counts
+cost a task an increment at creation and a call when it is freed
+(`asyncwatch._core.tasks.TaskEnds`).  A module of its own: what it leaves
 out, and how it still sees each kind of notable task, is its one concept.
 """
 
@@ -33,9 +35,10 @@ from ..._core.frames import (
     qualname_of,
 )
 from ..._core.runtime import report_internal_error
-from ..._core.tasks import coro_name, created_at, task_context
+from ..._core.tasks import CountingTask, TaskEnds, coro_name, created_at, task_context
 from .names import (
     STATE_CANCELLED,
+    STATE_DESTROYED,
     STATE_EXCEPTION,
     STATE_FINISHED,
 )
@@ -57,8 +60,9 @@ def _first_done_callback(task: asyncio.Task[Any], callback: Any) -> None:
 
 
 class NotableTracer(TaskTracer):
-    """The task tracer of ``spans="notable"`` without metrics: nothing per
-    step, nothing at a task's end, unless the task becomes notable.
+    """The task tracer of ``spans="notable"``: nothing per step, nothing at
+    a task's end, unless the task becomes notable.  With ``spans="off"``
+    and metrics on, it only counts tasks (it never traces).
 
     A task costs its creation only: when it was made and the OpenTelemetry
     context current there, kept in two slots of the task itself
@@ -78,6 +82,12 @@ class NotableTracer(TaskTracer):
 
     Steps are not timed: the spans have no ``asyncio.task.steps``,
     ``busy_time`` or ``scheduling_delay`` (``spans="all"`` has them).
+
+    The metrics' task counts (`count_tasks`) come from a `TaskEnds`: each
+    task counted is a `asyncwatch._core.tasks.CountingTask`, which counts
+    its final state when it is freed; ended tasks still referenced are
+    found in asyncio's registry when the counts are read (`task_counts`).
+    `TaskTracer.finished` is not used.
     """
 
     needs_creation_site = False  # resolved for notable tasks only (`created_at`)
@@ -95,13 +105,36 @@ class NotableTracer(TaskTracer):
         self._scans: dict[int, asyncio.TimerHandle] = {}
         self._clock = time.perf_counter
         self._theirs_cache = self._file_kinds
+        #: The task counts, once metrics are on (`count_tasks`).
+        self.ends: TaskEnds | None = None
+
+    def count_tasks(self) -> None:
+        """Count tasks for the metrics from now on: each task created costs
+        an increment, and a call when it is freed (no wrapper, no callback).
+        Only on loops attached from now on: the factory of each makes tasks
+        that count their end (`Detector.counts_task_ends`)."""
+        self.ends = TaskEnds()
+        self.counts_task_ends = True
+
+    def task_counts(self) -> tuple[int, dict[str, int]]:
+        ends = self.ends
+        if ends is None:
+            return 0, dict.fromkeys(self.finished, 0)
+        created, finished, cancelled, exception, destroyed = ends.counts()
+        return created, {
+            STATE_FINISHED: finished,
+            STATE_CANCELLED: cancelled,
+            STATE_EXCEPTION: exception,
+            STATE_DESTROYED: destroyed,
+        }
 
     # -- every task -----------------------------------------------------------
 
     def task_created(self, task: asyncio.Task[Any], coro: Any, site: Site | None) -> None:
-        """Note when *task* was made and the context current there (for
-        asyncwatch's own, asyncio's and uvloop's tasks: nothing)."""
-        if not self.tracing:
+        """Count *task*, note when it was made and the context current there
+        (for asyncwatch's own, asyncio's and uvloop's tasks: nothing)."""
+        ends = self.ends
+        if not self.tracing and ends is None:
             return
         if self._orphans:  # tasks destroyed while pending: end their spans
             self.drain()
@@ -119,6 +152,20 @@ class NotableTracer(TaskTracer):
             if theirs is None:
                 theirs = self._theirs(filename)
             if theirs and (is_own_file(filename) or self._created_by_them()):
+                return
+        if ends is not None:
+            # `TaskEnds.count`, inline for the common case: a call less for
+            # every task (some 700 instructions of 90,000 on task churn,
+            # benchmarks/instructions.py).  A task of a loop attached before
+            # metrics started is no CountingTask: it could not count its
+            # end, so it is not counted at all.
+            if type(task) is CountingTask:
+                if task.done():  # eager, ended inside create_task: TaskEnds.count knows
+                    ends.count(task)
+                else:
+                    task._aw_ends = ends
+                    ends.created += 1
+            if not self.tracing:
                 return
         task._aw_born = self._clock()  # type: ignore[attr-defined]
         task._aw_note = _current_context()  # type: ignore[attr-defined]
@@ -234,7 +281,7 @@ class NotableTracer(TaskTracer):
 
     def loop_attached(self, watch: Any) -> None:
         loop = watch.loop_ref()
-        if loop is not None:
+        if loop is not None and self.mode != "off":  # "off": counting tasks only, no span to make
             self._schedule_scan(loop, weakref.ref(loop))
 
     def loop_detached(self, watch: Any) -> None:
@@ -253,6 +300,9 @@ class NotableTracer(TaskTracer):
         """Make the spans of the loop's tasks that have lived the notable life."""
         loop = loop_ref()
         if loop is None:
+            return
+        if not self.tracing:  # counting tasks only (no tracer provider yet): nothing to make
+            self._schedule_scan(loop, loop_ref)
             return
         try:
             oldest = self._clock() - self.min_duration_s

@@ -7,8 +7,8 @@ busy time) and turns records into spans: at creation in ``"all"`` mode, or
 in ``"notable"`` mode the moment a task becomes notable (a cancellation, a
 finding, an exception, a long life), with the real start time.  Findings are
 put on these spans by `Telemetry` (telemetry.py).  `NotableTracer`
-(notable.py) is notable mode without metrics: no wrapper and no record
-until a task becomes notable.
+(notable.py) is notable mode: no wrapper and no record until a task
+becomes notable.
 
 Traces stay the size of a unit of work: a task created under an application
 span nests under it; one created where only a task span that began its own
@@ -384,7 +384,7 @@ class TaskTracer(Detector):
     """
 
     def __init__(self, mode: str, min_duration_s: float) -> None:
-        self.mode = mode  # "all", "notable" or "off" (then only counted, for the metrics)
+        self.mode = mode  # "all"; or "notable" or "off" for `NotableTracer`
         self.tracing = False
         self.min_duration_s = min_duration_s
         self.slow_floor_s = float("inf")  # the lowest slow-callback threshold of a watched loop
@@ -404,6 +404,11 @@ class TaskTracer(Detector):
         self._lingering: collections.deque[_TaskRecord] = collections.deque(maxlen=64)
         self.closed = False
         self.failed = False
+
+    def task_counts(self) -> tuple[int, dict[str, int]]:
+        """Tasks counted so far, and those finished by final state, for the
+        metrics: every task's end told by its timing wrapper."""
+        return self.created, dict(self.finished)
 
     # -- detector hooks -------------------------------------------------------
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -46,6 +47,7 @@ from .names import (
     METRIC_TASKS_CREATED,
     METRIC_TASKS_FINISHED,
     SCOPE,
+    STATES,
     finding_attributes,
     finding_ns,
 )
@@ -105,12 +107,16 @@ class Telemetry:
         #: (``asyncwatch run --otlp`` sets up the SDK this way, so that a
         #: program that configures OpenTelemetry itself keeps its own).
         self.fallback: Callable[[], None] | None = None
-        # Notable spans without metrics need nothing from a task that never
-        # becomes notable (`NotableTracer`); the metrics' task counts by final
-        # state need every task's end, which only the step-timing wrapper
-        # tells without a done callback in every task's repr.
-        tracer_class = NotableTracer if settings.spans == "notable" and not settings.metrics else TaskTracer
+        # Notable spans need nothing from a task that never becomes notable
+        # (`NotableTracer`), and neither do the metrics' task counts, which
+        # it keeps from each task's creation and its being freed: with
+        # spans "off" it only counts.  Only "all" times every task's steps.
+        tracer_class = TaskTracer if settings.spans == "all" else NotableTracer
         self.task_tracer = tracer_class(settings.spans, settings.spans_min_duration_ms / 1000)
+        # The last value of each task counter read by a collection: a
+        # counter never goes back, whatever a reading racing the loops' threads saw.
+        self._reported: dict[str | None, int] = {}
+        self._reported_lock = threading.Lock()
         self._metering = False
         self._findings_counter: Any = None
         self._lag_histogram: Any = None
@@ -156,18 +162,35 @@ class Telemetry:
             self.tracer_provider or trace.get_tracer_provider(), _UNSET_TRACER_PROVIDERS
         ) or _provider_configured(self.meter_provider or metrics.get_meter_provider(), _UNSET_METER_PROVIDERS)
 
+    def _task_counts(self) -> tuple[int, dict[str, int]]:
+        """Tasks created, and finished by final state, as the task tracer
+        counts them; never less than a collection already reported."""
+        try:
+            created, finished = self.task_tracer.task_counts()
+        except Exception as exc:  # counting is asyncwatch's: the last values stand
+            report_internal_error("OpenTelemetry task counts", exc)
+            created, finished = 0, {}
+        with self._reported_lock:
+            reported = self._reported
+            created = reported[None] = max(created, reported.get(None, 0))
+            for state in STATES:
+                finished[state] = reported[state] = max(finished.get(state, 0), reported.get(state, 0))
+        return created, finished
+
     def _start_metrics(self, meter: Any) -> None:
-        tracer = self.task_tracer
+        if isinstance(self.task_tracer, NotableTracer):
+            self.task_tracer.count_tasks()
 
         def created(_options: Any) -> Iterable[metrics.Observation]:
-            yield metrics.Observation(tracer.created)
+            yield metrics.Observation(self._task_counts()[0])
 
         def finished(_options: Any) -> Iterable[metrics.Observation]:
-            for state, count in list(tracer.finished.items()):
+            for state, count in self._task_counts()[1].items():
                 yield metrics.Observation(count, {ATTR_TASK_STATE: state})
 
         def alive(_options: Any) -> Iterable[metrics.Observation]:
-            yield metrics.Observation(tracer.created - sum(tracer.finished.values()))
+            created, finished = self._task_counts()
+            yield metrics.Observation(max(0, created - sum(finished.values())))
 
         try:
             self._lag_histogram = meter.create_histogram(
