@@ -451,7 +451,7 @@ class LoopProbe:
         ):
             # Dated from when the wake-up was due: whoever held the GIL,
             # the loop could not go on until we took it.
-            self._late_stall(early, now - wake.raw, prev, clocks, now)
+            self._late_stall(early, now - wake.raw, prev, clocks, now, held_by == "loop")
             return self.tick_s
         meter.note_others(prev, clocks, thread_id)
         if look.same_step:
@@ -551,14 +551,15 @@ class LoopProbe:
         prev: Clocks,
         clocks: Clocks,
         now: float,
+        held: bool = True,
     ) -> None:
         """One hold of the GIL, by the loop thread (a long C call, its frame
-        now at the calling line), the collector or another thread, began
-        after the previous look: the step the loop is in has been stalled
-        since this wake-up was due."""
+        now at the calling line; *held*), the collector or another thread,
+        began after the previous look: the step the loop is in has been
+        stalled since this wake-up was due."""
         self.finish(since)
         self._follow(since)
-        self.meter.mark = mark_at(prev, clocks, since, 2 * self.look_s)
+        self.meter.mark = mark_at(prev, clocks, since, 2 * self.look_s, held)
         stall.late = True
         self._measure(now, stall)  # before the heartbeat can see it
         self.stall = stall
