@@ -25,7 +25,7 @@ import pytest
 import asyncwatch
 from asyncwatch._core.findings import NOT_THE_PROGRAMS, Finding, FindingKind, Site, counts_against_program
 from asyncwatch._detectors import watchdog as watchdog_module
-from asyncwatch._detectors.loop_probe import LoopProbe
+from asyncwatch._detectors.loop_probe import Look, LoopProbe
 from asyncwatch._detectors.stall_cause import Breakdown, GcClock, classify
 from asyncwatch._detectors.stall_meter import Clocks, StallMeter, Wake, mark_at
 from asyncwatch._detectors.stall_report import Stall, stall_finding
@@ -877,3 +877,41 @@ class TestAStallDatedBackFromOlderClocks:
         cause, breakdown = self.cause(parked, end, 10.0, held=False)
         assert breakdown.starved == 0.0, breakdown
         assert cause == "blocking_io", breakdown
+
+
+class TestALoopRunOnAnotherThreadThanTheOneThatMadeIt:
+    def test_the_clocks_of_the_thread_that_made_it_are_no_baseline(self):
+        """A loop made (and watched) on the main thread, run on another: the
+        first look at it compared the new thread's clocks with the parked
+        clocks of the main thread (uvloop, 3.11, a first step's json.loads):
+        its CPU time went back by the main thread's, the late wake-up read as
+        another thread's hold of the GIL, and the step came out as 5.8 s of
+        cause gil, with no line."""
+        emitted = []
+        loop = asyncio.new_event_loop()
+        try:
+            probe = LoopProbe(loop, THRESHOLD_MS / 1000, emitted.append)
+            me = threading.get_ident()
+            now = time.perf_counter()
+            # Parked clocks of the thread that made the loop, which had run 2 s
+            # more than this one; the process has run 0.3 s since (the step).
+            made_cpu = time.thread_time() + 2.0
+            parked = Clocks(now - 0.5, made_cpu, 0.0, time.process_time() - 0.3, 0.0, 0.0, made_cpu, reader=me + 1)
+            probe.meter.prev = parked
+            probe.meter.clock_ident = (me + 1, None)
+            probe.thread_id, probe.native_id = me, threading.get_native_id()
+            line = Site(__file__, 1, "main")
+            early = Stall(line, (line,), "Task-1", "main", None)
+            look = Look(me, False, False, False, early, None, dated=True)
+            # Late by 0.3 s, not for its own wait for a CPU.
+            wake = Wake(0.3, TestTheCauseModel._OwnWaits(0.0), (0.0, 1))
+            probe.settle(look, now, wake)
+            assert probe.meter.foreign == 0.0
+            assert probe.stall is None  # nothing to date it from: followed from this look
+            assert probe.meter.mark is probe.meter.prev
+        finally:
+            clock = probe.meter.retire()
+            if clock is not None:
+                clock.close()
+            loop.close()
+        assert emitted == []

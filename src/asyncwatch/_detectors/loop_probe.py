@@ -421,7 +421,15 @@ class LoopProbe:
         meter = self.meter
         thread_id = look.thread_id
         self.gil_lag = min(wake.raw, _SWITCH_S) if wake is not None else 0.0
-        prev, clocks = self._baseline(meter.prev, now), meter.read(now, thread_id, self._native(thread_id))
+        native = self._native(thread_id)
+        # Clocks read for another thread are no baseline for this one: a loop
+        # made and watched on one thread and run on another was compared, at
+        # its first look, with the parked clocks of the thread that made it,
+        # and a first step's json.loads (uvloop) came out as 5.8 s of another
+        # thread's hold of the GIL, cause gil, no line.  (`read` forgets them
+        # as it opens this thread's clock; the ticks are the loop thread's.)
+        kept = meter.prev if meter.clock_ident == (thread_id, native) else None
+        prev, clocks = self._baseline(kept, now), meter.read(now, thread_id, native)
         meter.prev = clocks
         for stall in (look.early, look.captured):
             if stall is not None:
