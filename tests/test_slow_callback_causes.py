@@ -25,9 +25,9 @@ import pytest
 import asyncwatch
 from asyncwatch._core.findings import NOT_THE_PROGRAMS, Finding, FindingKind, Site, counts_against_program
 from asyncwatch._detectors import watchdog as watchdog_module
-from asyncwatch._detectors.loop_probe import LoopProbe
+from asyncwatch._detectors.loop_probe import Look, LoopProbe
 from asyncwatch._detectors.stall_cause import Breakdown, GcClock, classify
-from asyncwatch._detectors.stall_meter import Clocks, StallMeter, Wake
+from asyncwatch._detectors.stall_meter import Clocks, StallMeter, Wake, mark_at
 from asyncwatch._detectors.stall_report import Stall, stall_finding
 from asyncwatch._detectors.watchdog import Watchdog
 from asyncwatch.testing import CollectingReporter
@@ -820,3 +820,98 @@ class TestTheCauseModel:
         for cause, counts in [("cpu", True), ("blocking_io", True), (None, True), ("gc", False), ("gil", False)]:
             finding = Finding(FindingKind.SLOW_CALLBACK, "m", None, cause=cause)
             assert counts_against_program(finding) is counts
+
+
+class TestAStallDatedBackFromOlderClocks:
+    """`mark_at`: a late stall's clocks taken back to when it began, from a
+    look (or the parked loop's clocks) older than a fresh one."""
+
+    T = 0.1
+    FRESH = 2 * T / 10
+
+    class _Clock:
+        """The loop thread's clock at the stall's end: (CPU, run-queue wait)."""
+
+        def __init__(self, cpu: float, wait: float) -> None:
+            self.cpu, self.wait = cpu, wait
+
+        def read(self) -> tuple[float, float]:
+            return self.cpu, self.wait
+
+    def cause(self, prev, clocks, since, held=True):
+        meter = StallMeter(GcClock())
+        meter.mark = mark_at(prev, clocks, since, self.FRESH, held)
+        meter.clock = self._Clock(clocks.loop_cpu, clocks.loop_wait)
+        breakdown, _ = meter.breakdown(False, clocks.wall, None, None)
+        return classify(breakdown, self.T, program_line=True), breakdown
+
+    def test_a_first_steps_call_stretched_by_waits_for_a_cpu_is_cpu(self):
+        """uvloop, 3.11, two CPU burners (measured): the clocks of the parked
+        loop 20.6 ms before the first step, a json.loads of 0.2 s of CPU
+        stretched to 0.86 s, 0.69 s of it in the run queue since those
+        clocks.  Taken back with no wait, that wait was time off CPU:
+        blocking_io, and advice to move a CPU-bound call to a thread."""
+        parked = Clocks(47099.998380109, 1.581231764, 5.62520211, 1.588041857, 0.0, 0.0, 1.58335353, reader=1)
+        look = Clocks(47100.880161734, 1.776641128, 6.313473412, 1.78370015, 0.0, 0.0, 0.002398216, reader=2)
+        cause, breakdown = self.cause(parked, look, 47100.018978083)
+        assert cause == "cpu", breakdown
+        assert breakdown.off_cpu < 0.01, breakdown
+        assert breakdown.cpu + breakdown.starved <= breakdown.wall + 1e-9
+
+    @pytest.mark.parametrize("before", [0.01, 0.03, 0.5])
+    def test_a_step_the_machine_starved_stays_starved(self, before):
+        """15 ms of CPU stretched to 0.3 s by the run queue, the loop thread
+        holding the GIL: the machine's, however old the clocks it is taken
+        back from (never the program's cpu)."""
+        end = Clocks(10.3, 1.015, 2.285, 1.015, 0.0, 0.0, reader=2)
+        older = Clocks(10.0 - before, 1.0, 2.0, 1.0, 0.0, 0.0, reader=1)
+        cause, breakdown = self.cause(older, end, 10.0)
+        assert cause == "starved", breakdown
+
+    def test_a_wait_before_the_stall_is_not_counted_in_it(self):
+        """The loop thread ran 50 ms and waited 0.2 s for a CPU before the
+        step (outside the loop), then the step slept 0.3 s beside another
+        thread's hold of the GIL: its sleep, not the machine's wait."""
+        parked = Clocks(9.5, 1.0, 2.0, 1.0, 0.0, 0.0, reader=1)
+        end = Clocks(10.3, 1.05, 2.2, 1.05, 0.0, 0.0, reader=2)
+        cause, breakdown = self.cause(parked, end, 10.0, held=False)
+        assert breakdown.starved == 0.0, breakdown
+        assert cause == "blocking_io", breakdown
+
+
+class TestALoopRunOnAnotherThreadThanTheOneThatMadeIt:
+    def test_the_clocks_of_the_thread_that_made_it_are_no_baseline(self):
+        """A loop made (and watched) on the main thread, run on another: the
+        first look at it compared the new thread's clocks with the parked
+        clocks of the main thread (uvloop, 3.11, a first step's json.loads):
+        its CPU time went back by the main thread's, the late wake-up read as
+        another thread's hold of the GIL, and the step came out as 5.8 s of
+        cause gil, with no line."""
+        emitted = []
+        loop = asyncio.new_event_loop()
+        try:
+            probe = LoopProbe(loop, THRESHOLD_MS / 1000, emitted.append)
+            me = threading.get_ident()
+            now = time.perf_counter()
+            # Parked clocks of the thread that made the loop, which had run 2 s
+            # more than this one; the process has run 0.3 s since (the step).
+            made_cpu = time.thread_time() + 2.0
+            parked = Clocks(now - 0.5, made_cpu, 0.0, time.process_time() - 0.3, 0.0, 0.0, made_cpu, reader=me + 1)
+            probe.meter.prev = parked
+            probe.meter.clock_ident = (me + 1, None)
+            probe.thread_id, probe.native_id = me, threading.get_native_id()
+            line = Site(__file__, 1, "main")
+            early = Stall(line, (line,), "Task-1", "main", None)
+            look = Look(me, False, False, False, early, None, dated=True)
+            # Late by 0.3 s, not for its own wait for a CPU.
+            wake = Wake(0.3, TestTheCauseModel._OwnWaits(0.0), (0.0, 1))
+            probe.settle(look, now, wake)
+            assert probe.meter.foreign == 0.0
+            assert probe.stall is None  # nothing to date it from: followed from this look
+            assert probe.meter.mark is probe.meter.prev
+        finally:
+            clock = probe.meter.retire()
+            if clock is not None:
+                clock.close()
+            loop.close()
+        assert emitted == []

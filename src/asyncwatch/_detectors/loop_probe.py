@@ -421,7 +421,15 @@ class LoopProbe:
         meter = self.meter
         thread_id = look.thread_id
         self.gil_lag = min(wake.raw, _SWITCH_S) if wake is not None else 0.0
-        prev, clocks = self._baseline(meter.prev, now), meter.read(now, thread_id, self._native(thread_id))
+        native = self._native(thread_id)
+        # Clocks read for another thread are no baseline for this one: a loop
+        # made and watched on one thread and run on another was compared, at
+        # its first look, with the parked clocks of the thread that made it,
+        # and a first step's json.loads (uvloop) came out as 5.8 s of another
+        # thread's hold of the GIL, cause gil, no line.  (`read` forgets them
+        # as it opens this thread's clock; the ticks are the loop thread's.)
+        kept = meter.prev if meter.clock_ident == (thread_id, native) else None
+        prev, clocks = self._baseline(kept, now), meter.read(now, thread_id, native)
         meter.prev = clocks
         for stall in (look.early, look.captured):
             if stall is not None:
@@ -451,7 +459,7 @@ class LoopProbe:
         ):
             # Dated from when the wake-up was due: whoever held the GIL,
             # the loop could not go on until we took it.
-            self._late_stall(early, now - wake.raw, prev, clocks, now)
+            self._late_stall(early, now - wake.raw, prev, clocks, now, held_by == "loop")
             return self.tick_s
         meter.note_others(prev, clocks, thread_id)
         if look.same_step:
@@ -551,14 +559,15 @@ class LoopProbe:
         prev: Clocks,
         clocks: Clocks,
         now: float,
+        held: bool = True,
     ) -> None:
         """One hold of the GIL, by the loop thread (a long C call, its frame
-        now at the calling line), the collector or another thread, began
-        after the previous look: the step the loop is in has been stalled
-        since this wake-up was due."""
+        now at the calling line; *held*), the collector or another thread,
+        began after the previous look: the step the loop is in has been
+        stalled since this wake-up was due."""
         self.finish(since)
         self._follow(since)
-        self.meter.mark = mark_at(prev, clocks, since, 2 * self.look_s)
+        self.meter.mark = mark_at(prev, clocks, since, 2 * self.look_s, held)
         stall.late = True
         self._measure(now, stall)  # before the heartbeat can see it
         self.stall = stall
