@@ -915,3 +915,43 @@ class TestALoopRunOnAnotherThreadThanTheOneThatMadeIt:
                 clock.close()
             loop.close()
         assert emitted == []
+
+
+class TestWaitingForANewThread:
+    """``Thread.start()`` on the loop thread waits for the new thread to run:
+    a wait for a CPU and the GIL, never the program's blocking I/O."""
+
+    T = 0.1
+
+    def starting(self, site: Site | None) -> Stall:
+        start = threading.Thread.start.__code__
+        stack = (
+            Site(asyncio.base_events.__file__, 571, "BaseEventLoop.shutdown_default_executor"),
+            Site(start.co_filename, start.co_firstlineno + 20, start.co_qualname),
+            Site(threading.__file__, 629, "Event.wait"),
+        )
+        return Stall(site, stack if site is None else (site, *stack), "Task-3", "main", None, library_only=site is None)
+
+    def test_asyncios_executor_shutdown_on_a_loaded_machine_is_starved(self):
+        """asyncio.run()'s shutdown_default_executor at load 8: 130 ms off
+        CPU, measured, in Thread.start; it was blocking_io with no site,
+        which the verdicts counted against the program."""
+        measured = Breakdown(0.142, 0.000127, 0.01208, 0.0, 0.0, 0.001)
+        finding = stall_finding(self.starting(None), 0.142, self.T, measured, None)
+        assert (finding.cause, finding.site) == ("starved", None)
+        assert "waited 130 ms of 142 ms measured in threading.Thread.start() for the new thread" in finding.message
+        assert not counts_against_program(finding)
+
+    def test_a_thread_started_by_the_program_while_others_hold_the_gil_is_gil(self):
+        line = Site("app.py", 12, "main")
+        measured = Breakdown(0.2, 0.002, 0.01, 0.0, 0.0, 0.15)
+        finding = stall_finding(self.starting(line), 0.2, self.T, measured, "worker")
+        assert (finding.cause, finding.site, finding.gil_holder) == ("gil", None, "worker")
+        assert not counts_against_program(finding)
+
+    def test_blocking_io_elsewhere_stays_the_programs(self):
+        line = Site("app.py", 12, "main")
+        measured = Breakdown(0.3, 0.001, 0.0, 0.0, 0.0, 0.0)
+        finding = stall_finding(Stall(line, (line,), "Task-1", "main", None), 0.3, self.T, measured, None)
+        assert (finding.cause, finding.site) == ("blocking_io", line)
+        assert counts_against_program(finding)

@@ -4,7 +4,10 @@ with the cause's message and advice (see `stall_cause`)."""
 
 from __future__ import annotations
 
+import threading
+
 from .._core.findings import Finding, FindingKind, Site
+from .._core.frames import source_path
 from . import stall_cause
 from .stall_cause import Breakdown
 
@@ -85,6 +88,16 @@ def stall_finding(
         # judged as the collector's: no program work was stretched there.
         program_line = stall.site is not None and not stall.library_only and not stall.explicit_gc
         cause = stall_cause.classify(breakdown, threshold_s, program_line)
+        if cause == stall_cause.BLOCKING_IO and _starting_a_thread(stall):
+            # Thread.start() waits, off CPU, for the new thread to run its
+            # first lines: no I/O, only that thread's wait for a CPU and the
+            # GIL, which a quiet machine grants in well under a millisecond.
+            # asyncio.run()'s shutdown_default_executor and an executor's
+            # first jobs start threads on the loop thread: 130 ms of it at
+            # load 8 was reported as blocking I/O that no line of the
+            # program did (and the verdicts counted it).
+            others_ran = breakdown.others_cpu >= breakdown.off_cpu / 4
+            cause = stall_cause.GIL if others_ran else stall_cause.STARVED
     site = stall.site
     if cause in (stall_cause.GC, stall_cause.GIL, stall_cause.STARVED) and not (
         cause == stall_cause.GC and stall.explicit_gc
@@ -108,6 +121,15 @@ def stall_finding(
     )
 
 
+# As a `Site` names it (`frames.code_site`).
+_THREAD_START = (source_path(threading.Thread.start.__code__.co_filename), threading.Thread.start.__qualname__)
+
+
+def _starting_a_thread(stall: Stall) -> bool:
+    """Whether the loop thread was inside ``threading.Thread.start()``."""
+    return any((site.file, site.function) == _THREAD_START for site in stall.stack)
+
+
 def _ms(seconds: float) -> str:
     return f"{max(seconds, 0.0) * 1000:.0f} ms"
 
@@ -124,6 +146,16 @@ def _why(cause: str | None, stall: Stall, breakdown: Breakdown | None, holder: s
     if breakdown is None or cause is None:
         return "; move blocking or CPU-bound work to asyncio.to_thread() or an executor"
     measured = f"{_ms(breakdown.wall)} measured"
+    if cause in (stall_cause.GIL, stall_cause.STARVED) and _starting_a_thread(stall):
+        if cause == stall_cause.GIL:
+            by, advice = "other threads holding the GIL", "move their CPU-bound work to a process pool"
+        else:
+            by, advice = "a machine short of CPUs", "give the process more CPU or run less beside it"
+        return (
+            f" (cause: {cause}; the loop thread waited {_ms(breakdown.off_cpu)} of {measured} in "
+            f"threading.Thread.start() for the new thread to run, kept waiting by {by}): not a line "
+            f"of the program; {advice}"
+        )
     if cause == stall_cause.CPU:
         where = (
             "; one call held the GIL: the site is the line running when it returned, the call's or just after it"
