@@ -947,7 +947,19 @@ class TestWaitingForANewThread:
         measured = Breakdown(0.2, 0.002, 0.01, 0.0, 0.0, 0.15)
         finding = stall_finding(self.starting(line), 0.2, self.T, measured, "worker")
         assert (finding.cause, finding.site, finding.gil_holder) == ("gil", None, "worker")
+        assert (
+            "in threading.Thread.start() for the new thread to run, kept waiting by thread 'worker'" in finding.message
+        )
         assert not counts_against_program(finding)
+
+    def test_a_gil_stall_that_only_began_in_thread_start_keeps_its_own_message(self):
+        """Measured as another thread's hold of the GIL anyway (a worker the
+        step started, then a long C call of its): the holder's own message."""
+        line = Site("app.py", 12, "main")
+        measured = Breakdown(0.52, 0.0017, 0.0008, 0.0, 0.5, 0.5)
+        finding = stall_finding(self.starting(line), 0.52, self.T, measured, "regex-worker")
+        assert (finding.cause, finding.gil_holder) == ("gil", "regex-worker")
+        assert "Thread.start" not in finding.message and "thread 'regex-worker' held it" in finding.message
 
     def test_blocking_io_elsewhere_stays_the_programs(self):
         line = Site("app.py", 12, "main")

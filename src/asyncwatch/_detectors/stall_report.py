@@ -83,6 +83,7 @@ def stall_finding(
     else:
         what = "A callback with no Python frame (compiled code)"
     cause = stall_cause.IMPORT if stall.importing is not None else None
+    starting = False  # the loop waited in Thread.start(), and only that made the cause
     if cause is None and breakdown is not None:
         # A line calling gc.collect() ran the collector, whose time is
         # judged as the collector's: no program work was stretched there.
@@ -98,6 +99,7 @@ def stall_finding(
             # program did (and the verdicts counted it).
             others_ran = breakdown.others_cpu >= breakdown.off_cpu / 4
             cause = stall_cause.GIL if others_ran else stall_cause.STARVED
+            starting = True
     site = stall.site
     if cause in (stall_cause.GC, stall_cause.GIL, stall_cause.STARVED) and not (
         cause == stall_cause.GC and stall.explicit_gc
@@ -107,7 +109,7 @@ def stall_finding(
         kind=FindingKind.SLOW_CALLBACK,
         message=(
             f"{what} blocked the event loop for {duration * 1000:.0f} ms "
-            f"(threshold {threshold_s * 1000:.0f} ms)" + _why(cause, stall, breakdown, holder)
+            f"(threshold {threshold_s * 1000:.0f} ms)" + _why(cause, stall, breakdown, holder, starting)
         ),
         site=site,
         stack=stall.stack,
@@ -134,8 +136,11 @@ def _ms(seconds: float) -> str:
     return f"{max(seconds, 0.0) * 1000:.0f} ms"
 
 
-def _why(cause: str | None, stall: Stall, breakdown: Breakdown | None, holder: str | None) -> str:
-    """The message's second half: the cause, what was measured, the advice."""
+def _why(
+    cause: str | None, stall: Stall, breakdown: Breakdown | None, holder: str | None, starting: bool = False
+) -> str:
+    """The message's second half: the cause, what was measured, the advice
+    (*starting*: a wait in ``Thread.start()`` made the cause)."""
     if cause == stall_cause.IMPORT:
         module = f"module {stall.importing!r}" if stall.importing else "a module"
         return (
@@ -146,9 +151,10 @@ def _why(cause: str | None, stall: Stall, breakdown: Breakdown | None, holder: s
     if breakdown is None or cause is None:
         return "; move blocking or CPU-bound work to asyncio.to_thread() or an executor"
     measured = f"{_ms(breakdown.wall)} measured"
-    if cause in (stall_cause.GIL, stall_cause.STARVED) and _starting_a_thread(stall):
+    if starting:
         if cause == stall_cause.GIL:
-            by, advice = "other threads holding the GIL", "move their CPU-bound work to a process pool"
+            who = f"thread {holder!r}" if holder else "other threads"
+            by, advice = f"{who} holding the GIL", "move their CPU-bound work to a process pool"
         else:
             by, advice = "a machine short of CPUs", "give the process more CPU or run less beside it"
         return (
