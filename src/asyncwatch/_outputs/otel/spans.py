@@ -41,6 +41,7 @@ from opentelemetry.trace import Status, StatusCode
 from ..._core.detector import Detector
 from ..._core.findings import Finding, Site
 from ..._core.frames import (
+    WRAPPER_NAMES,
     app_frame,
     describe_exception,
     frame_site,
@@ -53,6 +54,9 @@ from ..._core.tasks import coro_of, task_context
 from .names import (
     ATTR_BUSY_TIME,
     ATTR_CANCEL_MESSAGE,
+    ATTR_CODE_FILE,
+    ATTR_CODE_FUNCTION,
+    ATTR_CODE_LINE,
     ATTR_HAS_FINDINGS,
     ATTR_SCHEDULING_DELAY,
     ATTR_STEPS,
@@ -107,6 +111,21 @@ def _context_reader() -> Any:
 
 
 _current_context = _context_reader()
+#: The API's ContextVar's ``set``, if it is the API's default runtime context.
+_SET_CONTEXT = _CONTEXT_VARIABLE.set if isinstance(_CONTEXT_VARIABLE, contextvars.ContextVar) else None
+
+# The key under which the API keeps the current span in a Context, learnt
+# through the API itself (set_span_in_context on an empty context), so that
+# the hot path reads it with a dict lookup rather than get_current_span's
+# two calls (issue 14).
+_SPAN_KEY = next(iter(trace.set_span_in_context(trace.INVALID_SPAN, otel_context.Context())))
+
+
+def _current_span(context: Any) -> Any:
+    """The span current in *context*, or None (`trace.get_current_span`, inline)."""
+    span = context.get(_SPAN_KEY)
+    return span if isinstance(span, trace.Span) else None
+
 
 #: Bounds on what is kept to match findings that come late.
 RECENT_LIMIT = 256
@@ -339,7 +358,14 @@ class _TaskRecord:
             if span is None:
                 return
         if end_ns is None:
-            end_ns = self.end_ns or (now_ns_for(self.last_end) if self.last_end else time.time_ns())
+            end_ns = self.end_ns
+            if not end_ns:
+                # The end of the last step, from the span's own start: no
+                # clock read (now_ns_for read two a task), and the clocks'
+                # drift apart can skew the span by no more than its own
+                # length, as with now_ns_for.
+                last_end = self.last_end
+                end_ns = self.created_ns + int((last_end - self.created_perf) * 1e9) if last_end else time.time_ns()
         end_ns = max(end_ns, self.created_ns, self.last_event_ns)
         if span.is_recording():
             span.set_attributes(self._attributes(state))
@@ -351,7 +377,17 @@ class _TaskRecord:
         span.end(end_time=end_ns)
 
     def _attributes(self, state: str) -> dict[str, Any]:
-        attributes: dict[str, Any] = {ATTR_TASK_STATE: state, **site_attributes(self.site)}
+        site = self.site
+        attributes: dict[str, Any] = (
+            {ATTR_TASK_STATE: state}
+            if site is None
+            else {
+                ATTR_TASK_STATE: state,
+                ATTR_CODE_FUNCTION: site.function,
+                ATTR_CODE_FILE: site.file,
+                ATTR_CODE_LINE: site.line,
+            }
+        )  # site_attributes, inline
         if self.stepped:
             attributes[ATTR_STEPS] = self.steps
             attributes[ATTR_BUSY_TIME] = round(self.busy, 6)
@@ -441,8 +477,11 @@ class TaskTracer(Detector):
         all_spans = self.tracing and self.mode == "all"
         now_perf = time.perf_counter()
         now_ns = time.time_ns() if all_spans else 0  # else worked out if a span is ever made
-        inner = program_coroutine(wrapper._aw_inner)
+        inner = wrapper._aw_inner
         code = getattr(inner, "cr_code", None)
+        if code is not None and code.co_name in WRAPPER_NAMES:
+            inner = program_coroutine(inner)
+            code = getattr(inner, "cr_code", None)
         if (
             code is not None
             and self._theirs(code.co_filename)
@@ -458,6 +497,7 @@ class TaskTracer(Detector):
             now_perf = early[0]
         self.created += 1
         parent = link = None
+        current: Any = None
         if self.tracing:
             parent = _current_context()
             # One trace per unit of work.  A task created where the current
@@ -467,21 +507,39 @@ class TaskTracer(Detector):
             # linked to its creator; under an application span (a request),
             # or a task span below one, it nests.  No trace then lasts as
             # long as the process.
+            current = _current_span(parent)
             root = parent.get(_ROOT_TASK)
-            if root is not None and root is trace.get_current_span(parent):
-                parent, link = _NO_PARENT, root.get_span_context()
+            if root is not None and root is current:
+                parent, link, current = _NO_PARENT, root.get_span_context(), None
         record = _TaskRecord(self, qualname, created_at, parent, link, now_ns, now_perf)
-        if all_spans:
-            span = self._start_span(record)
-            context = None if task.done() else task_context(task)
-            if context is not None:
-                # The task copied its creator's context at creation; setting
-                # the span in that copy makes it current in every later step.
-                inside = trace.set_span_in_context(span, parent)
-                if parent is _NO_PARENT or not trace.get_current_span(parent).get_span_context().is_valid:
-                    inside = otel_context.set_value(_ROOT_TASK, span, inside)
-                context.run(otel_context.attach, inside)
         wrapper._aw_observer = record
+        if all_spans:
+            self._enter_span(task, wrapper, record, current, early is None)
+
+    def _enter_span(
+        self, task: asyncio.Task[Any], wrapper: TimedCoroutine, record: _TaskRecord, current: Any, fresh: bool
+    ) -> None:
+        """Start the span of a new task and make it current inside the task.
+
+        The task copied its creator's context at creation; setting the span
+        in that copy makes it current in every later step.  One copy of the
+        context with both keys, as the API's set_value makes it (a Context
+        made of a dict), rather than two.
+        """
+        span = self._start_span(record)
+        if task.done():
+            return
+        values = dict(record.parent)
+        values[_SPAN_KEY] = span
+        if current is None or not current.get_span_context().is_valid:
+            values[_ROOT_TASK] = span
+        inside = otel_context.Context(values)
+        if fresh and _SET_CONTEXT is not None:  # set by the first step, in the task's own context
+            wrapper.enter_first(_SET_CONTEXT, inside)
+            return
+        context = task_context(task)  # an eager first step already ran
+        if context is not None:
+            context.run(otel_context.attach, inside)
 
     def _start_span(self, record: _TaskRecord) -> Any:
         links = [trace.Link(record.link)] if record.link is not None else None
