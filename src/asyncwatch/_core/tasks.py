@@ -56,7 +56,10 @@ __all__ = [
     "user_coro_of",
 ]
 
-_eager_task_factory = getattr(asyncio, "eager_task_factory", None)
+# 3.12+; before, a sentinel no factory is: None would equal "no factory
+# chained", and every check for the eager factory would hold on 3.11 (it
+# named every task's coroutine at creation, ~100 bytecodes a task, issue 14).
+_eager_task_factory: Any = getattr(asyncio, "eager_task_factory", object())
 
 # gh-122332: on 3.12.0-3.12.4, Task.get_coro() dereferences NULL (and kills
 # the interpreter) for a task that completed eagerly.  Never ask a done task
@@ -612,11 +615,7 @@ def _make_factory(state: TaskFactory, depth: int, hooks: Hooks | None) -> Callab
                 site = creation_site(loop, getframe(depth), depth, task)
             if type(task) is task_class:
                 task._aw_site = site
-                # Not for previous None on 3.11, where _eager_task_factory is
-                # None too: naming every task's coroutine at creation ran
-                # about 100 bytecodes a task there whenever task hooks were
-                # on (issue 14); a pending task's name is found when asked for.
-                if (previous is not None and previous is _eager_task_factory) or kwargs.get("eager_start"):
+                if previous is _eager_task_factory or kwargs.get("eager_start"):
                     task._aw_coro = qualname_of(coro)
                 if hooks is not None:
                     _tell_created(task, coro, site, hooks)
