@@ -22,6 +22,7 @@ import gc
 import importlib.util
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -754,3 +755,46 @@ def test_eager_factory_asyncwatch_then_a_wrapping_library(loop_name, tracklib, n
     assert by_kind[FindingKind.TASK_EXCEPTION_UNRETRIEVED].site.line == line_of("# <- eager unretrieved")
     assert by_kind[FindingKind.TASK_DESTROYED_PENDING].site.line == line_of("# <- eager destroyed")
     assert by_kind[FindingKind.CANCELLATION_SWALLOWED].site.line == line_of("# <- swallowed here")
+
+
+# --- a test's own patches of its loop ------------------------------------------
+
+
+@pytest.mark.parametrize("loop_name", ["asyncio"])  # uvloop's loop takes no instance attributes
+def test_a_program_patching_its_loop_counts_only_its_own_calls(watched, no_internal_error):
+    """janus's suite patches ``loop.is_closed`` to return True and asserts
+    one call: the watchdog's looks are not the program's calls, and the
+    patch's answer does not make asyncwatch stop watching the loop."""
+    from unittest import mock
+
+    seen: dict[str, int] = {}
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        with (
+            mock.patch.object(loop, "is_closed", return_value=True) as is_closed,
+            mock.patch.object(loop, "is_running", return_value=False) as is_running,
+            mock.patch.object(loop, "call_later", wraps=loop.call_later) as call_later,
+            mock.patch.object(loop, "call_soon", wraps=loop.call_soon) as call_soon,
+        ):
+            for _ in range(4):  # steps past a deadline, each looked at, none a stall
+                spin_until = time.perf_counter() + 0.04
+                while time.perf_counter() < spin_until:
+                    pass
+                await asyncio.sleep(0.01)  # one call_later of the program's
+            seen.update(
+                is_closed=is_closed.call_count,
+                is_running=is_running.call_count,
+                call_later=call_later.call_count,
+                call_soon=call_soon.call_count,
+            )
+        time.sleep(0.3)  # <- blocks after the patches: still watched
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    plain = dict(seen)  # the program's own calls (asyncio's sleep and futures)
+    watched.run(main, slow_callback_ms=100)
+    assert seen == plain
+    assert plain["is_closed"] == 0 and plain["call_later"] == 4
+    [stall] = watched.of("slow_callback")
+    assert stall.site is not None and stall.site.line == line_of("# <- blocks after the patches")

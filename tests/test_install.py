@@ -465,7 +465,7 @@ class TestContainment:
             return "done"
 
         assert asyncio.run(main()) == "done"
-        assert len(collector.findings) == 2
+        assert [f.site.line if f.site else None for f in blamed(collector)] == [line_of("# <- install blocks here")] * 2
         out = capsys.readouterr()
         assert out.out == ""  # never the program's stdout
         logged = out.err + caplog.text  # stdlib logging: structlog is not configured

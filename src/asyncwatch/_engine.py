@@ -16,6 +16,7 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from ._core import loops
 from ._core.detector import CoroutineClaims, Detector, DetectorContext, Hooks, WatchedLoop, watches
 from ._core.findings import Finding, FindingKind
 from ._core.runtime import in_forked_child, internal_logger, report_internal_error
@@ -111,7 +112,7 @@ class LoopWatch(WatchedLoop):
         if loop is not None and watches.get(loop) is self:
             del watches[loop]
         self.hooks.dispatch("loop_detached", self)
-        if loop is None or loop.is_closed():
+        if loop is None or loops.is_closed(loop):
             return
         try:
             if factory is not None and loop.get_task_factory() is factory.function:

@@ -15,6 +15,8 @@ import asyncio.runners
 from collections.abc import Callable
 from typing import Any
 
+from ._core import loops
+
 __all__ = ["Patch", "loop_start_patches"]
 
 
@@ -80,7 +82,7 @@ def loop_start_patches(watch_starting_loop: Callable[[Any], None]) -> list[Patch
         # loop starts running: attach a loop made by hand first, so that
         # task is ours too.
         def run_until_complete(self: Any, future: Any) -> Any:
-            if not self.is_closed():
+            if not loops.is_closed(self):
                 watch_starting_loop(self)
             return original(self, future)
 

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Any
 
+from . import loops
 from .detector import Hooks, WatchedLoop, watches
 from .findings import Site
 from .frames import _is_library_cache, code_site, is_library_file, is_own_file, qualname_of
@@ -567,7 +568,7 @@ def _make_factory(state: TaskFactory, depth: int, hooks: Hooks | None) -> Callab
         site = (frame.f_code, frame.f_lasti)
         if gather_frame is not None:
             if not gathered:
-                loop.call_soon(end_fan_out, loop)
+                loops.call_soon(loop, end_fan_out, loop)
             if not gathered or gathered[-1][0] is not gather_frame:  # a gather makes its tasks in a row
                 gathered.append((gather_frame, task, site))
             if level == gather_level + 1:  # gather called from application code

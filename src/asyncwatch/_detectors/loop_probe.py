@@ -32,6 +32,7 @@ import weakref
 from collections.abc import Callable
 from types import CodeType, FrameType
 
+from .._core import loops
 from .._core.detector import watches
 from .._core.findings import Finding
 from .._core.frames import is_library_file
@@ -219,7 +220,7 @@ class LoopProbe:
                 cpu, wait = time.thread_time(), None
             clocks = Clocks(now, cpu, wait, time.process_time(), meter.gc_clock.read(now), meter.foreign)
             deadline.push(now, clocks)
-            loop.call_later(deadline.tick_every, self.tick)
+            loops.call_later(loop, deadline.tick_every, self.tick)
         except RuntimeError:  # closed
             self.ticking = False
         except Exception as exc:  # contained: the watchdog goes back to its own clock
@@ -232,7 +233,7 @@ class LoopProbe:
         if loop is None:
             return
         try:
-            loop.call_later(deadline.tick_every, self.tick)
+            loops.call_later(loop, deadline.tick_every, self.tick)
         except RuntimeError:  # closed: no more ticks, the watchdog's own clock
             return
         self.ticking = True
@@ -308,10 +309,10 @@ class LoopProbe:
         # unreported (see `Watchdog._run`).
         self.parked = True
         try:
-            if loop.is_running():
-                loop.call_soon_threadsafe(self.beat)
+            if loops.is_running(loop):
+                loops.call_soon_threadsafe(loop, self.beat)
             else:
-                loop.call_soon(self.beat)
+                loops.call_soon(loop, self.beat)
         except RuntimeError:
             self.beat_pending = self.parked = False
 
@@ -329,7 +330,7 @@ class LoopProbe:
         self.beat_pending = True
         self.beat_posted = _now()
         try:
-            loop.call_soon_threadsafe(self.beat)
+            loops.call_soon_threadsafe(loop, self.beat)
         except RuntimeError:  # closed between our check and the call
             self.beat_pending = False
             return False
@@ -358,11 +359,11 @@ class LoopProbe:
         look that first saw it.
         """
         loop = self.loop_ref()
-        if loop is None or loop.is_closed() or not self.enabled:
+        if loop is None or loops.is_closed(loop) or not self.enabled:
             del loop
             self.finish(now)
             return None
-        if not loop.is_running():
+        if not loops.is_running(loop):
             del loop
             # Park until the loop runs: the queued heartbeat is its first
             # callback then, and wakes us at once (a stall may start at once).

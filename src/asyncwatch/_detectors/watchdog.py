@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
+from .._core import loops
 from .._core.runtime import HiddenThread, in_forked_child, report_internal_error, start_hidden_thread
 from .deadline import Alarm, Deadline
 from .loop_probe import Look, LoopProbe
@@ -225,7 +226,7 @@ class Watchdog:
             if inherited is not None:
                 inherited.close()
             loop = probe.loop_ref()
-            if loop is None or loop.is_closed() or loop.is_running() or not probe.enabled:
+            if loop is None or loops.is_closed(loop) or loops.is_running(loop) or not probe.enabled:
                 probe.enabled = False
                 continue
             if inherited is not None:  # a timer of the child's own (its ticks, inherited, push it)
@@ -234,7 +235,7 @@ class Watchdog:
             probe.parked = True
             if not probe.beat_pending:
                 probe.beat_pending = True
-                loop.call_soon(probe.beat)
+                loops.call_soon(loop, probe.beat)
             kept.append(probe)
         self._probes = kept
 

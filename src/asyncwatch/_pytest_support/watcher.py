@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from .._core import loops
 from .._core.findings import Finding, counts_against_program
 from .._core.runtime import report_internal_error
 from .._engine import Engine, current_engine, ensure_engine
@@ -487,7 +488,7 @@ class Watcher:
         engine = self._engine
         if engine is None:
             return []
-        return [loop for loop in list(engine.watches.keys()) if not loop.is_closed()]
+        return [loop for loop in list(engine.watches.keys()) if not loops.is_closed(loop)]
 
     def _report_leaks(self, loops: Iterable[asyncio.AbstractEventLoop], only: Owner | None) -> None:
         """Report each task still pending on *loops* as leaked by the test or

@@ -6,6 +6,7 @@ import asyncio
 import weakref
 from typing import Any
 
+from ..._core import loops
 from ..._core.runtime import report_internal_error
 
 __all__ = ["LAG_BUCKETS", "LagProbe"]
@@ -28,14 +29,14 @@ class LagProbe:
 
     def alive(self) -> bool:
         loop = self.loop_ref()
-        return self.enabled and loop is not None and not loop.is_closed()
+        return self.enabled and loop is not None and not loops.is_closed(loop)
 
     def schedule(self) -> None:
         loop = self.loop_ref()
-        if loop is None or loop.is_closed() or not self.enabled:
+        if loop is None or loops.is_closed(loop) or not self.enabled:
             return
         self.expected = loop.time() + self.interval
-        loop.call_at(self.expected, self.tick)
+        loops.call_at(loop, self.expected, self.tick)
 
     def tick(self) -> None:
         loop = self.loop_ref()

@@ -24,6 +24,7 @@ from typing import Any
 
 from opentelemetry import trace
 
+from ..._core import loops
 from ..._core.detector import Detector
 from ..._core.findings import Site
 from ..._core.frames import (
@@ -205,7 +206,7 @@ class NotableTracer(TaskTracer):
                 _first_done_callback(task, self._task_done)
             else:  # the watchdog's thread, during a slow step
                 with contextlib.suppress(RuntimeError):  # the loop is closed
-                    loop.call_soon_threadsafe(self._watch_end, task)
+                    loops.call_soon_threadsafe(loop, self._watch_end, task)
         return record
 
     def _watch_end(self, task: asyncio.Task[Any]) -> None:
@@ -291,10 +292,10 @@ class NotableTracer(TaskTracer):
             handle.cancel()
 
     def _schedule_scan(self, loop: asyncio.AbstractEventLoop, loop_ref: Any) -> None:
-        if self.failed or loop.is_closed():
+        if self.failed or loops.is_closed(loop):
             return
         period = max(self.min_duration_s * self.SCAN_SHARE, self.SCAN_MIN_S)
-        self._scans[id(loop)] = loop.call_later(period, self._scan, loop_ref)
+        self._scans[id(loop)] = loops.call_later(loop, period, self._scan, loop_ref)
 
     def _scan(self, loop_ref: Any) -> None:
         """Make the spans of the loop's tasks that have lived the notable life."""
