@@ -346,6 +346,59 @@ class TestReported:
             coroutine=a_swallows_later,
         )
 
+    def test_a_cancel_the_loop_calls_back_names_no_line(self, watched):
+        """``loop.call_later(d, task.cancel)``: the loop calls ``cancel()``
+        itself, and the line further out only started the loop
+        (``asyncio.run(main())``): cancelled_by is unknown, not that line."""
+
+        async def swallower():
+            try:
+                await asyncio.sleep(LONG)  # <- loop cancel: delivered
+            except asyncio.CancelledError:
+                pass
+            return "done"
+
+        async def main():
+            task = asyncio.create_task(swallower(), name="swallower")
+            asyncio.get_running_loop().call_later(TICK, task.cancel)
+            assert await task == "done"
+
+        watched.run(main)
+        finding = the_one_swallowed(watched.findings)
+        assert finding.site is not None
+        assert (finding.site.file, finding.site.line) == (__file__, line_of("# <- loop cancel: delivered"))
+        assert finding.cancelled_by is None
+
+    def test_a_cancel_in_a_callback_of_the_program_names_its_line(self, watched):
+        """A callback of the program's own that calls ``cancel()`` is the canceller."""
+
+        async def swallower():
+            try:
+                await asyncio.sleep(LONG)  # <- callback cancel: delivered
+            except asyncio.CancelledError:
+                pass
+            return "done"
+
+        async def main():
+            task = asyncio.create_task(swallower(), name="swallower")  # <- callback cancel: created
+
+            def stop() -> None:
+                task.cancel()  # <- callback cancel: cancel
+
+            asyncio.get_running_loop().call_later(TICK, stop)
+            assert await task == "done"
+
+        watched.run(main)
+        assert_reported(
+            the_one_swallowed(watched.findings),
+            site="callback cancel: delivered",
+            site_in=swallower,
+            cancelled_by="callback cancel: cancel",
+            created_at="callback cancel: created",
+            task="swallower",
+            coroutine=swallower,
+        )
+
     def test_swallowing_the_shutdown_cancel_of_a_runner_points_at_the_runner(self, loop_name):
         """A task swallows the cancel that ``asyncio.Runner`` sends at shutdown; cancelled_by is the app's runner line."""
         collector = CollectingReporter()

@@ -184,6 +184,38 @@ class TestTaskDestroyedPending:
         assert finding.site.line == line_of("# <- never started, in a cycle")
         assert finding.coroutine == wait_forever_holding.__qualname__
 
+    def test_a_task_library_code_makes_when_the_loop_calls_it_has_no_site(self, watched):
+        """The loop calls ``asyncio.ensure_future`` back: no line of the
+        program asked for the task, and the one further out only started
+        the loop (``asyncio.run(main())``): the site is unknown, not that line."""
+
+        async def main():
+            asyncio.get_running_loop().call_soon(asyncio.ensure_future, wait_forever())
+            await let_tasks_run()
+
+        watched.run(main)
+
+        assert watched.kinds() == ["task_destroyed_pending"]
+        [finding] = watched.findings
+        assert finding.site is None and finding.created_at is None
+        assert finding.coroutine == wait_forever.__qualname__
+
+    def test_a_task_a_callback_of_the_program_makes_is_at_that_line(self, watched):
+        """A callback of the program's own is the application line that asked."""
+
+        def spawn_later() -> None:
+            asyncio.ensure_future(wait_forever())  # <- spawned by a callback
+
+        async def main():
+            asyncio.get_running_loop().call_soon(spawn_later)
+            await let_tasks_run()
+
+        watched.run(main)
+
+        [finding] = watched.findings
+        assert finding.site is not None
+        assert (finding.site.file, finding.site.line) == (__file__, line_of("# <- spawned by a callback"))
+
 
 class TestPendingTasksThatAreNotLost:
     """Tasks kept alive, or cancelled by asyncio.run at shutdown, are not destroyed-pending."""

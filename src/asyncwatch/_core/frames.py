@@ -194,15 +194,6 @@ def source_path(filename: str) -> str:
     return filename if filename.startswith("<") else absolute_path(filename)
 
 
-def app_frame(frame: FrameType | None) -> FrameType | None:
-    """Return the innermost application frame at or outside *frame*."""
-    while frame is not None:
-        if not is_library_file(frame.f_code.co_filename):
-            return frame
-        frame = frame.f_back
-    return None
-
-
 def _loop_dispatch_codes() -> frozenset[CodeType]:
     import asyncio.base_events
     import asyncio.events
@@ -228,12 +219,49 @@ LOOP_DISPATCH_NAMES = frozenset((c.co_filename, c.co_name) for c in LOOP_DISPATC
 
 
 def app_frame_in_callback(frame: FrameType | None) -> FrameType | None:
-    """Like `app_frame`, but stop at the event loop's dispatch: code called by
-    the loop itself (a coroutine function used as a callback) has no
-    application caller."""
+    """The innermost application frame at or outside *frame*, but None at
+    the event loop's dispatch: code called by the loop itself (a coroutine
+    function used as a callback) has no application caller."""
     while frame is not None:
         code = frame.f_code
         if code in LOOP_DISPATCH:
+            return None
+        if not is_library_file(code.co_filename):
+            return frame
+        frame = frame.f_back
+    return None
+
+
+def _interrupt_codes() -> frozenset[CodeType]:
+    import asyncio.runners
+
+    on_sigint = getattr(asyncio.runners.Runner, "_on_sigint", None)
+    return frozenset((on_sigint.__code__,)) if on_sigint is not None else frozenset()
+
+
+#: Signal handlers that cancel a task: their caller is whatever line the
+#: signal interrupted, which did not ask for it.
+_INTERRUPTS = _interrupt_codes()
+
+
+def app_frame_in_running_loop(frame: FrameType | None) -> FrameType | None:
+    """Like `app_frame_in_callback`, for a call that may come from outside
+    the loop (``task.cancel()``).
+
+    While a loop runs on this thread, its dispatch ends the walk: library
+    code the loop called back (``loop.call_later(5, task.cancel)``, a
+    protocol's callback) has no application caller, and the line further
+    out (``asyncio.run(main())``) only started the loop.  Nor has a signal
+    handler (asyncio.Runner's SIGINT handler cancelling the main task): its
+    caller is the line the signal interrupted.  With no loop running
+    (asyncio.run's set-up, its cancelling of the tasks left at the end),
+    the walk goes on out to the line that called it."""
+    import asyncio.events
+
+    running = asyncio.events._get_running_loop() is not None
+    while frame is not None:
+        code = frame.f_code
+        if (running and code in LOOP_DISPATCH) or code in _INTERRUPTS:
             return None
         if not is_library_file(code.co_filename):
             return frame

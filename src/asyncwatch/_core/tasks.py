@@ -37,7 +37,7 @@ from typing import Any
 from . import loops
 from .detector import Hooks, WatchedLoop, watches
 from .findings import Site
-from .frames import _is_library_cache, code_site, is_library_file, is_own_file, qualname_of
+from .frames import LOOP_DISPATCH, _is_library_cache, code_site, is_library_file, is_own_file, qualname_of
 from .runtime import report_internal_error
 from .stepping import TimedCoroutine
 
@@ -490,6 +490,12 @@ def _first_caller_depth(loop: asyncio.AbstractEventLoop) -> int:
 _library_cache = _is_library_cache
 
 
+# The event loop's dispatch (`LOOP_DISPATCH`), by id: a code object hashes
+# its bytecode and constants on every lookup, an int does not.  Module-level
+# functions' code objects live as long as the interpreter, so ids stay theirs.
+_LOOP_DISPATCH_IDS = frozenset(id(code) for code in LOOP_DISPATCH)
+
+
 # asyncio functions that create many tasks from one frame, on behalf of their
 # caller, through asyncio's own code only (gather -> ensure_future ->
 # loop.create_task).  While such a frame stays at the same instruction, every
@@ -508,6 +514,8 @@ def _make_factory(state: TaskFactory, depth: int, hooks: Hooks | None) -> Callab
     getframe = sys._getframe
     library = _library_cache
     gather = _GATHER
+    running_loop = asyncio.events._get_running_loop
+    dispatch = _LOOP_DISPATCH_IDS
     # The gather frame of the fan-out in progress, called straight from
     # application code, its depth below the factory, and the creation site
     # of every task it makes (its caller's code and offset).  The frame is
@@ -559,6 +567,13 @@ def _make_factory(state: TaskFactory, depth: int, hooks: Hooks | None) -> Callab
                 is_library = is_library_file(filename)  # fills and caps the cache
             if not is_library:
                 break
+            if id(code) in dispatch and running_loop() is loop:
+                # The loop's own dispatch, running: library code the loop
+                # called back made this task (asyncio's finalizer of an
+                # async generator, a protocol's callback).  Its caller's
+                # line (``asyncio.run(main())``) did not; no line is known.
+                # (Not running: asyncio.run's Runner making the main task.)
+                return None
             if code is gather and gather_frame is None:
                 gather_frame, gather_level = frame, level
             frame = frame.f_back
@@ -629,8 +644,6 @@ def _make_factory(state: TaskFactory, depth: int, hooks: Hooks | None) -> Callab
 
     if previous is not None or hooks is not None:
         return asyncwatch_task_factory
-
-    running_loop = asyncio.events._get_running_loop
 
     def asyncwatch_plain_task_factory(
         loop: asyncio.AbstractEventLoop, coro: Any, *, context: Any = None, eager_start: Any = None, **kwargs: Any

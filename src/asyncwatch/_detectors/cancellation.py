@@ -42,8 +42,8 @@ from .._core.detector import Detector, DetectorContext, watches
 from .._core.findings import Finding, FindingKind, Site
 from .._core.frames import (
     LOOP_DISPATCH,
-    app_frame,
     app_frame_in_callback,
+    app_frame_in_running_loop,
     await_chain,
     frame_site,
     is_library_file,
@@ -301,7 +301,7 @@ def _note_cancel(
             structured = kind == _EXEMPT
         else:
             structured = False
-            app = app_frame(frame)
+            app = app_frame_in_running_loop(frame)
             canceller = frame_site(app) if app is not None else None
     if structured:
         call.notes[_NOTE] = _Note(None, True, canceller)

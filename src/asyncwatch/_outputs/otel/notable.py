@@ -29,7 +29,7 @@ from ..._core.detector import Detector
 from ..._core.findings import Site
 from ..._core.frames import (
     WRAPPER_NAMES,
-    app_frame,
+    app_frame_in_running_loop,
     frame_site,
     is_own_file,
     program_coroutine,
@@ -232,7 +232,7 @@ class NotableTracer(TaskTracer):
         """A cancelled task is notable: put the request on its span."""
         record = self.notable(task)
         if record is not None:
-            app = app_frame(caller)
+            app = app_frame_in_running_loop(caller)
             record.task_cancel_requested(task, frame_site(app) if app is not None else None, message)
 
     def task_failed(self, task: asyncio.Task[Any]) -> None:

@@ -42,7 +42,7 @@ from ..._core.detector import Detector
 from ..._core.findings import Finding, Site
 from ..._core.frames import (
     WRAPPER_NAMES,
-    app_frame,
+    app_frame_in_running_loop,
     describe_exception,
     frame_site,
     is_own_file,
@@ -560,7 +560,7 @@ class TaskTracer(Detector):
         wrapper = coro_of(task)  # pending: safe to ask
         record = wrapper._aw_observer if type(wrapper) is TimedCoroutine else None
         if isinstance(record, _TaskRecord):
-            app = app_frame(caller)
+            app = app_frame_in_running_loop(caller)
             record.task_cancel_requested(task, frame_site(app) if app is not None else None, message)
 
     def _created_by_them(self) -> bool:
