@@ -466,6 +466,37 @@ class TestTaskExceptionUnretrieved:
         assert finding.site is not None
         assert finding.site.line == line_of("# <- kept, failing")
 
+    def test_a_gather_neither_awaited_nor_kept_whose_task_fails_is_reported_at_the_gather_line(self, watched):
+        """asyncio says "_GatheringFuture exception was never retrieved", with no line."""
+
+        async def main():
+            asyncio.gather(fail(), wait_forever())  # <- failing gather, dropped
+            await let_tasks_run()
+
+        watched.run(main)
+
+        assert watched.kinds() == ["task_exception_unretrieved"]
+        [finding] = watched.findings
+        assert finding.site is not None
+        assert (finding.site.file, finding.site.line) == (__file__, line_of("# <- failing gather, dropped"))
+        assert finding.created_at == finding.site
+        assert finding.coroutine == fail.__qualname__
+        assert "gather() of 2 awaitables" in finding.message
+        assert "ValueError: boom" in finding.message
+        assert finding.stack and finding.stack[-1].function == fail.__qualname__
+
+    def test_a_failed_gather_asked_for_its_exception_is_silent(self, watched):
+        """A done callback that checks the gather retrieves its exception."""
+
+        async def main():
+            gathering = asyncio.gather(fail(), wait_forever())
+            gathering.add_done_callback(lambda g: g.exception())
+            del gathering
+            await let_tasks_run()
+
+        watched.run(main)
+        assert watched.findings == []
+
 
 class TestRetrievedExceptionsAreSilent:
     """Looking at a task's exception in any of the usual ways means it was retrieved."""

@@ -22,6 +22,7 @@ bytecode); split apart, each half would have to know the other's layout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import dis
 import functools
@@ -704,11 +705,28 @@ def _tell_gathered(
     finding the future, and is not watched (a task awaiting it that is lost
     is reported itself)."""
     watch: WatchedLoop | None = None
-    for _frame, task, site in made:
+    for frame, task, site in made:
         if site is not None and _awaited_at_once(*site):
             continue
         outer = _gathering_future_of(task)
-        if outer is None or outer.done() or outer._callbacks:
+        if outer is None and task.done():
+            # Its first task ended before this callback (it failed in its
+            # first step), and gather's callback on it went with it: the
+            # gather's finished frame still has its future (a dict of its
+            # locals, built only here).
+            outer = frame.f_locals.get("outer")
+            if not isinstance(outer, asyncio.Future):
+                continue
+        if outer is None or outer._callbacks:
+            continue
+        if site is not None:
+            # Where it was made, should it fail with nobody asking: asyncio
+            # then says "_GatheringFuture exception was never retrieved",
+            # with no line (`created_at` reads it; a gather's future is a
+            # Python object with a __dict__).
+            with contextlib.suppress(AttributeError):
+                outer._aw_site = site  # type: ignore[attr-defined]
+        if outer.done():
             continue
         if watch is None:
             watch = watches.get(loop)

@@ -35,9 +35,44 @@ class TaskExceptionDetector(Detector):
             return
         task = context.get("future")
         exc = context.get("exception")
-        if isinstance(task, asyncio.Task) and isinstance(exc, BaseException):
+        if not isinstance(exc, BaseException):
+            return
+        if isinstance(task, asyncio.Task):
             watch.emit(unretrieved_finding(task, exc))
             forget(task)
+        elif isinstance(task, asyncio.Future) and created_at(task) is not None:
+            # A gather() neither awaited nor kept, whose child failed: the
+            # factory left its line on it.
+            watch.emit(gather_unretrieved_finding(task, exc))
+
+
+def _traceback_sites(exc: BaseException) -> tuple[Site, ...]:
+    tb_sites: list[Site] = []
+    tb = exc.__traceback__
+    while tb is not None:
+        site = frame_site(tb.tb_frame)
+        tb_sites.append(Site(site.file, tb.tb_lineno, site.function))
+        tb = tb.tb_next
+    return tuple(tb_sites)
+
+
+def gather_unretrieved_finding(gathering: asyncio.Future[Any], exc: BaseException) -> Finding:
+    """The finding for a ``gather()``'s future that failed with *exc*, which nobody retrieved."""
+    where = created_at(gathering)
+    children = getattr(gathering, "_children", None) or ()
+    coro = coro_name(children[0]) if children and isinstance(children[0], asyncio.Task) else None
+    what = f" (the first runs {coro!r})" if coro else ""
+    return Finding(
+        kind=FindingKind.TASK_EXCEPTION_UNRETRIEVED,
+        message=(
+            f"A gather() of {len(children)} awaitables{what} failed with {describe_exception(exc)} "
+            "and nobody retrieved the exception; await the gather"
+        ),
+        site=where,
+        stack=_traceback_sites(exc),
+        coroutine=coro,
+        created_at=where,
+    )
 
 
 def unretrieved_finding(task: asyncio.Task[Any], exc: BaseException) -> Finding:
@@ -45,12 +80,6 @@ def unretrieved_finding(task: asyncio.Task[Any], exc: BaseException) -> Finding:
     name = task.get_name()
     coro = coro_name(task)
     where = created_at(task)
-    tb_sites: list[Site] = []
-    tb = exc.__traceback__
-    while tb is not None:
-        site = frame_site(tb.tb_frame)
-        tb_sites.append(Site(site.file, tb.tb_lineno, site.function))
-        tb = tb.tb_next
     return Finding(
         kind=FindingKind.TASK_EXCEPTION_UNRETRIEVED,
         message=(
@@ -58,7 +87,7 @@ def unretrieved_finding(task: asyncio.Task[Any], exc: BaseException) -> Finding:
             "and nobody retrieved the exception; await the task, or check it in a done callback"
         ),
         site=where,
-        stack=tuple(tb_sites),
+        stack=_traceback_sites(exc),
         task=name,
         coroutine=coro,
         created_at=where,
