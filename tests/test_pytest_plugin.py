@@ -453,6 +453,34 @@ class TestOptions:
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stderr.fnmatch_lines([expected])
 
+    def test_a_findings_path_outside_given_apart_is_refused_with_the_fix(self, suite, tmp_path_factory):
+        """pytest would look for its ini file from that path's directory
+        (pytest-dev/pytest#8846): a second run, once the file exists, lost
+        the project's ``asyncio_mode = auto``.  With ``=`` it is read as given."""
+        elsewhere = tmp_path_factory.mktemp("elsewhere") / "findings.jsonl"
+        elsewhere.write_text("")  # a first run wrote it
+        suite.module(
+            """
+            async def test_auto_mode_runs_me():
+                pass
+            """
+        )
+        refused = suite.run("--asyncwatch", "--asyncwatch-findings", str(elsewhere))
+        assert refused.ret == pytest.ExitCode.USAGE_ERROR
+        refused.stderr.fnmatch_lines([f"*--asyncwatch-findings {elsewhere}*write --asyncwatch-findings={elsewhere}*"])
+        accepted = suite.run("--asyncwatch", f"--asyncwatch-findings={elsewhere}")
+        accepted.assert_outcomes(passed=1)
+
+    def test_a_findings_path_inside_given_apart_is_accepted(self, suite, pytester):
+        (pytester.path / "findings.jsonl").write_text("")
+        suite.module(
+            """
+            async def test_auto_mode_runs_me():
+                pass
+            """
+        )
+        suite.run("--asyncwatch", "--asyncwatch-findings", "findings.jsonl").assert_outcomes(passed=1)
+
 
 class TestFixture:
     """`asyncwatch_findings` lets a test check the findings its code produces."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -48,8 +49,34 @@ class RunOptions:
         )
 
 
+def _refuse_values_taken_for_test_paths(config: pytest.Config) -> None:
+    """Refuse ``--asyncwatch-findings PATH`` (a separate argument) naming an
+    existing path outside the invocation directory.
+
+    pytest finds its rootdir and ini file before it loads plugins, so it
+    takes the value of a plugin's option given as a separate argument for a
+    test path (pytest-dev/pytest#8846).  A findings file that a first run
+    wrote (``/tmp/findings.jsonl``) moved the second run's rootdir to
+    ``/tmp``, away from the project's ini file: async_lru's suite lost its
+    ``asyncio_mode = auto`` and 72 of its tests failed.  The run cannot be
+    mended from here; with ``=`` it is not affected."""
+    args = list(config.invocation_params.args)
+    here = os.path.abspath(config.invocation_params.dir)
+    for option, value in itertools.pairwise(args):
+        if not option.startswith("--asyncwatch-") or "=" in option:
+            continue
+        path = os.path.abspath(os.path.join(here, value))
+        if os.path.exists(path) and os.path.commonpath((here, path)) != here:
+            raise pytest.UsageError(
+                f"asyncwatch: {option} {value}: pytest takes an existing path given as a separate argument "
+                f"for a test path while it looks for its rootdir and ini file, which may then not be {here}'s "
+                f"(pytest-dev/pytest#8846); write {option}={value}"
+            )
+
+
 def read_options(config: pytest.Config) -> RunOptions:
     """Resolve the run's options; raise `pytest.UsageError` naming the bad one."""
+    _refuse_values_taken_for_test_paths(config)
 
     def pick(option: str, ini: str) -> tuple[Any, str]:
         value = config.getoption(option)
