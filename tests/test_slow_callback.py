@@ -164,6 +164,52 @@ class TestBlockingTaskStep:
         assert finding.cause == "cpu"
         assert finding.duration_s is not None and finding.duration_s >= THRESHOLD_MS / 1000
 
+    def test_recursion_is_reported_at_the_recursive_call_never_the_def_line(self, watched):
+        """Code of calls and no loop lets the GIL go only as a function is
+        entered, where its line is the ``def``: the call in progress is the
+        caller's line (a fixed amount of work, as above)."""
+
+        def fib(n: int) -> int:  # <- fib's def
+            return n if n < 2 else fib(n - 1) + fib(n - 2)  # <- recursive call
+
+        async def main():
+            await asyncio.sleep(0)
+            fib(32)  # <- calls fib
+            await asyncio.sleep(0)
+
+        watched.run(main, slow_callback_ms=THRESHOLD_MS)
+
+        [finding] = watched.of("slow_callback")
+        assert finding.cause == "cpu"
+        assert finding.site is not None
+        assert (finding.site.file, finding.site.function) == (__file__, fib.__qualname__)
+        assert finding.site.line == line_of("# <- recursive call")
+        assert finding.stack[-1] == finding.site
+        assert (__file__, line_of("# <- fib's def")) not in stack_lines(finding)
+        assert (__file__, line_of("# <- calls fib")) in stack_lines(finding)
+
+    def test_a_helper_called_in_a_loop_is_reported_at_a_line_of_the_loop_or_inside_it(self, watched):
+        def mix(x: int) -> int:  # <- mix's def
+            return ((x * 31) ^ (x >> 3)) & 0xFFFF  # <- mix's body
+
+        async def main():
+            await asyncio.sleep(0)
+            total = 0
+            for i in range(4_000_000):  # <- helper loop header
+                total = mix(total + i)  # <- calls mix
+            await asyncio.sleep(0)
+
+        watched.run(main, slow_callback_ms=THRESHOLD_MS)
+
+        [finding] = watched.of("slow_callback")
+        assert finding.cause == "cpu"
+        assert finding.site is not None
+        assert finding.site.line in (
+            line_of("# <- helper loop header"),
+            line_of("# <- calls mix"),
+            line_of("# <- mix's body"),
+        )
+
     def test_blocking_task_is_named_with_its_task_and_coroutine(self, watched):
         """A block in a named background task reports that task, not the main one."""
 

@@ -152,6 +152,19 @@ def at_start(frame: FrameType) -> bool:
     return 0 <= lasti < len(code) and code[lasti] == _RESUME
 
 
+def _entry_offset(code: CodeType) -> int:
+    """The offset of *code*'s first RESUME: where a call enters it (after a
+    generator's or coroutine's prologue), unlike the RESUMEs after an await."""
+    raw = code.co_code
+    return next((at for at in range(0, len(raw), 2) if raw[at] == _RESUME), -1)
+
+
+def just_entered(frame: FrameType) -> bool:
+    """Whether *frame* is at its function's entry, where its line is the
+    ``def`` line (a frame resumed after an ``await`` is at its await line)."""
+    return frame.f_lasti == _entry_offset(frame.f_code)
+
+
 def callback_frame(
     top: FrameType, runner: CodeType | None, pure_asyncio: bool
 ) -> tuple[FrameType | None, list[FrameType]]:
@@ -211,6 +224,16 @@ def read_stall(loop: asyncio.AbstractEventLoop, top: FrameType, chain: list[Fram
             ),
             blocking,
         )
+    if blocking is not None and just_entered(blocking):
+        # A look lands where the GIL was let go: in code of calls with no
+        # loop (a recursive fib), that is only ever a function's entry,
+        # whose line is its ``def``.  The call in progress is the caller's
+        # line (fib's own recursive call, the loop calling a helper).
+        # The frame entered has run no line yet: it leaves the stack too.
+        outer = chain[chain.index(blocking) + 1 :]
+        caller = next((f for f in outer if not is_library_file(f.f_code.co_filename)), None)
+        if caller is not None:
+            blocking, chain = caller, outer
     site = frame_site(blocking) if blocking is not None else None
     task: Any = asyncio.current_task(loop)
     callback: str | None = None
