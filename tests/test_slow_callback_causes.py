@@ -637,6 +637,38 @@ class TestALoopClosingDuringALook:
         assert 0.2 <= finding.duration_s <= 0.3, finding.duration_s
 
 
+class TestALineADatedLookSaw:
+    """A look late by most of the threshold saw the step where a hold of the
+    GIL by the loop thread let go; the step crosses the threshold just after:
+    the hold is most of it, and its line is the stall's (a translate() of
+    1.1x the threshold was sited at its caller's next line, 3.13)."""
+
+    def probe_dated(self, hold_s, since_crossing_s):
+        loop = asyncio.new_event_loop()
+        probe = LoopProbe(loop, THRESHOLD_MS / 1000, lambda finding: None)
+        loop.close()
+        now = time.perf_counter()
+        held = Site(__file__, 1, "sanitize")
+        probe.held_since = now - THRESHOLD_MS / 1000 - since_crossing_s
+        probe.dated_line, probe.dated_at = Stall(held, (held,), "Task-1", "main", None), probe.held_since + hold_s
+        return probe, now
+
+    def test_the_line_of_a_hold_that_is_most_of_the_step_is_kept(self):
+        probe, now = self.probe_dated(hold_s=0.098, since_crossing_s=0.002)
+        after = Site(__file__, 2, "main")
+        assert probe._dated_line(now, Stall(after, (after,), "Task-1", "main", None)).site.function == "sanitize"
+
+    def test_the_line_seen_wins_once_the_step_ran_on_longer_than_the_hold(self):
+        probe, now = self.probe_dated(hold_s=0.06, since_crossing_s=0.03)
+        after = Site(__file__, 2, "main")
+        assert probe._dated_line(now, Stall(after, (after,), "Task-1", "main", None)).site == after
+
+    def test_a_new_step_followed_forgets_the_dated_line(self):
+        probe, now = self.probe_dated(hold_s=0.098, since_crossing_s=0.002)
+        probe._follow(now)
+        assert probe.dated_line is None
+
+
 class TestAnExitDuringALook:
     def test_a_stall_a_look_records_as_the_program_exits_is_flushed(self):
         """A late look captures a stall, then reads clocks (letting the GIL

@@ -107,10 +107,22 @@ class Look:
     dispatch is Python: it held the GIL since before the look.  *fresh*: the
     step newly seen is at a function's first instruction (`_at_start`).
     *tentative*: the followed step is past `TENTATIVE_SHARE` of the
-    threshold, its line.
+    threshold, its line.  *held_line*: a step newly seen by a wake-up late by
+    half the threshold or more, its line (where a hold of the GIL let go).
     """
 
-    __slots__ = ("captured", "compiled", "dated", "early", "fresh", "idle", "same_step", "tentative", "thread_id")
+    __slots__ = (
+        "captured",
+        "compiled",
+        "dated",
+        "early",
+        "fresh",
+        "held_line",
+        "idle",
+        "same_step",
+        "tentative",
+        "thread_id",
+    )
 
     def __init__(
         self,
@@ -123,6 +135,7 @@ class Look:
         dated: bool = False,
         fresh: bool = False,
         tentative: Stall | None = None,
+        held_line: Stall | None = None,
     ) -> None:
         self.thread_id = thread_id
         self.compiled = compiled
@@ -133,6 +146,7 @@ class Look:
         self.dated = dated
         self.fresh = fresh
         self.tentative = tentative
+        self.held_line = held_line
 
 
 class LoopProbe:
@@ -185,6 +199,11 @@ class LoopProbe:
         #: That step's line, seen past half the threshold: its stall if
         #: the heartbeat then comes a threshold after it was first seen.
         self.tentative: _Tentative | None = None
+        #: The line a late look saw the step followed at, as a hold of the GIL
+        #: by the loop thread let go, and when: that hold is most of the step
+        #: if the step crosses the threshold soon after (`_dated_line`).
+        self.dated_line: Stall | None = None
+        self.dated_at = 0.0
         self.first_beat = 0.0  # written by the loop thread: the first heartbeat after the step followed
         self._stall_lock = threading.Lock()
         self.python_seen = 0.0  # last sample that saw a Python callback frame
@@ -401,20 +420,35 @@ class LoopProbe:
             if late >= self.threshold_s:
                 early = self._capture(loop, top, chain, now - late)
             dated = self.pure_asyncio and any(not is_library_file(f.f_code.co_filename) for f in chain)
+        held_line = early
+        if held_line is None and dated and not fresh and late >= self.threshold_s * TENTATIVE_SHARE:
+            held_line = self._capture(loop, top, chain)
         captured: Stall | None = None
         tentative: Stall | None = None
         if same_step and self.stall is None:
             if now - self.held_since >= self.threshold_s:
-                captured = self._capture(loop, top, chain, self.held_since)
+                captured = self._dated_line(now, self._capture(loop, top, chain, self.held_since))
             elif self.beat_next and now - self.held_since >= self.threshold_s * TENTATIVE_SHARE:
-                tentative = self._capture(loop, top, chain)
+                tentative = self._dated_line(now, self._capture(loop, top, chain))
         self.meter.glance(thread_id, late + (wake.head if wake is not None else 0.0), self.threshold_s)
         # The step newly seen, kept like `held` (the probe's, so that
         # `Watchdog.remove` lets go of it): no local of ours refers to the
         # loop or its frames while `settle` reads clocks.
         self.seen = callback if not idle and not same_step else None
         self.seen_beats = self.beats
-        return Look(thread_id, compiled, idle, same_step, early, captured, dated, fresh, tentative)
+        return Look(thread_id, compiled, idle, same_step, early, captured, dated, fresh, tentative, held_line)
+
+    def _dated_line(self, now: float, seen: Stall) -> Stall:
+        """*seen*, the line a look sees the step followed at, or the line a
+        late look dated it at, where the loop thread's hold of the GIL let
+        go, when that hold is most of the step so far.  A translate() of
+        1.1x the threshold, its look 98 ms late (our own wait for a CPU
+        left out, under the threshold): the step was dated back and the
+        look at the crossing, 2 ms on, saw the caller's next line (3.13)."""
+        dated = self.dated_line
+        if dated is not None and 2 * (self.dated_at - self.held_since) >= now - self.held_since:
+            return dated
+        return seen
 
     def settle(self, look: Look, now: float, wake: Wake | None) -> float:
         """The second half of a look: the clocks (reads that release the
@@ -478,6 +512,7 @@ class LoopProbe:
             since = now - wake.late()
             self.finish(since)
             self._follow(since)
+            self.dated_line, self.dated_at = look.held_line, now
             meter.mark = mark_at(prev, clocks, since, 2 * self.look_s)
             self.beat_next = self._post_beat()
             return min(self.look_s, max(since + self.threshold_s - now, 0.001))
@@ -500,6 +535,7 @@ class LoopProbe:
         self.held_since = since
         self.held_beats = self.seen_beats
         self.seen = None
+        self.dated_line = None
 
     def _still(self, now: float, captured: Stall | None, tentative: Stall | None = None) -> float:
         """The step followed is still running: how soon to look again."""
@@ -631,7 +667,7 @@ class LoopProbe:
         if self.beats != self.held_beats and self.held_since < self.beat_time < end:
             end = self.beat_time  # the loop said when it got free
         self._end_stall(end)
-        self.held = None
+        self.held = self.dated_line = None
         self.beat_next = False
         pending = self.tentative
         if pending is None or self.beats == pending.beats:
