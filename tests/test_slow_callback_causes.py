@@ -669,6 +669,25 @@ class TestALineADatedLookSaw:
         assert probe.dated_line is None
 
 
+class TestACollectorPauseIsDatedFromTheCollection:
+    def test_a_collection_that_began_after_the_wake_up_was_due_dates_the_stall(self):
+        """A wake-up due on the watchdog's own clock, 63 ms before the
+        collection's step began, made a 250 ms pause a 340 ms stall: the
+        collection's own start is the later bound."""
+        clock = GcClock()
+        due = time.perf_counter()
+        time.sleep(0.02)
+        began = time.perf_counter()
+        clock._gc_callback("start", {"generation": 2})  # as gc.callbacks calls it
+        while time.thread_time() - clock.started_cpu < 2 * GcClock.PAUSE_FLOOR_S:
+            pass  # the collection's CPU time
+        assert clock.began_since(due) is not None  # in progress
+        clock._gc_callback("stop", {"generation": 2})
+        first = clock.began_since(due)
+        assert first is not None and due < began <= first <= time.perf_counter()
+        assert clock.began_since(time.perf_counter()) is None
+
+
 class TestAnExitDuringALook:
     def test_a_stall_a_look_records_as_the_program_exits_is_flushed(self):
         """A late look captures a stall, then reads clocks (letting the GIL

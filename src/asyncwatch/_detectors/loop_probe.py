@@ -493,8 +493,16 @@ class LoopProbe:
             and (held_by != "loop" or (early.site is not None and not look.fresh))
         ):
             # Dated from when the wake-up was due: whoever held the GIL,
-            # the loop could not go on until we took it.
-            self._late_stall(early, now - wake.raw, prev, clocks, now, held_by == "loop")
+            # the loop could not go on until we took it.  A collection
+            # that began later dates it instead: a wake-up due on our own
+            # clock, 63 ms before the collection's step began, made a
+            # 250 ms pause a 340 ms stall.
+            since = now - wake.raw
+            if held_by == "gc":
+                began = meter.gc_clock.began_since(since)
+                if began is not None:
+                    since = max(since, began)
+            self._late_stall(early, since, prev, clocks, now, held_by == "loop")
             return self.tick_s
         meter.note_others(prev, clocks, thread_id)
         if look.same_step:

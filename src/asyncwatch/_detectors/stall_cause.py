@@ -81,8 +81,8 @@ class GcClock:
         self.total = 0.0
         self.started = 0.0  # wall clock, while a collection runs
         self.started_cpu = 0.0
-        #: (when it ended, CPU seconds) of the last long collections
-        self.pauses: collections.deque[tuple[float, float]] = collections.deque(maxlen=64)
+        #: (when it ended, CPU seconds, when it began) of the last long collections
+        self.pauses: collections.deque[tuple[float, float, float]] = collections.deque(maxlen=64)
 
     def _gc_callback(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
@@ -92,17 +92,26 @@ class GcClock:
             spent = time.thread_time() - self.started_cpu
             self.total += spent
             if spent >= self.PAUSE_FLOOR_S:
-                self.pauses.append((time.perf_counter(), spent))
+                self.pauses.append((time.perf_counter(), spent, self.started))
             self.started = 0.0
 
     def pauses_since(self, since: float, now: float, floor: float) -> float:
         """CPU time of the collections, each at least *floor* long, that
         ended after *since* (one in progress that long included)."""
-        total = sum(spent for end, spent in list(self.pauses) if end > since and spent >= floor)
+        total = sum(spent for end, spent, _ in list(self.pauses) if end > since and spent >= floor)
         started = self.started
         if started and now - started >= floor:
             total += now - started
         return total
+
+    def began_since(self, since: float) -> float | None:
+        """When the first long collection that ended after *since*, or the
+        one in progress, began (wall clock); None if there was none."""
+        began = [start for end, _, start in list(self.pauses) if end > since]
+        started = self.started
+        if started:
+            began.append(started)
+        return min(began) if began else None
 
     def read(self, now: float) -> float:
         """Collection time so far; one in progress counts its wall time."""
