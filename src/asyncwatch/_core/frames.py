@@ -215,6 +215,10 @@ def _loop_dispatch_codes() -> frozenset[CodeType]:
 #: here, and whatever lies further out (``asyncio.run(main())``) did not
 #: create what the callback made.
 LOOP_DISPATCH = _loop_dispatch_codes()
+#: The same, by id, for a hot path: a code object hashes its bytecode and
+#: constants on every lookup, an int does not.  Module-level functions' code
+#: objects live as long as the interpreter, so the ids stay theirs.
+LOOP_DISPATCH_IDS = frozenset(id(code) for code in LOOP_DISPATCH)
 LOOP_DISPATCH_NAMES = frozenset((c.co_filename, c.co_name) for c in LOOP_DISPATCH)
 
 

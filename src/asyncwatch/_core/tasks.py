@@ -38,7 +38,7 @@ from typing import Any
 from . import loops
 from .detector import Hooks, WatchedLoop, watches
 from .findings import Site
-from .frames import LOOP_DISPATCH, _is_library_cache, code_site, is_library_file, is_own_file, qualname_of
+from .frames import LOOP_DISPATCH_IDS, _is_library_cache, code_site, is_library_file, is_own_file, qualname_of
 from .runtime import report_internal_error
 from .stepping import TimedCoroutine
 
@@ -491,12 +491,6 @@ def _first_caller_depth(loop: asyncio.AbstractEventLoop) -> int:
 _library_cache = _is_library_cache
 
 
-# The event loop's dispatch (`LOOP_DISPATCH`), by id: a code object hashes
-# its bytecode and constants on every lookup, an int does not.  Module-level
-# functions' code objects live as long as the interpreter, so ids stay theirs.
-_LOOP_DISPATCH_IDS = frozenset(id(code) for code in LOOP_DISPATCH)
-
-
 # asyncio functions that create many tasks from one frame, on behalf of their
 # caller, through asyncio's own code only (gather -> ensure_future ->
 # loop.create_task).  While such a frame stays at the same instruction, every
@@ -516,7 +510,7 @@ def _make_factory(state: TaskFactory, depth: int, hooks: Hooks | None) -> Callab
     library = _library_cache
     gather = _GATHER
     running_loop = asyncio.events._get_running_loop
-    dispatch = _LOOP_DISPATCH_IDS
+    dispatch = LOOP_DISPATCH_IDS
     # The gather frame of the fan-out in progress, called straight from
     # application code, its depth below the factory, and the creation site
     # of every task it makes (its caller's code and offset).  The frame is
