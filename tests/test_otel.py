@@ -888,6 +888,21 @@ async def every_end(reader: InMemoryMetricReader, seen: dict[str, Any]) -> None:
         task.exception()
 
 
+def run_every_end(loop_name, spans, mode, provider, reader) -> tuple[list[Any], dict[str, Any]]:
+    """`every_end` with *mode*'s spans and metrics to *provider*: the findings, and what it saw."""
+    seen: dict[str, Any] = {}
+    found = run_traced(
+        loop_name,
+        functools.partial(every_end, reader, seen),
+        spans,
+        spans=mode,
+        metrics=True,
+        slow_callback_ms=60_000,  # every_end's own full collection on the loop is no finding of interest
+        meter_provider=provider,
+    )
+    return found, seen
+
+
 class TestTaskCounts:
     """Metrics with spans "notable" (``--otlp``'s default) or "off": exact task counts, and no per-task wrapper."""
 
@@ -896,16 +911,7 @@ class TestTaskCounts:
         """Finished, failed, cancelled (by cancel() or by what it awaited), destroyed and pending tasks;
         with notable spans (``--otlp``'s default) or none."""
         provider, reader = meter
-        seen: dict[str, Any] = {}
-        found = run_traced(
-            loop_name,
-            functools.partial(every_end, reader, seen),
-            spans,
-            spans=mode,
-            metrics=True,
-            slow_callback_ms=60_000,  # every_end's own full collection on the loop is no finding of interest
-            meter_provider=provider,
-        )
+        found, seen = run_every_end(loop_name, spans, mode, provider, reader)
         assert not seen["wrapped"] and seen["repr"] == "<Task finished"
         # A task that counts its end when freed still runs asyncio's finalizer, which reports it.
         assert [f.kind.value for f in found] == ["task_destroyed_pending"]
@@ -919,16 +925,7 @@ class TestTaskCounts:
         for mode in ("all", "notable"):
             reader = InMemoryMetricReader()
             provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
-            seen: dict[str, Any] = {}
-            run_traced(
-                loop_name,
-                functools.partial(every_end, reader, seen),
-                spans,
-                spans=mode,
-                metrics=True,
-                slow_callback_ms=60_000,  # every_end's own full collection on the loop is no finding of interest
-                meter_provider=provider,
-            )
+            _, seen = run_every_end(loop_name, spans, mode, provider, reader)
             counts[mode] = (seen["midway"], task_counts(metric_points(reader)))
             provider.shutdown()
         assert counts["notable"] == counts["all"]
@@ -936,16 +933,7 @@ class TestTaskCounts:
     def test_tasks_are_counted_without_a_tracer_provider(self, loop_name, meter):
         """Metrics alone (traces not configured): the counts need no span."""
         provider, reader = meter
-        seen: dict[str, Any] = {}
-        run_traced(
-            loop_name,
-            functools.partial(every_end, reader, seen),
-            None,
-            spans="notable",
-            metrics=True,
-            slow_callback_ms=60_000,  # every_end's own full collection on the loop is no finding of interest
-            meter_provider=provider,
-        )
+        _, seen = run_every_end(loop_name, None, "notable", provider, reader)
         assert seen["midway"] == EVERY_END_MIDWAY and task_counts(metric_points(reader)) == EVERY_END
 
     def test_task_counters_never_decrease_across_collections(self, loop_name, spans, meter, monkeypatch):
