@@ -40,10 +40,12 @@ class TaskExceptionDetector(Detector):
         if isinstance(task, asyncio.Task):
             watch.emit(unretrieved_finding(task, exc))
             forget(task)
-        elif isinstance(task, asyncio.Future) and created_at(task) is not None:
+        elif isinstance(task, asyncio.Future):
             # A gather() neither awaited nor kept, whose child failed: the
             # factory left its line on it.
-            watch.emit(gather_unretrieved_finding(task, exc))
+            where = created_at(task)
+            if where is not None:
+                watch.emit(gather_unretrieved_finding(task, exc, where))
 
 
 def _traceback_sites(exc: BaseException) -> tuple[Site, ...]:
@@ -56,9 +58,9 @@ def _traceback_sites(exc: BaseException) -> tuple[Site, ...]:
     return tuple(tb_sites)
 
 
-def gather_unretrieved_finding(gathering: asyncio.Future[Any], exc: BaseException) -> Finding:
-    """The finding for a ``gather()``'s future that failed with *exc*, which nobody retrieved."""
-    where = created_at(gathering)
+def gather_unretrieved_finding(gathering: asyncio.Future[Any], exc: BaseException, where: Site) -> Finding:
+    """The finding for a ``gather()``'s future, made at *where*, that failed
+    with *exc*, which nobody retrieved."""
     children = getattr(gathering, "_children", None) or ()
     coro = coro_name(children[0]) if children and isinstance(children[0], asyncio.Task) else None
     what = f" (the first runs {coro!r})" if coro else ""
