@@ -46,6 +46,7 @@ def _snapshot(loop: asyncio.AbstractEventLoop | None = None) -> dict[str, object
         "set_running_loop": asyncio.events._set_running_loop,
         "runner_init": asyncio.Runner.__dict__.get("_lazy_init"),
         "run_until_complete": asyncio.base_events.BaseEventLoop.__dict__["run_until_complete"],
+        "gathering_future_init": asyncio.tasks._GatheringFuture.__dict__["__init__"],
         "policy": get_policy(),
         "origin_depth": sys.get_coroutine_origin_tracking_depth(),
         "gc_callbacks": list(gc.callbacks),
@@ -286,6 +287,21 @@ class TestUninstall:
             assert _snapshot(loop) == before
         finally:
             loop.close()
+
+    def test_restores_gathers_init_which_it_wraps_while_a_loop_is_watched(self):
+        """The task detectors wrap ``_GatheringFuture.__init__`` (a gather of gathers makes no task)."""
+        before = _snapshot()
+        seen = []
+
+        async def main():
+            seen.append(asyncio.tasks._GatheringFuture.__dict__["__init__"])
+
+        handle = asyncwatch.install(log=False)
+        asyncio.run(main())
+        handle.uninstall()
+        assert seen[0] is not before["gathering_future_init"]
+        assert seen[0].__wrapped__ is before["gathering_future_init"]
+        assert _snapshot() == before
 
     def test_restores_process_wide_hooks(self):
         """Warnings hook, loop-start hook, policy, origin tracking and gc callbacks come back."""

@@ -382,6 +382,62 @@ class TestLostGathers:
         gc_collect_harder()
         assert watched.findings == []
 
+    def test_a_gather_of_gathers_neither_awaited_nor_kept_is_reported_at_the_outer_gather_line(self, watched):
+        """The outer gather makes no task (its awaitables are futures): its line is still known."""
+
+        def query_all(regions):
+            per_region = [asyncio.gather(*(wait_forever() for _ in shards)) for shards in regions]
+            asyncio.gather(*per_region)  # <- gather of gathers, dropped
+
+        async def main():
+            query_all([["eu-1", "eu-2"], ["us-1"]])
+            await let_tasks_run()
+
+        watched.run(main)
+
+        assert watched.kinds() == ["task_destroyed_pending"]
+        [finding] = watched.findings
+        assert (finding.site.file, finding.site.line) == (__file__, line_of("# <- gather of gathers, dropped"))
+        assert finding.site.function == query_all.__qualname__
+        assert finding.created_at == finding.site
+        assert finding.coroutine == wait_forever.__qualname__
+        assert "gather() of 2 awaitables (the first task of the gathers it gathered runs" in finding.message
+
+    def test_a_gather_of_gathers_and_tasks_is_one_finding(self, watched):
+        """Its own task and its gathers' tasks lead to the same lost gather: reported once."""
+
+        async def main():
+            asyncio.gather(asyncio.gather(wait_forever()), wait_forever())  # <- mixed gather, dropped
+            await let_tasks_run()
+
+        watched.run(main)
+
+        assert watched.kinds() == ["task_destroyed_pending"]
+        assert sites_of(watched.findings) == [(__file__, line_of("# <- mixed gather, dropped"))]
+
+    def test_an_awaited_gather_of_gathers_is_silent(self, watched):
+        async def main():
+            await asyncio.gather(asyncio.gather(asyncio.sleep(0), asyncio.sleep(0)), asyncio.sleep(0))
+            inner = [asyncio.gather(asyncio.sleep(0)) for _ in range(2)]
+            await asyncio.gather(*inner)
+            await let_tasks_run()
+
+        watched.run(main)
+        assert watched.findings == []
+
+    def test_gathers_kept_then_gathered_and_awaited_later_are_silent(self, watched):
+        """The gathers wait unawaited for a step, then are awaited through a gather of them."""
+
+        async def main():
+            inner = [asyncio.gather(asyncio.sleep(0.01)) for _ in range(2)]
+            await asyncio.sleep(0)
+            gc.collect()
+            await asyncio.gather(*inner)
+            await let_tasks_run()
+
+        watched.run(main)
+        assert watched.findings == []
+
     def test_gather_awaited_by_a_lost_task_is_the_task_finding_only(self, watched):
         """The task awaiting the gather is what was lost: reported once, at its create_task line."""
 
@@ -484,6 +540,26 @@ class TestTaskExceptionUnretrieved:
         assert "gather() of 2 awaitables" in finding.message
         assert "ValueError: boom" in finding.message
         assert finding.stack and finding.stack[-1].function == fail.__qualname__
+
+    def test_a_failed_gather_of_gathers_neither_awaited_nor_kept_is_reported_at_the_outer_line(self, watched):
+        """The inner gather's exception is retrieved by the outer one, whose own nobody retrieves."""
+
+        async def main():
+            inner = asyncio.gather(fail(), wait_forever())
+            asyncio.gather(inner, wait_forever())  # <- failing gather of a gather, dropped
+            del inner
+            await let_tasks_run()
+
+        watched.run(main)
+
+        assert watched.kinds() == ["task_exception_unretrieved"]
+        [finding] = watched.findings
+        assert (finding.site.file, finding.site.line) == (
+            __file__,
+            line_of("# <- failing gather of a gather, dropped"),
+        )
+        assert finding.coroutine == fail.__qualname__
+        assert "ValueError: boom" in finding.message
 
     def test_a_failed_gather_asked_for_its_exception_is_silent(self, watched):
         """A done callback that checks the gather retrieves its exception."""

@@ -228,7 +228,7 @@ def app_frame_in_callback(frame: FrameType | None) -> FrameType | None:
     function used as a callback) has no application caller."""
     while frame is not None:
         code = frame.f_code
-        if code in LOOP_DISPATCH:
+        if id(code) in LOOP_DISPATCH_IDS:
             return None
         if not is_library_file(code.co_filename):
             return frame
@@ -246,6 +246,7 @@ def _interrupt_codes() -> frozenset[CodeType]:
 #: Signal handlers that cancel a task: their caller is whatever line the
 #: signal interrupted, which did not ask for it.
 _INTERRUPTS = _interrupt_codes()
+_INTERRUPT_IDS = frozenset(id(code) for code in _INTERRUPTS)
 
 
 def app_frame_in_running_loop(frame: FrameType | None) -> FrameType | None:
@@ -265,7 +266,7 @@ def app_frame_in_running_loop(frame: FrameType | None) -> FrameType | None:
     running = asyncio.events._get_running_loop() is not None
     while frame is not None:
         code = frame.f_code
-        if (running and code in LOOP_DISPATCH) or code in _INTERRUPTS:
+        if (running and id(code) in LOOP_DISPATCH_IDS) or id(code) in _INTERRUPT_IDS:
             return None
         if not is_library_file(code.co_filename):
             return frame

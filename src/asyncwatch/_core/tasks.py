@@ -38,7 +38,15 @@ from typing import Any
 from . import loops
 from .detector import Hooks, WatchedLoop, watches
 from .findings import Site
-from .frames import LOOP_DISPATCH_IDS, _is_library_cache, code_site, is_library_file, is_own_file, qualname_of
+from .frames import (
+    LOOP_DISPATCH_IDS,
+    _is_library_cache,
+    app_frame_in_running_loop,
+    code_site,
+    is_library_file,
+    is_own_file,
+    qualname_of,
+)
 from .runtime import report_internal_error
 from .stepping import TimedCoroutine
 
@@ -54,6 +62,9 @@ __all__ = [
     "coro_of",
     "created_at",
     "forget",
+    "gathered_coroutine",
+    "hold_gather_sites",
+    "release_gather_sites",
     "task_context",
     "user_coro_of",
 ]
@@ -699,6 +710,7 @@ def _tell_gathered(
     finding the future, and is not watched (a task awaiting it that is lost
     is reported itself)."""
     watch: WatchedLoop | None = None
+    told: set[int] = set()
     for frame, task, site in made:
         if site is not None and _awaited_at_once(*site):
             continue
@@ -709,30 +721,43 @@ def _tell_gathered(
             # gather's finished frame still has its future (a dict of its
             # locals, built only here).
             outer = frame.f_locals.get("outer")
-            if not isinstance(outer, asyncio.Future):
+        if not isinstance(outer, asyncio.Future):
+            continue
+        for lost in _unawaited(outer):
+            if id(lost) in told:
+                continue  # the gather of several gathers made here
+            told.add(id(lost))
+            where = _lost_gather_site(lost, outer, site)
+            if lost.done():
                 continue
-        if outer is None or outer._callbacks:
-            continue
-        if site is not None:
-            # Where it was made, should it fail with nobody asking: asyncio
-            # then says "_GatheringFuture exception was never retrieved",
-            # with no line (`created_at` reads it; a gather's future is a
-            # Python object with a __dict__).
-            with contextlib.suppress(AttributeError):
-                outer._aw_site = site  # type: ignore[attr-defined]
-        if outer.done():
-            continue
-        if watch is None:
-            watch = watches.get(loop)
-            if watch is None or not watch.hooks.gather_made:
-                return
-        hooks = watch.hooks
-        where = code_site(*site) if site is not None else None
-        for hook in hooks.gather_made:
-            try:
-                hook(watch, outer, where)
-            except Exception as exc:
-                hooks.failed(hook, exc)
+            if watch is None:
+                watch = watches.get(loop)
+                if watch is None or not watch.hooks.gather_made:
+                    return
+            hooks = watch.hooks
+            for hook in hooks.gather_made:
+                try:
+                    hook(watch, lost, where)
+                except Exception as exc:
+                    hooks.failed(hook, exc)
+
+
+def _lost_gather_site(
+    lost: asyncio.Future[Any], outer: asyncio.Future[Any], site: tuple[CodeType, int] | None
+) -> Site | None:
+    """Where gather's future *lost* was made: *site*, where its tasks were
+    made, for *outer* itself; for a gather of it (of gathers...), which made
+    no task of its own, the line `_GatherSites` left on it."""
+    if lost is not outer:
+        site = getattr(lost, "_aw_site", None)
+    elif site is not None:
+        # Where it was made, should it fail with nobody asking: asyncio then
+        # says "_GatheringFuture exception was never retrieved", with no line
+        # (`created_at` reads it; a gather's future is a Python object with
+        # a __dict__).
+        with contextlib.suppress(AttributeError):
+            outer._aw_site = site  # type: ignore[attr-defined]
+    return code_site(*site) if site is not None else None
 
 
 _CACHE = dis.opmap["CACHE"]
@@ -764,10 +789,157 @@ _OUTER_CELL = _GATHER_CALLBACK.co_freevars.index("outer") if _GATHER_CALLBACK is
 def _gathering_future_of(task: Any) -> asyncio.Future[Any] | None:
     """The future of the gather that made *task*, from gather's done callback on it."""
     for callback, _context in getattr(task, "_callbacks", None) or ():
-        if getattr(callback, "__code__", None) is _GATHER_CALLBACK:
-            outer = callback.__closure__[_OUTER_CELL].cell_contents
-            return outer if isinstance(outer, asyncio.Future) else None
+        outer = _gather_of_callback(callback)
+        if outer is not None:
+            return outer
     return None
+
+
+def _gather_of_callback(callback: Any) -> asyncio.Future[Any] | None:
+    """The future of the gather whose done callback *callback* is, or None."""
+    if getattr(callback, "__code__", None) is _GATHER_CALLBACK:
+        outer = callback.__closure__[_OUTER_CELL].cell_contents
+        return outer if isinstance(outer, asyncio.Future) else None
+    return None
+
+
+def _unawaited(outer: asyncio.Future[Any]) -> list[asyncio.Future[Any]]:
+    """The futures whose loss would lose gather's future *outer*: *outer*
+    itself when nothing waits on it; when only gathers do (a gather of
+    gathers), theirs, outwards; none when anything else does (a task
+    awaiting it, ``shield``, a done callback of the program's)."""
+    found: list[asyncio.Future[Any]] = []
+    todo = [outer]
+    while todo:
+        future = todo.pop()
+        callbacks = future._callbacks
+        if not callbacks:
+            found.append(future)
+            continue
+        parents = [_gather_of_callback(callback) for callback, _context in callbacks]
+        if None not in parents:
+            todo.extend(parents)  # type: ignore[arg-type]
+    return found
+
+
+def gathered_coroutine(gathering: asyncio.Future[Any]) -> tuple[str | None, str]:
+    """The name of the coroutine that the first task of gather's future
+    *gathering* runs (through gathers it gathered), and how a message says so:
+    ``" (the first runs 'fetch')"``, or ``""`` when there is none."""
+    nested = False
+    for _ in range(100):  # gathers nest as deep as the program wrote them
+        children = getattr(gathering, "_children", None)
+        if not children:
+            break
+        first = children[0]
+        if isinstance(first, asyncio.Task):
+            name = coro_name(first)
+            if name is None:
+                break
+            which = "the first task of the gathers it gathered" if nested else "the first"
+            return name, f" ({which} runs {name!r})"
+        gathering, nested = first, True
+    return None, ""
+
+
+# --- where a gather was called -------------------------------------------------
+
+
+class _GatherSites:
+    """``_GatheringFuture.__init__`` wrapped to leave on each gather's future
+    the application line that called ``gather`` (``_aw_site``, as the task
+    factory leaves on a task), while any detector holds it.
+
+    The task factory sees a gather only through the tasks it makes; a gather
+    of futures alone (a gather of gathers) makes none, and this is the one
+    moment its line can be had.  Once per gather call, never per task: a walk
+    out to the first application frame, usually gather's caller.
+
+    Applied while held (`hold_gather_sites`); restored when the last holder
+    lets go, unless someone wrapped it since (then ours stays in their chain,
+    inert), as `asyncwatch._patches.Patch` does.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.holders = 0
+        self.active = False  # held, and no error of ours since
+        self.original: Any = None
+        self.installed: Any = None
+
+    def hold(self) -> None:
+        with self.lock:
+            self.holders += 1
+            self.active = True
+            if self.installed is None and _GATHER_INIT_KNOWN:
+                self.original = original = _GatheringFuture.__dict__["__init__"]
+                self.installed = self._wrap(original)
+                _GatheringFuture.__init__ = self.installed
+
+    def release(self) -> None:
+        with self.lock:
+            self.holders = max(0, self.holders - 1)
+            self.active = self.active and self.holders > 0
+            if self.holders or self.installed is None:
+                return
+            if _GatheringFuture.__dict__.get("__init__") is self.installed:
+                _GatheringFuture.__init__ = self.original
+            self.installed = self.original = None
+
+    def _wrap(self, original: Callable[..., None]) -> Callable[..., None]:
+        sites = self
+        getframe = sys._getframe
+        library = _library_cache
+        gather = _GATHER
+
+        # gather's own signature (3.11-3.14), not (*args, **kwargs), and the
+        # walk only past library frames: timeit, +750 ns a gather with both,
+        # +200 ns without (asyncio's own __init__: 550 ns).
+        def __init__(self: Any, children: Any, *, loop: Any) -> None:
+            try:
+                original(self, children, loop=loop)
+            except BaseException as exc:
+                _drop_frame(exc, code)
+                raise
+            if sites.active:
+                try:
+                    frame: FrameType | None = getframe(1)
+                    if frame is not None and frame.f_code is gather:
+                        frame = frame.f_back
+                    if frame is not None and library.get(frame.f_code.co_filename) is not False:
+                        frame = app_frame_in_running_loop(frame)  # called through a library
+                    if frame is not None:
+                        self._aw_site = (frame.f_code, frame.f_lasti)
+                    del frame
+                except Exception as exc:
+                    sites.active = False  # inert until asyncwatch starts again
+                    report_internal_error("gather sites", exc)
+
+        code = __init__.__code__
+        functools.update_wrapper(__init__, original)
+        return __init__
+
+
+_GatheringFuture: Any = getattr(asyncio.tasks, "_GatheringFuture", None)
+# Wrapped only where its signature is the one the wrapper takes (3.11-3.14):
+# elsewhere a gather of gathers has no known line, rather than a broken gather.
+_gather_init_code: Any = getattr(getattr(_GatheringFuture, "__init__", None), "__code__", None)
+_GATHER_INIT_KNOWN = (
+    _gather_init_code is not None
+    and _gather_init_code.co_varnames[:3] == ("self", "children", "loop")
+    and (_gather_init_code.co_argcount, _gather_init_code.co_kwonlyargcount) == (2, 1)
+)
+_gather_sites = _GatherSites()
+
+
+def hold_gather_sites() -> None:
+    """Record where each gather is called from now on (until `release_gather_sites`)."""
+    _gather_sites.hold()
+
+
+def release_gather_sites() -> None:
+    """Undo one `hold_gather_sites`; the last one restores asyncio's gather."""
+    _gather_sites.release()
 
 
 def _tell_created(task: Task, coro: Any, site: tuple[CodeType, int] | None, hooks: Hooks) -> None:

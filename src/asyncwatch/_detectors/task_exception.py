@@ -12,10 +12,10 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-from .._core.detector import Detector, WatchedLoop
+from .._core.detector import Detector, DetectorContext, WatchedLoop
 from .._core.findings import Finding, FindingKind, Site
 from .._core.frames import describe_exception, frame_site
-from .._core.tasks import coro_name, created_at, forget
+from .._core.tasks import coro_name, created_at, forget, gathered_coroutine, hold_gather_sites, release_gather_sites
 
 __all__ = ["NEVER_RETRIEVED", "TaskExceptionDetector"]
 
@@ -28,6 +28,12 @@ class TaskExceptionDetector(Detector):
 
     kind = FindingKind.TASK_EXCEPTION_UNRETRIEVED
     needs_task_factory = True  # creation sites
+
+    def install(self, context: DetectorContext) -> None:
+        hold_gather_sites()  # the line of a failed gather of gathers, which makes no task
+
+    def uninstall(self) -> None:
+        release_gather_sites()
 
     def exception_context(self, watch: WatchedLoop, context: Mapping[str, Any]) -> None:
         message = context.get("message")
@@ -62,8 +68,7 @@ def gather_unretrieved_finding(gathering: asyncio.Future[Any], exc: BaseExceptio
     """The finding for a ``gather()``'s future, made at *where*, that failed
     with *exc*, which nobody retrieved."""
     children = getattr(gathering, "_children", None) or ()
-    coro = coro_name(children[0]) if children and isinstance(children[0], asyncio.Task) else None
-    what = f" (the first runs {coro!r})" if coro else ""
+    coro, what = gathered_coroutine(gathering)
     return Finding(
         kind=FindingKind.TASK_EXCEPTION_UNRETRIEVED,
         message=(

@@ -26,7 +26,15 @@ from typing import Any
 from .._core.collecting import after_collections, collecting, no_longer_after_collections
 from .._core.detector import Detector, DetectorContext, WatchedLoop
 from .._core.findings import Finding, FindingKind, Site
-from .._core.tasks import coro_name, created_at, forget, user_coro_of
+from .._core.tasks import (
+    coro_name,
+    created_at,
+    forget,
+    gathered_coroutine,
+    hold_gather_sites,
+    release_gather_sites,
+    user_coro_of,
+)
 
 __all__ = ["DESTROYED_PENDING", "TaskGarbageDetector"]
 
@@ -51,8 +59,10 @@ class TaskGarbageDetector(Detector):
     def install(self, context: DetectorContext) -> None:
         self._context = context
         after_collections(self._after_collection)
+        hold_gather_sites()  # the line of a gather of gathers, which makes no task
 
     def uninstall(self) -> None:
+        release_gather_sites()
         no_longer_after_collections(self._after_collection)
         with self._lock:
             self._gathered.clear()  # the references go, and with them their callbacks
@@ -127,7 +137,7 @@ class TaskGarbageDetector(Detector):
 class _LostGather(weakref.ref):  # type: ignore[type-arg]
     """A weak reference to a gather's future, with what its finding needs."""
 
-    __slots__ = ("coroutine", "future_id", "site", "tasks", "watch")
+    __slots__ = ("coroutine", "future_id", "site", "tasks", "watch", "what")
 
     def __new__(
         cls, gathering: asyncio.Future[Any], callback: Any, watch: WatchedLoop, site: Site | None
@@ -141,11 +151,11 @@ class _LostGather(weakref.ref):  # type: ignore[type-arg]
         self.site = site
         children = getattr(gathering, "_children", ())
         self.tasks = len(children)
-        # The first child's coroutine only: naming them all would cost every task.
-        self.coroutine = coro_name(children[0]) if children else None
+        # The first task's coroutine only: naming them all would cost every task.
+        self.coroutine, self.what = gathered_coroutine(gathering)
 
     def finding(self) -> Finding:
-        what = f" (the first runs {self.coroutine!r})" if self.coroutine else ""
+        what = self.what
         return Finding(
             kind=FindingKind.TASK_DESTROYED_PENDING,
             message=(
