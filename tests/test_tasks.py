@@ -415,6 +415,21 @@ class TestLostGathers:
         assert watched.kinds() == ["task_destroyed_pending"]
         assert sites_of(watched.findings) == [(__file__, line_of("# <- mixed gather, dropped"))]
 
+    def test_gathers_made_a_step_before_the_lost_gather_of_them_are_its_one_finding(self, watched):
+        """The gathers were kept a step (each unawaited then), then handed to a gather that is dropped."""
+
+        async def main():
+            inner = [asyncio.gather(wait_forever()) for _ in range(2)]
+            await asyncio.sleep(0)
+            asyncio.gather(*inner)  # <- later gather of gathers, dropped
+            del inner
+            await let_tasks_run()
+
+        watched.run(main)
+
+        assert watched.kinds() == ["task_destroyed_pending"]
+        assert sites_of(watched.findings) == [(__file__, line_of("# <- later gather of gathers, dropped"))]
+
     def test_an_awaited_gather_of_gathers_is_silent(self, watched):
         async def main():
             await asyncio.gather(asyncio.gather(asyncio.sleep(0), asyncio.sleep(0)), asyncio.sleep(0))

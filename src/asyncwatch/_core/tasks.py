@@ -891,6 +891,7 @@ class _GatherSites:
         getframe = sys._getframe
         library = _library_cache
         gather = _GATHER
+        gathering = _GatheringFuture
 
         # gather's own signature (3.11-3.14), not (*args, **kwargs), and the
         # walk only past library frames: timeit, +750 ns a gather with both,
@@ -909,8 +910,15 @@ class _GatherSites:
                     if frame is not None and library.get(frame.f_code.co_filename) is not False:
                         frame = app_frame_in_running_loop(frame)  # called through a library
                     if frame is not None:
-                        self._aw_site = (frame.f_code, frame.f_lasti)
-                    del frame
+                        self._aw_site = site = (frame.f_code, frame.f_lasti)
+                        del frame
+                        if not _awaited_at_once(*site):
+                            for child in children:
+                                if type(child) is gathering:
+                                    # Gathers made in an earlier step, gathered
+                                    # here: whose loss is it, once this step ends?
+                                    loops.call_soon(loop, _tell_gathers_gathered, loop, weakref.ref(self))
+                                    break
                 except Exception as exc:
                     sites.active = False  # inert until asyncwatch starts again
                     report_internal_error("gather sites", exc)
@@ -918,6 +926,29 @@ class _GatherSites:
         code = __init__.__code__
         functools.update_wrapper(__init__, original)
         return __init__
+
+
+def _tell_gathers_gathered(loop: asyncio.AbstractEventLoop, ref: weakref.ref[asyncio.Future[Any]]) -> None:
+    """Tell the `gather_made` hooks about a gather of gathers not awaited at
+    once (the loop's next callback after it was made), when nothing but
+    gathers waits on it: the gathers it holds are its loss now."""
+    outer = ref()
+    if outer is None or outer.done():
+        return
+    watch = watches.get(loop)
+    if watch is None or not watch.hooks.gather_made:
+        return
+    hooks = watch.hooks
+    for lost in _unawaited(outer):
+        if lost.done():
+            continue
+        site = getattr(lost, "_aw_site", None)
+        where = code_site(*site) if site is not None else None
+        for hook in hooks.gather_made:
+            try:
+                hook(watch, lost, where)
+            except Exception as exc:
+                hooks.failed(hook, exc)
 
 
 _GatheringFuture: Any = getattr(asyncio.tasks, "_GatheringFuture", None)

@@ -69,9 +69,18 @@ class TaskGarbageDetector(Detector):
         self._flush_held()
 
     def gather_made(self, watch: WatchedLoop, gathering: asyncio.Future[Any], site: Site | None) -> None:
-        lost = _LostGather(gathering, self._lost, watch, site)
         with self._lock:
+            known = self._gathered.get(id(gathering))
+            if known is not None and known() is gathering:
+                return  # told again: made with tasks and of gathers (see `asyncwatch._core.tasks`)
+            lost = _LostGather(gathering, self._lost, watch, site)
             self._gathered[id(gathering)] = lost
+            # Gathers it gathered, watched since they were made: their loss
+            # is now this gather's, reported once, at its line.
+            for child in getattr(gathering, "_children", ()):
+                watched = self._gathered.get(id(child))
+                if watched is not None and watched() is child:
+                    del self._gathered[id(child)]
         gathering.add_done_callback(self._gather_done)
 
     def _gather_done(self, gathering: asyncio.Future[Any]) -> None:
