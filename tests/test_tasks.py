@@ -327,6 +327,10 @@ class TestLostGathers:
             (__file__, line_of("# <- second lost gather")),
         ]
         assert watched.kinds() == ["task_destroyed_pending"] * 2
+        assert sorted(f.message.split(" (")[0] for f in watched.findings) == [
+            "A gather() of 1 awaitable",
+            "A gather() of 2 awaitables",
+        ]
 
     def test_awaited_gather_is_silent(self, watched):
         """The ordinary use: gather awaited to completion, then dropped."""

@@ -61,8 +61,8 @@ __all__ = [
     "coro_name",
     "coro_of",
     "created_at",
+    "describe_gather",
     "forget",
-    "gathered_coroutine",
     "hold_gather_sites",
     "release_gather_sites",
     "task_context",
@@ -822,13 +822,15 @@ def _unawaited(outer: asyncio.Future[Any]) -> list[asyncio.Future[Any]]:
     return found
 
 
-def gathered_coroutine(gathering: asyncio.Future[Any]) -> tuple[str | None, str]:
+def describe_gather(gathering: asyncio.Future[Any]) -> tuple[str | None, str]:
     """The name of the coroutine that the first task of gather's future
-    *gathering* runs (through gathers it gathered), and how a message says so:
-    ``" (the first runs 'fetch')"``, or ``""`` when there is none."""
+    *gathering* runs (through gathers it gathered), and a message's words
+    for the gather: ``"A gather() of 3 awaitables (the first runs 'fetch')"``."""
+    children = getattr(gathering, "_children", None) or ()
+    count = len(children)
+    words = f"A gather() of {count} awaitable{'' if count == 1 else 's'}"
     nested = False
     for _ in range(100):  # gathers nest as deep as the program wrote them
-        children = getattr(gathering, "_children", None)
         if not children:
             break
         first = children[0]
@@ -837,9 +839,10 @@ def gathered_coroutine(gathering: asyncio.Future[Any]) -> tuple[str | None, str]
             if name is None:
                 break
             which = "the first task of the gathers it gathered" if nested else "the first"
-            return name, f" ({which} runs {name!r})"
-        gathering, nested = first, True
-    return None, ""
+            return name, f"{words} ({which} runs {name!r})"
+        children = getattr(first, "_children", None) or ()
+        nested = True
+    return None, words
 
 
 # --- where a gather was called -------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any
 from .._core.detector import Detector, DetectorContext, WatchedLoop
 from .._core.findings import Finding, FindingKind, Site
 from .._core.frames import describe_exception, frame_site
-from .._core.tasks import coro_name, created_at, forget, gathered_coroutine, hold_gather_sites, release_gather_sites
+from .._core.tasks import coro_name, created_at, describe_gather, forget, hold_gather_sites, release_gather_sites
 
 __all__ = ["NEVER_RETRIEVED", "TaskExceptionDetector"]
 
@@ -67,14 +67,10 @@ def _traceback_sites(exc: BaseException) -> tuple[Site, ...]:
 def gather_unretrieved_finding(gathering: asyncio.Future[Any], exc: BaseException, where: Site) -> Finding:
     """The finding for a ``gather()``'s future, made at *where*, that failed
     with *exc*, which nobody retrieved."""
-    children = getattr(gathering, "_children", None) or ()
-    coro, what = gathered_coroutine(gathering)
+    coro, words = describe_gather(gathering)
     return Finding(
         kind=FindingKind.TASK_EXCEPTION_UNRETRIEVED,
-        message=(
-            f"A gather() of {len(children)} awaitables{what} failed with {describe_exception(exc)} "
-            "and nobody retrieved the exception; await the gather"
-        ),
+        message=(f"{words} failed with {describe_exception(exc)} and nobody retrieved the exception; await the gather"),
         site=where,
         stack=_traceback_sites(exc),
         coroutine=coro,

@@ -29,8 +29,8 @@ from .._core.findings import Finding, FindingKind, Site
 from .._core.tasks import (
     coro_name,
     created_at,
+    describe_gather,
     forget,
-    gathered_coroutine,
     hold_gather_sites,
     release_gather_sites,
     user_coro_of,
@@ -146,7 +146,7 @@ class TaskGarbageDetector(Detector):
 class _LostGather(weakref.ref):  # type: ignore[type-arg]
     """A weak reference to a gather's future, with what its finding needs."""
 
-    __slots__ = ("coroutine", "future_id", "site", "tasks", "watch", "what")
+    __slots__ = ("coroutine", "future_id", "site", "watch", "words")
 
     def __new__(
         cls, gathering: asyncio.Future[Any], callback: Any, watch: WatchedLoop, site: Site | None
@@ -158,17 +158,14 @@ class _LostGather(weakref.ref):  # type: ignore[type-arg]
         self.future_id = id(gathering)
         self.watch = watch
         self.site = site
-        children = getattr(gathering, "_children", ())
-        self.tasks = len(children)
         # The first task's coroutine only: naming them all would cost every task.
-        self.coroutine, self.what = gathered_coroutine(gathering)
+        self.coroutine, self.words = describe_gather(gathering)
 
     def finding(self) -> Finding:
-        what = self.what
         return Finding(
             kind=FindingKind.TASK_DESTROYED_PENDING,
             message=(
-                f"A gather() of {self.tasks} awaitables{what} was destroyed by the garbage collector "
+                f"{self.words} was destroyed by the garbage collector "
                 "while still pending, and its unfinished tasks with it (asyncio does not warn for "
                 "gather's tasks); await the gather, or keep a reference to it until it is done"
             ),
