@@ -257,6 +257,25 @@ class TestPendingTasksThatAreNotLost:
         gc_collect_harder()
         assert watched.findings == []
 
+    def test_a_task_stepping_an_async_generator_is_named_after_it(self, watched):
+        """``ensure_future(anext(agen))`` runs the generator's ``asend``, which has no name of its own."""
+
+        async def ticks():
+            while True:
+                await wait_forever()
+                yield 1
+
+        async def main():
+            asyncio.ensure_future(anext(ticks()))  # <- task stepping a generator, dropped
+            await let_tasks_run()
+
+        watched.run(main)
+
+        [finding] = watched.of("task_destroyed_pending")
+        assert finding.site.line == line_of("# <- task stepping a generator, dropped")
+        assert finding.coroutine == ticks.__qualname__
+        assert f"(coroutine {ticks.__qualname__!r})" in finding.message
+
     def test_awaited_task_is_silent(self, watched):
         """A task awaited to completion is not lost."""
 

@@ -321,6 +321,12 @@ def qualname_of(obj: Any) -> str | None:
     func = getattr(obj, "__func__", None) or getattr(obj, "func", None)
     if func is not None:
         return qualname_of(func)
+    # A task running ``agen.asend(None)`` (``anext(agen)``, as aiostream's
+    # helpers make one) runs that async generator; the awaitable has no name.
+    agen = _async_generator_of(obj)
+    if agen is not None:
+        name = getattr(agen, "__qualname__", None)
+        return name if isinstance(name, str) else None
     return None
 
 
