@@ -110,6 +110,63 @@ class TestInertUntilAsked:
         result = suite.run("--asyncwatch")
         assert outcomes(result) == outcomes(suite.run("-p", "no:asyncwatch"))
 
+    @pytest.mark.parametrize("enabled", [False, True], ids=["installed", "enabled"])
+    def test_errors_in_fixtures_and_tests_show_no_frame_of_the_plugin(self, suite, enabled):
+        """A fixture failing at setup or teardown, or a test failing, is reported as without asyncwatch."""
+        suite.module(
+            """
+            import pytest
+
+            @pytest.fixture
+            def broken_setup():
+                raise RuntimeError("setup broke")
+
+            @pytest.fixture
+            def broken_teardown():
+                yield
+                raise RuntimeError("teardown broke")
+
+            def test_setup(broken_setup):
+                pass
+
+            def test_teardown(broken_teardown):
+                pass
+
+            async def test_body():
+                raise ValueError("body broke")
+            """
+        )
+        result = suite.run(*(["--asyncwatch"] if enabled else []))
+        assert outcomes(result) == outcomes(suite.run("-p", "no:asyncwatch"))
+        out = result.stdout.str()
+        assert "setup broke" in out and "teardown broke" in out and "body broke" in out
+        assert "pytest_plugin.py" not in out
+
+    @pytest.mark.parametrize("enabled", [False, True], ids=["installed", "enabled"])
+    def test_pytests_own_setup_errors_show_no_frame_of_the_plugin(self, suite, enabled):
+        """aiojobs' suite run without its asyncio mode: pytest's own setup state
+        fails an assertion for every test after the first, which pytest once
+        reported at the plugin's hook wrapper (the only frame outside pytest)."""
+        suite.file("pytest.ini", "[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+        suite.module(
+            """
+            import pytest
+
+            @pytest.fixture
+            async def scheduler():
+                yield 1
+
+            def test_first(scheduler):
+                pass
+
+            def test_second(scheduler):
+                pass
+            """
+        )
+        result = suite.run(*(["--asyncwatch"] if enabled else []))
+        assert outcomes(result) == outcomes(suite.run("-p", "no:asyncwatch"))
+        assert "pytest_plugin.py" not in result.stdout.str()
+
     def test_a_marked_function_beside_strange_objects_is_still_watched(self, suite):
         suite.module(
             STRANGE_MODULE

@@ -132,6 +132,7 @@ def pytest_pycollect_makeitem(
     # asyncwatch with its loop factories, so that those loops are watched.
     # Nothing here may raise or look into what a test module holds beyond a
     # plain function (`Watcher.asks`).
+    __tracebackhide__ = True  # see pytest_runtest_setup
     watcher = collector.config.stash[_WATCHER]
     if not watcher.active and watcher.asks(collector, obj):
         watcher.activate()
@@ -152,6 +153,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
     """Make the test the owner of what happens, from its first fixture on."""
+    # What the phase raises passes through this wrapper: pytest leaves out
+    # frames that say so, and its report shows what it shows without
+    # asyncwatch (an error in pytest's own setup state once named this line).
+    __tracebackhide__ = True
     watcher = item.config.stash[_WATCHER]
     if watcher.active:
         watcher.start_test(item)
@@ -166,12 +171,14 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     and the short summary working as usual); a test that failed anyway gets
     the findings as a section of its report instead.
     """
+    __tracebackhide__ = True  # see pytest_runtest_setup
     return (yield from _judged(item, Watcher.end_call))
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, None, None]:
     """Fail the teardown for tasks left running and for what teardown produced."""
+    __tracebackhide__ = True  # see pytest_runtest_setup
     return (yield from _judged(item, Watcher.end_test))
 
 
@@ -180,6 +187,7 @@ def _judged(
 ) -> Generator[None, None, None]:
     """Run the phase, then fail it with the text *judge* gives (a phase that
     failed anyway is only told, and its own error stands)."""
+    __tracebackhide__ = True  # see pytest_runtest_setup
     watcher = item.config.stash[_WATCHER]
     if not watcher.active:
         return (yield)
@@ -199,6 +207,7 @@ def pytest_fixture_setup(
     fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest
 ) -> Generator[None, Any, Any]:
     """Give a fixture wider than the test what it does while it sets up and tears down."""
+    __tracebackhide__ = True  # see pytest_runtest_setup
     watcher = request.config.stash[_WATCHER]
     if not watcher.active:
         return (yield)
