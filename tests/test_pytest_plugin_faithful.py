@@ -142,6 +142,24 @@ class TestInertUntilAsked:
         assert "setup broke" in out and "teardown broke" in out and "body broke" in out
         assert "pytest_plugin.py" not in out
 
+    def test_a_test_failed_for_a_finding_shows_the_finding_and_nothing_about_frames(self, suite):
+        suite.module(
+            """
+            import asyncio
+
+            async def save():
+                pass
+
+            async def test_it():
+                save()  # <- never awaited
+            """
+        )
+        result = suite.run("--asyncwatch")
+        assert outcomes(result) == {"failed": 1}
+        out = result.stdout.str()
+        assert "coroutine_never_awaited" in out and f"test_it.py:{suite.line_of('# <- never')}" in out
+        assert "traceback entries are hidden" not in out and "pytest_plugin.py" not in out
+
     @pytest.mark.parametrize("enabled", [False, True], ids=["installed", "enabled"])
     def test_pytests_own_setup_errors_show_no_frame_of_the_plugin(self, suite, enabled):
         """aiojobs' suite run without its asyncio mode: pytest's own setup state

@@ -12,7 +12,7 @@ work is done by `asyncwatch._pytest_support.Watcher`.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -198,8 +198,15 @@ def _judged(
         raise
     failure = judge(watcher, item, False)
     if failure:
-        pytest.fail(failure, pytrace=False)
+        _fail(failure)
     return result
+
+
+def _fail(failure: str) -> NoReturn:
+    """Fail the phase with *failure*, shown as itself.  From a frame of its
+    own, not hidden: were every frame of the traceback hidden, pytest would
+    add "All traceback entries are hidden" under the message."""
+    pytest.fail(failure, pytrace=False)
 
 
 @pytest.hookimpl(wrapper=True)
