@@ -10,6 +10,8 @@ import contextlib
 import sys
 import time
 
+import pytest
+
 import asyncwatch
 from asyncwatch import Finding, FindingKind
 from asyncwatch._outputs.collect import CollectingReporter
@@ -1156,3 +1158,101 @@ class TestNeverReported:
             gc_collect_harder()
         assert [t.cancelled() for t in keep] == [True]
         assert_silent(collector.findings)
+
+
+# An installed library with a staggered race of its own (aiohappyeyeballs',
+# under aiohttp's connections): each attempt runs in the library's wrapper,
+# which records whatever the attempt raised, CancelledError included, and
+# the library cancels the attempts that lose.
+RACELIB = """
+import asyncio
+
+async def race(first, second):
+    async def attempt(make):
+        try:
+            return await make()
+        except BaseException as exc:  # recorded, as a staggered race does
+            return exc
+
+    tasks = [asyncio.create_task(attempt(first)), asyncio.create_task(attempt(second))]
+    done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    await asyncio.wait(pending)
+    return done.pop().result()
+
+async def cancel_soon(make):
+    task = asyncio.create_task(make())
+    await asyncio.sleep(0.01)
+    task.cancel()
+    return await asyncio.wait([task])
+
+def attempt_task(make):
+    async def attempt():
+        try:
+            return await make()
+        except BaseException as exc:
+            return exc
+    return asyncio.create_task(attempt())
+"""
+
+
+@pytest.fixture
+def racelib(tmp_path, monkeypatch):
+    """`racelib`, installed: in a site-packages directory, so library code to asyncwatch."""
+    site_packages = tmp_path / "lib" / "site-packages"
+    (site_packages / "racelib").mkdir(parents=True)
+    (site_packages / "racelib" / "__init__.py").write_text(RACELIB, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(site_packages))
+    import racelib
+
+    yield racelib
+    sys.modules.pop("racelib", None)
+
+
+class TestALibrarysOwnStructure:
+    """A library that cancels its own tasks, running its own coroutines, has a
+    structure of its own, as asyncio's staggered race is; the program's
+    coroutines and the program's cancel() stay reported."""
+
+    def test_a_library_race_cancelling_its_own_attempts_is_silent(self, watched, racelib):
+        async def slow():
+            await asyncio.sleep(LONG)
+
+        async def fast():
+            await asyncio.sleep(TICK)
+            return "fast"
+
+        async def main():
+            return await racelib.race(slow, fast)
+
+        assert watched.run(main) == "fast"
+        assert_silent(watched.findings)
+
+    def test_the_programs_coroutine_cancelled_by_a_library_is_still_reported(self, watched, racelib):
+        async def swallows():
+            try:
+                await asyncio.sleep(LONG)  # <- the library's cancel lands here
+            except asyncio.CancelledError:
+                return "carried on"
+
+        async def main():
+            await racelib.cancel_soon(swallows)  # <- asks the library to cancel
+
+        watched.run(main)
+        finding = the_one_swallowed(watched.findings)
+        assert (finding.site.file, finding.site.line) == (__file__, line_of("# <- the library's cancel lands here"))
+        assert finding.cancelled_by is not None
+        assert finding.cancelled_by.line == line_of("# <- asks the library to cancel")
+
+    def test_the_programs_cancel_of_a_library_task_is_still_reported(self, watched, racelib):
+        async def main():
+            task = racelib.attempt_task(lambda: asyncio.sleep(LONG))
+            await asyncio.sleep(TICK)
+            task.cancel()  # <- the program cancels
+            await task
+
+        watched.run(main)
+        finding = the_one_swallowed(watched.findings)
+        assert finding.cancelled_by is not None
+        assert finding.cancelled_by.line == line_of("# <- the program cancels")

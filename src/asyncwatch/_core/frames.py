@@ -147,6 +147,24 @@ def is_library_file(filename: str) -> bool:
     return result
 
 
+def library_package(filename: str) -> str | None:
+    """The installed package (or standard-library module) *filename* belongs
+    to, as the directory or file under its library directory
+    (``.../site-packages/aiohappyeyeballs``); None for the application's files."""
+    if not is_library_file(filename) or filename.startswith("<"):
+        return None
+    path = absolute_path(filename)
+    for marker in (f"{os.sep}site-packages{os.sep}", f"{os.sep}dist-packages{os.sep}"):
+        at = path.rfind(marker)
+        if at >= 0:
+            start = at + len(marker)
+            break
+    else:
+        start = max((len(p) for p in library_prefixes() if path.startswith(p)), default=0)
+    top = path[start:].split(os.sep, 1)[0]
+    return path[:start] + top if top else None
+
+
 def is_own_file(filename: str) -> bool:
     """Return whether *filename* is part of asyncwatch itself."""
     return filename.startswith(_PACKAGE_DIR)

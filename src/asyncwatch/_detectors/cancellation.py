@@ -48,6 +48,7 @@ from .._core.frames import (
     frame_site,
     is_library_file,
     is_own_file,
+    library_package,
     qualname_of,
     source_path,
 )
@@ -299,6 +300,8 @@ def _note_cancel(
                     owner._aw_landed = _Landed(own, *_delivery_point(task, canceller))  # type: ignore[attr-defined]
                 return
             structured = kind == _EXEMPT
+        elif frame is not None and _library_cancels_its_own(frame, task):
+            structured, canceller = True, None
         else:
             structured = False
             app = app_frame_in_running_loop(frame)
@@ -310,6 +313,25 @@ def _note_cancel(
     request.delivered_at, request.delivery_stack = _delivery_point(task, canceller)
     record.requests.append(request)
     call.notes[_NOTE] = _Note(request, False, canceller, structure)
+
+
+def _library_cancels_its_own(caller: FrameType, task: asyncio.Task[Any]) -> bool:
+    """Whether an installed library cancels, in *caller*, a task running a
+    coroutine of its own: its own structure, as asyncio's are.
+
+    aiohappyeyeballs' staggered race (aiohttp's every connection to a host
+    with several addresses) runs each attempt in ``run_one_coro``, which
+    catches BaseException to record it, and cancels the attempts that lose:
+    a copy of asyncio's own staggered race, which is exempt as asyncio's.
+    The program can neither see nor fix it; reported, it was a "swallowed
+    cancellation" on every slow first attempt.  A library task running the
+    program's coroutine (a task group's child) is the program's: still reported.
+    """
+    package = library_package(caller.f_code.co_filename)
+    if package is None:
+        return False
+    code = getattr(user_coro_of(task), "cr_code", None)
+    return code is not None and library_package(code.co_filename) == package
 
 
 def _delivery_point(task: asyncio.Task[Any], canceller: Site | None) -> tuple[Site | None, tuple[Site, ...]]:
