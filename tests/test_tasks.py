@@ -453,6 +453,20 @@ class TestLostGathers:
         assert watched.kinds() == ["task_destroyed_pending"]
         assert sites_of(watched.findings) == [(__file__, line_of("# <- later gather of gathers, dropped"))]
 
+    def test_a_gather_of_gathers_on_a_closed_loop_is_made_as_without_asyncwatch(self, capsys, caplog):
+        """Nothing to watch there, and no error of asyncwatch's (it would disable the gather wrapper)."""
+        handle = asyncwatch.install(log=False)
+        try:
+            asyncio.run(asyncio.sleep(0))  # a loop attached: the task detectors wrap gather
+            loop = asyncio.new_event_loop()
+            loop.close()
+            outer = asyncio.gather(asyncio.gather(loop.create_future()), asyncio.gather(loop.create_future()))
+            assert type(outer) is asyncio.tasks._GatheringFuture and not outer.done()
+        finally:
+            handle.uninstall()
+        out = capsys.readouterr()
+        assert "internal_error" not in out.out + out.err + caplog.text
+
     def test_an_awaited_gather_of_gathers_is_silent(self, watched):
         async def main():
             await asyncio.gather(asyncio.gather(asyncio.sleep(0), asyncio.sleep(0)), asyncio.sleep(0))

@@ -920,7 +920,8 @@ class _GatherSites:
                                 if type(child) is gathering:
                                     # Gathers made in an earlier step, gathered
                                     # here: whose loss is it, once this step ends?
-                                    loops.call_soon(loop, _tell_gathers_gathered, loop, weakref.ref(self))
+                                    if not loops.is_closed(loop):
+                                        loops.call_soon(loop, _tell_gathers_gathered, loop, weakref.ref(self))
                                     break
                 except Exception as exc:
                     sites.active = False  # inert until asyncwatch starts again
