@@ -734,12 +734,16 @@ def _tell_gathered(
                 watch = watches.get(loop)
                 if watch is None or not watch.hooks.gather_made:
                     return
-            hooks = watch.hooks
-            for hook in hooks.gather_made:
-                try:
-                    hook(watch, lost, where)
-                except Exception as exc:
-                    hooks.failed(hook, exc)
+            _tell_gather_made(watch, lost, where)
+
+
+def _tell_gather_made(watch: WatchedLoop, gathering: asyncio.Future[Any], where: Site | None) -> None:
+    hooks = watch.hooks
+    for hook in hooks.gather_made:
+        try:
+            hook(watch, gathering, where)
+        except Exception as exc:
+            hooks.failed(hook, exc)
 
 
 def _lost_gather_site(
@@ -942,17 +946,10 @@ def _tell_gathers_gathered(loop: asyncio.AbstractEventLoop, ref: weakref.ref[asy
     watch = watches.get(loop)
     if watch is None or not watch.hooks.gather_made:
         return
-    hooks = watch.hooks
     for lost in _unawaited(outer):
-        if lost.done():
-            continue
-        site = getattr(lost, "_aw_site", None)
-        where = code_site(*site) if site is not None else None
-        for hook in hooks.gather_made:
-            try:
-                hook(watch, lost, where)
-            except Exception as exc:
-                hooks.failed(hook, exc)
+        if not lost.done():
+            site = getattr(lost, "_aw_site", None)
+            _tell_gather_made(watch, lost, code_site(*site) if site is not None else None)
 
 
 _GatheringFuture: Any = getattr(asyncio.tasks, "_GatheringFuture", None)
