@@ -276,6 +276,38 @@ class TestPendingTasksThatAreNotLost:
         assert finding.coroutine == ticks.__qualname__
         assert f"(coroutine {ticks.__qualname__!r})" in finding.message
 
+    def test_a_task_whose_coroutine_has_no_name_is_named_without_it(self, watched):
+        """A hand-written coroutine object: the message names the task only, never "coroutine None"."""
+        import collections.abc
+
+        class Waiter(collections.abc.Coroutine):
+            def __init__(self):
+                self._inner = wait_forever().__await__()
+
+            def send(self, value):
+                return self._inner.send(value)
+
+            def throw(self, *exc):
+                return self._inner.throw(*exc)
+
+            def close(self):
+                self._inner.close()
+
+            def __await__(self):
+                return self
+
+        async def main():
+            asyncio.ensure_future(Waiter())  # <- nameless coroutine, dropped
+            await let_tasks_run()
+
+        watched.run(main)
+
+        [finding] = watched.of("task_destroyed_pending")
+        assert finding.site.line == line_of("# <- nameless coroutine, dropped")
+        assert finding.coroutine is None
+        assert finding.message.startswith(f"Task {finding.task!r} was destroyed"), finding.message
+        assert "None" not in finding.message
+
     def test_awaited_task_is_silent(self, watched):
         """A task awaited to completion is not lost."""
 

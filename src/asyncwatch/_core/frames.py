@@ -348,6 +348,12 @@ def qualname_of(obj: Any) -> str | None:
     return None
 
 
+def describe_task(name: str | None, coroutine: str | None) -> str:
+    """How a message names a task: ``Task 'Task-3' (coroutine 'fetch')``, or
+    without the coroutine when its name is unknown (not "coroutine None")."""
+    return f"Task {name!r} (coroutine {coroutine!r})" if coroutine is not None else f"Task {name!r}"
+
+
 def describe_exception(exc: BaseException, limit: int = 200) -> str:
     """``ValueError('boom')``-like text: the type and the user's own message only."""
     text = str(exc)

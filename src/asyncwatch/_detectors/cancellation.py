@@ -45,6 +45,7 @@ from .._core.frames import (
     app_frame_in_callback,
     app_frame_in_running_loop,
     await_chain,
+    describe_task,
     frame_site,
     is_library_file,
     is_own_file,
@@ -381,7 +382,7 @@ def _check_swallowed(task: asyncio.Task[Any]) -> None:
         Finding(
             kind=FindingKind.CANCELLATION_SWALLOWED,
             message=(
-                f"Task {name!r} (coroutine {coro!r}) was cancelled{by} but finished without "
+                f"{describe_task(name, coro)} was cancelled{by} but finished without "
                 "raising CancelledError, so the cancellation was swallowed; re-raise "
                 "CancelledError after cleanup"
             ),
@@ -457,7 +458,7 @@ def _check_timeout_swallowed(timeout: asyncio.Timeout) -> None:
         Finding(
             kind=FindingKind.CANCELLATION_SWALLOWED,
             message=(
-                f"Task {name!r} (coroutine {coro!r}) was cancelled (by the timeout, {where}) but its block "
+                f"{describe_task(name, coro)} was cancelled (by the timeout, {where}) but its block "
                 "went on without raising CancelledError, so the cancellation was swallowed and the timeout "
                 "neither ended the block nor raised TimeoutError; re-raise CancelledError after cleanup"
             ),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 
 from .._core.findings import Finding, FindingKind, Site
-from .._core.frames import source_path
+from .._core.frames import describe_task, source_path
 from . import stall_cause
 from .stall_cause import Breakdown
 
@@ -77,7 +77,7 @@ def stall_finding(
     """The ``slow_callback`` finding for *stall*, which held the loop for
     *duration* seconds (*breakdown*: where that time went, when measured)."""
     if stall.task:
-        what = f"Task {stall.task!r} (coroutine {stall.coroutine!r})"
+        what = describe_task(stall.task, stall.coroutine)
     elif stall.callback:
         what = f"Callback {stall.callback!r}"
     else:

@@ -14,7 +14,7 @@ from typing import Any
 
 from .._core.detector import Detector, DetectorContext, WatchedLoop
 from .._core.findings import Finding, FindingKind, Site
-from .._core.frames import describe_exception, frame_site
+from .._core.frames import describe_exception, describe_task, frame_site
 from .._core.tasks import coro_name, created_at, describe_gather, forget, hold_gather_sites, release_gather_sites
 
 __all__ = ["NEVER_RETRIEVED", "TaskExceptionDetector"]
@@ -86,7 +86,7 @@ def unretrieved_finding(task: asyncio.Task[Any], exc: BaseException) -> Finding:
     return Finding(
         kind=FindingKind.TASK_EXCEPTION_UNRETRIEVED,
         message=(
-            f"Task {name!r} (coroutine {coro!r}) failed with {describe_exception(exc)} "
+            f"{describe_task(name, coro)} failed with {describe_exception(exc)} "
             "and nobody retrieved the exception; await the task, or check it in a done callback"
         ),
         site=where,

@@ -26,6 +26,7 @@ from typing import Any
 from .._core.collecting import after_collections, collecting, no_longer_after_collections
 from .._core.detector import Detector, DetectorContext, WatchedLoop
 from .._core.findings import Finding, FindingKind, Site
+from .._core.frames import describe_task
 from .._core.tasks import (
     coro_name,
     created_at,
@@ -188,7 +189,7 @@ def destroyed_pending_finding(task: asyncio.Task[Any]) -> Finding:
     return Finding(
         kind=FindingKind.TASK_DESTROYED_PENDING,
         message=(
-            f"Task {name!r} (coroutine {coro!r}) was destroyed by the garbage collector "
+            f"{describe_task(name, coro)} was destroyed by the garbage collector "
             "while still pending; keep a reference to it (a set of background tasks, or a TaskGroup)"
         ),
         site=where,

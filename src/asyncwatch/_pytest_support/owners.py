@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from .._core.findings import Finding, FindingKind, Site, counts_against_program
-from .._core.frames import absolute_path, await_chain, is_library_file, relative_path
+from .._core.frames import absolute_path, await_chain, describe_task, is_library_file, relative_path
 from .._core.tasks import coro_name, created_at, task_context
 from .options import NodeOptions
 
@@ -194,7 +194,7 @@ def leaked_finding(task: asyncio.Task[Any], owner: Owner) -> Finding:
     return Finding(
         kind=FindingKind.TASK_LEAKED,
         message=(
-            f"Task {name!r} (coroutine {coro!r}) was still pending when {owner.what} ended{waiting_text}; "
+            f"{describe_task(name, coro)} was still pending when {owner.what} ended{waiting_text}; "
             "stop it before then: await it, or cancel it and await the cancellation (a TaskGroup does both)"
         ),
         site=where,
