@@ -1187,6 +1187,19 @@ async def cancel_soon(make):
     task.cancel()
     return await asyncio.wait([task])
 
+_keep = set()
+
+def start_pool():
+    # anyio's process pool: a task that waits for the loop's shutdown to
+    # cancel it, then stops the workers and returns.
+    async def shutdown_on_exit():
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            pass  # the workers are stopped here
+
+    _keep.add(asyncio.create_task(shutdown_on_exit()))
+
 def attempt_task(make):
     async def attempt():
         try:
@@ -1227,6 +1240,15 @@ class TestALibrarysOwnStructure:
             return await racelib.race(slow, fast)
 
         assert watched.run(main) == "fast"
+        assert_silent(watched.findings)
+
+    def test_a_library_task_that_cleans_up_at_asyncio_runs_shutdown_is_silent(self, watched, racelib):
+        async def main():
+            racelib.start_pool()
+            await asyncio.sleep(TICK)
+            return "done"
+
+        assert watched.run(main) == "done"
         assert_silent(watched.findings)
 
     def test_the_programs_coroutine_cancelled_by_a_library_is_still_reported(self, watched, racelib):

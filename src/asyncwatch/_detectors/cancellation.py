@@ -30,6 +30,7 @@ the error landed (recorded when the timeout fired) and the ``async with``.
 from __future__ import annotations
 
 import asyncio
+import asyncio.runners
 import inspect
 import os
 import weakref
@@ -317,22 +318,32 @@ def _note_cancel(
 
 
 def _library_cancels_its_own(caller: FrameType, task: asyncio.Task[Any]) -> bool:
-    """Whether an installed library cancels, in *caller*, a task running a
-    coroutine of its own: its own structure, as asyncio's are.
+    """Whether *task* runs an installed library's coroutine and is cancelled,
+    in *caller*, by that library or by asyncio's shutdown: the library's own
+    structure, as asyncio's are.
 
     aiohappyeyeballs' staggered race (aiohttp's every connection to a host
     with several addresses) runs each attempt in ``run_one_coro``, which
     catches BaseException to record it, and cancels the attempts that lose:
     a copy of asyncio's own staggered race, which is exempt as asyncio's.
-    The program can neither see nor fix it; reported, it was a "swallowed
-    cancellation" on every slow first attempt.  A library task running the
-    program's coroutine (a task group's child) is the program's: still reported.
+    anyio's process pool keeps a task that waits for asyncio.run's shutdown
+    to cancel it, and then stops the workers and returns.  The program can
+    neither see nor fix either; reported, they were "swallowed
+    cancellations" on every slow first attempt and at every exit.  A library
+    task running the program's coroutine (a task group's child) is the
+    program's: still reported.
     """
-    package = library_package(caller.f_code.co_filename)
+    code = getattr(user_coro_of(task), "cr_code", None)
+    if code is None:
+        return False
+    package = library_package(code.co_filename)
     if package is None:
         return False
-    code = getattr(user_coro_of(task), "cr_code", None)
-    return code is not None and library_package(code.co_filename) == package
+    return caller.f_code is _SHUTDOWN_CANCEL or library_package(caller.f_code.co_filename) == package
+
+
+# asyncio.run's (asyncio.Runner's) cancel of the tasks left when the main task ends.
+_SHUTDOWN_CANCEL = getattr(getattr(asyncio.runners, "_cancel_all_tasks", None), "__code__", None)
 
 
 def _delivery_point(task: asyncio.Task[Any], canceller: Site | None) -> tuple[Site | None, tuple[Site, ...]]:
