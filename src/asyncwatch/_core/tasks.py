@@ -5,6 +5,9 @@ Cost model (this runs for every task):
 * The chained task factory records where a task was created as a code object
   and an instruction offset in two slots of the task itself; turning that into
   a file and line happens only when a finding is reported.
+* `Task` is a C type where asyncwatch's optional extension was built
+  (`_compiled`, ``_ctask.c``): the same class, about 1,500 instructions a
+  task cheaper than in Python.
 * `Task.cancel` is the only overridden method, so a task that is never
   cancelled pays nothing else.  It tells the ``task_cancel_requested`` hooks
   of its loop's detectors (the cancellation detector, spans).
@@ -33,7 +36,7 @@ import threading
 import weakref
 from collections.abc import Callable
 from types import CodeType, FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import loops
 from .detector import Hooks, WatchedLoop, watches
@@ -143,6 +146,9 @@ def cancel_calls() -> list[CancelCall]:
     return _cancelling.calls
 
 
+_asyncio_task = asyncio.Task
+
+
 class Task(asyncio.Task):  # type: ignore[type-arg]
     """asyncio's Task, with three slots and a recorded ``cancel()``.
 
@@ -166,13 +172,13 @@ class Task(asyncio.Task):  # type: ignore[type-arg]
             # set_name(None) and the task is renamed "None"; plain asyncio
             # keeps "Task-N".  Installing asyncwatch must not rename tasks.
             if value is not None:
-                super().set_name(value)
+                _asyncio_task.set_name(self, value)
 
     def get_coro(self) -> Any:
         # A traced task runs asyncwatch's timing wrapper around the program's
         # coroutine; the program gets its own coroutine back, as without
         # asyncwatch (identity, types.CoroutineType, inspect.iscoroutine).
-        coro = super().get_coro()
+        coro = _asyncio_task.get_coro(self)
         return coro._aw_inner if type(coro) is TimedCoroutine else coro
 
     def cancel(self, msg: Any = None) -> bool:
@@ -190,9 +196,65 @@ class Task(asyncio.Task):  # type: ignore[type-arg]
                         except Exception as exc:
                             hooks.failed(hook, exc)
                     del caller
-            return super().cancel(msg)
+            return _asyncio_task.cancel(self, msg)
         finally:
             calls.pop()
+
+
+# C methods of asyncio's Task that the compiled Task declares as its own, so
+# that CPython specializes their calls on it: gather's done callback calls
+# cancelled(), exception() and result() of each child (five calls a task),
+# and add_done_callback() and get_loop() as it starts.  Those asyncio writes
+# as METH_METHOD (3.12+: result(), exception()) stay inherited.
+_REDECLARED = (
+    "add_done_callback",
+    "cancelled",
+    "cancelling",
+    "done",
+    "exception",
+    "get_loop",
+    "remove_done_callback",
+    "result",
+    "uncancel",
+)
+
+
+def _compiled(cls: type[Task]) -> type[Task]:
+    """*cls* as a C type (`_ctask.subclass`), when asyncwatch's extension was
+    built and asyncio's Task is its C one: the same slots, the same Python
+    methods, about 1,500 instructions a task cheaper (benchmarks/README.md).
+    Otherwise *cls* itself; ``ASYNCWATCH_NO_EXTENSIONS=1`` asks for that."""
+    if os.environ.get("ASYNCWATCH_NO_EXTENSIONS"):
+        return cls
+    try:
+        from . import _ctask
+    except ImportError:  # not built (no compiler, or not CPython)
+        return cls
+    import _asyncio
+
+    if asyncio.Task is not _asyncio.Task:  # the pure-Python Task: nothing to specialize
+        return cls
+    own = {name: value for name, value in vars(cls).items() if callable(value) and not name.startswith("__")}
+    try:
+        compiled: type[Task] = _ctask.subclass(
+            asyncio.Task,
+            f"{cls.__module__}.{cls.__qualname__}",
+            cls.__slots__,
+            tuple(n for n in _REDECLARED if n not in own),
+        )
+        for name, value in own.items():
+            setattr(compiled, name, value)
+    except Exception as exc:  # an asyncio this extension does not know: the Python class
+        report_internal_error("compiled Task", exc)
+        return cls
+    compiled.__doc__ = cls.__doc__
+    return compiled
+
+
+#: The Python class, which the C type mirrors (and the one used without it).
+PythonTask = Task
+if not TYPE_CHECKING:  # one class to type-check: the Python one
+    Task = _compiled(Task)
 
 
 _future_result = asyncio.Task.result
