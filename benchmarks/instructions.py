@@ -30,6 +30,14 @@ Modes:
   threshold is an hour, since valgrind slows the run some fifty-fold);
   ``notable-metrics``: ``notable`` with metrics on as well, to an SDK meter
   provider with no reader (what ``asyncwatch run --otlp`` turns on);
+* ``watchdog``: the slow-callback watchdog alone (``detect=["slow_callback"]``,
+  as run.py's ``asyncwatch-watchdog``), with its threshold stretched fifty-fold
+  (5 s) so that the loop's ticks, and any look, come as often per unit of work
+  as at the default 100 ms in a real run; the watchdog thread's instructions
+  are counted with the loop's.  ``plain-thread``: asyncio and one idle thread,
+  what any second thread costs (glibc leaves its single-threaded paths).
+  What neither counts is the wall time of handing the GIL over, which a
+  watchdog that wakes on a healthy loop would pay (run.py);
 * for analysis (``-uvloop`` on uvloop): ``python-factory`` (a task factory
   written in Python that makes plain Tasks) and ``task-subclass`` (one that
   makes a subclass of asyncio.Task: CPython's C Task takes slower, generic
@@ -69,6 +77,8 @@ MODES = (
     "notable",
     "all",
     "notable-metrics",
+    "plain-thread",
+    "watchdog",
 )
 DEFAULT_MODES = MODES[:4]
 BASELINE = {mode: "uvloop" if mode.endswith("-uvloop") else "plain" for mode in MODES[1:]}
@@ -131,6 +141,20 @@ elif mode in ("notable", "all", "notable-metrics"):
     asyncwatch.install(log=False, reporters=[collector], detect=every_but_the_watchdog,
                        spans=mode.removesuffix("-metrics"), metrics=meter_provider is not None,
                        tracer_provider=provider, meter_provider=meter_provider, spans_min_duration_ms=3_600_000)
+elif mode == "plain-thread":
+    # A second thread that never runs: once there is one, glibc leaves its
+    # single-threaded fast paths for good (run.py's plain-thread row).
+    import select, threading
+    threading.Thread(target=lambda: select.poll().poll(), daemon=True).start()
+elif mode == "watchdog":
+    import asyncwatch
+    from asyncwatch._outputs.collect import CollectingReporter
+    collector = CollectingReporter()
+    # The watchdog alone (run.py's asyncwatch-watchdog), its threshold
+    # stretched by valgrind's ~50-fold slowdown: the loop's ticks and any
+    # look then come as often per unit of work as at the default 100 ms in a
+    # real run, and both threads' instructions are counted.
+    asyncwatch.install(log=False, reporters=[collector], detect=["slow_callback"], slow_callback_ms=5_000)
 if on_uvloop:
     import uvloop
     loop_factory = uvloop.new_event_loop
