@@ -201,3 +201,128 @@ def test_an_asyncio_the_extension_cannot_subclass_gets_the_python_class_and_one_
     reported = caplog.text + capsys.readouterr().err
     assert reported.count("asyncwatch.internal_error") == 1
     assert "compiled Task" in reported and "not a C type this module can subclass" in reported
+
+
+@pytest.mark.skipif(_ctask is None, reason="the C extension is not built")
+class TestTheFactorysCommonPathInC:
+    """`_ctask.FanOut` takes only a gather child made with no keywords but
+    uvloop's ``context=None``/``eager_start=None``, on the running loop,
+    while enabled; every other call reaches the Python factory unchanged."""
+
+    def fan_out(self, calls, enabled=True):
+        class State:
+            pass
+
+        state = State()
+        state.enabled = enabled
+
+        def slow(*args, **kwargs):
+            calls.append((args, kwargs))
+            return "slow"
+
+        fast = _ctask.FanOut(
+            slow, tasks.Task, state, sys._getframe, asyncio.events._get_running_loop, lambda task: None
+        )
+        return fast, state
+
+    def run_in_fan_out(self, fast, make):
+        """Call *make* two frames below a frame registered as the fan-out's
+        gather frame (as gather -> ensure_future -> factory)."""
+
+        def gather_like():
+            return inner()
+
+        def inner():
+            # Seen from the Python factory: itself at depth 0, *make* at 1,
+            # inner at 2, gather_like at 3.
+            fast.fan(sys._getframe(1), 3, ("code", 7))
+            return make()
+
+        return gather_like()
+
+    def test_a_gather_child_gets_the_gathers_site_without_the_python_factory(self):
+        calls = []
+        fast, _ = self.fan_out(calls)
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            task = self.run_in_fan_out(fast, lambda: fast(loop, returns(1)))
+            assert type(task) is tasks.Task and task._aw_site == ("code", 7)
+            assert await task == 1
+            # uvloop's keywords, all None, stay on the common path.
+            task = self.run_in_fan_out(fast, lambda: fast(loop, returns(2), context=None, eager_start=None))
+            assert task._aw_site == ("code", 7) and await task == 2
+
+        asyncio.run(main())
+        assert calls == []
+
+    @pytest.mark.parametrize(
+        "case", ["a keyword with a value", "another keyword", "disabled", "another loop", "fan-out over", "too deep"]
+    )
+    def test_every_other_call_reaches_the_python_factory_unchanged(self, case):
+        calls = []
+        fast, _ = self.fan_out(calls, enabled=case != "disabled")
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            coro = returns(1)
+            other = asyncio.new_event_loop()
+            try:
+                if case == "a keyword with a value":
+                    make = lambda: fast(loop, coro, context=contextvars_copy())  # noqa: E731
+                elif case == "another keyword":
+                    make = lambda: fast(loop, coro, name=None)  # noqa: E731
+                elif case == "another loop":
+                    make = lambda: fast(other, coro)  # noqa: E731
+                else:
+                    make = lambda: fast(loop, coro)  # noqa: E731
+                if case == "fan-out over":
+                    fast.fan(None, 0, None)
+                    result = make()
+                elif case == "too deep":
+                    fast.fan(sys._getframe(), 10_000, ("code", 7))
+                    result = make()
+                else:
+                    result = self.run_in_fan_out(fast, make)
+            finally:
+                other.close()
+                coro.close()
+            return result
+
+        assert asyncio.run(main()) == "slow"
+        [(args, kwargs)] = calls
+        assert len(args) == 2
+        expected = {
+            "a keyword with a value": {"context"},
+            "another keyword": {"name"},
+        }.get(case, set())
+        assert set(kwargs) == expected
+
+
+def contextvars_copy():
+    import contextvars
+
+    return contextvars.copy_context()
+
+
+def test_each_child_of_a_gather_in_debug_mode_says_where_asyncio_says():
+    """In asyncio's debug mode, every task of a gather (its first through the
+    Python factory, the rest through the C one) says it was created where
+    plain asyncio says: asyncwatch's frames are trimmed from both."""
+    import asyncwatch
+
+    async def main():
+        gathered = asyncio.gather(returns(1), returns(2), returns(3))
+        children = list(gathered._children)
+        texts = [repr(child).split("created at")[1] for child in children]
+        await gathered
+        return texts
+
+    plain = asyncio.run(main(), debug=True)
+    asyncwatch.install(log=False)
+    try:
+        watched = asyncio.run(main(), debug=True)
+    finally:
+        asyncwatch.uninstall()
+    assert watched == plain
+    assert len(set(watched)) == 1 and "asyncwatch" not in watched[0]

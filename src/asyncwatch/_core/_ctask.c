@@ -28,6 +28,8 @@
 
 #ifndef Py_T_OBJECT_EX
 #define Py_T_OBJECT_EX T_OBJECT_EX
+#define Py_T_PYSSIZET T_PYSSIZET
+#define Py_READONLY READONLY
 #endif
 
 static void ctask_dealloc(PyObject *self);
@@ -224,6 +226,247 @@ subclass(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return type;
 }
 
+
+/* ---- The task factory's common path ------------------------------------
+ *
+ * asyncwatch's default task factory (tasks._make_factory) is a Python
+ * function; calling it and running its common path costs every task about
+ * 1,500 instructions: a frame, a keyword dict, a dozen bytecodes.  Its common
+ * path is a child of a gather() in progress, whose creation site the factory
+ * found for the gather's first task: make the Task, store that site, done.
+ * FanOut runs just that path in C and hands every other call, unchanged, to
+ * the Python function (`slow`), which stays the reference and keeps this
+ * object's idea of the fan-out in progress up to date (`fan()`).
+ */
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *slow;         /* the Python factory: every call not taken here */
+    PyObject *task_type;    /* asyncwatch's Task */
+    PyObject *state;        /* the TaskFactory: its `enabled` is read per call */
+    PyObject *getframe;     /* sys._getframe */
+    PyObject *running_loop; /* asyncio.events._get_running_loop */
+    PyObject *trim;         /* called with a task whose _source_traceback is set */
+    PyObject *frame;        /* the gather frame of the fan-out in progress, or NULL */
+    PyObject *depth;        /* its depth as sys._getframe(depth) sees it from here */
+    PyObject *site;         /* the creation site of each task it makes */
+} FanOut;
+
+static PyObject *str_enabled, *str_aw_site, *str_source_traceback, *str_context, *str_eager_start;
+
+static PyObject *
+fanout_call(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    FanOut *self = (FanOut *)op;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (self->frame == NULL || nargs != 2) {
+        goto slow;
+    }
+    if (kwnames != NULL) {
+        /* uvloop passes context=None (and on 3.13 eager_start=None) to
+         * every call; anything else is the Python function's to handle. */
+        Py_ssize_t nkw = PyTuple_GET_SIZE(kwnames);
+        for (Py_ssize_t i = 0; i < nkw; i++) {
+            PyObject *key = PyTuple_GET_ITEM(kwnames, i);
+            if (args[nargs + i] != Py_None || (key != str_context && key != str_eager_start)) {
+                goto slow;
+            }
+        }
+    }
+    PyObject *enabled = PyObject_GetAttr(self->state, str_enabled);
+    if (enabled == NULL) {
+        return NULL;
+    }
+    Py_DECREF(enabled);
+    if (enabled != Py_True) {
+        goto slow;
+    }
+    PyObject *running = PyObject_CallNoArgs(self->running_loop);
+    if (running == NULL) {
+        return NULL;
+    }
+    Py_DECREF(running);  /* compared by identity only; the loop holds it */
+    if (running != args[0]) {
+        goto slow;
+    }
+    PyObject *frame = PyObject_Vectorcall(self->getframe, &self->depth, 1, NULL);
+    if (frame == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_ValueError)) {  /* not that deep */
+            return NULL;
+        }
+        PyErr_Clear();
+        goto slow;
+    }
+    Py_DECREF(frame);  /* self->frame holds the one we compare with */
+    if (frame != self->frame) {
+        goto slow;
+    }
+    PyObject *task = PyObject_Vectorcall(self->task_type, &args[1], 1, NULL);
+    if (task == NULL) {
+        return NULL;
+    }
+    if (PyObject_SetAttr(task, str_aw_site, self->site) < 0) {
+        Py_DECREF(task);
+        return NULL;
+    }
+    PyObject *source = PyObject_GetAttr(task, str_source_traceback);
+    if (source == NULL) {
+        Py_DECREF(task);
+        return NULL;
+    }
+    int debug = source != Py_None && PyObject_IsTrue(source);
+    Py_DECREF(source);
+    if (debug) {  /* asyncio's debug mode: the Python function's helper trims it */
+        PyObject *trimmed = PyObject_CallOneArg(self->trim, task);
+        if (trimmed == NULL) {
+            Py_DECREF(task);
+            return NULL;
+        }
+        Py_DECREF(trimmed);
+    }
+    return task;
+slow:
+    return PyObject_Vectorcall(self->slow, args, nargsf, kwnames);
+}
+
+static PyObject *
+fanout_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *slow, *task_type, *state, *getframe, *running_loop, *trim;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds) != 0) {
+        PyErr_SetString(PyExc_TypeError, "FanOut() takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_UnpackTuple(args, "FanOut", 6, 6, &slow, &task_type, &state, &getframe, &running_loop, &trim)) {
+        return NULL;
+    }
+    FanOut *self = (FanOut *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->vectorcall = fanout_call;
+    self->slow = Py_NewRef(slow);
+    self->task_type = Py_NewRef(task_type);
+    self->state = Py_NewRef(state);
+    self->getframe = Py_NewRef(getframe);
+    self->running_loop = Py_NewRef(running_loop);
+    self->trim = Py_NewRef(trim);
+    self->frame = NULL;
+    self->depth = NULL;
+    self->site = NULL;
+    return (PyObject *)self;
+}
+
+static int
+fanout_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    FanOut *self = (FanOut *)op;
+    Py_VISIT(self->slow);
+    Py_VISIT(self->task_type);
+    Py_VISIT(self->state);
+    Py_VISIT(self->getframe);
+    Py_VISIT(self->running_loop);
+    Py_VISIT(self->trim);
+    Py_VISIT(self->frame);
+    Py_VISIT(self->depth);
+    Py_VISIT(self->site);
+    return 0;
+}
+
+static int
+fanout_clear(PyObject *op)
+{
+    FanOut *self = (FanOut *)op;
+    Py_CLEAR(self->slow);
+    Py_CLEAR(self->task_type);
+    Py_CLEAR(self->state);
+    Py_CLEAR(self->getframe);
+    Py_CLEAR(self->running_loop);
+    Py_CLEAR(self->trim);
+    Py_CLEAR(self->frame);
+    Py_CLEAR(self->depth);
+    Py_CLEAR(self->site);
+    return 0;
+}
+
+static void
+fanout_dealloc(PyObject *op)
+{
+    PyObject_GC_UnTrack(op);
+    (void)fanout_clear(op);
+    Py_TYPE(op)->tp_free(op);
+}
+
+PyDoc_STRVAR(fanout_fan_doc,
+"fan(frame, depth, site, /)\n--\n\n"
+"The gather frame whose tasks are made now, how deep it lies below the\n"
+"Python factory's frame (as its sys._getframe(depth) sees it), and their\n"
+"creation site; fan(None, 0, None) when the fan-out is over.");
+
+static PyObject *
+fanout_fan(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    FanOut *self = (FanOut *)op;
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "fan() takes 3 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    Py_ssize_t depth = PyLong_AsSsize_t(args[1]);
+    if (depth == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (args[0] == Py_None || depth < 1) {
+        Py_CLEAR(self->frame);
+        Py_CLEAR(self->depth);
+        Py_CLEAR(self->site);
+        Py_RETURN_NONE;
+    }
+    /* Seen from here, in C, the Python factory's own frame is not there:
+     * one frame less deep. */
+    PyObject *from_here = PyLong_FromSsize_t(depth - 1);
+    if (from_here == NULL) {
+        return NULL;
+    }
+    Py_XSETREF(self->depth, from_here);
+    Py_XSETREF(self->frame, Py_NewRef(args[0]));
+    Py_XSETREF(self->site, Py_NewRef(args[2]));
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef fanout_methods[] = {
+    {"fan", (PyCFunction)(void (*)(void))fanout_fan, METH_FASTCALL, fanout_fan_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef fanout_members[] = {
+    {"__vectorcalloffset__", Py_T_PYSSIZET, offsetof(FanOut, vectorcall), Py_READONLY, NULL},
+    {"slow", Py_T_OBJECT_EX, offsetof(FanOut, slow), Py_READONLY, "the Python factory"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+PyDoc_STRVAR(fanout_doc,
+"FanOut(slow, task_type, state, getframe, running_loop, trim, /)\n--\n\n"
+"A task factory running the common path of asyncwatch's in C: a child of the\n"
+"gather() in progress gets that gather's creation site.  Every other call\n"
+"goes to *slow*, the Python factory, unchanged.");
+
+static PyTypeObject FanOut_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "asyncwatch._core._ctask.FanOut",
+    .tp_basicsize = sizeof(FanOut),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = fanout_doc,
+    .tp_new = fanout_new,
+    .tp_dealloc = fanout_dealloc,
+    .tp_traverse = fanout_traverse,
+    .tp_clear = fanout_clear,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(FanOut, vectorcall),
+    .tp_methods = fanout_methods,
+    .tp_members = fanout_members,
+};
+
 static PyMethodDef ctask_methods[] = {
     {"subclass", (PyCFunction)(void (*)(void))subclass, METH_FASTCALL, subclass_doc},
     {NULL, NULL, 0, NULL},
@@ -240,5 +483,21 @@ static struct PyModuleDef ctask_module = {
 PyMODINIT_FUNC
 PyInit__ctask(void)
 {
-    return PyModule_Create(&ctask_module);
+    if ((str_enabled = PyUnicode_InternFromString("enabled")) == NULL ||
+        (str_aw_site = PyUnicode_InternFromString("_aw_site")) == NULL ||
+        (str_source_traceback = PyUnicode_InternFromString("_source_traceback")) == NULL ||
+        (str_context = PyUnicode_InternFromString("context")) == NULL ||
+        (str_eager_start = PyUnicode_InternFromString("eager_start")) == NULL || PyType_Ready(&FanOut_Type) < 0) {
+        return NULL;
+    }
+    PyObject *module = PyModule_Create(&ctask_module);
+    if (module == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddObject(module, "FanOut", Py_NewRef(&FanOut_Type)) < 0) {
+        Py_DECREF(&FanOut_Type);
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
 }
