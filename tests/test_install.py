@@ -6,7 +6,9 @@ import asyncio
 import asyncio.base_events
 import gc
 import os
+import subprocess
 import sys
+import textwrap
 import time
 import warnings
 import weakref
@@ -149,6 +151,41 @@ class TestInstallBeforeAnyLoop:
         assert [(f.kind, f.site.line) for f in collector.findings] == [
             (FindingKind.SLOW_CALLBACK, line_of("# <- install blocks here"))
         ]
+
+    def test_watches_a_uvloop_loop_run_by_hand_when_uvloop_is_imported_after_install(self, tmp_path):
+        """uvloop takes asyncio's loop-start hook when it is imported: imported
+        after install() (as under ``asyncwatch run``), a uvloop loop the
+        program runs itself is watched (aiohttp's ``web.run_app(app,
+        loop=uvloop.new_event_loop())`` went unwatched)."""
+        pytest.importorskip("uvloop")
+        script = tmp_path / "by_hand.py"
+        script.write_text(
+            textwrap.dedent(
+                """\
+                import asyncio, time
+                import asyncwatch
+                from asyncwatch._outputs.collect import CollectingReporter
+
+                collector = CollectingReporter()
+                asyncwatch.install(reporters=[collector], log=False)
+                import uvloop
+
+                async def main():
+                    await asyncio.sleep(0)
+                    time.sleep(0.3)  # <- blocks the hand-run uvloop loop
+                    await asyncio.sleep(0)
+
+                loop = uvloop.new_event_loop()
+                loop.run_until_complete(main())
+                loop.close()
+                asyncwatch.uninstall()
+                assert asyncio._set_running_loop is asyncio.events._set_running_loop
+                print([(f.kind.value, f.site.line) for f in collector.findings])
+                """
+            )
+        )
+        out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == "[('slow_callback', 11)]", out.stderr
 
     def test_wraps_the_current_policy_and_restores_it(self):
         """A base policy set by the program (uvloop's, say) keeps making the loops."""

@@ -9,6 +9,7 @@ matters (OpenTelemetry contrib's paired instrument/uninstrument).
 
 from __future__ import annotations
 
+import asyncio
 import asyncio.base_events
 import asyncio.events
 import asyncio.runners
@@ -89,6 +90,13 @@ def loop_start_patches(watch_starting_loop: Callable[[Any], None]) -> list[Patch
         return run_until_complete
 
     patches = [Patch(asyncio.events, "_set_running_loop", set_running_loop)]
+    if getattr(asyncio, "_set_running_loop", None) is asyncio.events._set_running_loop:
+        # uvloop takes ``asyncio._set_running_loop`` (the package's own name
+        # for it) once, when it is imported: imported after install(), as
+        # under ``asyncwatch run``, it then calls the hook above, and a loop
+        # it runs by hand (aiohttp's ``web.run_app(app,
+        # loop=uvloop.new_event_loop())``) is watched from its start.
+        patches.append(Patch(asyncio, "_set_running_loop", set_running_loop))
     if hasattr(asyncio.runners.Runner, "_lazy_init"):
         patches.append(Patch(asyncio.runners.Runner, "_lazy_init", lazy_init))
     patches.append(Patch(asyncio.base_events.BaseEventLoop, "run_until_complete", run_until_complete))
