@@ -30,6 +30,10 @@ Modes:
   threshold is an hour, since valgrind slows the run some fifty-fold);
   ``notable-metrics``: ``notable`` with metrics on as well, to an SDK meter
   provider with no reader (what ``asyncwatch run --otlp`` turns on);
+* ``asyncwatch-python`` and ``asyncwatch-python-uvloop``: ``asyncwatch`` and
+  ``asyncwatch-uvloop`` without asyncwatch's C extension
+  (``ASYNCWATCH_NO_EXTENSIONS=1``): its Task and task factory in Python, as
+  where no compiler built it;
 * ``watchdog``: the slow-callback watchdog alone (``detect=["slow_callback"]``,
   as run.py's ``asyncwatch-watchdog``), with its threshold stretched fifty-fold
   (5 s) so that the loop's ticks, and any look, come as often per unit of work
@@ -79,6 +83,8 @@ MODES = (
     "notable-metrics",
     "plain-thread",
     "watchdog",
+    "asyncwatch-python",
+    "asyncwatch-python-uvloop",
 )
 DEFAULT_MODES = MODES[:4]
 BASELINE = {mode: "uvloop" if mode.endswith("-uvloop") else "plain" for mode in MODES[1:]}
@@ -100,6 +106,10 @@ import workloads
 mode, name, sizes = sys.argv[2], sys.argv[3], ast.literal_eval(sys.argv[4])
 on_uvloop = mode == "uvloop" or mode.endswith("-uvloop")
 mode = mode.removesuffix("-uvloop")
+if mode == "asyncwatch-python":  # without asyncwatch's C extension
+    import os
+    os.environ["ASYNCWATCH_NO_EXTENSIONS"] = "1"
+    mode = "asyncwatch"
 
 class SubTask(asyncio.Task):
     __slots__ = ("a", "b", "c")
