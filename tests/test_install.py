@@ -187,6 +187,67 @@ class TestInstallBeforeAnyLoop:
         out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True)
         assert out.stdout.strip() == "[('slow_callback', 11)]", out.stderr
 
+    def test_a_task_a_library_makes_in_a_callback_of_a_hand_run_uvloop_loop_has_no_site(self, tmp_path):
+        """uvloop calls back from C: the Python caller of a library callback
+        is the frame that runs the loop.  A task the library makes there was
+        not made by that line: its site is unknown, not the program's
+        ``run_until_complete`` line.  The program's own callback keeps its line."""
+        pytest.importorskip("uvloop")
+        library = tmp_path / "lib" / "site-packages" / "spawnlib"
+        library.mkdir(parents=True)
+        (library / "__init__.py").write_text(
+            textwrap.dedent(
+                """\
+                import asyncio
+
+                async def forever():
+                    await asyncio.get_running_loop().create_future()
+
+                def spawn_later(loop):
+                    loop.call_soon(_spawn, loop)
+
+                def _spawn(loop):
+                    loop.create_task(forever())  # dropped at once
+                """
+            )
+        )
+        script = tmp_path / "by_hand.py"
+        script.write_text(
+            textwrap.dedent(
+                """\
+                import asyncio, gc
+                import asyncwatch
+                from asyncwatch._outputs.collect import CollectingReporter
+
+                collector = CollectingReporter()
+                asyncwatch.install(reporters=[collector], log=False)
+                import uvloop, spawnlib
+
+                def program_spawn(loop):
+                    loop.create_task(spawnlib.forever())  # <- the program's callback
+
+                async def main():
+                    loop = asyncio.get_running_loop()
+                    spawnlib.spawn_later(loop)
+                    loop.call_soon(program_spawn, loop)
+                    for _ in range(3):
+                        await asyncio.sleep(0)
+                    gc.collect()
+
+                loop = uvloop.new_event_loop()
+                loop.run_until_complete(main())  # <- runs the loop
+                loop.close()
+                gc.collect()
+                print(sorted((f.kind.value, f.site and f.site.line or 0) for f in collector.findings), flush=True)
+                """
+            )
+        )
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(library.parent), *sys.path])}
+        out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, check=True)
+        assert (
+            out.stdout.strip().splitlines()[-1] == "[('task_destroyed_pending', 0), ('task_destroyed_pending', 10)]"
+        ), out.stdout + out.stderr
+
     def test_wraps_the_current_policy_and_restores_it(self):
         """A base policy set by the program (uvloop's, say) keeps making the loops."""
         uvloop = pytest.importorskip("uvloop")

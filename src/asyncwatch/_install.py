@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from types import CodeType
 from typing import Any
 
 from ._core.runtime import forget_internal_errors, report_internal_error
@@ -123,13 +124,18 @@ def _watch_future_loops(settings: Settings) -> None:
             patch.apply()
 
 
-def _watch_starting_loop(loop: Any) -> None:
-    """Attach a loop about to run (the loop-start hooks), unless it is watched."""
+def _watch_starting_loop(loop: Any, runner: CodeType | None = None) -> None:
+    """Attach a loop about to run (the loop-start hooks), unless it is
+    watched; *runner*, the code of the frame that runs it, goes to its task
+    factory (`TaskFactory.runner`)."""
     engine = _state.engine
     if loop is not None and engine is not None and _state.future_loops is not None:
         try:
-            if not engine.is_watching(loop):
-                engine.attach(loop, _state.future_loops)
+            watch = engine.attach(loop, _state.future_loops)
+            if runner is not None:
+                factory = watch.factory
+                if factory is not None:
+                    factory.runner = runner
         except Exception as exc:
             report_internal_error("loop start hook", exc)
 

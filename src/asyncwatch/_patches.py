@@ -13,6 +13,7 @@ import asyncio
 import asyncio.base_events
 import asyncio.events
 import asyncio.runners
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -57,13 +58,19 @@ class Patch:
             self.replacement = self.original = None
 
 
-def loop_start_patches(watch_starting_loop: Callable[[Any], None]) -> list[Patch]:
-    """The hooks that see a loop about to run, for `install()` before any loop exists."""
+def loop_start_patches(watch_starting_loop: Callable[..., None]) -> list[Patch]:
+    """The hooks that see a loop about to run, for `install()` before any loop exists.
+
+    *watch_starting_loop* is called with the loop, and, from the loop-start
+    hook itself, with the code of the Python frame that made it run."""
 
     def set_running_loop(original: Callable[[Any], None]) -> Callable[[Any], None]:
         def _set_running_loop(loop: Any) -> None:
             original(loop)
-            watch_starting_loop(loop)
+            if loop is not None:
+                # The caller of run_forever()/run_until_complete(): uvloop's
+                # are compiled, so its frame is the one that runs the loop.
+                watch_starting_loop(loop, sys._getframe(1).f_code)
 
         return _set_running_loop
 

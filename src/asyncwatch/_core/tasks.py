@@ -533,7 +533,7 @@ class TaskFactory:
     to call than an object with ``__call__``), closing over this state.
     """
 
-    __slots__ = ("__weakref__", "enabled", "function", "previous")
+    __slots__ = ("__weakref__", "enabled", "function", "previous", "runner")
 
     def __init__(
         self,
@@ -543,6 +543,10 @@ class TaskFactory:
     ) -> None:
         self.previous = previous
         self.enabled = True
+        # The code of the Python frame that started the loop running (see
+        # `note_runner`): on a loop whose dispatch is compiled (uvloop), the
+        # caller every callback appears to have.
+        self.runner: CodeType | None = None
         # What it chains and whether it tells task hooks are fixed here: the
         # function is specialised for them (see _make_factory).  *hooks* is
         # given only when the loop's detectors observe tasks.
@@ -632,21 +636,25 @@ def _make_factory(state: TaskFactory, depth: int, hooks: Hooks | None) -> Callab
         nonlocal fan_frame, fan_depth, fan_site
         gather_frame: FrameType | None = None
         gather_level = 0
+        runner = state.runner
         while frame is not None:
             code = frame.f_code
+            if (id(code) in dispatch or code is runner) and running_loop() is loop:
+                # The loop's own dispatch, running: library code the loop
+                # called back made this task (asyncio's finalizer of an
+                # async generator, a protocol's callback).  Its caller's
+                # line (``asyncio.run(main())``) did not; no line is known.
+                # (Not running: asyncio.run's Runner making the main task.)
+                # A uvloop loop run by hand dispatches from C: the frame
+                # that runs it (the program's ``loop.run_until_complete``
+                # line, a library's ``run_app``) is its dispatch.
+                return None
             filename = code.co_filename
             is_library = library.get(filename)
             if is_library is None:
                 is_library = is_library_file(filename)  # fills and caps the cache
             if not is_library:
                 break
-            if id(code) in dispatch and running_loop() is loop:
-                # The loop's own dispatch, running: library code the loop
-                # called back made this task (asyncio's finalizer of an
-                # async generator, a protocol's callback).  Its caller's
-                # line (``asyncio.run(main())``) did not; no line is known.
-                # (Not running: asyncio.run's Runner making the main task.)
-                return None
             if code is gather and gather_frame is None:
                 gather_frame, gather_level = frame, level
             frame = frame.f_back
