@@ -187,11 +187,12 @@ class TestInstallBeforeAnyLoop:
         out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True)
         assert out.stdout.strip() == "[('slow_callback', 11)]", out.stderr
 
-    def test_a_task_a_library_makes_in_a_callback_of_a_hand_run_uvloop_loop_has_no_site(self, tmp_path):
+    def test_a_hand_run_uvloop_loops_runner_line_is_never_a_library_callbacks_site(self, tmp_path):
         """uvloop calls back from C: the Python caller of a library callback
-        is the frame that runs the loop.  A task the library makes there was
-        not made by that line: its site is unknown, not the program's
-        ``run_until_complete`` line.  The program's own callback keeps its line."""
+        is the frame that runs the loop.  A task the library makes there, or
+        a cancel() it calls, was not made by that line: the site and the
+        canceller are unknown, not the program's ``run_until_complete`` line.
+        The program's own callback keeps its line."""
         pytest.importorskip("uvloop")
         library = tmp_path / "lib" / "site-packages" / "spawnlib"
         library.mkdir(parents=True)
@@ -208,6 +209,12 @@ class TestInstallBeforeAnyLoop:
 
                 def _spawn(loop):
                     loop.create_task(forever())  # dropped at once
+
+                def cancel_later(loop, task):
+                    loop.call_soon(_cancel, task)
+
+                def _cancel(task):
+                    task.cancel()
                 """
             )
         )
@@ -226,6 +233,12 @@ class TestInstallBeforeAnyLoop:
                 def program_spawn(loop):
                     loop.create_task(spawnlib.forever())  # <- the program's callback
 
+                async def swallows():
+                    try:
+                        await asyncio.sleep(10)
+                    except asyncio.CancelledError:
+                        return "carried on"
+
                 async def main():
                     loop = asyncio.get_running_loop()
                     spawnlib.spawn_later(loop)
@@ -233,20 +246,26 @@ class TestInstallBeforeAnyLoop:
                     for _ in range(3):
                         await asyncio.sleep(0)
                     gc.collect()
+                    task = loop.create_task(swallows())
+                    await asyncio.sleep(0)
+                    spawnlib.cancel_later(loop, task)
+                    await task
 
                 loop = uvloop.new_event_loop()
                 loop.run_until_complete(main())  # <- runs the loop
                 loop.close()
                 gc.collect()
-                print(sorted((f.kind.value, f.site and f.site.line or 0) for f in collector.findings), flush=True)
+                print(sorted((f.kind.value, f.site and f.site.line or 0) for f in collector.findings
+                             if f.kind.value == "task_destroyed_pending"), flush=True)
+                print([f.cancelled_by for f in collector.findings if f.kind.value == "cancellation_swallowed"], flush=True)
                 """
             )
         )
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(library.parent), *sys.path])}
         out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, check=True)
-        assert (
-            out.stdout.strip().splitlines()[-1] == "[('task_destroyed_pending', 0), ('task_destroyed_pending', 10)]"
-        ), out.stdout + out.stderr
+        *_, created, cancelled = out.stdout.strip().splitlines()
+        assert created == "[('task_destroyed_pending', 0), ('task_destroyed_pending', 10)]", out.stdout + out.stderr
+        assert cancelled == "[None]", out.stdout + out.stderr
 
     def test_wraps_the_current_policy_and_restores_it(self):
         """A base policy set by the program (uvloop's, say) keeps making the loops."""

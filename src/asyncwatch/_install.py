@@ -133,6 +133,7 @@ def _watch_starting_loop(loop: Any, runner: CodeType | None = None) -> None:
         try:
             watch = engine.attach(loop, _state.future_loops)
             if runner is not None:
+                watch.runner = runner
                 factory = watch.factory
                 if factory is not None:
                     factory.runner = runner

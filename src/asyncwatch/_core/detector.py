@@ -33,7 +33,7 @@ import dataclasses
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from types import FrameType
+from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .findings import Finding, FindingKind, Site
@@ -295,6 +295,10 @@ class WatchedLoop:
         self.hooks = hooks
         #: What detectors keep for this loop (a probe), keyed by detector.
         self.state: dict[Detector, Any] = {}
+        #: The code of the Python frame that last started the loop running,
+        #: where the loop-start hook saw it.  uvloop dispatches from C, so on
+        #: a loop run by hand this frame is every callback's caller.
+        self.runner: CodeType | None = None
         self._emit = emit
         self._detect = settings.detect
         # The thread running the loop, as last known; a loop is nearly always

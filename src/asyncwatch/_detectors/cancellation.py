@@ -306,7 +306,8 @@ def _note_cancel(
             structured, canceller = True, None
         else:
             structured = False
-            app = app_frame_in_running_loop(frame)
+            watch = watches.get(task.get_loop())
+            app = app_frame_in_running_loop(frame, watch.runner if watch is not None else None)
             canceller = frame_site(app) if app is not None else None
     if structured:
         call.notes[_NOTE] = _Note(None, True, canceller)
