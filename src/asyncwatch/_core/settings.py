@@ -57,6 +57,10 @@ ALL_KINDS: frozenset[FindingKind] = frozenset(FindingKind)
 #: Set by ``asyncwatch run`` for its child processes (a JSON object: where
 #: their findings go); private, but a known name.
 RUN_MARKER = "ASYNCWATCH_RUN"
+#: Set (to anything), asyncwatch uses its pure-Python Task and task factory
+#: even where its C extension was built; also read by setup.py, which then
+#: builds none.  Not an option: it changes what asyncwatch costs, not what it does.
+NO_EXTENSIONS = "ASYNCWATCH_NO_EXTENSIONS"
 
 #: The values of the ``spans`` option (see `Settings`).
 SPAN_MODES: tuple[str, ...] = ("notable", "all", "off")
@@ -395,7 +399,7 @@ RUN_ENV_VARS: Mapping[str, str] = {o.name: o.variable for o in OPTIONS if o.scop
 #: The options that belong to the whole process rather than to one loop.
 PROCESS_OPTIONS: tuple[str, ...] = tuple(o.name for o in OPTIONS if o.scope == "process")
 #: Every ``ASYNCWATCH_*`` name asyncwatch reads; any other is a typo.
-KNOWN_ENV_VARS: frozenset[str] = frozenset([*(o.variable for o in OPTIONS), RUN_MARKER])
+KNOWN_ENV_VARS: frozenset[str] = frozenset([*(o.variable for o in OPTIONS), RUN_MARKER, NO_EXTENSIONS])
 _PARSERS: Mapping[str, Callable[[Any, str], Any]] = {o.name: o.parse for o in OPTIONS}
 
 

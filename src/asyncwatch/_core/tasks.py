@@ -51,6 +51,7 @@ from .frames import (
     qualname_of,
 )
 from .runtime import report_internal_error
+from .settings import NO_EXTENSIONS
 from .stepping import TimedCoroutine
 
 __all__ = [
@@ -224,7 +225,7 @@ def _compiled(cls: type[Task]) -> type[Task]:
     built and asyncio's Task is its C one: the same slots, the same Python
     methods, about 1,500 instructions a task cheaper (benchmarks/README.md).
     Otherwise *cls* itself; ``ASYNCWATCH_NO_EXTENSIONS=1`` asks for that."""
-    if os.environ.get("ASYNCWATCH_NO_EXTENSIONS"):
+    if os.environ.get(NO_EXTENSIONS):
         return cls
     try:
         from . import _ctask
