@@ -290,6 +290,31 @@ class TestInstallBeforeAnyLoop:
 
 
 class TestLoopFactory:
+    @pytest.mark.parametrize("order", ["install first", "factory first"])
+    def test_a_loop_factorys_own_options_win_over_installs(self, loop_name, order):
+        """install() sets a policy, through which asyncio.new_event_loop()
+        attaches the loop with install()'s settings before the loop factory
+        does: its own ``slow_callback_ms`` was ignored (60 ms unreported
+        at a 20 ms threshold)."""
+        collector = CollectingReporter()
+        if order == "install first":
+            asyncwatch.install(reporters=[collector], log=False)
+        factory = asyncwatch.loop_factory(base_factory(loop_name), log=False, slow_callback_ms=20)
+        if order == "factory first":
+            asyncwatch.install(reporters=[collector], log=False)
+
+        async def main():
+            await asyncio.sleep(0.01)
+            time.sleep(0.06)  # <- 60 ms, over the factory's 20 ms
+            await asyncio.sleep(0)
+
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(main())
+        [finding] = collector.findings
+        assert finding.kind is FindingKind.SLOW_CALLBACK
+        assert finding.site.line == line_of("# <- 60 ms, over the factory's 20 ms")
+        assert "(threshold 20 ms)" in finding.message
+
     def test_runner_with_loop_factory_is_watched(self, loop_name):
         """asyncio.Runner(loop_factory=asyncwatch.loop_factory(base)) watches its loop."""
         with (

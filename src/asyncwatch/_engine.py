@@ -392,4 +392,16 @@ def attach_loop(loop: asyncio.AbstractEventLoop, options: Mapping[str, Any]) -> 
         if engine is not None and not options:
             return engine.attach(loop, _state.future_loops or engine.settings)
         engine, settings = ensure_engine(options)
+        watch = watches.get(loop)
+        if (
+            isinstance(watch, LoopWatch)
+            and watch.engine is engine
+            and watch.settings != settings
+            and not loops.is_running(loop)
+        ):
+            # Attached a moment ago with install()'s settings: the base
+            # factory (asyncio.new_event_loop) went through the policy that
+            # install() set.  The loop factory's own options win: a
+            # loop_factory(..., slow_callback_ms=50) was watched at 100 ms.
+            watch.detach()
         return engine.attach(loop, settings)
