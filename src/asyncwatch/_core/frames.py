@@ -267,7 +267,7 @@ _INTERRUPTS = _interrupt_codes()
 _INTERRUPT_IDS = frozenset(id(code) for code in _INTERRUPTS)
 
 
-def app_frame_in_running_loop(frame: FrameType | None, runner: CodeType | None = None) -> FrameType | None:
+def app_frame_in_running_loop(frame: FrameType | None) -> FrameType | None:
     """Like `app_frame_in_callback`, for a call that may come from outside
     the loop (``task.cancel()``).
 
@@ -278,12 +278,18 @@ def app_frame_in_running_loop(frame: FrameType | None, runner: CodeType | None =
     handler (asyncio.Runner's SIGINT handler cancelling the main task): its
     caller is the line the signal interrupted.  With no loop running
     (asyncio.run's set-up, its cancelling of the tasks left at the end),
-    the walk goes on out to the line that called it.  *runner*, the code of
-    the frame that started the running loop (`WatchedLoop.runner`), is a
-    dispatch too: uvloop calls back from C, straight from that frame."""
+    the walk goes on out to the line that called it.  The frame that
+    started the running loop (`WatchedLoop.runner`) is a dispatch too:
+    uvloop calls back from C, straight from that frame."""
     import asyncio.events
 
-    running = asyncio.events._get_running_loop() is not None
+    from .detector import watches
+
+    loop = asyncio.events._get_running_loop()
+    running = loop is not None
+    watch = watches.get(loop) if loop is not None else None
+    runner = watch.runner if watch is not None else None
+    del loop, watch
     while frame is not None:
         code = frame.f_code
         if (running and (id(code) in LOOP_DISPATCH_IDS or code is runner)) or id(code) in _INTERRUPT_IDS:

@@ -306,8 +306,7 @@ def _note_cancel(
             structured, canceller = True, None
         else:
             structured = False
-            watch = watches.get(task.get_loop())
-            app = app_frame_in_running_loop(frame, watch.runner if watch is not None else None)
+            app = app_frame_in_running_loop(frame)
             canceller = frame_site(app) if app is not None else None
     if structured:
         call.notes[_NOTE] = _Note(None, True, canceller)
