@@ -10,7 +10,10 @@ faster, because the GIL lets only one thread run Python bytecode at a time
 (use ``ProcessPoolExecutor`` for that).  What it buys is a responsive loop.
 The ticker below shows that the loop keeps running while the work happens.
 
-asyncwatch reports nothing.
+asyncwatch reports nothing against it.  (On a loaded machine the three
+worker threads can keep the loop from the GIL past the threshold: that
+stall is reported as another thread's, cause ``gil``, with no line of
+yours blamed and no verdict counting it.)
 
     python examples/slow_callback_fixed.py
     asyncwatch run examples/slow_callback_fixed.py

@@ -94,8 +94,17 @@ def test_mistake_is_reported_at_its_marked_line(tmp_path: Path, script: str, kin
 
 @pytest.mark.parametrize("script", CLEAN)
 def test_fixed_version_or_exercise_is_clean(tmp_path: Path, script: str) -> None:
-    """Each fixed version and each clean exercise yields no finding at all."""
+    """Each fixed version and each clean exercise yields no finding against
+    the program.  slow_callback_fixed.py's three CPU-bound worker threads may
+    keep the loop thread from the GIL for over the threshold on a loaded
+    machine (CI, 3.12: 126 ms in asyncio's _read_from_self): a real stall,
+    reported as another thread's (issue 12), with no line blamed and no
+    verdict counting it.  Nothing else is allowed, there or elsewhere."""
     findings, _ = run_watched(tmp_path, script)
+    if script == "slow_callback_fixed.py":
+        findings = [
+            f for f in findings if not (f["kind"] == "slow_callback" and f["site"] is None and f["cause"] == "gil")
+        ]
     assert findings == []
 
 
