@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from asyncwatch._core.findings import NOT_THE_PROGRAMS
 from conftest import line_of
 
 try:
@@ -98,12 +99,15 @@ def test_fixed_version_or_exercise_is_clean(tmp_path: Path, script: str) -> None
     the program.  slow_callback_fixed.py's three CPU-bound worker threads may
     keep the loop thread from the GIL for over the threshold on a loaded
     machine (CI, 3.12: 126 ms in asyncio's _read_from_self): a real stall,
-    reported as another thread's (issue 12), with no line blamed and no
-    verdict counting it.  Nothing else is allowed, there or elsewhere."""
+    reported as another thread's (issue 12), or as the machine's, with no
+    line blamed and no verdict counting it.  Nothing else is allowed, there
+    or elsewhere."""
     findings, _ = run_watched(tmp_path, script)
     if script == "slow_callback_fixed.py":
         findings = [
-            f for f in findings if not (f["kind"] == "slow_callback" and f["site"] is None and f["cause"] == "gil")
+            f
+            for f in findings
+            if not (f["kind"] == "slow_callback" and f["site"] is None and f["cause"] in NOT_THE_PROGRAMS)
         ]
     assert findings == []
 
