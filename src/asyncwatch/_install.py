@@ -126,8 +126,9 @@ def _watch_future_loops(settings: Settings) -> None:
 
 def _watch_starting_loop(loop: Any, runner: CodeType | None = None) -> None:
     """Attach a loop about to run (the loop-start hooks), unless it is
-    watched; *runner*, the code of the frame that runs it, goes to its task
-    factory (`TaskFactory.runner`)."""
+    watched; *runner*, the code of the frame that runs it, goes to its watch
+    (`WatchedLoop.runner`, for ``cancel()``) and its task factory
+    (`TaskFactory.runner`, read on the creation-site walk without a lookup)."""
     engine = _state.engine
     if loop is not None and engine is not None and _state.future_loops is not None:
         try:
