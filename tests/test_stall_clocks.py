@@ -24,7 +24,7 @@ def test_a_schedstat_read_keeps_the_gil() -> None:
     path = f"/proc/self/task/{threading.get_native_id()}/schedstat"
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        ours = read(fd).split()
+        ours = read(fd, 128).split()
         theirs = os.pread(fd, 128, 0).split()
     finally:
         os.close(fd)

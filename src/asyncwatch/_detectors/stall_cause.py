@@ -9,7 +9,8 @@ the watchdog compares, for the loop thread, its wall time with:
 * its CPU time (``/proc/self/task/<tid>/schedstat``, field 1, or the
   thread's CPU clock): on CPU, the step is CPU-bound;
 * its run-queue wait (schedstat, field 2): runnable but no CPU free, the
-  machine is overloaded (``starved``);
+  machine is overloaded (``starved``); on a virtual machine, also the time
+  the hypervisor gave the thread's CPU to another machine (`Steal`);
 * the time the garbage collector ran (``gc.callbacks``): a collection stops
   every thread, whatever line the loop was at (``gc``);
 * the CPU time of the process's other threads, and how late the watchdog's
@@ -152,46 +153,109 @@ def _pread_holding_the_gil() -> Any:
     return pread
 
 
-def _read_without_letting_go() -> Callable[[int], bytes]:
-    """How a look reads a schedstat file (see `_pread_holding_the_gil`)."""
+def _read_without_letting_go() -> Callable[[int, int], bytes]:
+    """How a look reads a file of /proc (see `_pread_holding_the_gil`)."""
     pread = _pread_holding_the_gil()
     if pread is None:
-        return lambda fd: os.pread(fd, 128, 0)
+        return lambda fd, size: os.pread(fd, size, 0)
     import ctypes
 
     make_buffer = ctypes.create_string_buffer
 
-    def read(fd: int) -> bytes:
-        buffer = make_buffer(128)  # one a call: a clock may be read from two threads
-        got: int = pread(fd, buffer, 128, 0)
+    def read(fd: int, size: int) -> bytes:
+        buffer = make_buffer(size)  # one a call: a clock may be read from two threads
+        got: int = pread(fd, buffer, size, 0)
         if got < 0:
-            raise OSError(f"pread of schedstat failed on descriptor {fd}")
+            raise OSError(f"pread of a /proc file failed on descriptor {fd}")
         return buffer.raw[:got]
 
     return read
 
 
-_read_stat: Callable[[int], bytes] | None = None
+_read_stat: Callable[[int, int], bytes] | None = None
+
+#: Ticks a second of /proc/stat's columns (USER_HZ).
+_USER_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+#: How much of /proc/stat a read takes: its aggregate line and one line a
+#: CPU (60 to 150 bytes each) come first; the interrupt counts after them
+#: are never needed.
+_PROC_STAT_SIZE = 256 + 160 * (os.cpu_count() or 1)
+
+
+class Steal:
+    """What the hypervisor took from the loop thread's CPU: the CPU the
+    thread last ran on (``/proc/self/task/<tid>/stat``, field 39) and every
+    CPU's steal time so far (``/proc/stat``'s eighth column), in seconds.
+
+    A virtual machine's CPU that the host gives to another guest stops
+    mid-instruction: the thread on it is neither running (the guest
+    kernel's paravirtual steal clock takes that time out of its CPU time)
+    nor waiting in the run queue, so without this the stall looked like the
+    program's own time off CPU, ``blocking_io`` at whatever line the loop
+    was at (a benchmark's healthy loop, once in a 15-round run on this
+    project's VM).  Read at a look, never by the loop thread.
+    """
+
+    __slots__ = ("cpu", "stolen")
+
+    def __init__(self, cpu: int, stolen: dict[int, float]) -> None:
+        self.cpu = cpu
+        self.stolen = stolen
+
+    def since(self, before: Steal) -> float:
+        """Time stolen since *before* from the CPUs the thread was seen on
+        at both readings: the least of them, as the thread may have moved
+        between the two (a stall is never excused by steal from a CPU it
+        may not have been on)."""
+        cpus = {before.cpu, self.cpu}
+        deltas = [self.stolen.get(cpu, 0.0) - before.stolen.get(cpu, 0.0) for cpu in cpus]
+        return max(min(deltas), 0.0)
+
+
+def parse_steal(proc_stat: bytes) -> dict[int, float]:
+    """Each CPU's steal time in seconds, from the start of ``/proc/stat``
+    (a kernel older than 2.6.11 has no steal column: none taken)."""
+    stolen: dict[int, float] = {}
+    # The last piece is cut short, or what follows the last newline.
+    for line in proc_stat.split(b"\n")[1:-1]:
+        if not line.startswith(b"cpu"):
+            break
+        fields = line.split()
+        if len(fields) > 8:
+            stolen[int(fields[0][3:])] = int(fields[8]) / _USER_HZ
+    return stolen
+
+
+def _open(path: str) -> int | None:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
 
 
 class ThreadClock:
-    """One thread's CPU time and run-queue wait, in seconds.
+    """One thread's CPU time and run-queue wait, in seconds, and the time
+    the hypervisor stole from its CPU (`Steal`).
 
     Linux's schedstat gives both; where it is missing (another system) or
     reads zero (a kernel without schedstats), the thread's CPU clock gives
-    the CPU time and the wait is unknown (None).
+    the CPU time and the wait is unknown (None).  Its descriptors are
+    opened with it and closed with it (`close`): none stays open once the
+    loop is no longer watched.
     """
 
-    __slots__ = ("_clock", "_fd")
+    __slots__ = ("_clock", "_fd", "_proc_stat_fd", "_task_stat_fd")
 
     def __init__(self, ident: int, native_id: int | None) -> None:
         self._fd: int | None = None
         self._clock: int | None = None
+        self._task_stat_fd: int | None = None
+        self._proc_stat_fd: int | None = None
         if native_id is not None:
-            try:
-                self._fd = os.open(f"/proc/self/task/{native_id}/schedstat", os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                self._fd = None
+            self._fd = _open(f"/proc/self/task/{native_id}/schedstat")
+            if self._fd is not None:
+                self._task_stat_fd = _open(f"/proc/self/task/{native_id}/stat")
+                self._proc_stat_fd = _open("/proc/stat") if self._task_stat_fd is not None else None
         self._clock = cpu_clock_id(ident, native_id)
         global _read_stat
         if _read_stat is None and self._fd is not None:
@@ -225,11 +289,34 @@ class ThreadClock:
         except (OSError, ValueError, IndexError):
             return None
 
+    def steal(self) -> Steal | None:
+        """The CPU the thread last ran on and the steal time of every CPU;
+        None where either cannot be read (not Linux, no steal column)."""
+        task_fd, proc_fd = self._task_stat_fd, self._proc_stat_fd
+        if task_fd is None or proc_fd is None:
+            return None
+        try:
+            # Field 39, counted after the command name, which may hold spaces.
+            cpu = int(_stat(task_fd, 1024).rpartition(b")")[2].split()[36])
+            stolen = parse_steal(_stat(proc_fd, _PROC_STAT_SIZE))
+        except (OSError, ValueError, IndexError):
+            self._close_steal()
+            return None
+        return Steal(cpu, stolen) if cpu in stolen else None
+
+    def _close_steal(self) -> None:
+        for fd in (self._task_stat_fd, self._proc_stat_fd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._task_stat_fd = self._proc_stat_fd = None
+
     def close(self) -> None:
         fd, self._fd = self._fd, None
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
+        self._close_steal()
 
     def forget_after_fork(self) -> None:
         """In a forked child the descriptor names the parent's thread."""
@@ -237,9 +324,9 @@ class ThreadClock:
         self._clock = None
 
 
-def _stat(fd: int) -> bytes:
+def _stat(fd: int, size: int = 128) -> bytes:
     read = _read_stat
-    return read(fd) if read is not None else os.pread(fd, 128, 0)
+    return read(fd, size) if read is not None else os.pread(fd, size, 0)
 
 
 def cpu_clock_id(ident: int, native_id: int | None) -> int | None:
@@ -331,12 +418,14 @@ class Breakdown:
     practice), a pause of their own; the hundreds of young ones a step's
     allocations trigger (json.loads of a large body) stay the step's; -1
     means as *gc*.
+    *steal*: of *starved*, the time the hypervisor ran another machine on
+    the loop thread's CPU (`Steal`).
 
     A slots class, not a NamedTuple (about 30 objects for the collector to
     walk, against 9: issue 15's import footprint).
     """
 
-    __slots__ = ("cpu", "gc", "gc_pauses", "gil", "others_cpu", "starved", "wall")
+    __slots__ = ("cpu", "gc", "gc_pauses", "gil", "others_cpu", "starved", "steal", "wall")
 
     def __init__(
         self,
@@ -347,6 +436,7 @@ class Breakdown:
         gil: float,
         others_cpu: float,
         gc_pauses: float = -1.0,
+        steal: float = 0.0,
     ) -> None:
         self.wall = wall
         self.cpu = cpu
@@ -355,6 +445,7 @@ class Breakdown:
         self.gil = gil
         self.others_cpu = others_cpu
         self.gc_pauses = gc_pauses
+        self.steal = steal
 
     def __repr__(self) -> str:  # read in test failures and internal-error reports
         shares = ", ".join(f"{name}={getattr(self, name):.4f}" for name in self.__slots__)
@@ -377,6 +468,7 @@ class Breakdown:
             self.gil * factor,
             self.others_cpu * factor,
             pauses,
+            self.steal * factor,
         )
 
     def as_pairs(self) -> tuple[tuple[str, float], ...]:

@@ -16,7 +16,7 @@ import threading
 import time
 
 from . import stall_cause
-from .stall_cause import Breakdown, GcClock, ThreadClock
+from .stall_cause import Breakdown, GcClock, Steal, ThreadClock
 
 __all__ = ["Clocks", "StallMeter", "Wake", "mark_at"]
 
@@ -28,13 +28,15 @@ class Clocks:
     held by other threads so far (late wake-ups).  *own_cpu* is the CPU time
     of the thread that read these clocks (the watchdog's, but for the clocks
     a parked loop's first look compares with), and *reader* that thread:
-    the process's CPU time includes our own reads.
+    the process's CPU time includes our own reads.  *steal* is read by the
+    watchdog's looks only (two more reads of /proc); None in the loop's own
+    ticks and where unknown.
 
     A slots class, not a NamedTuple: a NamedTuple costs about 30 objects
     that every full collection of the program walks again (issue 15).
     """
 
-    __slots__ = ("foreign", "gc", "loop_cpu", "loop_wait", "own_cpu", "process_cpu", "reader", "wall")
+    __slots__ = ("foreign", "gc", "loop_cpu", "loop_wait", "own_cpu", "process_cpu", "reader", "steal", "wall")
 
     def __init__(
         self,
@@ -46,6 +48,7 @@ class Clocks:
         foreign: float,
         own_cpu: float = 0.0,
         reader: int = 0,
+        steal: Steal | None = None,
     ) -> None:
         self.wall = wall
         self.loop_cpu = loop_cpu
@@ -55,6 +58,7 @@ class Clocks:
         self.foreign = foreign
         self.own_cpu = own_cpu
         self.reader = reader
+        self.steal = steal
 
 
 def others_cpu(prev: Clocks, clocks: Clocks) -> float:
@@ -185,12 +189,21 @@ class StallMeter:
             self.prev = self.mark = None
             self.others_before = stall_cause.threads_cpu((thread_id, threading.get_ident()))
         cpu, wait = self.clock.read()
+        steal = self.clock.steal()
         if self.retired:
             self.clock.close()
             self.clock = None
         own = time.thread_time()
         return Clocks(
-            now, cpu, wait, time.process_time(), self.gc_clock.read(now), self.foreign, own, threading.get_ident()
+            now,
+            cpu,
+            wait,
+            time.process_time(),
+            self.gc_clock.read(now),
+            self.foreign,
+            own,
+            threading.get_ident(),
+            steal,
         )
 
     def note_others(self, prev: Clocks | None, clocks: Clocks, thread_id: int) -> None:
@@ -279,6 +292,14 @@ class StallMeter:
             others = max(others - (time.thread_time() - mark.own_cpu), 0.0)
         starved = wait - mark.loop_wait if wait is not None and mark.loop_wait is not None else 0.0
         wall = end - mark.wall
+        stolen = 0.0
+        if mark.steal is not None:
+            steal = clock.steal()
+            if steal is not None:
+                # The hypervisor's wait for a CPU is the machine's as the
+                # run queue's is, and comes out of the time off CPU only.
+                stolen = min(steal.since(mark.steal), max(wall - loop_cpu - starved, 0.0))
+                starved += stolen
         gil = self.foreign - mark.foreign
         holder = self.holder_since(mark.foreign) if gil > 0 else None
         off_cpu = wall - loop_cpu - starved
@@ -301,7 +322,7 @@ class StallMeter:
         # counts its CPU time once over: never less than none.
         gc_time = max(self.gc_clock.read(end) - mark.gc, 0.0)
         pauses = self.gc_clock.pauses_since(mark.wall, end, GcClock.PAUSE_FLOOR_S)
-        return Breakdown(wall, loop_cpu, max(starved, 0.0), gc_time, gil, others, pauses), holder
+        return Breakdown(wall, loop_cpu, max(starved, 0.0), gc_time, gil, others, pauses, stolen), holder
 
 
 def mark_at(prev: Clocks, clocks: Clocks, since: float, fresh_s: float, held: bool = True) -> Clocks:
@@ -326,6 +347,19 @@ def mark_at(prev: Clocks, clocks: Clocks, since: float, fresh_s: float, held: bo
     machine starved stays starved.
     """
     if prev.wall >= since - fresh_s:
+        if prev.steal is None and clocks.steal is not None:
+            # A tick's clocks (no steal read): the steal from this look on.
+            prev = Clocks(
+                prev.wall,
+                prev.loop_cpu,
+                prev.loop_wait,
+                prev.process_cpu,
+                prev.gc,
+                prev.foreign,
+                prev.own_cpu,
+                prev.reader,
+                clocks.steal,
+            )
         return prev
     span = max(clocks.wall - since, 0.0)
     before = max(since - prev.wall, 0.0)
@@ -348,4 +382,5 @@ def mark_at(prev: Clocks, clocks: Clocks, since: float, fresh_s: float, held: bo
         prev.foreign,
         clocks.own_cpu,
         clocks.reader,
+        clocks.steal,  # what was stolen before this look: unknown, none counted
     )

@@ -197,6 +197,12 @@ def _why(
             f"{who} held it): not the line the loop was at; move that thread's CPU-bound work "
             "(or long C calls that hold the GIL) to a process pool"
         )
+    if breakdown.steal > 0 and breakdown.steal >= breakdown.starved / 2:
+        return (
+            f" (cause: starved; the hypervisor gave the loop thread's CPU to another machine for "
+            f"{_ms(breakdown.steal)} of {measured}, steal time): the host is overloaded, not a line of the "
+            "program; a machine with dedicated CPUs, or less load on its host, avoids it"
+        )
     return (
         f" (cause: starved; the loop thread waited {_ms(breakdown.starved)} of {measured} for a CPU): "
         "the machine is overloaded, not a line of the program; give the process more CPU or run less beside it"
