@@ -72,6 +72,17 @@ class Watched:
         collector pause, cause gc), which `of` still returns."""
         return [f for f in self.collector.findings if counts_against_program(f)]
 
+    def blamed(self, kind: str) -> list[Finding]:
+        """Every finding of *kind* the program is blamed for.  A stall that
+        is the machine's (cause starved: a 20 ms sleep whose wake-up waited
+        140 ms for a CPU at load 8) is reported with no line and fails no
+        test; one given a line of the program anyway is still blamed."""
+        return [
+            f
+            for f in self.collector.findings
+            if f.kind.value == kind and (counts_against_program(f) or (f.site is not None and f.cause != "gc"))
+        ]
+
     def kinds(self) -> list[str]:
         return [f.kind.value for f in self.findings]
 

@@ -351,7 +351,7 @@ class TestShortStepsAreNotSlow:
             await asyncio.sleep(0)
 
         watched.run(main, slow_callback_ms=THRESHOLD_MS)
-        assert watched.of("slow_callback") == []
+        assert watched.blamed("slow_callback") == []
 
     def test_many_short_steps_of_one_task_are_not_slow(self, watched):
         """One task doing short steps back to back (same coroutine frame each step) is silent."""
@@ -362,7 +362,7 @@ class TestShortStepsAreNotSlow:
                 await asyncio.sleep(0)
 
         watched.run(main, slow_callback_ms=THRESHOLD_MS)
-        assert watched.of("slow_callback") == []
+        assert watched.blamed("slow_callback") == []
 
     def test_many_tasks_with_short_steps_back_to_back_are_not_slow(self, watched):
         """20 tasks each alternating 20 ms of work and ``sleep(0)``: busy for long, no slow step."""
@@ -376,7 +376,7 @@ class TestShortStepsAreNotSlow:
             await asyncio.gather(*(busy() for _ in range(20)))
 
         watched.run(main, slow_callback_ms=THRESHOLD_MS)
-        assert watched.of("slow_callback") == []
+        assert watched.blamed("slow_callback") == []
 
     def test_a_callback_rescheduling_itself_is_not_slow(self, watched):
         """A plain callback doing 20 ms and re-scheduling itself with ``call_soon`` is silent."""
@@ -396,7 +396,7 @@ class TestShortStepsAreNotSlow:
             await done
 
         watched.run(main, slow_callback_ms=THRESHOLD_MS)
-        assert watched.of("slow_callback") == []
+        assert watched.blamed("slow_callback") == []
 
     def test_interleaved_self_rescheduling_callbacks_are_not_slow(self, watched):
         """Several chains of short callbacks, interleaved on the ready queue, are silent."""
@@ -417,7 +417,7 @@ class TestShortStepsAreNotSlow:
             await asyncio.gather(*futures)
 
         watched.run(main, slow_callback_ms=THRESHOLD_MS)
-        assert watched.of("slow_callback") == []
+        assert watched.blamed("slow_callback") == []
 
     def test_an_idle_loop_is_not_slow(self, watched):
         """``await asyncio.sleep(0.3)`` leaves the loop idle: silent."""
@@ -426,7 +426,7 @@ class TestShortStepsAreNotSlow:
             await asyncio.sleep(0.3)
 
         watched.run(main, slow_callback_ms=THRESHOLD_MS)
-        assert watched.of("slow_callback") == []
+        assert watched.blamed("slow_callback") == []
 
     def test_blocking_in_a_thread_is_not_slow(self, watched):
         """``asyncio.to_thread(time.sleep, 0.3)`` blocks a worker thread, not the loop."""
@@ -435,7 +435,7 @@ class TestShortStepsAreNotSlow:
             await asyncio.to_thread(time.sleep, 0.3)
 
         watched.run(main, slow_callback_ms=THRESHOLD_MS)
-        assert watched.of("slow_callback") == []
+        assert watched.blamed("slow_callback") == []
 
 
 class TestTheWatchdogKeepsNoFrame:
