@@ -486,8 +486,12 @@ class Breakdown:
 
 #: Of the threshold, the CPU time the loop thread must have spent at the
 #: program's line for a stall stretched by the machine to stay the
-#: program's (see `classify`).
-RUNNING_SHARE = 1 / 4
+#: program's (see `classify`).  A quarter blamed steps of 10-16 ms of CPU
+#: (measured unloaded) that allocate, at load 4 to 5 on two cores: there
+#: each measured 25-41 ms of CPU (a busy machine slows the CPU a step
+#: needs, its caches shared) and waited 130 ms for one, cause cpu at the
+#: line in 1 run of 6 (a field corpus's trap, session 11).
+RUNNING_SHARE = 1 / 2
 
 
 def classify(breakdown: Breakdown, threshold_s: float, program_line: bool = False) -> str:
@@ -505,10 +509,12 @@ def classify(breakdown: Breakdown, threshold_s: float, program_line: bool = Fals
     clocks.  When the wait for a CPU alone made the stall (the collector's
     pauses and the GIL's waits leave it over the threshold) and the loop
     thread ran the program's frames for a meaningful time (`RUNNING_SHARE`
-    of the threshold: 25 ms at 100 ms, which a step busy for 2.5 thresholds
-    gets up to about 10 runnable threads a CPU; steps of a few milliseconds
-    each, stretched, measured 13 ms), the stall is the program's: its line
-    held the loop, the machine only slowed it down.
+    of the threshold: 50 ms at 100 ms, which a step busy for 2.5 thresholds
+    gets up to about 5 runnable threads a CPU; short steps, stretched,
+    measured 13 ms to 41 ms), the stall is the program's: its line held the
+    loop, the machine only slowed it down.  Work of a fixed size needs no
+    such rule: its CPU time does not shrink with the load, and over the
+    threshold it is the program's in any case.
     """
     gil = min(breakdown.gil, breakdown.off_cpu)
     pauses = breakdown.gc if breakdown.gc_pauses < 0 else min(breakdown.gc_pauses, breakdown.gc)
