@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import gc
 import json
 import os
 import sys
@@ -45,7 +44,7 @@ from ._core.settings import (
     resolve_run,
 )
 from ._engine import ensure_engine, is_installed
-from ._install import uninstall
+from ._install import finish_at_exit
 from ._outputs.collect import SummaryReporter
 from ._outputs.jsonl import JsonLinesReporter, finding_line, write_all
 from ._outputs.pipeline import Reporter
@@ -244,12 +243,6 @@ def start_watching(
         _watch_future_loops(loop_settings)
 
 
-def collect_garbage() -> None:
-    """Surface tasks and coroutines that are garbage but not yet collected."""
-    for _ in range(3):
-        gc.collect()
-
-
 # --- the child's side ------------------------------------------------------------
 
 
@@ -324,7 +317,6 @@ def _flush_before_signal(_signum: int) -> None:
 
 
 def _at_exit(otlp: Any) -> None:
-    collect_garbage()
-    uninstall()
+    finish_at_exit()
     if otlp is not None:
         otlp.shutdown()

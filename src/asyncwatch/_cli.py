@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import contextlib
 import os
 import runpy
 import signal
@@ -34,7 +35,7 @@ from ._core.settings import (
     resolve_run,
 )
 from ._engine import current_engine
-from ._install import uninstall
+from ._install import finish_at_exit, uninstall
 from ._outputs.collect import SummaryReporter
 from ._outputs.jsonl import JsonLinesReporter
 from ._outputs.pipeline import RateLimiter, Reporter
@@ -323,11 +324,31 @@ def _run(args: argparse.Namespace, command: _Command) -> int:
         status = _run_target(command)
     finally:
         signals.uninstall()
-        _children.collect_garbage()
-        uninstall()
         if os.getpid() == pid:  # not a forked child leaving the program through here
+            _program_exit_work()
+        finish_at_exit()  # done by the exit work, unless something unregistered it
+        uninstall()
+        if os.getpid() == pid:
             status = _finish(status, run, summary, spool, saved_env, otlp, limiter)
     return status
+
+
+def _program_exit_work() -> None:
+    """What python does between the program's end and its shutdown, done
+    before the summary: wait for its non-daemon threads, then run the exit
+    functions, the program's (watched, as the rest of it: a mistake in one
+    is counted) and then asyncwatch's (`finish_at_exit`: what the program
+    left alive, the findings files).  Run after the summary, as before, a
+    failed task kept in a module-level list was reported by asyncio as
+    Python shut down, and asyncwatch's summary said "no findings".  Python
+    finds nothing left to do at its own exit: atexit forgets what it ran."""
+    import atexit
+
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C while waiting for the threads: python goes on too
+            shutdown()
+    atexit._run_exitfuncs()
 
 
 def _finish(
@@ -422,15 +443,9 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 def _die_by_sigint_after_exit_work() -> NoReturn:
     """``KeyboardInterrupt`` escaped the program: python runs the exit work
     (threads joined, atexit handlers), then dies by SIGINT; so does the run."""
-    import atexit
-    import threading
-
     # What Py_FinalizeEx does before Modules/main.c's exit_sigint() kills the
-    # process: wait for the non-daemon threads, run the atexit functions
-    # (the program's and asyncwatch's findings-file flush).
-    shutdown = getattr(threading, "_shutdown", None)
-    if shutdown is not None:
-        shutdown()
-    atexit._run_exitfuncs()
+    # process; `_run` did it before the summary, and what was registered
+    # since runs now.
+    _program_exit_work()
     _signals.die_by(signal.SIGINT)
     raise AssertionError("unreachable")  # die_by does not return

@@ -11,13 +11,14 @@ A detector whose hook raises is disabled here, for every loop, said once.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ._core import loops
-from ._core.detector import CoroutineClaims, Detector, DetectorContext, Hooks, WatchedLoop, watches
+from ._core.detector import CoroutineClaims, Detector, DetectorContext, Hooks, WatchedLoop, overrides, watches
 from ._core.findings import Finding, FindingKind
 from ._core.runtime import in_forked_child, internal_logger, report_internal_error
 from ._core.settings import PROCESS_OPTIONS, ConfigurationError, Settings
@@ -136,6 +137,9 @@ class Engine:
         meter_provider: Any = None,
     ):
         self.settings = settings
+        #: The process that made it: a forked child's copy holds the parent's
+        #: tasks too, which the parent reports (`report_survivors`).
+        self.pid = os.getpid()
         self.pipeline = Pipeline(limiter=RateLimiter(settings.report_limit) if settings.report_limit else None)
         # OpenTelemetry spans and metrics; inert until a provider is configured.
         self.telemetry: Telemetry | None = None
@@ -268,6 +272,26 @@ class Engine:
                 detector.flush()
             except Exception as exc:
                 self.disable(detector, exc)
+
+    def report_survivors(self) -> None:
+        """The program is over: have the detectors report what it left alive
+        (`Detector.at_exit`), which Python reports only while it clears the
+        modules, asyncwatch's among them."""
+        detectors = [d for d in [*self._detectors.values(), *self._added] if overrides(d, "at_exit")]
+        if not detectors or os.getpid() != self.pid:
+            return
+        from ._core.survivors import find_survivors  # at exit only: nothing at import
+
+        survivors = find_survivors()
+        try:
+            for detector in detectors:
+                try:
+                    detector.at_exit(survivors)
+                except Exception as exc:
+                    self.disable(detector, exc)
+        finally:
+            survivors.tasks.clear()  # never a reference to the program's tasks past this
+            survivors.coroutines.clear()
 
     def close(self) -> None:
         with self._lock:

@@ -9,18 +9,19 @@ libraries.
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Iterable
 from types import CodeType
 from typing import Any
 
-from ._core.runtime import forget_internal_errors, report_internal_error
+from ._core.runtime import at_exit, forget_internal_errors, report_internal_error
 from ._core.settings import Settings, check_install_arguments
 from ._engine import Engine, _state, ensure_engine
 from ._outputs.pipeline import Reporter
 from ._patches import Patch, loop_start_patches
 from ._policy import EventLoopPolicy, get_policy, set_policy
 
-__all__ = ["Installation", "install", "uninstall", "watch_future_loops"]
+__all__ = ["Installation", "collect_garbage", "finish_at_exit", "install", "uninstall", "watch_future_loops"]
 
 
 class _Hooked:
@@ -165,3 +166,30 @@ def uninstall() -> None:
         if engine is not None:
             engine.close()
         forget_internal_errors()
+
+
+def collect_garbage() -> None:
+    """Surface tasks and coroutines that are garbage but not yet collected
+    (three passes: a finalizer may free more)."""
+    for _ in range(3):
+        gc.collect()
+
+
+def finish_at_exit() -> None:
+    """The program is over, its code and exit functions run: report its
+    garbage and what it left alive (`Engine.report_survivors`), then stop
+    watching.  Python frees what is left while it clears the modules,
+    asyncwatch's among them: a report then is lost, or fails (an internal
+    error on stderr).  First of asyncwatch's exit work, before the findings
+    files are flushed."""
+    engine = _state.engine
+    if engine is None:
+        return
+    try:
+        collect_garbage()
+        engine.report_survivors()
+    finally:
+        uninstall()
+
+
+at_exit(finish_at_exit, first=True)

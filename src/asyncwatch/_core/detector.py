@@ -8,6 +8,7 @@ method named after the event, in the spirit of trio's ``Instrument``:
 ``install(context)``       asyncwatch starts in this process
 ``uninstall()``            asyncwatch stops; restore what was hooked
 ``flush()``                report what is in progress now (exit, a signal)
+``at_exit(survivors)``     the program is over: what it left alive
 ``loop_attached(watch)``   a loop is watched from now on
 ``loop_detached(watch)``   the loop is no longer watched
 ``exception_context(...)`` the loop's exception handler got a context
@@ -41,8 +42,19 @@ from .runtime import report_internal_error
 
 if TYPE_CHECKING:
     from .settings import Settings
+    from .survivors import Survivors
 
-__all__ = ["HOOKS", "TASK_HOOKS", "CoroutineClaims", "Detector", "DetectorContext", "Hooks", "WatchedLoop", "watches"]
+__all__ = [
+    "HOOKS",
+    "TASK_HOOKS",
+    "CoroutineClaims",
+    "Detector",
+    "DetectorContext",
+    "Hooks",
+    "WatchedLoop",
+    "overrides",
+    "watches",
+]
 
 
 class CoroutineClaims:
@@ -140,6 +152,12 @@ class Detector:
     def flush(self) -> None:
         """Report now what is in progress (a stall not over yet): the process
         is about to exit, or a signal is ending it."""
+
+    def at_exit(self, survivors: Survivors) -> None:
+        """The program's code and its exit functions have run: report what
+        Python's shutdown would of the tasks and coroutines it left alive
+        (`asyncwatch._core.survivors`), which it frees only as it clears the
+        modules, too late for asyncwatch.  Told once, after a collection."""
 
     def loop_attached(self, watch: WatchedLoop) -> None:
         """*watch*'s loop is watched from now on."""

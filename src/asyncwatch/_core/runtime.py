@@ -261,9 +261,13 @@ def before_fork(callback: Callable[[], None]) -> None:
     _before_fork.append(callback)
 
 
-def at_exit(callback: Callable[[], None]) -> None:
-    """Have *callback* called (contained) when the interpreter exits."""
-    _at_exit.append(callback)
+def at_exit(callback: Callable[[], None], *, first: bool = False) -> None:
+    """Have *callback* called (contained) when the interpreter exits
+    (*first*: before those already registered)."""
+    if first:
+        _at_exit.insert(0, callback)
+    else:
+        _at_exit.append(callback)
 
 
 def _run_all(callbacks: list[Callable[[], None]], part: str) -> None:

@@ -29,7 +29,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._core.bytecode import called_function_code
 from .._core.collecting import after_collections, collecting, no_longer_after_collections
@@ -45,6 +45,9 @@ from .._core.frames import (
     source_path,
 )
 from .._core.runtime import report_internal_error
+
+if TYPE_CHECKING:
+    from .._core.survivors import Survivors
 
 __all__ = ["ORIGIN_DEPTH", "NeverAwaitedDetector"]
 
@@ -180,22 +183,58 @@ class NeverAwaitedDetector(Detector):
         else:
             self._emit(finding)
 
+    #: How many coroutines alive at exit are told with what holds them (two
+    #: walks over the heap each).
+    HOLDERS_AT_EXIT = 5
+
+    def at_exit(self, survivors: Survivors) -> None:
+        """A coroutine never started that the program still holds (a list
+        of work "for later") is never awaited all the same: CPython warns
+        when it is freed, as the interpreter clears the modules."""
+        from .._core.survivors import held_by  # at exit only: nothing at import
+
+        described = 0
+        for coro in survivors.coroutines:
+            if self._claims.take(id(coro)):
+                continue
+            holder = None
+            if described < self.HOLDERS_AT_EXIT:
+                described += 1
+                holder = held_by(coro, ignore=(survivors.coroutines,))
+            self._emit(self._finding_at_exit(coro, holder))
+
+    def _finding_at_exit(self, coro: Any, holder: str | None) -> Finding:
+        name = qualname_of(coro)
+        created, stack = _origin(coro)
+        held = f" (by {holder})" if holder else ""
+        advice = "add 'await', or schedule it with asyncio.create_task() and keep the task"
+        if created is not None:
+            message = (
+                f"Coroutine {name!r} was created at {_short(created)} but never awaited: it was still "
+                f"referenced when the program ended{held}, so CPython warns only as it shuts down; {advice}"
+            )
+        else:
+            code = getattr(coro, "cr_code", None)
+            defined = f" (defined at {code.co_filename}:{code.co_firstlineno})" if code is not None else ""
+            how = "" if self._track_origins else "; track_coroutine_origins=True records it"
+            message = (
+                f"Coroutine {name!r}{defined} was never awaited: it was still referenced when the program "
+                f"ended{held}, so CPython warns only as it shuts down; where it was created is not known{how}; "
+                f"{advice} where it is created"
+            )
+        return Finding(
+            kind=FindingKind.COROUTINE_NEVER_AWAITED,
+            message=message,
+            site=created,
+            stack=stack,
+            coroutine=name,
+            created_at=created,
+        )
+
     def _finding(self, coro: Any, caller: Any) -> Finding:
         name = qualname_of(coro)
-        created: Site | None = None
         dropped: Site | None = None
-        stack: tuple[Site, ...] = ()
-        origin = getattr(coro, "cr_origin", None)
-        if origin:
-            # innermost first: (filename, lineno, function); stop at the loop's
-            # dispatch (a coroutine function called back by the loop).
-            sites = []
-            for filename, line, function in origin:
-                if (filename, function) in LOOP_DISPATCH_NAMES:
-                    break
-                sites.append(Site(source_path(filename), line, function))
-            created = next((s for s in sites if not is_library_file(s.file)), None)
-            stack = tuple(reversed(sites))
+        created, stack = _origin(coro)
         collected = collecting()
         scheduled = False
         if not collected:
@@ -225,6 +264,24 @@ class NeverAwaitedDetector(Detector):
             # another thread's: then where it was dropped is unknown.
             thread=None if collected else threading.current_thread().name,
         )
+
+
+def _origin(coro: Any) -> tuple[Site | None, tuple[Site, ...]]:
+    """Where *coro* was created (its innermost application frame) and the
+    stack that created it, outermost first, from ``cr_origin`` when origin
+    tracking is on; else nothing."""
+    origin = getattr(coro, "cr_origin", None)
+    if not origin:
+        return None, ()
+    # innermost first: (filename, lineno, function); stop at the loop's
+    # dispatch (a coroutine function called back by the loop).
+    sites = []
+    for filename, line, function in origin:
+        if (filename, function) in LOOP_DISPATCH_NAMES:
+            break
+        sites.append(Site(source_path(filename), line, function))
+    created = next((s for s in sites if not is_library_file(s.file)), None)
+    return created, tuple(reversed(sites))
 
 
 def _called_back_by_the_loop(caller: Any, coro: Any) -> bool:

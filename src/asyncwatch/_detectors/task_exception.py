@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .._core.detector import Detector, DetectorContext, WatchedLoop
+from .._core.detector import Detector, DetectorContext, WatchedLoop, watches
 from .._core.findings import Finding, FindingKind, Site
 from .._core.frames import describe_exception, describe_task, frame_site
 from .._core.tasks import coro_name, created_at, describe_gather, forget, hold_gather_sites, release_gather_sites
 
-__all__ = ["NEVER_RETRIEVED", "TaskExceptionDetector"]
+if TYPE_CHECKING:
+    from .._core.survivors import Survivors
+
+__all__ = ["AT_EXIT", "NEVER_RETRIEVED", "TaskExceptionDetector"]
+
+#: What a finding about a task still referenced at exit adds to its message.
+AT_EXIT = "; it was still referenced when the program ended, so asyncio reports it only as Python shuts down"
 
 # asyncio words it "<class name> exception was never retrieved".
 NEVER_RETRIEVED = " exception was never retrieved"
@@ -34,6 +40,21 @@ class TaskExceptionDetector(Detector):
 
     def uninstall(self) -> None:
         release_gather_sites()
+
+    def at_exit(self, survivors: Survivors) -> None:
+        """A failed task the program still holds (a module-level list of
+        jobs) has its exception never retrieved all the same: asyncio
+        reports it when the task is freed, as the interpreter clears the
+        modules.  Read without asking (``exception()`` would mark it
+        retrieved, and asyncio's own report would not come)."""
+        for task in survivors.tasks:
+            if not task.done() or task.cancelled() or not getattr(task, "_log_traceback", False):
+                continue
+            exc = getattr(task, "_exception", None)
+            watch = watches.get(task.get_loop())
+            if watch is not None and isinstance(exc, BaseException):
+                watch.emit(unretrieved_finding(task, exc, AT_EXIT))
+                forget(task)
 
     def exception_context(self, watch: WatchedLoop, context: Mapping[str, Any]) -> None:
         message = context.get("message")
@@ -78,8 +99,9 @@ def gather_unretrieved_finding(gathering: asyncio.Future[Any], exc: BaseExceptio
     )
 
 
-def unretrieved_finding(task: asyncio.Task[Any], exc: BaseException) -> Finding:
-    """The finding for *task*, which failed with *exc* that nobody retrieved."""
+def unretrieved_finding(task: asyncio.Task[Any], exc: BaseException, more: str = "") -> Finding:
+    """The finding for *task*, which failed with *exc* that nobody retrieved
+    (*more*: said at the message's end)."""
     name = task.get_name()
     coro = coro_name(task)
     where = created_at(task)
@@ -87,7 +109,7 @@ def unretrieved_finding(task: asyncio.Task[Any], exc: BaseException) -> Finding:
         kind=FindingKind.TASK_EXCEPTION_UNRETRIEVED,
         message=(
             f"{describe_task(name, coro)} failed with {describe_exception(exc)} "
-            "and nobody retrieved the exception; await the task, or check it in a done callback"
+            "and nobody retrieved the exception; await the task, or check it in a done callback" + more
         ),
         site=where,
         stack=_traceback_sites(exc),

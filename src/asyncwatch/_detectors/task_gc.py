@@ -21,10 +21,10 @@ import asyncio
 import threading
 import weakref
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._core.collecting import after_collections, collecting, no_longer_after_collections
-from .._core.detector import Detector, DetectorContext, WatchedLoop
+from .._core.detector import Detector, DetectorContext, WatchedLoop, watches
 from .._core.findings import Finding, FindingKind, Site
 from .._core.frames import describe_task
 from .._core.tasks import (
@@ -36,6 +36,9 @@ from .._core.tasks import (
     release_gather_sites,
     user_coro_of,
 )
+
+if TYPE_CHECKING:
+    from .._core.survivors import Survivors
 
 __all__ = ["DESTROYED_PENDING", "TaskGarbageDetector"]
 
@@ -128,6 +131,25 @@ class TaskGarbageDetector(Detector):
             with self._lock:
                 self._claimed.add(id(waiter))
 
+    def at_exit(self, survivors: Survivors) -> None:
+        """A pending task the program still holds when it ends, its loop no
+        longer running (run by hand and left, or closed), never finishes:
+        asyncio reports it destroyed while pending when the interpreter
+        frees it.  A loop still running (in a daemon thread) is left alone,
+        and so are gather's tasks, for which asyncio says nothing."""
+        for task in survivors.tasks:
+            if task.done() or not getattr(task, "_log_destroy_pending", False):
+                continue
+            loop = task.get_loop()
+            watch = watches.get(loop)
+            if watch is None or loop.is_running():
+                continue
+            coro = user_coro_of(task)
+            if coro is not None and self._context is not None:
+                self._context.claims.claim(coro)
+            watch.emit(destroyed_pending_finding(task, at_exit=True))
+            forget(task)
+
     def exception_context(self, watch: WatchedLoop, context: Mapping[str, Any]) -> None:
         if context.get("message") != DESTROYED_PENDING:
             return
@@ -177,8 +199,9 @@ class _LostGather(weakref.ref):  # type: ignore[type-arg]
         )
 
 
-def destroyed_pending_finding(task: asyncio.Task[Any]) -> Finding:
-    """The finding for *task*, destroyed while pending."""
+def destroyed_pending_finding(task: asyncio.Task[Any], *, at_exit: bool = False) -> Finding:
+    """The finding for *task*, destroyed while pending (*at_exit*: still
+    pending and referenced when the program ended, its loop stopped)."""
     # A pending task is always in a reference cycle (it and the future it
     # waits on refer to each other), and the collector finalizes its
     # coroutine first, so where it was waiting is gone by now: the creation
@@ -186,12 +209,20 @@ def destroyed_pending_finding(task: asyncio.Task[Any]) -> Finding:
     name = task.get_name()
     coro = coro_name(task)
     where = created_at(task)
-    return Finding(
-        kind=FindingKind.TASK_DESTROYED_PENDING,
-        message=(
+    if at_exit:
+        message = (
+            f"{describe_task(name, coro)} was still pending when the program ended, its loop no longer "
+            "running: it never finished, and asyncio says so only as Python shuts down; await it, or "
+            "cancel it and await the cancellation, before the loop stops (a TaskGroup does both)"
+        )
+    else:
+        message = (
             f"{describe_task(name, coro)} was destroyed by the garbage collector "
             "while still pending; keep a reference to it (a set of background tasks, or a TaskGroup)"
-        ),
+        )
+    return Finding(
+        kind=FindingKind.TASK_DESTROYED_PENDING,
+        message=message,
         site=where,
         stack=(where,) if where else (),
         task=name,

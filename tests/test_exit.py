@@ -1,0 +1,247 @@
+"""What a program leaves alive when it ends: reported before Python's shutdown frees it.
+
+A failed task kept in a module-level list, a coroutine kept "for later",
+a pending task on a loop run by hand and left: Python frees them only as it
+clears the modules, and asyncio reports them then, after asyncwatch's
+summary and findings file were written (and, under ``install()``, with an
+internal error of asyncwatch's on stderr).  Run in subprocesses, as a user
+runs them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from test_cli import line_in, run
+
+FAILED_TASK_IN_A_LIST = """\
+    import asyncio
+
+    JOBS = []
+
+    async def reindex(shard):
+        await asyncio.sleep(0)
+        raise RuntimeError(f"shard {shard} unavailable")
+
+    async def main():
+        JOBS.append(asyncio.create_task(reindex(3)))  # <- the failed task
+        await asyncio.sleep(0.05)
+
+    asyncio.run(main())
+"""
+
+COROUTINE_IN_A_LIST = """\
+    import asyncio
+
+    DEFERRED = []
+
+    async def flush_metrics(name):
+        await asyncio.sleep(0)
+
+    async def main():
+        DEFERRED.append(flush_metrics("requests"))  # <- the coroutine
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+"""
+
+PENDING_ON_A_LOOP_LEFT = """\
+    import asyncio
+
+    BACKGROUND = []
+
+    async def heartbeat():
+        await asyncio.Event().wait()
+
+    async def main():
+        BACKGROUND.append(asyncio.create_task(heartbeat()))  # <- the pending task
+        await asyncio.sleep(0)
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(main())
+"""
+
+
+def script(tmp_path: Path, source: str, name: str = "app.py") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+def findings_of(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+
+
+def run_watched(tmp_path: Path, program: Path, *options: str) -> tuple[subprocess.CompletedProcess[str], list[Any]]:
+    out = tmp_path / "findings.jsonl"
+    result = run("run", "--findings", str(out), *options, str(program), cwd=tmp_path)
+    return result, findings_of(out)
+
+
+class TestUnderAsyncwatchRun:
+    def test_a_failed_task_kept_in_a_module_list_is_reported_at_its_creation_line(self, tmp_path):
+        program = script(tmp_path, FAILED_TASK_IN_A_LIST)
+        result, found = run_watched(tmp_path, program)
+        assert result.returncode == 0, result.stderr
+        [finding] = found
+        assert finding["kind"] == "task_exception_unretrieved"
+        assert finding["site"]["line"] == line_in(program, "# <- the failed task")
+        assert "RuntimeError: shard 3 unavailable" in finding["message"]
+        assert "still referenced when the program ended" in finding["message"]
+        # Counted in the summary, which comes after it now.
+        assert "1 finding" in result.stderr and f"app.py:{finding['site']['line']}" in result.stderr
+        # asyncio's own report as Python shuts down is unchanged.
+        assert "Task exception was never retrieved" in result.stderr
+
+    def test_a_coroutine_kept_in_a_module_list_is_reported_with_what_holds_it(self, tmp_path):
+        program = script(tmp_path, COROUTINE_IN_A_LIST)
+        result, found = run_watched(tmp_path, program)
+        assert result.returncode == 0, result.stderr
+        [finding] = found
+        assert finding["kind"] == "coroutine_never_awaited"
+        assert finding["site"] is None and finding["created_at"] is None and finding["dropped_at"] is None
+        assert "a list in global 'DEFERRED' of module __main__" in finding["message"]
+        assert "where it was created is not known; track_coroutine_origins=True records it" in finding["message"]
+        assert "coroutine 'flush_metrics' was never awaited" in result.stderr  # CPython's own warning
+
+    def test_with_origins_tracked_its_creation_line_is_the_site(self, tmp_path):
+        program = script(tmp_path, COROUTINE_IN_A_LIST)
+        result, found = run_watched(tmp_path, program, "--track-coroutine-origins")
+        assert result.returncode == 0, result.stderr
+        [finding] = found
+        line = line_in(program, "# <- the coroutine")
+        assert finding["site"]["line"] == finding["created_at"]["line"] == line
+        assert f"created at app.py:{line} but never awaited" in finding["message"]
+
+    def test_a_pending_task_on_a_loop_run_by_hand_and_left_is_reported(self, tmp_path):
+        program = script(tmp_path, PENDING_ON_A_LOOP_LEFT)
+        result, found = run_watched(tmp_path, program)
+        assert result.returncode == 0, result.stderr
+        [finding] = found
+        assert finding["kind"] == "task_destroyed_pending"
+        assert finding["site"]["line"] == line_in(program, "# <- the pending task")
+        assert "still pending when the program ended, its loop no longer running" in finding["message"]
+        assert "Task was destroyed but it is pending!" in result.stderr  # asyncio's own, unchanged
+
+    def test_what_the_programs_exit_functions_finish_is_not_reported(self, tmp_path):
+        """Work kept for an exit function, which awaits the coroutines and
+        asks the failed task for its exception: nothing left to report."""
+        program = script(
+            tmp_path,
+            """\
+            import asyncio, atexit
+
+            DEFERRED = []
+            JOBS = []
+
+            async def flush(name):
+                await asyncio.sleep(0)
+                print("flushed", name)
+
+            async def fail():
+                raise ValueError("checked at exit")
+
+            async def drain():
+                await asyncio.gather(*DEFERRED)
+                print("job said", repr(JOBS[0].exception()))
+
+            async def main():
+                DEFERRED.append(flush("metrics"))
+                JOBS.append(asyncio.create_task(fail()))
+                await asyncio.sleep(0.01)
+
+            atexit.register(lambda: asyncio.run(drain()))
+            asyncio.run(main())
+            """,
+        )
+        result, found = run_watched(tmp_path, program)
+        assert result.returncode == 0, result.stderr
+        assert found == []
+        assert result.stdout == "flushed metrics\njob said ValueError('checked at exit')\n"
+        assert "asyncwatch: no findings" in result.stderr
+
+    def test_a_mistake_in_an_exit_function_is_watched_and_counted(self, tmp_path):
+        program = script(
+            tmp_path,
+            """\
+            import asyncio, atexit, time
+
+            async def close_pool():
+                time.sleep(0.25)  # <- blocks at exit
+                await asyncio.sleep(0)
+
+            atexit.register(lambda: asyncio.run(close_pool()))
+            """,
+        )
+        result, found = run_watched(tmp_path, program, "--fail-on-findings")
+        assert [(f["kind"], f["site"]["line"]) for f in found if f["cause"] not in ("starved", "gil")] == [
+            ("slow_callback", line_in(program, "# <- blocks at exit"))
+        ]
+        assert result.returncode == 3, result.stderr
+
+    def test_a_loop_still_running_in_a_daemon_thread_is_left_alone(self, tmp_path):
+        """Its pending tasks are not finished, not abandoned: Python never frees them."""
+        program = script(
+            tmp_path,
+            """\
+            import asyncio, threading
+
+            started = threading.Event()
+            CONNECTIONS = []
+
+            async def serve():
+                CONNECTIONS.append(asyncio.get_running_loop().create_task(asyncio.Event().wait()))
+                started.set()
+                await asyncio.Event().wait()
+
+            threading.Thread(target=asyncio.run, args=(serve(),), daemon=True).start()
+            started.wait()
+            """,
+        )
+        result, found = run_watched(tmp_path, program)
+        assert result.returncode == 0, result.stderr
+        assert found == []
+
+    def test_the_exit_status_and_the_exit_functions_output_are_pythons(self, tmp_path):
+        program = script(
+            tmp_path,
+            """\
+            import atexit, sys
+
+            atexit.register(print, "second")
+            atexit.register(print, "first")
+            print("main")
+            sys.exit(4)
+            """,
+        )
+        plain = subprocess.run([sys.executable, str(program)], capture_output=True, text=True, check=False)
+        result, found = run_watched(tmp_path, program)
+        assert (result.returncode, result.stdout) == (plain.returncode, plain.stdout) == (4, "main\nfirst\nsecond\n")
+        assert found == []
+
+
+class TestUnderInstall:
+    def test_they_are_reported_with_no_error_of_asyncwatchs_at_shutdown(self, tmp_path):
+        """Before, asyncio's report as Python cleared the modules reached a
+        detector whose modules were half gone: "sys.meta_path is None", an
+        internal error on stderr, and no finding."""
+        out = tmp_path / "findings.jsonl"
+        source = textwrap.dedent(FAILED_TASK_IN_A_LIST).replace(
+            "import asyncio\n", f"import asyncio\nimport asyncwatch\nasyncwatch.install(findings={str(out)!r})\n", 1
+        )
+        program = tmp_path / "app.py"
+        program.write_text(source)
+        result = subprocess.run(
+            [sys.executable, str(program)], capture_output=True, text=True, check=False, cwd=tmp_path, timeout=900
+        )
+        assert result.returncode == 0, result.stderr
+        assert [(f["kind"], f["site"]["line"]) for f in findings_of(out)] == [
+            ("task_exception_unretrieved", line_in(program, "# <- the failed task"))
+        ]
+        assert "internal_error" not in result.stderr and "meta_path" not in result.stderr
+        assert "Task exception was never retrieved" in result.stderr
