@@ -390,3 +390,25 @@ def test_a_fork_while_a_thread_reports_leaves_the_child_able_to_report(tmp_path,
         tmp_path,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_a_findings_file_is_written_where_no_thread_can_start(tmp_path, monkeypatch):
+    """Python 3.12 starts no thread while it shuts down: a finding an exit
+    function makes is written by the thread that reports it (it was lost,
+    with an internal error on stderr)."""
+    from asyncwatch._core.runtime import ShuttingDown
+    from asyncwatch._outputs import jsonl
+
+    def refuse(target, name):
+        raise ShuttingDown("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(jsonl, "start_hidden_thread", refuse)
+    reporter = jsonl.JsonLinesReporter(tmp_path / "findings.jsonl")
+    try:
+        reporter.report(Finding(kind=FindingKind.SLOW_CALLBACK, message="at exit", site=None))
+        assert [json.loads(line)["message"] for line in (tmp_path / "findings.jsonl").read_text().splitlines()] == [
+            "at exit"
+        ]
+        assert reporter.flush(timeout=0.1)
+    finally:
+        reporter.close()

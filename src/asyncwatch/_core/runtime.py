@@ -31,6 +31,7 @@ from typing import Any
 __all__ = [
     "LOGGER_NAME",
     "HiddenThread",
+    "ShuttingDown",
     "at_exit",
     "before_fork",
     "configured_structlog",
@@ -181,7 +182,12 @@ class HiddenThread:
             finally:
                 done.release()
 
-        self.ident = _thread.start_new_thread(run, ())
+        try:
+            self.ident = _thread.start_new_thread(run, ())
+        except RuntimeError as exc:
+            if "shutdown" in str(exc):
+                raise ShuttingDown(str(exc)) from None
+            raise
 
     def is_alive(self) -> bool:
         return self._pid == os.getpid() and self._done.locked()
@@ -192,8 +198,14 @@ class HiddenThread:
             self._done.release()
 
 
+class ShuttingDown(RuntimeError):
+    """No thread can start: Python 3.12 refuses them once it is shutting
+    down, its exit functions included ("can't create new thread at
+    interpreter shutdown"; 3.11 and 3.13 start them)."""
+
+
 def start_hidden_thread(target: Callable[[], None], name: str) -> HiddenThread:
-    """Run *target* in a `HiddenThread` called *name*."""
+    """Run *target* in a `HiddenThread` called *name* (`ShuttingDown`: too late)."""
     return HiddenThread(target, name)
 
 

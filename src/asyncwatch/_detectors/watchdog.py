@@ -25,7 +25,13 @@ from collections.abc import Callable
 from types import FrameType
 
 from .._core import loops
-from .._core.runtime import HiddenThread, in_forked_child, report_internal_error, start_hidden_thread
+from .._core.runtime import (
+    HiddenThread,
+    ShuttingDown,
+    in_forked_child,
+    report_internal_error,
+    start_hidden_thread,
+)
 from .deadline import Alarm, Deadline
 from .loop_probe import Look, LoopProbe
 from .stall_cause import GcClock, ThreadClock
@@ -187,7 +193,12 @@ class Watchdog:
                 self._wake = Alarm()
             # Its first look is late if the loop's first step holds the GIL.
             self._woken_at = _now()
-            self._thread = start_hidden_thread(self._run, "asyncwatch-watchdog")
+            try:
+                self._thread = start_hidden_thread(self._run, "asyncwatch-watchdog")
+            except ShuttingDown:
+                # A loop an exit function runs on 3.12: not watched for
+                # blocking (README, Limits), and nothing to say about it.
+                self._thread = None
 
     def _after_fork(self) -> None:
         """In a forked child: only the thread that called fork() survives.

@@ -14,6 +14,7 @@ from typing import Any
 from .._core.findings import Finding
 from .._core.runtime import (
     HiddenThread,
+    ShuttingDown,
     at_exit,
     before_fork,
     in_forked_child,
@@ -87,35 +88,51 @@ class JsonLinesReporter:
                     )
                 return
             self._queue.append(data)
+            here = False
             if self._thread is None:
-                self._thread = start_hidden_thread(self._run, "asyncwatch-findings-writer")
+                try:
+                    self._thread = start_hidden_thread(self._run, "asyncwatch-findings-writer")
+                except ShuttingDown:  # 3.12, an exit function's finding: written here
+                    here = True
             self._cond.notify()
+        if here:
+            with self._cond:
+                self._writing = True
+            self._write_queued()
 
     def _run(self) -> None:
         while True:
             with self._cond:
                 while not self._queue and self._fd is not None:
                     self._cond.wait()
-                fd = self._fd
-                if fd is None:
+                if self._fd is None:
                     return
-                data = b"".join(self._queue)
-                self._queue.clear()
                 self._writing = True
-            try:
-                while data:  # whole lines; the loop only matters for a pipe's short writes
-                    data = data[self._write(fd, data) :]
-            except OSError as exc:
-                with self._cond:
-                    self._queue.clear()
-                    self._close_fd()
-                    self._writing = False
-                    self._cond.notify_all()
-                report_internal_error("findings file", exc)
+            if not self._write_queued():
                 return
+
+    def _write_queued(self) -> bool:
+        """Write what is queued (`_writing` set by the caller); False once
+        the file is closed, or failed."""
+        with self._cond:
+            fd = self._fd
+            data = b"".join(self._queue)
+            self._queue.clear()
+        try:
+            while data and fd is not None:  # whole lines; the loop only matters for a pipe's short writes
+                data = data[self._write(fd, data) :]
+        except OSError as exc:
             with self._cond:
+                self._queue.clear()
+                self._close_fd()
                 self._writing = False
                 self._cond.notify_all()
+            report_internal_error("findings file", exc)
+            return False
+        with self._cond:
+            self._writing = False
+            self._cond.notify_all()
+        return fd is not None
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every queued line is written; False if *timeout* ran out."""
