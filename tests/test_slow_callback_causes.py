@@ -174,8 +174,8 @@ class TestBlockingThatHoldsTheGil:
         opening, stepping = threading.Event(), threading.Event()
         opened = watchdog_module.ThreadClock
 
-        def opened_as_the_first_step_begins(*args):
-            clock = opened(*args)
+        def opened_as_the_first_step_begins(*args, **kwargs):
+            clock = opened(*args, **kwargs)
             opening.set()
             stepping.wait(5.0)  # lets the GIL go, as the open does
             return clock

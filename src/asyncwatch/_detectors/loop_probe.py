@@ -355,6 +355,15 @@ class LoopProbe:
             return False
         return first
 
+    def running_on(self) -> int | None:
+        """The thread running the loop, whose stack a look reads; None
+        when it is not running (a look then reads no stack)."""
+        loop = self.loop_ref()
+        if loop is None or not self.enabled or loops.is_closed(loop) or not loops.is_running(loop):
+            return None
+        thread_id: int | None = getattr(loop, "_thread_id", None) or self.thread_id
+        return thread_id
+
     def covered(self) -> bool:
         """Whether the loop's deadline wakes the watchdog when a look is
         due: armed (a tick since it last passed), and no stall or tentative

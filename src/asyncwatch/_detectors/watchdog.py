@@ -278,7 +278,7 @@ class Watchdog:
                     return
                 delay, deadlines, looked = sampled
                 if own is None:
-                    own = ThreadClock(threading.get_ident(), threading.get_native_id())
+                    own = ThreadClock(threading.get_ident(), threading.get_native_id(), steal=False)
                 waited = own.waits()
                 began = _now()
                 passed = self._wake.wait(delay, deadlines)
@@ -334,7 +334,15 @@ class Watchdog:
         frames: dict[int, FrameType] = {}
         self._done_looking.clear()
         try:
-            frames = _current_frames()
+            # Only the stacks of threads running a watched loop: every frame
+            # read is an object that keeps its locals, and the program runs
+            # again whenever the look is made to let the GIL go.  A loop
+            # closing on the main thread while we looked (at another loop, or
+            # to close its timer) stayed alive through close()'s frames past
+            # the program's next collection (test_install's chained hooks).
+            running = {probe.running_on() for probe in probes}
+            running.discard(None)
+            frames = {t: f for t, f in _current_frames().items() if t in running} if running else {}
             now = _now()
             # Every stack first (nothing releases the GIL), then every clock:
             # while the reads let the loops run, we hold none of their frames
