@@ -83,12 +83,18 @@ def run_watched(tmp_path: Path, program: Path, *options: str) -> tuple[subproces
     return result, findings_of(out)
 
 
+def the_finding(tmp_path: Path, source: str, *options: str) -> tuple[Path, subprocess.CompletedProcess[str], Any]:
+    """Run *source* under ``asyncwatch run``: it exits 0 with one finding."""
+    program = script(tmp_path, source)
+    result, found = run_watched(tmp_path, program, *options)
+    assert result.returncode == 0, result.stderr
+    [finding] = found
+    return program, result, finding
+
+
 class TestUnderAsyncwatchRun:
     def test_a_failed_task_kept_in_a_module_list_is_reported_at_its_creation_line(self, tmp_path):
-        program = script(tmp_path, FAILED_TASK_IN_A_LIST)
-        result, found = run_watched(tmp_path, program)
-        assert result.returncode == 0, result.stderr
-        [finding] = found
+        program, result, finding = the_finding(tmp_path, FAILED_TASK_IN_A_LIST)
         assert finding["kind"] == "task_exception_unretrieved"
         assert finding["site"]["line"] == line_in(program, "# <- the failed task")
         assert "RuntimeError: shard 3 unavailable" in finding["message"]
@@ -99,10 +105,7 @@ class TestUnderAsyncwatchRun:
         # fails in linecache, "sys.meta_path is None", under plain python too).
 
     def test_a_coroutine_kept_in_a_module_list_is_reported_with_what_holds_it(self, tmp_path):
-        program = script(tmp_path, COROUTINE_IN_A_LIST)
-        result, found = run_watched(tmp_path, program)
-        assert result.returncode == 0, result.stderr
-        [finding] = found
+        _program, result, finding = the_finding(tmp_path, COROUTINE_IN_A_LIST)
         assert finding["kind"] == "coroutine_never_awaited"
         assert finding["site"] is None and finding["created_at"] is None and finding["dropped_at"] is None
         assert "a list in global 'DEFERRED' of module __main__" in finding["message"]
@@ -110,19 +113,13 @@ class TestUnderAsyncwatchRun:
         assert "coroutine 'flush_metrics' was never awaited" in result.stderr  # CPython's own warning
 
     def test_with_origins_tracked_its_creation_line_is_the_site(self, tmp_path):
-        program = script(tmp_path, COROUTINE_IN_A_LIST)
-        result, found = run_watched(tmp_path, program, "--track-coroutine-origins")
-        assert result.returncode == 0, result.stderr
-        [finding] = found
+        program, _result, finding = the_finding(tmp_path, COROUTINE_IN_A_LIST, "--track-coroutine-origins")
         line = line_in(program, "# <- the coroutine")
         assert finding["site"]["line"] == finding["created_at"]["line"] == line
         assert f"created at app.py:{line} but never awaited" in finding["message"]
 
     def test_a_pending_task_on_a_loop_run_by_hand_and_left_is_reported(self, tmp_path):
-        program = script(tmp_path, PENDING_ON_A_LOOP_LEFT)
-        result, found = run_watched(tmp_path, program)
-        assert result.returncode == 0, result.stderr
-        [finding] = found
+        program, _result, finding = the_finding(tmp_path, PENDING_ON_A_LOOP_LEFT)
         assert finding["kind"] == "task_destroyed_pending"
         assert finding["site"]["line"] == line_in(program, "# <- the pending task")
         assert "still pending when the program ended, its loop no longer running" in finding["message"]
