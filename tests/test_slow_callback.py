@@ -259,7 +259,10 @@ class TestAStepJustOverTheThreshold:
         items = list(range(scan_size_for(0.06)))
 
         async def work():
-            time.sleep(0.07)  # <- sleeps, then scans to the step's end
+            # The look past half the threshold must land in the sleep: the
+            # step must be first seen within 30 ms of its start (20 ms with
+            # a 70 ms sleep, missed once in a CI run on a loaded machine).
+            time.sleep(0.08)  # <- sleeps, then scans to the step's end
             return -1 in items
 
         async def main():
