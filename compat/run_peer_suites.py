@@ -9,7 +9,9 @@ For each suite the released sdist is fetched from the package index
 package is installed (not editable: its frames are library frames, as for a
 user of asyncwatch who runs a library's suite) with the suite's test
 dependencies into a virtual environment of its own, asyncwatch from this
-checkout beside it, and the suite runs four ways:
+checkout beside it, and the suite runs four ways (from the unpacked sdist,
+so a flat-layout package would be imported from there, its frames the
+project's: both suites here keep theirs under ``src/``):
 
 * ``plain``: ``-p no:asyncwatch`` (asyncwatch is not even loaded);
 * ``inert``: asyncwatch installed, not enabled;
