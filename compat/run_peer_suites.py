@@ -9,9 +9,11 @@ For each suite the released sdist is fetched from the package index
 package is installed (not editable: its frames are library frames, as for a
 user of asyncwatch who runs a library's suite) with the suite's test
 dependencies into a virtual environment of its own, asyncwatch from this
-checkout beside it, and the suite runs four ways (from the unpacked sdist,
-so a flat-layout package would be imported from there, its frames the
-project's: both suites here keep theirs under ``src/``):
+checkout beside it, and the suite runs four ways.  It runs from the
+unpacked sdist, so a flat-layout package (pytest-asyncio's; anyio keeps its
+under ``src/``) is imported from there and its frames are the project's:
+its own mistakes then count in the ``fail`` leg (uvicorn's suite, tried
+this way, failed one test on uvicorn's own swallowed cancellation):
 
 * ``plain``: ``-p no:asyncwatch`` (asyncwatch is not even loaded);
 * ``inert``: asyncwatch installed, not enabled;
