@@ -24,6 +24,7 @@ import time
 import traceback
 import weakref
 from collections.abc import Callable, Coroutine, Iterator
+from hashlib import sha256
 from typing import Any
 
 import pytest
@@ -132,8 +133,12 @@ class TestSeveralLoopsInThreads:
             await asyncio.sleep(0)
 
         async def spinner():
-            end = time.perf_counter() + BLOCK_S
-            any(time.perf_counter() >= end for _ in iter(int, 1))  # <- spins in the spinner thread
+            # On CPU, hashing, which lets the GIL go: a spin holding it for
+            # the whole step made the blocker's sleep, at the same time, a
+            # wait for the GIL (cause gil, no line: README, Limits), once
+            # in a CI run on 3.13.
+            chunk, end = bytes(4 * 1024 * 1024), time.perf_counter() + BLOCK_S
+            any(sha256(chunk).digest() and time.perf_counter() > end for _ in iter(int, 1))  # <- spinner hashes
             await asyncio.sleep(0)
 
         async def leaker():
@@ -167,7 +172,7 @@ class TestSeveralLoopsInThreads:
         assert where(collector.findings) == sorted(
             [
                 ("slow_callback", "blocker", line_of("# <- sleeps in the blocker thread")),
-                ("slow_callback", "spinner", line_of("# <- spins in the spinner thread")),
+                ("slow_callback", "spinner", line_of("# <- spinner hashes")),
                 ("task_destroyed_pending", "leaker", line_of("# <- orphan created in the leaker thread")),
                 ("cancellation_swallowed", "swallower", line_of("# <- cancellation lands in the swallower thread")),
                 ("task_exception_unretrieved", "failer", line_of("# <- failing task created in the failer thread")),
