@@ -169,7 +169,10 @@ class TestSeveralLoopsInThreads:
         run_threads({main.__name__: (lambda main=main: run_loop(loop_name, main)) for main in mains})
         gc_collect_harder()
 
-        assert where(collector.findings) == sorted(
+        # A stall the machine or the collector made (a loaded CI run: the
+        # leaker's gc.collect() waiting for a CPU) is reported with no line
+        # and blames no one: not this test's business.
+        assert where([f for f in collector.findings if counts_against_program(f)]) == sorted(
             [
                 ("slow_callback", "blocker", line_of("# <- sleeps in the blocker thread")),
                 ("slow_callback", "spinner", line_of("# <- spinner hashes")),
