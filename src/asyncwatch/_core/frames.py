@@ -19,6 +19,7 @@ from types import CodeType, FrameType
 from typing import Any
 
 from .findings import Site
+from .runtime import PACKAGE_DIR
 
 # --- Paths without the file system -------------------------------------------------
 #
@@ -78,9 +79,6 @@ def relative_path(path: str, start: str | None = None) -> str:
 # library, not site-packages, not asyncwatch itself.  The answer is cached per
 # file name because it is asked on hot paths (task creation).
 
-# asyncwatch's own package directory (this file is in its _core/).
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-
 
 def _library_prefixes() -> tuple[str, ...]:
     import sysconfig  # here, not at import: ~130 objects the collector would walk for ever (issue 15)
@@ -108,7 +106,7 @@ def _library_prefixes() -> tuple[str, ...]:
             paths.add(os.path.abspath(scripts))
     # Resolve symlinked prefixes too (pyenv, Debian's /usr/lib vs /lib).
     paths.update({os.path.realpath(p) for p in paths})
-    return (*tuple(sorted(p.rstrip(os.sep) + os.sep for p in paths)), _PACKAGE_DIR)
+    return (*tuple(sorted(p.rstrip(os.sep) + os.sep for p in paths)), PACKAGE_DIR)
 
 
 #: Computed when the first file name is asked about (`library_prefixes`).
@@ -167,7 +165,7 @@ def library_package(filename: str) -> str | None:
 
 def is_own_file(filename: str) -> bool:
     """Return whether *filename* is part of asyncwatch itself."""
-    return filename.startswith(_PACKAGE_DIR)
+    return filename.startswith(PACKAGE_DIR)
 
 
 def line_of(code: CodeType, lasti: int) -> int:

@@ -30,6 +30,7 @@ from typing import Any
 
 __all__ = [
     "LOGGER_NAME",
+    "PACKAGE_DIR",
     "HiddenThread",
     "ShuttingDown",
     "at_exit",
@@ -47,6 +48,11 @@ __all__ = [
 ]
 
 LOGGER_NAME = "asyncwatch"
+
+#: asyncwatch's own package directory (this file is in its _core/), with a
+#: trailing separator: a code file under it is ours.  Here, in the module
+#: that imports nothing of the package, so that any part may ask.
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 _reported_errors: set[str] = set()
 _reported_lock = threading.Lock()

@@ -21,14 +21,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import gc
-import os
 import sys
 import types
 from typing import Any
 
+from .runtime import PACKAGE_DIR
+
 __all__ = ["Survivors", "find_survivors", "held_by"]
 
-_OURS = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 _CONTAINERS = (list, tuple, set, frozenset, dict, collections.deque)
 
 
@@ -67,7 +67,7 @@ def find_survivors() -> Survivors:
         coro = task.get_coro()
         if coro is not None:
             owned.add(id(coro))
-    coroutines = [c for c in coroutines if id(c) not in owned and not c.cr_code.co_filename.startswith(_OURS)]
+    coroutines = [c for c in coroutines if id(c) not in owned and not c.cr_code.co_filename.startswith(PACKAGE_DIR)]
     return Survivors(tasks, coroutines)
 
 
