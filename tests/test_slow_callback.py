@@ -17,6 +17,7 @@ import weakref
 import pytest
 
 import asyncwatch
+from asyncwatch._core.findings import counts_against_program
 from conftest import base_factory, gc_collect_harder, line_of
 
 THRESHOLD_MS = 100
@@ -341,6 +342,10 @@ class TestBlockingPlainCallback:
         [finding] = watched.of("slow_callback")
         assert finding.task is None
         assert_duration(finding)
+        # Off CPU in the program's own callback, no other thread busy: its
+        # blocking (on uvloop, judged as a wait with no line of the program).
+        assert finding.cause == "blocking_io"
+        assert counts_against_program(finding)
 
 
 class TestShortStepsAreNotSlow:

@@ -479,6 +479,51 @@ class TestWhyTheLoopStalled:
 
         assert [f for f in slow_of(watched) if counts_against_program(f)] == []
 
+    def test_a_loop_waiting_for_the_gil_between_its_callbacks_is_gil(self, watched):
+        """Every callback uvloop runs takes the GIL back from C; beside a
+        thread running Python, each take waits up to a switch interval, with
+        no Python frame on the loop thread.  Such a wait (3.13/uvloop at
+        load 3: 120-160 ms, 2 runs in 10) was ``blocking_io`` with no line,
+        which the verdicts counted.  A switch interval of 100 ms makes every
+        hand-off as slow as a loaded machine made a few."""
+        stop = threading.Event()
+
+        def crunch():
+            total = 0
+            while not stop.is_set():
+                for i in range(10_000):
+                    total += i * i % 7
+
+        async def main():
+            worker = threading.Thread(target=crunch, name="cruncher")
+            worker.start()
+            try:
+                # Until such a wait is reported: each needs hand-offs to line
+                # up (most runs have one within a second; a loaded machine,
+                # sooner).  Asked only on uvloop.
+                for _ in range(150 if watched.loop_name == "uvloop" else 10):
+                    await asyncio.sleep(0.02)
+                    if slow_of(watched):
+                        break
+            finally:
+                stop.set()
+                await asyncio.to_thread(worker.join)
+
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(0.1)
+        try:
+            watched.run(main, slow_callback_ms=THRESHOLD_MS)
+        finally:
+            sys.setswitchinterval(interval)
+
+        found = slow_of(watched)
+        assert not [f for f in found if counts_against_program(f)], [(f.cause, f.breakdown) for f in found]
+        if watched.loop_name == "uvloop":
+            # asyncio's idle loop is not reported (see Limits); uvloop's is,
+            # as the GIL's (the machine's, when the cruncher itself waited
+            # for a CPU).
+            assert any(f.cause in ("gil", "starved") for f in found), [(f.cause, f.breakdown) for f in found]
+
 
 greenlet = pytest.importorskip("greenlet")
 

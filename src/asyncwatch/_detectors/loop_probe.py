@@ -636,7 +636,14 @@ class LoopProbe:
         apart (an idle loop runs it at once)."""
         if self.held is COMPILED and self.beats == self.held_beats:
             if self.stall is None and now - self.held_since >= self.threshold_s:
-                stall = Stall(None, (), None, None, None)
+                # No line of the program is running: judged as a wait inside
+                # the library is.  Off CPU while other threads ran, the loop
+                # thread waited for the GIL at each callback uvloop runs (a
+                # pure-Python thread beside an idle uvloop, 3.13 at load 3:
+                # 120-160 ms called blocking_io, 2 runs in 10; a C function
+                # given as a callback that sleeps stays blocking_io).
+                stall = Stall(None, (), None, None, None, library_only=True)
+                self.meter.captured(self.thread_id, self.native_id, True)
                 self._measure(now, stall)
                 self.stall = stall
             if self.stall is not None:
@@ -707,7 +714,10 @@ class LoopProbe:
         release the GIL and touch /proc); the heartbeat that ends the stall
         reports with these, read no more than a tick before its end."""
         try:
-            self.measured = self.meter.breakdown(stall.library_only, now, self.thread_id, self.native_id)
+            breakdown, holder = self.meter.breakdown(stall.library_only, now, self.thread_id, self.native_id)
+            # A holder that ended since the last look (joined as the stall
+            # ended) is no longer there to be named: it still held the GIL.
+            self.measured = (breakdown, holder if holder is not None else self.measured[1])
         except Exception as exc:  # contained: the finding goes out without a cause
             report_internal_error("slow-callback cause", exc)
             self.measured = (None, None)
