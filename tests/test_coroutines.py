@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import json
 import sys
@@ -114,7 +115,74 @@ class TestDroppedCoroutineOnALoop:
             assert "as a callback" in finding.message
             assert "asyncio.create_task(save(...))" in finding.message
         else:
-            assert "library code dropped it" in finding.message
+            # uvloop's handle runs in C: what can have done it is said.
+            assert "the event loop dropped it from compiled code" in finding.message
+            assert "that is this coroutine function, or that returned its coroutine" in finding.message
+
+    @pytest.mark.parametrize("shape", ["lambda", "function", "method", "partial"])
+    def test_a_coroutine_a_callback_returned_is_reported_where_the_callback_made_it(self, watched, shape):
+        """``call_later(5, lambda: expire(sid))``: the loop ignores what a
+        callback returns.  On asyncio the callback is seen, and the line in
+        it that made the coroutine is read from its code."""
+
+        class Session:
+            def expire(self):
+                return save("session")  # <- made by a method callback
+
+        def expire(sid):
+            return save(sid)  # <- made by a function callback
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            if shape == "lambda":
+                loop.call_soon(lambda: save("s-1"))  # <- made by a lambda callback
+            elif shape == "function":
+                loop.call_soon(expire, "s-1")
+            elif shape == "method":
+                loop.call_soon(Session().expire)
+            else:
+                loop.call_soon(functools.partial(expire, "s-1"))
+            await asyncio.sleep(0.01)
+
+        watched.run(main)
+
+        [finding] = watched.findings
+        assert finding.kind.value == NEVER_AWAITED
+        assert finding.dropped_at is None
+        if watched.loop_name == "uvloop":
+            assert (finding.site, finding.created_at) == (None, None)
+            assert "the event loop dropped it from compiled code" in finding.message
+            return
+        label, function = {
+            "lambda": ("made by a lambda callback", "<lambda>"),
+            "function": ("made by a function callback", "expire"),
+            "method": ("made by a method callback", "Session.expire"),
+            "partial": ("made by a function callback", "expire"),
+        }[shape]
+        assert finding.site is not None and finding.site.line == line_of(f"# <- {label}")
+        assert finding.site.file == __file__
+        assert finding.site.function.endswith(function)
+        assert finding.created_at == finding.site
+        assert f"was created at test_coroutines.py:{finding.site.line} and returned by" in finding.message
+        assert "a callback the event loop called" in finding.message
+
+    def test_a_callback_that_returns_a_coroutine_it_did_not_make_has_no_line(self, watched):
+        """A callback returning a coroutine made elsewhere (kept earlier): no
+        line of the callback made it, and none is given."""
+        kept = []
+
+        async def main():
+            kept.append(save("made earlier"))
+            asyncio.get_running_loop().call_soon(lambda: kept.pop())
+            await asyncio.sleep(0.01)
+
+        watched.run(main)
+
+        [finding] = watched.findings
+        assert (finding.site, finding.created_at) == (None, None)
+        if watched.loop_name == "asyncio":
+            assert "was made and returned by 'TestDroppedCoroutineOnALoop." in finding.message
+            assert "track_coroutine_origins=True records where" in finding.message
 
     def test_call_in_a_sync_helper_is_reported_inside_the_helper(self, watched):
         """Dropped inside a plain function called from the coroutine: the helper's line."""

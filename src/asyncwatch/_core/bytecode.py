@@ -16,10 +16,17 @@ import functools
 import inspect
 import sys
 import types
+from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Any
 
-__all__ = ["AsyncWith", "called_function_code", "dropped_call_result", "enclosing_async_withs"]
+__all__ = [
+    "AsyncWith",
+    "called_function_code",
+    "dropped_call_result",
+    "enclosing_async_withs",
+    "returned_call_lines",
+]
 
 
 # --- Which ``async with`` a frame is in ------------------------------------------
@@ -151,14 +158,22 @@ def _stack_effect(ins: dis.Instruction) -> int | None:
 def dropped_call_result(frame: FrameType) -> dis.Instruction | None:
     """When *frame* is discarding the result of a call (an expression
     statement ``f(x)``: the call, then POP_TOP at ``f_lasti``), the
-    instruction that loaded the function called, else None.
+    instruction that loaded the function called, else None."""
+    instructions = _instructions(frame.f_code)
+    at = next((n for n, ins in enumerate(instructions) if ins.offset == frame.f_lasti), None)
+    if at is None or instructions[at].opname != "POP_TOP":
+        return None
+    return _callable_load(instructions, at)
+
+
+def _callable_load(instructions: tuple[dis.Instruction, ...], at: int) -> dis.Instruction | None:
+    """The instruction that loaded the function whose call's result
+    ``instructions[at]`` consumes (a POP_TOP, a RETURN_VALUE), or None.
 
     Read backwards from the call through its arguments with each
     instruction's stack effect: the instruction that pushes past the
     arguments pushed the callable.  Straight-line code only."""
-    instructions = _instructions(frame.f_code)
-    at = next((n for n, ins in enumerate(instructions) if ins.offset == frame.f_lasti), None)
-    if at is None or at < 2 or instructions[at].opname != "POP_TOP":
+    if at < 2:
         return None
     n = at - 1
     consumed = 0
@@ -202,29 +217,76 @@ def called_function_code(frame: FrameType) -> CodeType | None:
     of a name that can be read without running any code (no property, no
     ``__getattr__``: ``inspect.getattr_static``); else None."""
     load = dropped_call_result(frame)
-    if load is None or not isinstance(load.argval, str):
+    if load is None:
+        return None
+    return _function_code(_instructions(frame.f_code), load, lambda opname, name: _read_name(frame, opname, name))
+
+
+def returned_call_lines(function: types.FunctionType, code: CodeType) -> list[int]:
+    """The lines where *function* returns, as it is, what a call of the
+    function whose code is *code* returned (``lambda: expire(sid)``), the
+    function called read as `called_function_code` reads it, from
+    *function*'s globals and closure (never its arguments)."""
+    instructions = _instructions(function.__code__)
+    lines = []
+    for at, ins in enumerate(instructions):
+        if ins.opname != "RETURN_VALUE":
+            continue
+        load = _callable_load(instructions, at)
+        if load is None or _function_code(instructions, load, lambda op, n: _read_static(function, op, n)) is not code:
+            continue
+        positions = instructions[at - 1].positions  # the call's: the line the coroutine was made at
+        if positions is not None and positions.lineno is not None:
+            lines.append(positions.lineno)
+    return lines
+
+
+def _function_code(
+    instructions: tuple[dis.Instruction, ...], load: dis.Instruction, read: Callable[[str, str], Any]
+) -> CodeType | None:
+    """The code of the function *load* loads, read with *read* (a name, or
+    an attribute of a name, read statically), or None."""
+    if not isinstance(load.argval, str):
         return None
     name = load.argval
     target: Any = _MISSING
     if load.opname in ("LOAD_ATTR", "LOAD_METHOD"):
-        instructions = _instructions(frame.f_code)
         at = instructions.index(load)
         base = instructions[at - 1] if at > 0 else None
         if base is None or base.opname == "LOAD_ATTR" or base.opname not in _NAME_LOADS:
             return None  # a longer chain: reading it could run code
-        owner = _read_name(frame, base.opname, base.argval)
+        owner = read(base.opname, base.argval) if isinstance(base.argval, str) else _MISSING
         if owner is not _MISSING:
             try:
                 target = inspect.getattr_static(owner, name)
             except AttributeError:
                 return None
     else:
-        target = _read_name(frame, load.opname, name)
+        target = read(load.opname, name)
     if isinstance(target, (staticmethod, classmethod)):
         target = target.__func__
     if isinstance(target, types.MethodType):
         target = target.__func__
     return target.__code__ if isinstance(target, types.FunctionType) else None
+
+
+def _read_static(function: types.FunctionType, opname: str, name: str) -> Any:
+    """A name *function*'s code loads, from its globals or its closure."""
+    code = function.__code__
+    if opname == "LOAD_DEREF":
+        if name not in code.co_freevars or function.__closure__ is None:
+            return _MISSING  # a cell of its own: a local
+        try:
+            return function.__closure__[code.co_freevars.index(name)].cell_contents
+        except ValueError:  # an empty cell
+            return _MISSING
+    if opname in ("LOAD_GLOBAL", "LOAD_NAME"):
+        value = function.__globals__.get(name, _MISSING)
+        if value is _MISSING:
+            builtins = getattr(function, "__builtins__", None)  # 3.10+
+            value = builtins.get(name, _MISSING) if isinstance(builtins, dict) else _MISSING
+        return value
+    return _MISSING  # an argument or a local: not known before it runs
 
 
 # Before 3.13 (PEP 667), reading a function frame's f_locals leaves a

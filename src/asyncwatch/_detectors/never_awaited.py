@@ -24,14 +24,18 @@ either line.
 
 from __future__ import annotations
 
+import asyncio
+import asyncio.base_events
+import asyncio.events
 import os
 import sys
 import threading
+import types
 import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .._core.bytecode import called_function_code
+from .._core.bytecode import called_function_code, returned_call_lines
 from .._core.collecting import after_collections, collecting, no_longer_after_collections
 from .._core.detector import CoroutineClaims, Detector, DetectorContext
 from .._core.findings import Finding, FindingKind, Site
@@ -236,11 +240,16 @@ class NeverAwaitedDetector(Detector):
         dropped: Site | None = None
         created, stack = _origin(coro)
         collected = collecting()
-        scheduled = False
+        how: str | None = None
+        returned_by: str | None = None
         if not collected:
             # Dropped right here (not by a collection, which may run anywhere).
             frame = app_frame_in_callback(caller)
-            scheduled = frame is None and _called_back_by_the_loop(caller, coro)
+            if frame is None:
+                how, returned_by, made = _called_back_by_the_loop(caller, coro)
+                created = created or made
+                if not stack and made is not None:
+                    stack = (made,)
             if frame is not None:
                 dropped = frame_site(frame)
                 if created is None and called_function_code(frame) is getattr(coro, "cr_code", None):
@@ -252,7 +261,14 @@ class NeverAwaitedDetector(Detector):
         return Finding(
             kind=FindingKind.COROUTINE_NEVER_AWAITED,
             message=_message(
-                name, getattr(coro, "cr_code", None), created, dropped, self._track_origins, collected, scheduled
+                name,
+                getattr(coro, "cr_code", None),
+                created,
+                dropped,
+                self._track_origins,
+                collected,
+                how,
+                returned_by,
             ),
             # Where it was created when known (the line to fix); else where it was dropped, said so.
             site=created or dropped,
@@ -284,20 +300,55 @@ def _origin(coro: Any) -> tuple[Site | None, tuple[Site, ...]]:
     return created, tuple(reversed(sites))
 
 
-def _called_back_by_the_loop(caller: Any, coro: Any) -> bool:
-    """Whether asyncio's loop called *coro*'s coroutine function as a plain
-    callback (``call_soon(refresh)``) and dropped what it returned."""
+HANDLE_RUN = asyncio.events.Handle._run.__code__
+_RUN_ONCE = asyncio.base_events.BaseEventLoop._run_once.__code__  # type: ignore[attr-defined]
+
+
+#: How the event loop dropped a coroutine (`_called_back_by_the_loop`).
+SCHEDULED = "scheduled"  # it called the coroutine function, given as a callback
+RETURNED = "returned"  # a callback of the program returned the coroutine
+COMPILED = "compiled"  # from C (uvloop): one of the two, or another drop
+
+
+def _called_back_by_the_loop(caller: Any, coro: Any) -> tuple[str | None, str | None, Site | None]:
+    """How the event loop dropped *coro*, never started, as a callback's
+    return value: `SCHEDULED`, when asyncio's loop called *coro*'s coroutine
+    function as a plain callback (``call_soon(refresh)``); `RETURNED`, with
+    the callback's name and the line that made *coro*, when a callback of
+    the program returned what a call of the coroutine function returned
+    (``call_later(5, lambda: expire(sid))``; the line read from the
+    callback's code, only when a single one can have made it, else None);
+    `COMPILED` when a compiled loop dropped it from C, under the frame that
+    runs the loop (no handle to read); else None."""
     frame = caller
     while frame is not None and frame.f_code not in LOOP_DISPATCH:
         if not is_library_file(frame.f_code.co_filename):
-            return False
+            return None, None, None
         frame = frame.f_back
     if frame is None:
-        return False
+        return None, None, None
+    if frame.f_code is not HANDLE_RUN:
+        compiled = frame.f_code is not _RUN_ONCE and not isinstance(
+            asyncio.events._get_running_loop(), asyncio.base_events.BaseEventLoop
+        )
+        return (COMPILED if compiled else None), None, None
     handle = frame.f_locals.get("self")  # asyncio's Handle._run: a library frame
     callback = getattr(handle, "_callback", None)
+    del frame, handle
     callback = getattr(callback, "func", callback)  # functools.partial
-    return getattr(callback, "__code__", None) is getattr(coro, "cr_code", False)
+    callback = getattr(callback, "__func__", callback)  # a bound method
+    code = getattr(coro, "cr_code", None)
+    if code is None or not isinstance(callback, types.FunctionType):
+        return None, None, None
+    if callback.__code__ is code:
+        return SCHEDULED, None, None
+    if is_library_file(callback.__code__.co_filename):
+        return None, None, None
+    lines = set(returned_call_lines(callback, code))
+    made = None
+    if len(lines) == 1:
+        made = Site(source_path(callback.__code__.co_filename), lines.pop(), callback.__code__.co_qualname)
+    return RETURNED, callback.__code__.co_qualname, made
 
 
 def _message(
@@ -307,22 +358,41 @@ def _message(
     dropped: Site | None,
     tracking: bool,
     collected: bool = True,
-    scheduled: bool = False,
+    how: str | None = None,
+    returned_by: str | None = None,
 ) -> str:
     advice = "add 'await', or schedule it with asyncio.create_task() and keep the task"
+    if how == COMPILED and created is None:
+        defined = f" (defined at {code.co_filename}:{code.co_firstlineno})" if code is not None else ""
+        return (
+            f"Coroutine {name!r}{defined} was never awaited; the event loop dropped it from compiled code, "
+            "with no line of the program running: a callback given to the loop (call_soon, call_later, "
+            "add_done_callback) that is this coroutine function, or that returned its coroutine, would do "
+            "that; where it was created and scheduled is unknown on this loop; pass a function that calls "
+            f"asyncio.create_task({name}(...)) and keeps the task"
+        )
+    if how == RETURNED:
+        made = f"was created at {_short(created)}" if created is not None else "was made"
+        hint = "" if created is not None or tracking else "; track_coroutine_origins=True records where"
+        return (
+            f"Coroutine {name!r} {made} and returned by {returned_by!r}, a callback the event loop called "
+            "(call_soon, call_later, call_at, add_done_callback, add_reader ignore what a callback returns): "
+            f"the loop dropped it, so it never ran{hint}; in the callback, schedule it with "
+            "asyncio.create_task() and keep the task"
+        )
     if created is not None and created == dropped:
         return f"Coroutine {name!r} was created and dropped at {_short(created)} without being awaited; {advice}"
     if created is not None:
         where = f" and dropped at {_short(dropped)}" if dropped else ""
         return f"Coroutine {name!r} was created at {_short(created)}{where} but never awaited; {advice}"
     defined = f" (defined at {code.co_filename}:{code.co_firstlineno})" if code is not None else ""
-    how = "" if tracking else "; track_coroutine_origins=True records it"
+    hint = "" if tracking else "; track_coroutine_origins=True records it"
     if dropped is not None:
         return (
             f"Coroutine {name!r}{defined} was dropped at {_short(dropped)} without being awaited; where it "
-            f"was created is not known{how}; {advice} where it is created"
+            f"was created is not known{hint}; {advice} where it is created"
         )
-    if scheduled:
+    if how == SCHEDULED:
         return (
             f"Coroutine function {name!r}{defined} was given to the event loop as a callback (call_soon, "
             "call_later, call_at, add_done_callback, add_reader take plain functions): the loop called it and "
@@ -332,11 +402,11 @@ def _message(
     if not collected:
         return (
             f"Coroutine {name!r}{defined} was never awaited; library code dropped it with no line of the "
-            f"program running, so where it was created and dropped is unknown{how}; {advice}"
+            f"program running, so where it was created and dropped is unknown{hint}; {advice}"
         )
     return (
         f"Coroutine {name!r}{defined} was never awaited; the garbage collector freed it, so where it was "
-        f"created and dropped is unknown{how}; {advice}"
+        f"created and dropped is unknown{hint}; {advice}"
     )
 
 
