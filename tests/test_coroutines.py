@@ -308,6 +308,36 @@ class TestCreatedAtAndDroppedAt:
         assert "created and dropped" not in finding.message
         assert f"{__file__}:{Client._ping.__code__.co_firstlineno}" in finding.message  # where it is defined
 
+    @pytest.mark.parametrize("kind", ["list", "set", "dict"])
+    def test_a_comprehension_of_calls_dropped_as_a_statement_is_created_on_its_line(self, installed, kind):
+        """``[send(u) for u in users]`` as a statement (a forgotten gather):
+        each coroutine was made and dropped on that line (inlined on 3.12+,
+        a nested function before)."""
+        with capture_findings(NEVER_AWAITED) as found:
+            if kind == "list":
+                [save(i) for i in range(3)]  # <- list of coroutines
+            elif kind == "set":
+                {save(i) for i in range(3)}  # <- set of coroutines
+            else:
+                {i: save(i) for i in range(3)}  # <- dict of coroutines
+
+        assert len(found) == 3
+        line = line_of(f"# <- {kind} of coroutines")
+        for finding in found:
+            assert finding.created_at is not None and finding.created_at.line == line
+            assert finding.created_at == finding.dropped_at == finding.site
+            assert "created and dropped at" in finding.message
+
+    def test_a_comprehension_of_a_helpers_coroutines_is_not_said_to_create_them(self, installed):
+        """Its elements came from a helper that made them on a line of its own."""
+        with capture_findings(NEVER_AWAITED) as found:
+            [create_save() for _ in range(2)]  # <- comprehension of a helper's coroutines
+
+        assert len(found) == 2
+        for finding in found:
+            assert finding.created_at is None
+            assert finding.dropped_at.line == line_of("# <- comprehension of a helper's coroutines")
+
     def test_coroutine_returned_by_a_helper_is_not_said_to_be_created_by_its_caller(self, installed):
         """``create_save()`` as a statement: the call did not make the coroutine itself."""
         with capture_findings(NEVER_AWAITED) as found:

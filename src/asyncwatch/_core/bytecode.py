@@ -23,6 +23,7 @@ from typing import Any
 __all__ = [
     "AsyncWith",
     "called_function_code",
+    "comprehension_call_codes",
     "dropped_call_result",
     "enclosing_async_withs",
     "returned_call_lines",
@@ -220,6 +221,46 @@ def called_function_code(frame: FrameType) -> CodeType | None:
     if load is None:
         return None
     return _function_code(_instructions(frame.f_code), load, lambda opname, name: _read_name(frame, opname, name))
+
+
+#: What a comprehension does with each element it computes.
+_APPENDS = frozenset({"LIST_APPEND", "SET_ADD", "MAP_ADD"})
+
+
+def comprehension_call_codes(frame: FrameType) -> frozenset[CodeType]:
+    """When *frame* is discarding what a comprehension on its current line
+    built (``[send(u) for u in users]`` as a statement), the code objects of
+    the functions that comprehension called for its elements (read as
+    `called_function_code` reads them); else none.  Inlined on 3.12+
+    (PEP 709); a nested ``<listcomp>`` function's code before."""
+    code = frame.f_code
+    instructions = _instructions(code)
+    at = next((n for n, ins in enumerate(instructions) if ins.offset == frame.f_lasti), None)
+    if at is None or instructions[at].opname != "POP_TOP":
+        return frozenset()
+    line = _line_at(instructions, at)
+    inner: list[tuple[tuple[dis.Instruction, ...], int]] = []
+    n = at - 1
+    while n >= 0 and _line_at(instructions, n) in (line, None):
+        ins = instructions[n]
+        if ins.opname in _APPENDS:
+            inner.append((instructions, n))
+        elif ins.opname == "LOAD_CONST" and isinstance(ins.argval, CodeType) and ins.argval.co_name.endswith("comp>"):
+            nested = _instructions(ins.argval)  # before 3.12: the comprehension's own function
+            inner.extend((nested, k) for k, each in enumerate(nested) if each.opname in _APPENDS)
+        n -= 1
+    codes = set()
+    for where, k in inner:
+        load = _callable_load(where, k)
+        called = _function_code(where, load, lambda op, name: _read_name(frame, op, name)) if load is not None else None
+        if called is not None:
+            codes.add(called)
+    return frozenset(codes)
+
+
+def _line_at(instructions: tuple[dis.Instruction, ...], n: int) -> int | None:
+    positions = instructions[n].positions
+    return positions.lineno if positions is not None else None
 
 
 def returned_call_lines(function: types.FunctionType, code: CodeType) -> list[int]:

@@ -35,7 +35,7 @@ import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .._core.bytecode import called_function_code, returned_call_lines
+from .._core.bytecode import called_function_code, comprehension_call_codes, returned_call_lines
 from .._core.collecting import after_collections, collecting, no_longer_after_collections
 from .._core.detector import CoroutineClaims, Detector, DetectorContext
 from .._core.findings import Finding, FindingKind, Site
@@ -252,9 +252,11 @@ class NeverAwaitedDetector(Detector):
                     stack = (made,)
             if frame is not None:
                 dropped = frame_site(frame)
-                if created is None and called_function_code(frame) is getattr(coro, "cr_code", None):
-                    # ``save(x)`` as a statement: this line called the
-                    # coroutine function and discards what it returned.
+                code = getattr(coro, "cr_code", None)
+                if created is None and (called_function_code(frame) is code or code in comprehension_call_codes(frame)):
+                    # ``save(x)`` as a statement (or ``[save(x) for x in
+                    # xs]``): this line called the coroutine function and
+                    # discards what it returned.
                     created = dropped
                 if not stack:
                     stack = (dropped,)
