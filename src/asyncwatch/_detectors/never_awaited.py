@@ -302,25 +302,25 @@ def _origin(coro: Any) -> tuple[Site | None, tuple[Site, ...]]:
     return created, tuple(reversed(sites))
 
 
-HANDLE_RUN = asyncio.events.Handle._run.__code__
+_HANDLE_RUN = asyncio.events.Handle._run.__code__
 _RUN_ONCE = asyncio.base_events.BaseEventLoop._run_once.__code__  # type: ignore[attr-defined]
 
 
 #: How the event loop dropped a coroutine (`_called_back_by_the_loop`).
-SCHEDULED = "scheduled"  # it called the coroutine function, given as a callback
-RETURNED = "returned"  # a callback of the program returned the coroutine
-COMPILED = "compiled"  # from C (uvloop): one of the two, or another drop
+_SCHEDULED = "scheduled"  # it called the coroutine function, given as a callback
+_RETURNED = "returned"  # a callback of the program returned the coroutine
+_COMPILED = "compiled"  # from C (uvloop): one of the two, or another drop
 
 
 def _called_back_by_the_loop(caller: Any, coro: Any) -> tuple[str | None, str | None, Site | None]:
     """How the event loop dropped *coro*, never started, as a callback's
-    return value: `SCHEDULED`, when asyncio's loop called *coro*'s coroutine
-    function as a plain callback (``call_soon(refresh)``); `RETURNED`, with
+    return value: `_SCHEDULED`, when asyncio's loop called *coro*'s coroutine
+    function as a plain callback (``call_soon(refresh)``); `_RETURNED`, with
     the callback's name and the line that made *coro*, when a callback of
     the program returned what a call of the coroutine function returned
     (``call_later(5, lambda: expire(sid))``; the line read from the
     callback's code, only when a single one can have made it, else None);
-    `COMPILED` when a compiled loop dropped it from C, under the frame that
+    `_COMPILED` when a compiled loop dropped it from C, under the frame that
     runs the loop (no handle to read); else None."""
     frame = caller
     while frame is not None and frame.f_code not in LOOP_DISPATCH:
@@ -329,11 +329,11 @@ def _called_back_by_the_loop(caller: Any, coro: Any) -> tuple[str | None, str | 
         frame = frame.f_back
     if frame is None:
         return None, None, None
-    if frame.f_code is not HANDLE_RUN:
+    if frame.f_code is not _HANDLE_RUN:
         compiled = frame.f_code is not _RUN_ONCE and not isinstance(
             asyncio.events._get_running_loop(), asyncio.base_events.BaseEventLoop
         )
-        return (COMPILED if compiled else None), None, None
+        return (_COMPILED if compiled else None), None, None
     handle = frame.f_locals.get("self")  # asyncio's Handle._run: a library frame
     callback = getattr(handle, "_callback", None)
     del frame, handle
@@ -343,14 +343,14 @@ def _called_back_by_the_loop(caller: Any, coro: Any) -> tuple[str | None, str | 
     if code is None or not isinstance(callback, types.FunctionType):
         return None, None, None
     if callback.__code__ is code:
-        return SCHEDULED, None, None
+        return _SCHEDULED, None, None
     if is_library_file(callback.__code__.co_filename):
         return None, None, None
     lines = set(returned_call_lines(callback, code))
     made = None
     if len(lines) == 1:
         made = Site(source_path(callback.__code__.co_filename), lines.pop(), callback.__code__.co_qualname)
-    return RETURNED, callback.__code__.co_qualname, made
+    return _RETURNED, callback.__code__.co_qualname, made
 
 
 def _message(
@@ -364,7 +364,7 @@ def _message(
     returned_by: str | None = None,
 ) -> str:
     advice = "add 'await', or schedule it with asyncio.create_task() and keep the task"
-    if how == COMPILED and created is None:
+    if how == _COMPILED and created is None:
         defined = f" (defined at {code.co_filename}:{code.co_firstlineno})" if code is not None else ""
         return (
             f"Coroutine {name!r}{defined} was never awaited; the event loop dropped it from compiled code, "
@@ -373,7 +373,7 @@ def _message(
             "that; where it was created and scheduled is unknown on this loop; pass a function that calls "
             f"asyncio.create_task({name}(...)) and keeps the task"
         )
-    if how == RETURNED:
+    if how == _RETURNED:
         made = f"was created at {_short(created)}" if created is not None else "was made"
         hint = "" if created is not None or tracking else "; track_coroutine_origins=True records where"
         return (
@@ -394,7 +394,7 @@ def _message(
             f"Coroutine {name!r}{defined} was dropped at {_short(dropped)} without being awaited; where it "
             f"was created is not known{hint}; {advice} where it is created"
         )
-    if how == SCHEDULED:
+    if how == _SCHEDULED:
         return (
             f"Coroutine function {name!r}{defined} was given to the event loop as a callback (call_soon, "
             "call_later, call_at, add_done_callback, add_reader take plain functions): the loop called it and "
