@@ -516,13 +516,13 @@ class TestWhyTheLoopStalled:
         finally:
             sys.setswitchinterval(interval)
 
+        # asyncio's idle loop is not reported (see Limits); uvloop's is, as
+        # the GIL's (the machine's, when the cruncher itself waited for a
+        # CPU).  Run alone, every run here had such a stall on uvloop; beside
+        # another busy process the hand-offs may never line up into one.
         found = slow_of(watched)
-        assert not [f for f in found if counts_against_program(f)], [(f.cause, f.breakdown) for f in found]
-        if watched.loop_name == "uvloop":
-            # asyncio's idle loop is not reported (see Limits); uvloop's is,
-            # as the GIL's (the machine's, when the cruncher itself waited
-            # for a CPU).
-            assert any(f.cause in ("gil", "starved") for f in found), [(f.cause, f.breakdown) for f in found]
+        assert all(f.cause in ("gil", "starved") for f in found), [(f.cause, f.breakdown) for f in found]
+        assert not [f for f in found if counts_against_program(f)]
 
 
 greenlet = pytest.importorskip("greenlet")
@@ -778,6 +778,40 @@ class TestAnExitDuringALook:
         finally:
             watchdog._thread = None
             loop.close()
+        assert [f.site for f in emitted] == [line]
+
+    def test_a_loop_detached_during_a_look_waits_for_it(self):
+        """At exit the engine detaches its loops before the watchdog's
+        flush: a look in progress then read clocks already retired, and the
+        stall it had just seen (a last step that held the GIL in sorted(),
+        then the program returned) was lost, 1 run in 12 on 3.12/uvloop.
+        Detaching waits for the look, which records the stall first."""
+        emitted = []
+        loop = asyncio.new_event_loop()
+        watchdog = Watchdog()
+        read_retired = []
+        try:
+            probe = LoopProbe(loop, THRESHOLD_MS / 1000, emitted.append)
+            watchdog._probes.append(probe)
+            line = Site(__file__, 1, "main")
+            watchdog._done_looking.clear()  # a look is reading its clocks
+            watchdog._thread = threading.Thread(target=lambda: None)  # the watchdog, not us
+
+            def the_look_reads_and_records():
+                time.sleep(0.05)
+                read_retired.append(probe.meter.retired)
+                probe.held_since = time.perf_counter() - 0.2
+                probe.stall = Stall(line, (line,), "Task-2", "compute", None)
+                watchdog._done_looking.set()
+
+            looking = threading.Thread(target=the_look_reads_and_records)
+            looking.start()
+            watchdog.remove(probe)  # the engine detaching the loop at exit
+            looking.join()
+        finally:
+            watchdog._thread = None
+            loop.close()
+        assert read_retired == [False]
         assert [f.site for f in emitted] == [line]
 
 
