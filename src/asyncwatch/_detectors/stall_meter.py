@@ -199,7 +199,7 @@ class StallMeter:
             cpu,
             wait,
             time.process_time(),
-            self.gc_clock.read(now),
+            self.gc_clock.read(now, thread_id, cpu),
             self.foreign,
             own,
             threading.get_ident(),
@@ -229,7 +229,14 @@ class StallMeter:
         loop_busy = loop_cpu
         if clocks.loop_wait is not None and prev.loop_wait is not None:
             loop_busy += clocks.loop_wait - prev.loop_wait  # preempted while holding it
-        if clocks.gc - prev.gc >= late / 2:
+        gc_held = clocks.gc - prev.gc
+        # A collection still running on the loop thread counts its CPU time
+        # in the clocks (`GcClock.read`); it kept the GIL from us for its
+        # wall time, preempted or not.
+        gc_held += max(
+            self.gc_clock.read(clocks.wall) - self.gc_clock.read(clocks.wall, thread_id, clocks.loop_cpu), 0.0
+        )
+        if gc_held >= late / 2:
             return "gc"
         # Only the thread holding the GIL runs Python: the loop thread ran
         # more than all the others together.  (A thread waiting for the GIL
@@ -320,8 +327,8 @@ class StallMeter:
                 holder, _ = stall_cause.busiest_thread(self.stall_threads, after)
         # A collection in progress at the mark counted its wall time, and
         # counts its CPU time once over: never less than none.
-        gc_time = max(self.gc_clock.read(end) - mark.gc, 0.0)
-        pauses = self.gc_clock.pauses_since(mark.wall, end, GcClock.PAUSE_FLOOR_S)
+        gc_time = max(self.gc_clock.read(end, thread_id, cpu) - mark.gc, 0.0)
+        pauses = self.gc_clock.pauses_since(mark.wall, end, GcClock.PAUSE_FLOOR_S, thread_id, cpu)
         return Breakdown(wall, loop_cpu, max(starved, 0.0), gc_time, gil, others, pauses, stolen), holder
 
 
