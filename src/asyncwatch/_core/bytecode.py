@@ -161,10 +161,15 @@ def dropped_call_result(frame: FrameType) -> dis.Instruction | None:
     statement ``f(x)``: the call, then POP_TOP at ``f_lasti``), the
     instruction that loaded the function called, else None."""
     instructions = _instructions(frame.f_code)
+    at = _discarding_at(frame, instructions)
+    return _callable_load(instructions, at) if at is not None else None
+
+
+def _discarding_at(frame: FrameType, instructions: tuple[dis.Instruction, ...]) -> int | None:
+    """The index of *frame*'s current instruction when it is a POP_TOP (a
+    value being discarded), else None."""
     at = next((n for n, ins in enumerate(instructions) if ins.offset == frame.f_lasti), None)
-    if at is None or instructions[at].opname != "POP_TOP":
-        return None
-    return _callable_load(instructions, at)
+    return at if at is not None and instructions[at].opname == "POP_TOP" else None
 
 
 def _callable_load(instructions: tuple[dis.Instruction, ...], at: int) -> dis.Instruction | None:
@@ -233,10 +238,9 @@ def comprehension_call_codes(frame: FrameType) -> frozenset[CodeType]:
     the functions that comprehension called for its elements (read as
     `called_function_code` reads them); else none.  Inlined on 3.12+
     (PEP 709); a nested ``<listcomp>`` function's code before."""
-    code = frame.f_code
-    instructions = _instructions(code)
-    at = next((n for n, ins in enumerate(instructions) if ins.offset == frame.f_lasti), None)
-    if at is None or instructions[at].opname != "POP_TOP":
+    instructions = _instructions(frame.f_code)
+    at = _discarding_at(frame, instructions)
+    if at is None:
         return frozenset()
     line = _line_at(instructions, at)
     inner: list[tuple[tuple[dis.Instruction, ...], int]] = []
