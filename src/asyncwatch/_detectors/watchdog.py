@@ -100,15 +100,13 @@ class Watchdog:
         self._wake.set()
 
     def remove(self, probe: LoopProbe) -> None:
-        thread = self._thread
-        if thread is not None and thread.ident != threading.get_ident():
-            # A look in progress settles first, with the clocks it compares
-            # with: retired under it, they were gone when it read them, and a
-            # stall it had just seen went unreported.  The engine detaches
-            # its loops at exit before the watchdog's flush (a program whose
-            # last step held the GIL in sorted() for 0.4 s, then returned:
-            # 1 run in 12 on 3.12/uvloop, most runs beside a busy process).
-            self._done_looking.wait(_FLUSH_WAIT_S)
+        # A look in progress settles first, with the clocks it compares
+        # with: retired under it, they were gone when it read them, and a
+        # stall it had just seen went unreported.  The engine detaches its
+        # loops at exit before the watchdog's flush (a program whose last
+        # step held the GIL in sorted() for 0.4 s, then returned: 1 run in
+        # 12 on 3.12/uvloop, most runs beside a busy process).
+        self._wait_for_a_look()
         with self._lock:
             probe.enabled = False
             if probe in self._probes:
@@ -143,15 +141,20 @@ class Watchdog:
         it records it, and a program that ended meanwhile (a task's last
         step held the GIL in sorted(), then the program returned) exited
         with that stall unreported, 1 run in 3 on 3.12 at load 9."""
-        thread = self._thread
-        if thread is not None and thread.ident != threading.get_ident():
-            self._done_looking.wait(_FLUSH_WAIT_S)
+        self._wait_for_a_look()
         now = _now()
         for probe in list(self._probes):
             try:
                 probe.finish(now)
             except Exception as exc:
                 self._failed(exc)
+
+    def _wait_for_a_look(self) -> None:
+        """Wait, a bounded time, for a look in progress to settle (never
+        from the watchdog thread itself, whose look it would be)."""
+        thread = self._thread
+        if thread is not None and thread.ident != threading.get_ident():
+            self._done_looking.wait(_FLUSH_WAIT_S)
 
     def stop(self) -> None:
         with self._lock:
