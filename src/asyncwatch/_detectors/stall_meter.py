@@ -325,8 +325,9 @@ class StallMeter:
                 gil = max(gil, off_cpu)
                 after = stall_cause.threads_cpu((thread_id, threading.get_ident()))
                 holder, _ = stall_cause.busiest_thread(self.stall_threads, after)
-        # A collection in progress at the mark counted its wall time, and
-        # counts its CPU time once over: never less than none.
+        # A collection in progress at the mark counted its CPU time so far
+        # on the loop thread, its wall time on another thread (`GcClock.read`),
+        # and its CPU time once over: never less than none.
         gc_time = max(self.gc_clock.read(end, thread_id, cpu) - mark.gc, 0.0)
         pauses = self.gc_clock.pauses_since(mark.wall, end, GcClock.PAUSE_FLOOR_S, thread_id, cpu)
         return Breakdown(wall, loop_cpu, max(starved, 0.0), gc_time, gil, others, pauses, stolen), holder
