@@ -250,7 +250,7 @@ class NeverAwaitedDetector(Detector):
                 created = created or made
                 if not stack and made is not None:
                     stack = (made,)
-            if frame is not None:
+            else:
                 dropped = frame_site(frame)
                 code = getattr(coro, "cr_code", None)
                 if created is None and (called_function_code(frame) is code or code in comprehension_call_codes(frame)):
