@@ -253,17 +253,31 @@ class TestBlockingThatHoldsTheGil:
         cannot tell this step's hold from the one before's."""
         if watched.loop_name != "asyncio":
             pytest.skip("a late look dates a step only where the loop's dispatch is Python")
-        items = shuffled(sort_size_for(0.3 * THRESHOLD_MS / 1000))
+        threshold_s = THRESHOLD_MS / 1000
+        size = sort_size_for(0.3 * threshold_s)
+        spent: list[float] = []
+        for _attempt in range(3):
+            items = shuffled(size)
 
-        async def main():
-            await asyncio.sleep(0.02)
-            sorted(items)  # <- first sort
-            sorted(items)
-            sorted(items)
-            sorted(items)  # <- last sort
-            await asyncio.sleep(0.02)
+            async def main(items=items):
+                await asyncio.sleep(0.02)
+                start = time.thread_time()
+                sorted(items)  # <- first sort
+                sorted(items)
+                sorted(items)
+                sorted(items)  # <- last sort
+                spent.append(time.thread_time() - start)
+                await asyncio.sleep(0.02)
 
-        watched.run(main, slow_callback_ms=THRESHOLD_MS)
+            watched.collector.findings.clear()
+            watched.run(main, slow_callback_ms=THRESHOLD_MS)
+            # A calibration run slowed by a neighbour on the same core (CI
+            # once: four sorts under the threshold, nothing to report) makes
+            # the sorts too short: measure them and size them again.
+            if spent[-1] >= 1.1 * threshold_s:
+                break
+            size = int(size * 1.2 * threshold_s / spent[-1])
+        assert spent[-1] >= 1.1 * threshold_s, spent
 
         [finding] = slow_of(watched)
         assert finding.cause == "cpu"
