@@ -28,7 +28,7 @@ async def cleanup():
 async def work():
     try:
         await long_operation()
-    except asyncio.CancelledError:
+    except asyncio.CancelledError:  # <- ...and this one as what swallowed it
         await cleanup()
         # Mistake: no `raise` here, so the cancellation is swallowed.
 

@@ -37,10 +37,12 @@ def assert_reported(
     created_at: str,
     task: str,
     coroutine: object,
+    swallowed_at: str | None = None,
 ) -> None:
-    """*site*, *cancelled_by* and *created_at* name the ``# <- marker`` comments of
-    lines in this file; *site_in* is the coroutine function holding the site,
-    *coroutine* the task's coroutine function."""
+    """*site*, *cancelled_by*, *created_at* and *swallowed_at* (checked when
+    given) name the ``# <- marker`` comments of lines in this file; *site_in*
+    is the coroutine function holding the site, *coroutine* the task's
+    coroutine function."""
     assert finding.kind is FindingKind.CANCELLATION_SWALLOWED
     assert finding.kind.value == SWALLOWED
     assert finding.site is not None
@@ -56,10 +58,167 @@ def assert_reported(
     assert finding.coroutine == coroutine.__qualname__  # type: ignore[attr-defined]
     assert "swallowed" in finding.message
     assert "cancel" in finding.message
+    if swallowed_at is not None:
+        assert_swallowed_at(finding, swallowed_at)
+
+
+def assert_swallowed_at(finding: Finding, marker: str) -> None:
+    """The finding names the statement at ``# <- marker`` as the one that
+    swallowed the cancellation, in its field and in its message."""
+    line = line_of(f"# <- {marker}")
+    assert finding.swallowed_at is not None, finding.message
+    assert (finding.swallowed_at.file, finding.swallowed_at.line) == (__file__, line)
+    assert "swallowed by the `" in finding.message
+    assert f"at test_cancellation.py:{line};" in finding.message
 
 
 def assert_silent(findings: list[Finding]) -> None:
     assert [f for f in findings if f.kind.value == SWALLOWED] == []
+
+
+def swallowed_by(watched, *coroutine_functions) -> Finding:
+    """Run the first of *coroutine_functions* as a task (the rest are what it
+    awaits), cancel it at its await, and return the one finding."""
+    first = coroutine_functions[0]
+
+    async def main():
+        task = asyncio.create_task(first())
+        await asyncio.sleep(TICK)
+        task.cancel()
+        await task
+
+    watched.run(main)
+    return the_one_swallowed(watched.findings)
+
+
+class TestWhatSwallowedIt:
+    """``swallowed_at`` names the ``except``, ``finally`` or ``suppress``
+    that ended the CancelledError, read from the source around the awaits it
+    went through, innermost first; where the source leaves a doubt, null."""
+
+    def test_an_outer_coroutine_that_swallows_what_the_inner_re_raised(self, watched):
+        async def inner():
+            try:
+                await asyncio.sleep(LONG)
+            except asyncio.CancelledError:
+                await asyncio.sleep(0)  # cleanup, then re-raise
+                raise
+
+        async def outer():
+            try:
+                await inner()
+            except BaseException:  # <- outer: swallowed
+                return None
+
+        assert_swallowed_at(swallowed_by(watched, outer, inner), "outer: swallowed")
+
+    def test_except_exception_lets_it_through_to_the_handler_that_catches_it(self, watched):
+        async def inner():
+            try:
+                await asyncio.sleep(LONG)
+            except Exception:
+                pass
+
+        async def outer():
+            try:
+                await inner()
+            except (ValueError, asyncio.CancelledError):  # <- tuple: swallowed
+                pass
+
+        assert_swallowed_at(swallowed_by(watched, outer, inner), "tuple: swallowed")
+
+    def test_a_handler_that_re_raises_does_not_pass_it_to_its_siblings(self, watched):
+        async def worker():
+            try:
+                try:
+                    await asyncio.sleep(LONG)
+                except asyncio.CancelledError:
+                    raise
+                except BaseException:
+                    pass
+            except asyncio.CancelledError:  # <- sibling: swallowed
+                pass
+
+        assert_swallowed_at(swallowed_by(watched, worker), "sibling: swallowed")
+
+    def test_a_conditional_re_raise_with_nothing_around_it_is_the_one(self, watched):
+        """The task finished normally, so the only statement that could end
+        the error did."""
+        closing = False
+
+        async def worker():
+            try:
+                await asyncio.sleep(LONG)
+            except asyncio.CancelledError:  # <- conditional: swallowed
+                if closing:
+                    raise
+
+        assert_swallowed_at(swallowed_by(watched, worker), "conditional: swallowed")
+
+    def test_a_conditional_re_raise_inside_another_catcher_is_not_named(self, watched):
+        """Either statement may have ended it: no line rather than a guess."""
+        closing = True
+
+        async def inner():
+            try:
+                await asyncio.sleep(LONG)
+            except asyncio.CancelledError:
+                if closing:
+                    raise
+
+        async def outer():
+            with contextlib.suppress(asyncio.CancelledError):
+                await inner()
+
+        finding = swallowed_by(watched, outer, inner)
+        assert finding.swallowed_at is None
+        assert "swallowed by" not in finding.message
+        assert "swallowed; re-raise" in finding.message
+
+    def test_a_handler_of_a_name_it_cannot_read_inside_another_catcher_is_not_named(self, watched):
+        errors = (asyncio.CancelledError,)
+
+        async def worker():
+            try:
+                try:
+                    await asyncio.sleep(LONG)
+                except errors:
+                    pass
+            except BaseException:
+                pass
+
+        assert swallowed_by(watched, worker).swallowed_at is None
+
+    def test_a_task_cancelling_itself_names_no_statement(self, watched):
+        """Its CancelledError lands at its next await, unknown when cancel() runs."""
+
+        async def worker():
+            with contextlib.suppress(asyncio.CancelledError):
+                asyncio.current_task().cancel()  # lands at the next await, not here
+            try:
+                await asyncio.sleep(LONG)
+            except asyncio.CancelledError:
+                pass
+
+        async def main():
+            await asyncio.create_task(worker())
+
+        watched.run(main)
+        assert the_one_swallowed(watched.findings).swallowed_at is None
+
+    def test_code_with_no_source_names_no_statement(self, watched):
+        namespace: dict[str, object] = {"asyncio": asyncio, "LONG": LONG}
+        exec(  # noqa: S102
+            "async def worker():\n"
+            "    try:\n"
+            "        await asyncio.sleep(LONG)\n"
+            "    except asyncio.CancelledError:\n"
+            "        pass\n",
+            namespace,
+        )
+        finding = swallowed_by(watched, namespace["worker"])
+        assert finding.swallowed_at is None
+        assert "swallowed; re-raise" in finding.message
 
 
 class TestReported:
@@ -71,7 +230,7 @@ class TestReported:
         async def swallower():
             try:
                 await asyncio.sleep(LONG)  # <- pass: delivered
-            except asyncio.CancelledError:
+            except asyncio.CancelledError:  # <- pass: swallowed
                 pass
             return "done"
 
@@ -90,13 +249,14 @@ class TestReported:
             created_at="pass: created",
             task="swallower",
             coroutine=swallower,
+            swallowed_at="pass: swallowed",
         )
 
     def test_contextlib_suppress_is_reported(self, watched):
         """``with contextlib.suppress(CancelledError)`` around the await."""
 
         async def suppressor():
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError):  # <- suppress: swallowed
                 await asyncio.sleep(LONG)  # <- suppress: delivered
             return "done"
 
@@ -115,6 +275,7 @@ class TestReported:
             created_at="suppress: created",
             task="suppressor",
             coroutine=suppressor,
+            swallowed_at="suppress: swallowed",
         )
 
     def test_return_in_finally_is_reported(self, watched):
@@ -124,7 +285,7 @@ class TestReported:
             try:
                 await asyncio.sleep(LONG)  # <- finally: delivered
             finally:
-                return "done"  # noqa: B012
+                return "done"  # noqa: B012  # <- finally: swallowed
 
         async def main():
             task = asyncio.create_task(finally_returner(), name="finally-returner")  # <- finally: created
@@ -141,6 +302,7 @@ class TestReported:
             created_at="finally: created",
             task="finally-returner",
             coroutine=finally_returner,
+            swallowed_at="finally: swallowed",
         )
 
     def test_swallow_in_nested_coroutine_points_at_the_innermost_await(self, watched):

@@ -120,8 +120,10 @@ def test_never_awaited_site_is_the_same_with_coroutine_origin_tracking(tmp_path:
     assert sites(findings) == [expected] * 3
 
 
-def test_swallowed_cancellation_names_the_cancel_call(tmp_path: Path) -> None:
-    """The swallowed-cancellation finding names the task.cancel() line as the canceller."""
+def test_swallowed_cancellation_names_the_cancel_call_and_the_except(tmp_path: Path) -> None:
+    """The swallowed-cancellation finding names the task.cancel() line as the
+    canceller, and the caller's ``except`` (its callee only awaited) as what
+    swallowed it."""
     findings, _ = run_watched(tmp_path, "swallowed_cancel.py")
     script = example("swallowed_cancel.py")
     assert len(findings) == 1
@@ -129,6 +131,11 @@ def test_swallowed_cancellation_names_the_cancel_call(tmp_path: Path) -> None:
         "file": script,
         "line": line_of("# <- asyncwatch names this line as the canceller", script),
         "function": "main",
+    }
+    assert findings[0]["swallowed_at"] == {
+        "file": script,
+        "line": line_of("# <- ...and this one as what swallowed it", script),
+        "function": "work",
     }
 
 

@@ -70,6 +70,7 @@ class TestFinding:
             "suppressed",
             "cause",
             "dropped_at",
+            "swallowed_at",
             "breakdown",
             "gil_holder",
         }

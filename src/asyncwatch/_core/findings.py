@@ -145,6 +145,11 @@ class Finding:
     #: For ``cause="gil"``: the name of the thread that ran most while the
     #: loop waited for the GIL, where it could be told.
     gil_holder: str | None = None
+    #: ``cancellation_swallowed``: the statement that ended the
+    #: CancelledError (an ``except``, a ``return`` in a ``finally``, a
+    #: ``suppress``), read from the source around the await where it
+    #: landed; None unless the source leaves no doubt.
+    swallowed_at: Site | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON form, the same fields in every output."""
@@ -159,6 +164,7 @@ class Finding:
             "cancelled_by": self.cancelled_by.to_dict() if self.cancelled_by else None,
             "created_at": self.created_at.to_dict() if self.created_at else None,
             "dropped_at": self.dropped_at.to_dict() if self.dropped_at else None,
+            "swallowed_at": self.swallowed_at.to_dict() if self.swallowed_at else None,
             "time": self.time.isoformat().replace("+00:00", "Z"),
             "pid": self.pid,
             "thread": self.thread,

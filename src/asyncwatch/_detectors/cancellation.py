@@ -39,6 +39,7 @@ from types import FrameType
 from typing import Any
 
 from .._core.bytecode import enclosing_async_withs
+from .._core.catchers import Swallower, swallowed_at
 from .._core.detector import Detector, DetectorContext, watches
 from .._core.findings import Finding, FindingKind, Site
 from .._core.frames import (
@@ -106,7 +107,15 @@ class CancellationDetector(Detector):
 class CancelRequest:
     """One unstructured ``cancel()`` of a task: who, and where it lands."""
 
-    __slots__ = ("absorbed", "cancelled_by", "delivered_at", "delivery_stack", "forwarded_from", "structure")
+    __slots__ = (
+        "absorbed",
+        "cancelled_by",
+        "delivered_at",
+        "delivery_stack",
+        "forwarded_from",
+        "in_chain",
+        "structure",
+    )
 
     def __init__(
         self, cancelled_by: Site | None, forwarded_from: CancelRequest | None, structure: str | None = None
@@ -116,6 +125,9 @@ class CancelRequest:
         self.structure = structure
         self.delivered_at: Site | None = None
         self.delivery_stack: tuple[Site, ...] = ()
+        # Whether delivery_stack is the chain of awaits the error lands in
+        # (not a task cancelling itself, whose next await is not known yet).
+        self.in_chain = False
         self.forwarded_from = forwarded_from
         # Set when the task this request was forwarded into swallowed it:
         # this task then never saw a CancelledError, and only that one is reported.
@@ -312,7 +324,7 @@ def _note_cancel(
         call.notes[_NOTE] = _Note(None, True, canceller)
         return
     request = CancelRequest(canceller, outer, structure)
-    request.delivered_at, request.delivery_stack = _delivery_point(task, canceller)
+    request.delivered_at, request.delivery_stack, request.in_chain = _delivery_point(task, canceller)
     record.requests.append(request)
     call.notes[_NOTE] = _Note(request, False, canceller, structure)
 
@@ -346,17 +358,18 @@ def _library_cancels_its_own(caller: FrameType, task: asyncio.Task[Any]) -> bool
 _SHUTDOWN_CANCEL = getattr(getattr(asyncio.runners, "_cancel_all_tasks", None), "__code__", None)
 
 
-def _delivery_point(task: asyncio.Task[Any], canceller: Site | None) -> tuple[Site | None, tuple[Site, ...]]:
+def _delivery_point(task: asyncio.Task[Any], canceller: Site | None) -> tuple[Site | None, tuple[Site, ...], bool]:
     """Where CancelledError will be thrown into *task*: its innermost
-    application ``await``, found through the chain of awaited coroutines."""
+    application ``await``, found through the chain of awaited coroutines;
+    the chain; and whether it is one (not the cancel() of a running task)."""
     coro = user_coro_of(task)
     if getattr(coro, "cr_running", False):
         # The task cancels itself: the error lands at its next await, which
         # has not happened yet; the cancel() call is the best line we have.
-        return canceller, ((canceller,) if canceller else ())
+        return canceller, ((canceller,) if canceller else ()), False
     chain = await_chain(coro)
     delivered = next((s for s in reversed(chain) if not is_library_file(s.file)), None)
-    return delivered, tuple(chain)
+    return delivered, tuple(chain), bool(chain)
 
 
 def _check_swallowed(task: asyncio.Task[Any]) -> None:
@@ -380,6 +393,7 @@ def _check_swallowed(task: asyncio.Task[Any]) -> None:
         return
     coro = coro_name(task)
     name = task.get_name()
+    swallower = swallowed_at(request.delivery_stack) if request.in_chain else None
     if request.structure is not None:
         where = (
             f"set up at {_short(request.cancelled_by)}"
@@ -394,8 +408,8 @@ def _check_swallowed(task: asyncio.Task[Any]) -> None:
             kind=FindingKind.CANCELLATION_SWALLOWED,
             message=(
                 f"{describe_task(name, coro)} was cancelled{by} but finished without "
-                "raising CancelledError, so the cancellation was swallowed; re-raise "
-                "CancelledError after cleanup"
+                f"raising CancelledError, so the cancellation was swallowed{_by_what(swallower)}; "
+                "re-raise CancelledError after cleanup"
             ),
             site=request.delivered_at,
             stack=request.delivery_stack,
@@ -403,6 +417,7 @@ def _check_swallowed(task: asyncio.Task[Any]) -> None:
             coroutine=coro,
             cancelled_by=request.cancelled_by,
             created_at=created_at(task),
+            swallowed_at=swallower.site if swallower is not None else None,
         )
     )
 
@@ -441,11 +456,12 @@ class _TimeoutExitPatch:
 class _Landed:
     """Where an expired timeout's cancellation of its task lands."""
 
-    __slots__ = ("delivered_at", "note", "stack")
+    __slots__ = ("delivered_at", "in_chain", "note", "stack")
 
-    def __init__(self, note: _Note, delivered_at: Site | None, stack: tuple[Site, ...]) -> None:
+    def __init__(self, note: _Note, delivered_at: Site | None, stack: tuple[Site, ...], in_chain: bool) -> None:
         self.note = note  # of the timeout's cancel(): what it was forwarded into
         self.delivered_at = delivered_at
+        self.in_chain = in_chain
         self.stack = stack
 
 
@@ -465,13 +481,15 @@ def _check_timeout_swallowed(timeout: asyncio.Timeout) -> None:
     name = task.get_name()
     coro = coro_name(task)
     where = f"set up at {_short(cancelled_by)}" if cancelled_by else "set up where asyncwatch cannot tell"
+    swallower = swallowed_at(stack) if landed.in_chain else None
     watch.emit(
         Finding(
             kind=FindingKind.CANCELLATION_SWALLOWED,
             message=(
                 f"{describe_task(name, coro)} was cancelled (by the timeout, {where}) but its block "
-                "went on without raising CancelledError, so the cancellation was swallowed and the timeout "
-                "neither ended the block nor raised TimeoutError; re-raise CancelledError after cleanup"
+                f"went on without raising CancelledError, so the cancellation was swallowed{_by_what(swallower)} "
+                "and the timeout neither ended the block nor raised TimeoutError; re-raise CancelledError "
+                "after cleanup"
             ),
             site=delivered_at,
             stack=stack,
@@ -479,8 +497,15 @@ def _check_timeout_swallowed(timeout: asyncio.Timeout) -> None:
             coroutine=coro,
             cancelled_by=cancelled_by,
             created_at=created_at(task),
+            swallowed_at=swallower.site if swallower is not None else None,
         )
     )
+
+
+def _by_what(swallower: Swallower | None) -> str:
+    if swallower is None:
+        return ""
+    return f" by {swallower.what} at {_short(swallower.site)}"
 
 
 def _short(site: Site | None) -> str:

@@ -137,14 +137,14 @@ def _isatty(stream: IO[str]) -> bool:
 
 def _readable_sites(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
     """Console rendering: sites as ``file:line in function``; drop the bulky stack."""
-    for key in ("site", "cancelled_by", "created_at", "dropped_at"):
+    for key in ("site", "cancelled_by", "created_at", "dropped_at", "swallowed_at"):
         value = event.get(key)
         if isinstance(value, dict):
             event[key] = site_text(Site(value["file"], value["line"], value["function"]), relative=True)
         elif key in event and event[key] is None:
             del event[key]
     event.pop("stack", None)  # the summary line is enough on a console
-    for key in ("task", "coroutine", "duration_s", "time", "pid", "cause"):
+    for key in ("task", "coroutine", "duration_s", "time", "pid", "cause", "breakdown", "gil_holder"):
         if event.get(key) is None:
             event.pop(key, None)
     if not event.get("suppressed"):

@@ -35,6 +35,7 @@ ATTR_FINDING_KIND = "asyncwatch.finding.kind"
 ATTR_FINDING_MESSAGE = "asyncwatch.finding.message"
 ATTR_FINDING_DURATION = "asyncwatch.finding.duration"
 ATTR_FINDING_CANCELLED_BY = "asyncwatch.finding.cancelled_by"
+ATTR_FINDING_SWALLOWED_AT = "asyncwatch.finding.swallowed_at"
 ATTR_FINDING_TASK = "asyncwatch.finding.task"
 #: On every span that holds a finding (an event on a task's span, or a
 #: finding's own short span): what to search a backend for.
@@ -81,6 +82,8 @@ def finding_attributes(finding: Finding) -> dict[str, Any]:
         attributes[ATTR_FINDING_DURATION] = round(finding.duration_s, 6)
     if finding.cancelled_by is not None:
         attributes[ATTR_FINDING_CANCELLED_BY] = site_text(finding.cancelled_by)
+    if finding.swallowed_at is not None:
+        attributes[ATTR_FINDING_SWALLOWED_AT] = site_text(finding.swallowed_at)
     if finding.task is not None:
         attributes[ATTR_FINDING_TASK] = finding.task
     if finding.thread is not None:
