@@ -288,6 +288,29 @@ class TestBlockingThatHoldsTheGil:
         assert first <= finding.site.line <= last + 1, finding.site
         assert finding.duration_s is not None and finding.duration_s >= THRESHOLD_MS / 1000
 
+    def test_a_call_first_seen_late_is_timed_from_its_start(self, watched):
+        """The watchdog's wake-up is due a deadline (10 ms) after the loop's
+        last tick, 5-10 ms into a call that began right after it: dated from
+        then, a sort of 1.05x the threshold came to 0.97x.  The loop thread
+        was busy since the tick, so the stall is timed from the call."""
+        if watched.loop_name != "asyncio":
+            pytest.skip("a late look dates a step only where the loop's dispatch is Python")
+        items = shuffled(sort_size_for(1.3 * THRESHOLD_MS / 1000))
+        took: list[float] = []
+
+        async def main():
+            await asyncio.sleep(0.02)
+            start = time.perf_counter()
+            sorted(items)  # <- one long sort
+            took.append(time.perf_counter() - start)
+            await asyncio.sleep(0.02)
+
+        watched.run(main, slow_callback_ms=THRESHOLD_MS)
+
+        [finding] = slow_of(watched)
+        assert finding.site is not None and finding.site.line == line_of("# <- one long sort")
+        assert finding.duration_s is not None and finding.duration_s >= took[0] - 0.003, (finding.duration_s, took)
+
     def test_short_c_calls_below_the_threshold_are_not_reported(self, watched):
         """Many short GIL-holding calls, each in its own step, add up to no stall."""
         items = shuffled(20_000)

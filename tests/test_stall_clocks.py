@@ -11,6 +11,7 @@ import pytest
 
 from asyncwatch._detectors import stall_cause
 from asyncwatch._detectors.stall_cause import ThreadClock
+from asyncwatch._detectors.stall_meter import Clocks, held_from
 
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="schedstat is Linux's")
 
@@ -49,3 +50,35 @@ def test_a_thread_clock_reads_cpu_time_and_run_queue_wait() -> None:
         assert waits is not None and waits[1] >= 1
     finally:
         clock.close()
+
+
+def clocks_at(wall: float, loop_cpu: float, loop_wait: float | None = 0.0) -> Clocks:
+    return Clocks(wall, loop_cpu, loop_wait, process_cpu=loop_cpu, gc=0.0, foreign=0.0)
+
+
+class TestWhenAStepSeenLateBegan:
+    """`held_from`: a step seen by a late look is dated from when the loop
+    thread has been busy since, never before the clocks it is compared with
+    (the last tick) nor after the wake-up was due."""
+
+    def test_a_loop_busy_since_the_tick_began_the_step_at_the_tick(self) -> None:
+        tick, look = clocks_at(10.000, 1.0), clocks_at(10.060, 1.060)
+        assert held_from(tick, look, due=10.010) == pytest.approx(10.000)
+
+    def test_a_loop_idle_after_the_tick_began_the_step_when_it_got_busy(self) -> None:
+        tick, look = clocks_at(10.000, 1.0), clocks_at(10.060, 1.052)
+        assert held_from(tick, look, due=10.010) == pytest.approx(10.008)
+
+    def test_time_preempted_while_holding_the_gil_counts_as_busy(self) -> None:
+        tick, look = clocks_at(10.000, 1.0, 0.5), clocks_at(10.060, 1.040, 0.520)
+        assert held_from(tick, look, due=10.010) == pytest.approx(10.000)
+
+    def test_never_before_the_tick(self) -> None:
+        """Busy time counted from an older reading is no reason to date the
+        step before the loop was last seen turning."""
+        tick, look = clocks_at(10.000, 1.0), clocks_at(10.060, 1.200)
+        assert held_from(tick, look, due=10.010) == pytest.approx(10.000)
+
+    def test_never_after_the_wake_up_was_due(self) -> None:
+        tick, look = clocks_at(10.000, 1.0), clocks_at(10.060, 1.010)
+        assert held_from(tick, look, due=10.010) == pytest.approx(10.010)

@@ -18,7 +18,7 @@ import time
 from . import stall_cause
 from .stall_cause import Breakdown, GcClock, Steal, ThreadClock
 
-__all__ = ["Clocks", "StallMeter", "Wake", "mark_at"]
+__all__ = ["Clocks", "StallMeter", "Wake", "held_from", "loop_busy", "mark_at"]
 
 
 class Clocks:
@@ -59,6 +59,25 @@ class Clocks:
         self.own_cpu = own_cpu
         self.reader = reader
         self.steal = steal
+
+
+def loop_busy(prev: Clocks, clocks: Clocks) -> float:
+    """How long the loop thread ran, or waited for a CPU while runnable
+    (preempted holding the GIL, where the kernel says), between two readings."""
+    busy = clocks.loop_cpu - prev.loop_cpu
+    if clocks.loop_wait is not None and prev.loop_wait is not None:
+        busy += clocks.loop_wait - prev.loop_wait
+    return busy
+
+
+def held_from(prev: Clocks, clocks: Clocks, due: float) -> float:
+    """When a step seen by a late look began, given *due*, when the wake-up
+    was due: earlier where the loop thread has been busy since before then,
+    but never before *prev* was read (the last tick, or a look that saw the
+    loop elsewhere: the step began after).  A wake-up is due a deadline
+    after the last tick, so a step that began right after a tick was dated
+    10 ms late by *due* alone."""
+    return min(due, max(prev.wall, clocks.wall - loop_busy(prev, clocks)))
 
 
 def others_cpu(prev: Clocks, clocks: Clocks) -> float:
@@ -225,10 +244,6 @@ class StallMeter:
         if wake is None or prev is None or wake.raw + wake.head < gate:
             return None
         late = wake.late()
-        loop_cpu = clocks.loop_cpu - prev.loop_cpu
-        loop_busy = loop_cpu
-        if clocks.loop_wait is not None and prev.loop_wait is not None:
-            loop_busy += clocks.loop_wait - prev.loop_wait  # preempted while holding it
         gc_held = clocks.gc - prev.gc
         # A collection still running on the loop thread counts its CPU time
         # in the clocks (`GcClock.read`); it kept the GIL from us for its
@@ -238,22 +253,16 @@ class StallMeter:
         )
         if gc_held >= late / 2:
             return "gc"
-        # Only the thread holding the GIL runs Python: the loop thread ran
-        # more than all the others together.  (A thread waiting for the GIL
-        # wakes every switch interval to ask for it, so on a loaded machine
-        # it waits in the run queue too: its wait alone proves nothing.)
-        others = others_cpu(prev, clocks)
-        # Without the run-queue wait, a watchdog that waited for a CPU looks
-        # late too: ask the loop thread to have run almost all the time.
-        if loop_cpu >= others and loop_busy >= late * (0.5 if wake.known else 0.8):
+        if self.loop_held(prev, clocks, wake):
             return "loop"
+        others = others_cpu(prev, clocks)
         # Another thread held the GIL only if the wake-up was late by more
         # than our own waits for a CPU (a loaded machine delays us by tens of
         # milliseconds while the loop thread sleeps with the GIL let go).
         if wake.known and late >= gate / 2 and others >= late / 4:
             # The whole wait, ours for a CPU included: the holder kept the
             # GIL until we took it, and the loop could not have it before.
-            hold = max(wake.raw - loop_busy, 0.0)
+            hold = max(wake.raw - loop_busy(prev, clocks), 0.0)
             self.foreign += hold
             if glanced is None:
                 skip = (thread_id, threading.get_ident())
@@ -264,6 +273,24 @@ class StallMeter:
             self.others_before = now_cpu
             return "foreign"
         return None
+
+    @staticmethod
+    def loop_held(prev: Clocks | None, clocks: Clocks, wake: Wake | None) -> bool:
+        """Whether the loop thread held the GIL through this wake-up's
+        lateness, however short: under `late_hold`'s gate a hold is no
+        stall's cause, but it is time the step seen had run (`LoopProbe`
+        dates it back)."""
+        if wake is None or prev is None:
+            return False
+        # Only the thread holding the GIL runs Python: the loop thread ran
+        # more than all the others together.  (A thread waiting for the GIL
+        # wakes every switch interval to ask for it, so on a loaded machine
+        # it waits in the run queue too: its wait alone proves nothing.)
+        # Without the run-queue wait, a watchdog that waited for a CPU looks
+        # late too: ask the loop thread to have run almost all the time.
+        return clocks.loop_cpu - prev.loop_cpu >= others_cpu(prev, clocks) and loop_busy(
+            prev, clocks
+        ) >= wake.late() * (0.5 if wake.known else 0.8)
 
     def holder_since(self, foreign: float) -> str | None:
         """The thread named for the most GIL time held since `foreign` was
