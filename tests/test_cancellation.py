@@ -68,7 +68,7 @@ def assert_swallowed_at(finding: Finding, marker: str) -> None:
     line = line_of(f"# <- {marker}")
     assert finding.swallowed_at is not None, finding.message
     assert (finding.swallowed_at.file, finding.swallowed_at.line) == (__file__, line)
-    assert "swallowed by the `" in finding.message
+    assert "swallowed by the " in finding.message
     assert f"at test_cancellation.py:{line};" in finding.message
 
 
@@ -188,6 +188,36 @@ class TestWhatSwallowedIt:
                 pass
 
         assert swallowed_by(watched, worker).swallowed_at is None
+
+    def test_a_context_manager_that_swallows_is_named_when_nothing_else_could(self, watched):
+        @contextlib.contextmanager
+        def log_errors():
+            try:
+                yield
+            except BaseException:  # meant Exception
+                pass
+
+        async def worker():
+            with log_errors():  # <- context manager: swallowed
+                await asyncio.sleep(LONG)
+
+        finding = swallowed_by(watched, worker)
+        assert_swallowed_at(finding, "context manager: swallowed")
+        assert "the context manager of the `with log_errors():`" in finding.message
+
+    def test_a_context_manager_inside_a_handler_that_swallows_is_not_named(self, watched):
+        """A lock, a timeout, a session: context managers let a
+        CancelledError through as a rule; the ``except`` is named."""
+        lock = asyncio.Lock()
+
+        async def worker():
+            try:
+                async with lock:
+                    await asyncio.sleep(LONG)
+            except asyncio.CancelledError:  # <- around a lock: swallowed
+                pass
+
+        assert_swallowed_at(swallowed_by(watched, worker), "around a lock: swallowed")
 
     def test_a_task_cancelling_itself_names_no_statement(self, watched):
         """Its CancelledError lands at its next await, unknown when cancel() runs."""

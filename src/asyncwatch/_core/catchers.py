@@ -17,19 +17,26 @@ Each construct around the await is one of:
   ``break`` or ``continue`` as a statement of a ``finally``);
 - *may swallow*: it catches one and may or may not re-raise it (a
   ``raise`` under an ``if``), or it cannot be read (``except ERRORS:``,
-  a name this module cannot resolve).
+  a name this module cannot resolve);
+- *weak*: a context manager other than ``suppress``, whose ``__exit__``
+  could return true: almost always transparent (a lock, a timeout, a
+  session), so read as such unless nothing else could have ended it.
 
 The answer is the first construct that swallows, if nothing before it may;
 or the only construct that may, if nothing after it could catch at all (the
-task finished normally, so something ended the error).  Anything else is
-unknown: a confident wrong line is worse than none.
+task finished normally, so something ended the error); or, with no other
+candidate at all, the only context manager.  Anything else is unknown: a
+confident wrong line is worse than none.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
+import io
 import linecache
+import tokenize
 from collections.abc import Iterable, Iterator, Sequence
 
 from .findings import Site
@@ -41,7 +48,7 @@ __all__ = ["Swallower", "swallowed_at"]
 _CANCELLED_NAMES = frozenset({"CancelledError", "BaseException"})
 # Names that are exceptions but not CancelledError's bases: read as "does not
 # catch it".  Anything else unresolved (``except ERRORS:``) may catch it.
-_TRANSPARENT, _SWALLOWS, _MAY = "transparent", "swallows", "may"
+_TRANSPARENT, _SWALLOWS, _MAY, _WEAK = "transparent", "swallows", "may", "weak"
 
 
 class Swallower:
@@ -70,11 +77,15 @@ def swallowed_at(chain: Sequence[Site]) -> Swallower | None:
         if verdict == _SWALLOWS:
             return swallower
         if verdict == _MAY:
-            rest = verdicts[index + 1 :]
-            if swallower is not None and all(v == _TRANSPARENT for v, _ in rest):
+            others = verdicts[:index] + verdicts[index + 1 :]
+            if swallower is not None and all(v == _TRANSPARENT for v, _ in others):
                 return swallower
             return None
-    return None
+    weak = [swallower for verdict, swallower in verdicts if verdict == _WEAK]
+    # Nothing else could end it, and the task finished normally: the one
+    # context manager did (``except BaseException`` around a contextmanager's
+    # ``yield``, an ``__aexit__`` that returns True).
+    return weak[0] if len(weak) == 1 else None
 
 
 def _constructs_around(site: Site) -> list[tuple[str, Swallower | None]] | None:
@@ -263,10 +274,11 @@ def _in_own_loop(statement: ast.stmt, jump: ast.AST) -> bool:
 
 def _with_verdict(node: ast.With | ast.AsyncWith, expression: ast.expr, site: Site) -> tuple[str, Swallower | None]:
     if not (isinstance(expression, ast.Call) and _dotted_tail(expression.func) == "suppress"):
-        # Any other context manager is read as letting it through: the
-        # standard library's and the common ones do; one whose __exit__
-        # returns True for a CancelledError is what this cannot see.
-        return _TRANSPARENT, None
+        # Any other context manager lets it through as a rule (the standard
+        # library's and the common ones do): named only when nothing else
+        # could have ended it.
+        header = _header(site.file, node.lineno)
+        return _WEAK, Swallower(_at(site, node.lineno), f"the context manager of the `{header}`")
     verdicts = {_catches(argument) for argument in expression.args}
     swallower = Swallower(_at(site, node.lineno), f"the `{_header(site.file, node.lineno)}`")
     if _SWALLOWS in verdicts:
@@ -290,5 +302,11 @@ def _at(site: Site, line: int) -> Site:
 
 
 def _header(file: str, line: int) -> str:
+    """The statement's first line as written, without its comment."""
     text = linecache.getline(file, line).strip()
+    with contextlib.suppress(tokenize.TokenError, SyntaxError):
+        for token in tokenize.generate_tokens(io.StringIO(text).readline):
+            if token.type == tokenize.COMMENT:
+                text = text[: token.start[1]].rstrip()
+                break
     return text if len(text) <= 80 else text[:77] + "..."
