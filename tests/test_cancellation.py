@@ -14,6 +14,7 @@ import pytest
 
 import asyncwatch
 from asyncwatch import Finding, FindingKind
+from asyncwatch._core import catchers
 from asyncwatch._outputs.collect import CollectingReporter
 from conftest import base_factory, gc_collect_harder, line_of
 
@@ -235,6 +236,25 @@ class TestWhatSwallowedIt:
 
         watched.run(main)
         assert the_one_swallowed(watched.findings).swallowed_at is None
+
+    def test_a_failure_reading_the_source_costs_the_field_not_the_finding(self, watched, monkeypatch, caplog):
+        def broken(chain):
+            raise RuntimeError("injected")
+
+        monkeypatch.setattr(catchers, "_swallowed_at", broken)
+        monkeypatch.setattr(catchers, "_disabled", False)
+
+        async def worker():
+            try:
+                await asyncio.sleep(LONG)
+            except asyncio.CancelledError:
+                pass
+
+        finding = swallowed_by(watched, worker)
+        assert finding.swallowed_at is None
+        assert "swallowed; re-raise" in finding.message
+        assert catchers._disabled
+        assert "asyncwatch.internal_error" in caplog.text and "injected" in caplog.text
 
     def test_code_with_no_source_names_no_statement(self, watched):
         namespace: dict[str, object] = {"asyncio": asyncio, "LONG": LONG}

@@ -40,6 +40,7 @@ import tokenize
 from collections.abc import Iterable, Iterator, Sequence
 
 from .findings import Site
+from .runtime import report_internal_error
 
 __all__ = ["Swallower", "swallowed_at"]
 
@@ -66,7 +67,23 @@ class Swallower:
 
 def swallowed_at(chain: Sequence[Site]) -> Swallower | None:
     """The statement that swallowed a CancelledError thrown in at the
-    innermost frame of *chain* (outermost first), or None where unknown."""
+    innermost frame of *chain* (outermost first), or None where unknown.
+    Never raises: a source it cannot read costs the field, not the finding."""
+    global _disabled
+    if _disabled:
+        return None
+    try:
+        return _swallowed_at(chain)
+    except Exception as exc:
+        _disabled = True
+        report_internal_error("cancellation source reader", exc)
+        return None
+
+
+_disabled = False  # after an error of its own (reported once)
+
+
+def _swallowed_at(chain: Sequence[Site]) -> Swallower | None:
     verdicts: list[tuple[str, Swallower | None]] = []
     for site in reversed(chain):
         constructs = _constructs_around(site)
