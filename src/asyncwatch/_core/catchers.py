@@ -105,7 +105,13 @@ def _swallowed_at(chain: Sequence[Site]) -> Swallower | None:
     return weak[0] if len(weak) == 1 else None
 
 
-def _constructs_around(site: Site) -> list[tuple[str, Swallower | None]] | None:
+# The verdicts, not the trees, are kept: a module's tree is tens of
+# thousands of objects that every collection of the program would walk
+# again (issue 15), while a site that swallows once (a handler cancelled at
+# each timeout) often swallows again, and parsing a large module takes
+# milliseconds.
+@functools.lru_cache(maxsize=256)
+def _constructs_around(site: Site) -> tuple[tuple[str, Swallower | None], ...] | None:
     """The verdict of each construct around *site*'s line, innermost first."""
     tree = _parse(site.file)
     if tree is None:
@@ -117,22 +123,17 @@ def _constructs_around(site: Site) -> list[tuple[str, Swallower | None]] | None:
     verdicts: list[tuple[str, Swallower | None]] = []
     for node, part in reversed(path):
         verdicts.extend(_verdicts(node, part, site))
-    return verdicts
-
-
-@functools.lru_cache(maxsize=32)
-def _parse_cached(file: str, source: str) -> ast.Module | None:
-    try:
-        return ast.parse(source, file)
-    except (SyntaxError, ValueError):
-        return None
+    return tuple(verdicts)
 
 
 def _parse(file: str) -> ast.Module | None:
     lines = linecache.getlines(file)
     if not lines:
         return None
-    return _parse_cached(file, "".join(lines))
+    try:
+        return ast.parse("".join(lines), file)
+    except (SyntaxError, ValueError):
+        return None
 
 
 _FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
