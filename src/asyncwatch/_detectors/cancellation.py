@@ -36,10 +36,8 @@ import os
 import weakref
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .._core.bytecode import enclosing_async_withs
-from .._core.catchers import Swallower, swallowed_at
 from .._core.detector import Detector, DetectorContext, watches
 from .._core.findings import Finding, FindingKind, Site
 from .._core.frames import (
@@ -57,6 +55,9 @@ from .._core.frames import (
 )
 from .._core.runtime import report_internal_error
 from .._core.tasks import CancelCall, Task, cancel_calls, coro_name, created_at, user_coro_of
+
+if TYPE_CHECKING:
+    from .._core.catchers import Swallower
 
 __all__ = ["CancellationDetector"]
 
@@ -244,6 +245,8 @@ def _structure_line(
         # Matched by what the ``async with`` expression calls, not by the
         # object: reading an application frame's f_locals would keep its
         # locals alive on 3.11/3.12 (a snapshot stays on the frame).
+        from .._core.bytecode import enclosing_async_withs  # see `_swallower`
+
         for block in enclosing_async_withs(frame):
             if block.loads & names:
                 return Site(source_path(code.co_filename), block.line, code.co_qualname)
@@ -393,7 +396,7 @@ def _check_swallowed(task: asyncio.Task[Any]) -> None:
         return
     coro = coro_name(task)
     name = task.get_name()
-    swallower = swallowed_at(request.delivery_stack) if request.in_chain else None
+    swallower = _swallower(request.delivery_stack) if request.in_chain else None
     if request.structure is not None:
         where = (
             f"set up at {_short(request.cancelled_by)}"
@@ -481,7 +484,7 @@ def _check_timeout_swallowed(timeout: asyncio.Timeout) -> None:
     name = task.get_name()
     coro = coro_name(task)
     where = f"set up at {_short(cancelled_by)}" if cancelled_by else "set up where asyncwatch cannot tell"
-    swallower = swallowed_at(stack) if landed.in_chain else None
+    swallower = _swallower(stack) if landed.in_chain else None
     watch.emit(
         Finding(
             kind=FindingKind.CANCELLATION_SWALLOWED,
@@ -500,6 +503,15 @@ def _check_timeout_swallowed(timeout: asyncio.Timeout) -> None:
             swallowed_at=swallower.site if swallower is not None else None,
         )
     )
+
+
+def _swallower(chain: tuple[Site, ...]) -> Swallower | None:
+    # Imported when first needed, as `bytecode` is: each module is tens of
+    # objects that every collection of the program would walk again, and
+    # `import asyncwatch` plus install() may add 2,000 (issue 15).
+    from .._core.catchers import swallowed_at
+
+    return swallowed_at(chain)
 
 
 def _by_what(swallower: Swallower | None) -> str:

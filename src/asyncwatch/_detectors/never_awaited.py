@@ -35,7 +35,6 @@ import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .._core.bytecode import called_function_code, comprehension_call_codes, returned_call_lines
 from .._core.collecting import after_collections, collecting, no_longer_after_collections
 from .._core.detector import CoroutineClaims, Detector, DetectorContext
 from .._core.findings import Finding, FindingKind, Site
@@ -251,6 +250,9 @@ class NeverAwaitedDetector(Detector):
                 if not stack and made is not None:
                     stack = (made,)
             else:
+                # Imported when a finding is made (issue 15's import budget).
+                from .._core.bytecode import called_function_code, comprehension_call_codes
+
                 dropped = frame_site(frame)
                 code = getattr(coro, "cr_code", None)
                 if created is None and (called_function_code(frame) is code or code in comprehension_call_codes(frame)):
@@ -346,6 +348,8 @@ def _called_back_by_the_loop(caller: Any, coro: Any) -> tuple[str | None, str | 
         return _SCHEDULED, None, None
     if is_library_file(callback.__code__.co_filename):
         return None, None, None
+    from .._core.bytecode import returned_call_lines  # see `_finding`
+
     lines = set(returned_call_lines(callback, code))
     made = None
     if len(lines) == 1:
