@@ -505,10 +505,9 @@ class LoopProbe:
             # the loop could not go on until we took it.  Held by the loop
             # thread, from when it has been busy since, if earlier: the
             # wake-up was due a deadline after the tick before the call.
-            # A collection
-            # that began later dates it instead: a wake-up due on our own
-            # clock, 63 ms before the collection's step began, made a
-            # 250 ms pause a 340 ms stall.
+            # A collection that began later dates it instead: a wake-up due
+            # on our own clock, 63 ms before the collection's step began,
+            # made a 250 ms pause a 340 ms stall.
             since = now - wake.raw
             if held_by == "loop":
                 since = held_from(prev, clocks, since)
