@@ -256,6 +256,21 @@ class TestWhatSwallowedIt:
         assert catchers._disabled
         assert "asyncwatch.internal_error" in caplog.text and "injected" in caplog.text
 
+    def test_without_the_source_reader_the_finding_is_made(self, watched, monkeypatch):
+        """Imported when a finding is made; as the interpreter shuts down
+        that import fails, and the finding loses the field only."""
+        monkeypatch.setitem(sys.modules, "asyncwatch._core.catchers", None)  # import raises ImportError
+
+        async def worker():
+            try:
+                await asyncio.sleep(LONG)
+            except asyncio.CancelledError:
+                pass
+
+        finding = swallowed_by(watched, worker)
+        assert finding.swallowed_at is None
+        assert "swallowed; re-raise" in finding.message
+
     def test_code_with_no_source_names_no_statement(self, watched):
         namespace: dict[str, object] = {"asyncio": asyncio, "LONG": LONG}
         exec(  # noqa: S102

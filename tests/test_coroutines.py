@@ -280,6 +280,19 @@ class TestCreatedAtAndDroppedAt:
         )
         assert finding.to_dict()["dropped_at"] == finding.site.to_dict()
 
+    def test_without_the_bytecode_reader_the_finding_is_made_at_the_drop_line(self, installed, monkeypatch):
+        """The reader is imported when a finding is made; as the interpreter
+        shuts down that import fails, and the finding loses its creation
+        line, not its existence."""
+        monkeypatch.setitem(sys.modules, "asyncwatch._core.bytecode", None)  # import raises ImportError
+        with capture_findings(NEVER_AWAITED) as found:
+            save(7)  # <- dropped with no reader
+
+        [finding] = found
+        assert finding.created_at is None
+        assert finding.dropped_at is not None and finding.dropped_at.line == line_of("# <- dropped with no reader")
+        assert finding.site == finding.dropped_at
+
     def test_module_function_called_through_its_module_is_created_there(self, installed):
         """``asyncio.sleep(0)`` as a statement: the call is resolved without running code."""
         with capture_findings(NEVER_AWAITED) as found:

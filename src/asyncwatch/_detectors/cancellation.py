@@ -245,8 +245,10 @@ def _structure_line(
         # Matched by what the ``async with`` expression calls, not by the
         # object: reading an application frame's f_locals would keep its
         # locals alive on 3.11/3.12 (a snapshot stays on the frame).
-        from .._core.bytecode import enclosing_async_withs  # see `_swallower`
-
+        try:
+            from .._core.bytecode import enclosing_async_withs  # see `_swallower`
+        except ImportError:  # the interpreter is shutting down
+            return None
         for block in enclosing_async_withs(frame):
             if block.loads & names:
                 return Site(source_path(code.co_filename), block.line, code.co_qualname)
@@ -509,8 +511,10 @@ def _swallower(chain: tuple[Site, ...]) -> Swallower | None:
     # Imported when first needed, as `bytecode` is: each module is tens of
     # objects that every collection of the program would walk again, and
     # `import asyncwatch` plus install() may add 2,000 (issue 15).
-    from .._core.catchers import swallowed_at
-
+    try:
+        from .._core.catchers import swallowed_at
+    except ImportError:  # the interpreter is shutting down: the finding without it
+        return None
     return swallowed_at(chain)
 
 

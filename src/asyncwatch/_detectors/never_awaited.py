@@ -250,12 +250,9 @@ class NeverAwaitedDetector(Detector):
                 if not stack and made is not None:
                     stack = (made,)
             else:
-                # Imported when a finding is made (issue 15's import budget).
-                from .._core.bytecode import called_function_code, comprehension_call_codes
-
                 dropped = frame_site(frame)
                 code = getattr(coro, "cr_code", None)
-                if created is None and (called_function_code(frame) is code or code in comprehension_call_codes(frame)):
+                if created is None and _called_here(frame, code):
                     # ``save(x)`` as a statement (or ``[save(x) for x in
                     # xs]``): this line called the coroutine function and
                     # discards what it returned.
@@ -314,6 +311,19 @@ _RETURNED = "returned"  # a callback of the program returned the coroutine
 _COMPILED = "compiled"  # from C (uvloop): one of the two, or another drop
 
 
+def _called_here(frame: Any, code: Any) -> bool:
+    """Whether *frame*'s current line called the function of *code* (or a
+    comprehension of such calls) and discards what it returned."""
+    try:
+        # Imported when a finding is made: a module of tens of objects that
+        # every collection of the program would walk again (issue 15's
+        # import budget).
+        from .._core.bytecode import called_function_code, comprehension_call_codes
+    except ImportError:  # the interpreter is shutting down: no creation line, the finding all the same
+        return False
+    return called_function_code(frame) is code or code in comprehension_call_codes(frame)
+
+
 def _called_back_by_the_loop(caller: Any, coro: Any) -> tuple[str | None, str | None, Site | None]:
     """How the event loop dropped *coro*, never started, as a callback's
     return value: `_SCHEDULED`, when asyncio's loop called *coro*'s coroutine
@@ -348,8 +358,10 @@ def _called_back_by_the_loop(caller: Any, coro: Any) -> tuple[str | None, str | 
         return _SCHEDULED, None, None
     if is_library_file(callback.__code__.co_filename):
         return None, None, None
-    from .._core.bytecode import returned_call_lines  # see `_finding`
-
+    try:
+        from .._core.bytecode import returned_call_lines  # see `_called_here`
+    except ImportError:  # the interpreter is shutting down
+        return _RETURNED, callback.__code__.co_qualname, None
     lines = set(returned_call_lines(callback, code))
     made = None
     if len(lines) == 1:
