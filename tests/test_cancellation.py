@@ -77,6 +77,14 @@ def assert_silent(findings: list[Finding]) -> None:
     assert [f for f in findings if f.kind.value == SWALLOWED] == []
 
 
+async def swallows_plainly() -> None:
+    """``except CancelledError: pass`` around an await: a plain swallow."""
+    try:
+        await asyncio.sleep(LONG)
+    except asyncio.CancelledError:
+        pass
+
+
 def swallowed_by(watched, *coroutine_functions) -> Finding:
     """Run the first of *coroutine_functions* as a task (the rest are what it
     awaits), cancel it at its await, and return the one finding."""
@@ -244,13 +252,7 @@ class TestWhatSwallowedIt:
         monkeypatch.setattr(catchers, "_swallowed_at", broken)
         monkeypatch.setattr(catchers, "_disabled", False)
 
-        async def worker():
-            try:
-                await asyncio.sleep(LONG)
-            except asyncio.CancelledError:
-                pass
-
-        finding = swallowed_by(watched, worker)
+        finding = swallowed_by(watched, swallows_plainly)
         assert finding.swallowed_at is None
         assert "swallowed; re-raise" in finding.message
         assert catchers._disabled
@@ -261,13 +263,7 @@ class TestWhatSwallowedIt:
         that import fails, and the finding loses the field only."""
         monkeypatch.setitem(sys.modules, "asyncwatch._core.catchers", None)  # import raises ImportError
 
-        async def worker():
-            try:
-                await asyncio.sleep(LONG)
-            except asyncio.CancelledError:
-                pass
-
-        finding = swallowed_by(watched, worker)
+        finding = swallowed_by(watched, swallows_plainly)
         assert finding.swallowed_at is None
         assert "swallowed; re-raise" in finding.message
 
