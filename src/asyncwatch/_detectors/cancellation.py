@@ -231,6 +231,10 @@ def _structure_line(
     that line.  None when it cannot be told."""
     if owner is None:
         return None
+    try:
+        from .._core.bytecode import enclosing_async_withs  # see `_swallower`
+    except ImportError:  # the interpreter is shutting down
+        return None
     previous: FrameType | None = None
     for frame in _task_frames(owner, caller):
         code = frame.f_code
@@ -245,10 +249,6 @@ def _structure_line(
         # Matched by what the ``async with`` expression calls, not by the
         # object: reading an application frame's f_locals would keep its
         # locals alive on 3.11/3.12 (a snapshot stays on the frame).
-        try:
-            from .._core.bytecode import enclosing_async_withs  # see `_swallower`
-        except ImportError:  # the interpreter is shutting down
-            return None
         for block in enclosing_async_withs(frame):
             if block.loads & names:
                 return Site(source_path(code.co_filename), block.line, code.co_qualname)
