@@ -19,6 +19,7 @@ import warnings
 import pytest
 
 import asyncwatch
+from asyncwatch._core import registrations
 from asyncwatch._detectors.never_awaited import ORIGIN_DEPTH
 from asyncwatch.testing import capture_findings
 from conftest import base_factory, line_of
@@ -41,6 +42,52 @@ def drop_in_helper():
 
 def drop_one():
     save("warned")  # <- warned line
+
+
+class GivenToTheLoop:
+    """Each way of giving the loop a coroutine function as a callback; each
+    coroutine function is given on one line of this file only."""
+
+    async def refresh_later(self):
+        pass
+
+    async def refresh_partial(self, _n):
+        pass
+
+    async def refresh_method(self):
+        pass
+
+    async def refresh_done(self, _future):
+        pass
+
+    async def refresh_lambda(self):
+        pass
+
+    async def refresh_multiline(self):
+        pass
+
+    def give_call_later(self, loop):
+        loop.call_later(0, self.refresh_later)  # <- given: call_later
+
+    def give_partial(self, loop):
+        loop.call_soon(functools.partial(self.refresh_partial, 1))  # <- given: partial
+
+    def give_method(self, loop):
+        loop.call_soon(self.refresh_method)  # <- given: method
+
+    def give_done_callback(self, loop):
+        future = loop.create_future()
+        future.add_done_callback(self.refresh_done)  # <- given: done_callback
+        future.set_result(None)
+
+    def give_lambda(self, loop):
+        loop.call_soon(lambda: self.refresh_lambda())  # <- given: lambda
+
+    def give_multiline(self, loop):
+        loop.call_later(  # <- given: multiline
+            0,
+            self.refresh_multiline,
+        )
 
 
 @pytest.fixture
@@ -98,26 +145,123 @@ class TestDroppedCoroutineOnALoop:
 
     def test_a_coroutine_function_given_to_call_soon_is_never_said_to_be_garbage(self, watched):
         """The loop calls it and drops the coroutine: no line of the program is
-        known, and the message says what happened, never "the garbage collector"."""
+        running, and the message says what happened, never "the garbage
+        collector"; the line that gave it to the loop is read from the source."""
+
+        async def flush_metrics():
+            pass
 
         async def main():
-            asyncio.get_running_loop().call_soon(save, 1)
+            asyncio.get_running_loop().call_soon(flush_metrics)  # <- given to call_soon
             await asyncio.sleep(0.01)
 
         watched.run(main)
 
         [finding] = watched.findings
         assert finding.kind.value == NEVER_AWAITED
-        assert (finding.site, finding.created_at, finding.dropped_at) == (None, None, None)
+        assert (finding.created_at, finding.dropped_at) == (None, None)
+        assert_site(finding, "given to call_soon", main.__qualname__)
+        assert finding.scheduled_at == finding.site
         assert "garbage collector" not in finding.message
         if watched.loop_name == "asyncio":
             # asyncio's Handle runs in Python: the callback is seen.
-            assert "as a callback" in finding.message
-            assert "asyncio.create_task(save(...))" in finding.message
+            assert f"was given to the event loop as a callback at test_coroutines.py:{finding.site.line}" in (
+                finding.message
+            )
+            assert "asyncio.create_task(flush_metrics(...))" in finding.message
         else:
             # uvloop's handle runs in C: what can have done it is said.
             assert "the event loop dropped it from compiled code" in finding.message
-            assert "that is this coroutine function, or that returned its coroutine" in finding.message
+            assert f"the callback given to the loop at test_coroutines.py:{finding.site.line}" in finding.message
+
+    @pytest.mark.parametrize("shape", ["call_later", "partial", "method", "done_callback", "lambda", "multiline"])
+    def test_the_line_that_gave_the_loop_a_coroutine_function_is_the_site(self, watched, shape):
+        """Every way of handing the loop a callback that makes a coroutine:
+        the registration is the line to fix, on both loops."""
+        give = getattr(GivenToTheLoop(), f"give_{shape}")
+
+        async def main():
+            give(asyncio.get_running_loop())
+            await asyncio.sleep(0.01)
+
+        watched.run(main)
+
+        [finding] = watched.of(NEVER_AWAITED)
+        label = f"given: {shape}"
+        assert finding.scheduled_at is not None and finding.scheduled_at.file == __file__
+        assert (finding.scheduled_at.line, finding.scheduled_at.function) == (
+            line_of(f"# <- {label}"),
+            give.__qualname__,
+        )
+        if shape == "lambda" and watched.loop_name == "asyncio":
+            # The lambda is seen: its call made the coroutine, on that line.
+            assert finding.created_at == finding.site
+            assert_site(finding, label, f"{give.__qualname__}.<locals>.<lambda>")
+        else:
+            assert finding.created_at is None
+            assert finding.site == finding.scheduled_at
+
+    @pytest.mark.parametrize("shape", ["twice", "variable"])
+    def test_a_callback_the_source_does_not_pin_to_one_line_has_no_scheduled_line(self, watched, shape):
+        """Two lines give the loop the same function, or it goes through a
+        variable: no line is named rather than a guess."""
+
+        async def poll_twice():
+            pass
+
+        async def poll_through_a_variable():
+            pass
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            if shape == "twice":
+                loop.call_soon(poll_twice)
+                if loop.time() < 0:
+                    loop.call_soon(poll_twice)  # never runs: the source still has two
+            else:
+                callback = poll_through_a_variable
+                loop.call_soon(callback)
+            await asyncio.sleep(0.01)
+
+        watched.run(main)
+
+        [finding] = watched.of(NEVER_AWAITED)
+        assert (finding.site, finding.scheduled_at, finding.created_at) == (None, None, None)
+        if watched.loop_name == "asyncio":
+            assert "where it was scheduled is unknown" in finding.message
+        else:
+            assert "where it was created and scheduled is unknown on this loop" in finding.message
+
+    def test_a_failure_reading_the_registration_costs_the_field_not_the_finding(self, watched, monkeypatch, caplog):
+        def broken(*args):
+            raise RuntimeError("injected")
+
+        monkeypatch.setattr(registrations, "_registrations", broken)
+        monkeypatch.setattr(registrations, "_disabled", False)
+        finding = self._given_to_call_later(watched)
+        assert (finding.site, finding.scheduled_at) == (None, None)
+        assert registrations._disabled
+        assert "asyncwatch.internal_error" in caplog.text and "injected" in caplog.text
+
+    def test_without_the_registration_reader_the_finding_is_made(self, watched, monkeypatch):
+        """Imported when a finding is made; as the interpreter shuts down
+        that import fails, and the finding loses the field only."""
+        monkeypatch.setitem(sys.modules, "asyncwatch._core.registrations", None)  # import raises ImportError
+        finding = self._given_to_call_later(watched)
+        assert (finding.site, finding.scheduled_at) == (None, None)
+        assert "refresh_later" in finding.message
+
+    @staticmethod
+    def _given_to_call_later(watched):
+        give = GivenToTheLoop().give_call_later
+
+        async def main():
+            give(asyncio.get_running_loop())
+            await asyncio.sleep(0.01)
+
+        watched.run(main)
+        [finding] = watched.of(NEVER_AWAITED)
+        return finding
 
     @pytest.mark.parametrize("shape", ["lambda", "function", "method", "partial"])
     def test_a_coroutine_a_callback_returned_is_reported_where_the_callback_made_it(self, watched, shape):
@@ -168,19 +312,26 @@ class TestDroppedCoroutineOnALoop:
 
     def test_a_callback_that_returns_a_coroutine_it_did_not_make_has_no_line(self, watched):
         """A callback returning a coroutine made elsewhere (kept earlier): no
-        line of the callback made it, and none is given."""
+        line of the callback made it, and none is given as its creation; on
+        asyncio the line that gave the loop the callback is, said to be that.
+        (uvloop gives no handle to tell one callback from another: there the
+        line is read from the coroutine function's file alone.)"""
         kept = []
 
         async def main():
             kept.append(save("made earlier"))
-            asyncio.get_running_loop().call_soon(lambda: kept.pop())
+            asyncio.get_running_loop().call_soon(lambda: kept.pop())  # <- gives the loop a lambda
             await asyncio.sleep(0.01)
 
         watched.run(main)
 
         [finding] = watched.findings
-        assert (finding.site, finding.created_at) == (None, None)
+        assert finding.created_at is None
         if watched.loop_name == "asyncio":
+            # The line that gave the loop the lambda is known, and said to be that.
+            assert_site(finding, "gives the loop a lambda", main.__qualname__)
+            assert finding.scheduled_at == finding.site
+            assert f"(given to the loop at test_coroutines.py:{finding.site.line})" in finding.message
             assert "was made and returned by 'TestDroppedCoroutineOnALoop." in finding.message
             assert "track_coroutine_origins=True records where" in finding.message
 

@@ -71,6 +71,7 @@ class TestFinding:
             "cause",
             "dropped_at",
             "swallowed_at",
+            "scheduled_at",
             "breakdown",
             "gil_holder",
         }

@@ -150,6 +150,11 @@ class Finding:
     #: ``suppress``), read from the source around the await where it
     #: landed; None unless the source leaves no doubt.
     swallowed_at: Site | None = None
+    #: ``coroutine_never_awaited`` dropped by the event loop: the line that
+    #: gave the loop the callback that made it (``call_soon(flush)`` with
+    #: ``async def flush``, ``call_later(5, lambda: expire(sid))``), read
+    #: from the source; None unless exactly one line can have been it.
+    scheduled_at: Site | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON form, the same fields in every output."""
@@ -165,6 +170,7 @@ class Finding:
             "created_at": self.created_at.to_dict() if self.created_at else None,
             "dropped_at": self.dropped_at.to_dict() if self.dropped_at else None,
             "swallowed_at": self.swallowed_at.to_dict() if self.swallowed_at else None,
+            "scheduled_at": self.scheduled_at.to_dict() if self.scheduled_at else None,
             "time": self.time.isoformat().replace("+00:00", "Z"),
             "pid": self.pid,
             "thread": self.thread,

@@ -241,11 +241,12 @@ class NeverAwaitedDetector(Detector):
         collected = collecting()
         how: str | None = None
         returned_by: str | None = None
+        scheduled: Site | None = None
         if not collected:
             # Dropped right here (not by a collection, which may run anywhere).
             frame = app_frame_in_callback(caller)
             if frame is None:
-                how, returned_by, made = _called_back_by_the_loop(caller, coro)
+                how, returned_by, made, scheduled = _called_back_by_the_loop(caller, coro)
                 created = created or made
                 if not stack and made is not None:
                     stack = (made,)
@@ -270,13 +271,16 @@ class NeverAwaitedDetector(Detector):
                 collected,
                 how,
                 returned_by,
+                scheduled,
             ),
-            # Where it was created when known (the line to fix); else where it was dropped, said so.
-            site=created or dropped,
+            # Where it was created when known (the line to fix); else the
+            # line that gave it to the loop, or where it was dropped, said so.
+            site=created or scheduled or dropped,
             stack=stack,
             coroutine=name,
             created_at=created,
             dropped_at=dropped,
+            scheduled_at=scheduled,
             # Dropped right here, or finalized by a collection that may be
             # another thread's: then where it was dropped is unknown.
             thread=None if collected else threading.current_thread().name,
@@ -324,7 +328,7 @@ def _called_here(frame: Any, code: Any) -> bool:
     return called_function_code(frame) is code or code in comprehension_call_codes(frame)
 
 
-def _called_back_by_the_loop(caller: Any, coro: Any) -> tuple[str | None, str | None, Site | None]:
+def _called_back_by_the_loop(caller: Any, coro: Any) -> tuple[str | None, str | None, Site | None, Site | None]:
     """How the event loop dropped *coro*, never started, as a callback's
     return value: `_SCHEDULED`, when asyncio's loop called *coro*'s coroutine
     function as a plain callback (``call_soon(refresh)``); `_RETURNED`, with
@@ -333,40 +337,64 @@ def _called_back_by_the_loop(caller: Any, coro: Any) -> tuple[str | None, str | 
     (``call_later(5, lambda: expire(sid))``; the line read from the
     callback's code, only when a single one can have made it, else None);
     `_COMPILED` when a compiled loop dropped it from C, under the frame that
-    runs the loop (no handle to read); else None."""
+    runs the loop (no handle to read); else None.  Last, the line that gave
+    the loop that callback, where the source names a single one."""
     frame = caller
     while frame is not None and frame.f_code not in LOOP_DISPATCH:
         if not is_library_file(frame.f_code.co_filename):
-            return None, None, None
+            return None, None, None, None
         frame = frame.f_back
     if frame is None:
-        return None, None, None
+        return None, None, None, None
+    code = getattr(coro, "cr_code", None)
     if frame.f_code is not _HANDLE_RUN:
         compiled = frame.f_code is not _RUN_ONCE and not isinstance(
             asyncio.events._get_running_loop(), asyncio.base_events.BaseEventLoop
         )
-        return (_COMPILED if compiled else None), None, None
+        if not compiled:
+            return None, None, None, None
+        # No handle to read: the coroutine function itself, or a lambda
+        # calling it, is what the program can have given the loop.
+        return _COMPILED, None, None, _scheduled_at(code, code, or_returning=True)
     handle = frame.f_locals.get("self")  # asyncio's Handle._run: a library frame
     callback = getattr(handle, "_callback", None)
     del frame, handle
     callback = getattr(callback, "func", callback)  # functools.partial
     callback = getattr(callback, "__func__", callback)  # a bound method
-    code = getattr(coro, "cr_code", None)
     if code is None or not isinstance(callback, types.FunctionType):
-        return None, None, None
+        return None, None, None, None
     if callback.__code__ is code:
-        return _SCHEDULED, None, None
+        return _SCHEDULED, None, None, _scheduled_at(code, code)
     if is_library_file(callback.__code__.co_filename):
-        return None, None, None
+        return None, None, None, None
+    scheduled = _scheduled_at(callback.__code__, code)
     try:
         from .._core.bytecode import returned_call_lines  # see `_called_here`
     except ImportError:  # the interpreter is shutting down
-        return _RETURNED, callback.__code__.co_qualname, None
+        return _RETURNED, callback.__code__.co_qualname, None, scheduled
     lines = set(returned_call_lines(callback, code))
     made = None
     if len(lines) == 1:
         made = Site(source_path(callback.__code__.co_filename), lines.pop(), callback.__code__.co_qualname)
-    return _RETURNED, callback.__code__.co_qualname, made
+    return _RETURNED, callback.__code__.co_qualname, made, scheduled
+
+
+def _scheduled_at(callback: Any, code: Any, *, or_returning: bool = False) -> Site | None:
+    """The line of *callback*'s module that gave the loop *callback* (a
+    function's code), where the source names a single one; with
+    *or_returning*, also a lambda calling the coroutine function of *code*."""
+    if callback is None or is_library_file(callback.co_filename):
+        return None
+    try:
+        # Imported when a finding is made (issue 15's import budget).
+        from .._core.registrations import scheduled_at
+    except ImportError:  # the interpreter is shutting down
+        return None
+    if callback.co_name == "<lambda>":
+        site = scheduled_at(callback.co_filename, code.co_name, lambda_line=callback.co_firstlineno)
+    else:
+        site = scheduled_at(callback.co_filename, callback.co_name, or_returning=or_returning)
+    return Site(source_path(site.file), site.line, site.function) if site is not None else None
 
 
 def _message(
@@ -378,22 +406,32 @@ def _message(
     collected: bool = True,
     how: str | None = None,
     returned_by: str | None = None,
+    scheduled: Site | None = None,
 ) -> str:
     advice = "add 'await', or schedule it with asyncio.create_task() and keep the task"
     if how == _COMPILED and created is None:
         defined = f" (defined at {code.co_filename}:{code.co_firstlineno})" if code is not None else ""
+        if scheduled is not None:
+            return (
+                f"Coroutine {name!r}{defined} was never awaited; the event loop dropped it from compiled code, "
+                f"with no line of the program running: the callback given to the loop at {_short(scheduled)} "
+                "(the only line of that file giving the loop a callback that is this coroutine function or "
+                "calls it) makes a coroutine the loop ignores; pass a function that calls "
+                f"asyncio.create_task({_called(name)}(...)) and keeps the task"
+            )
         return (
             f"Coroutine {name!r}{defined} was never awaited; the event loop dropped it from compiled code, "
             "with no line of the program running: a callback given to the loop (call_soon, call_later, "
             "add_done_callback) that is this coroutine function, or that returned its coroutine, would do "
             "that; where it was created and scheduled is unknown on this loop; pass a function that calls "
-            f"asyncio.create_task({name}(...)) and keeps the task"
+            f"asyncio.create_task({_called(name)}(...)) and keeps the task"
         )
     if how == _RETURNED:
         made = f"was created at {_short(created)}" if created is not None else "was made"
         hint = "" if created is not None or tracking else "; track_coroutine_origins=True records where"
+        given = f" (given to the loop at {_short(scheduled)})" if scheduled not in (None, created) else ""
         return (
-            f"Coroutine {name!r} {made} and returned by {returned_by!r}, a callback the event loop called "
+            f"Coroutine {name!r} {made} and returned by {returned_by!r}{given}, a callback the event loop called "
             "(call_soon, call_later, call_at, add_done_callback, add_reader ignore what a callback returns): "
             f"the loop dropped it, so it never ran{hint}; in the callback, schedule it with "
             "asyncio.create_task() and keep the task"
@@ -411,11 +449,13 @@ def _message(
             f"was created is not known{hint}; {advice} where it is created"
         )
     if how == _SCHEDULED:
+        where = f" at {_short(scheduled)}" if scheduled is not None else ""
+        unknown = "" if scheduled is not None else "; where it was scheduled is unknown"
         return (
-            f"Coroutine function {name!r}{defined} was given to the event loop as a callback (call_soon, "
+            f"Coroutine function {name!r}{defined} was given to the event loop as a callback{where} (call_soon, "
             "call_later, call_at, add_done_callback, add_reader take plain functions): the loop called it and "
-            "dropped the coroutine it returned, so it never ran; where it was scheduled is unknown; "
-            f"pass a function that calls asyncio.create_task({name}(...)) and keeps the task"
+            f"dropped the coroutine it returned, so it never ran{unknown}; "
+            f"pass a function that calls asyncio.create_task({_called(name)}(...)) and keeps the task"
         )
     if not collected:
         return (
@@ -426,6 +466,12 @@ def _message(
         f"Coroutine {name!r}{defined} was never awaited; the garbage collector freed it, so where it was "
         f"created and dropped is unknown{hint}; {advice}"
     )
+
+
+def _called(name: str | None) -> str:
+    """How a call of the coroutine function *name* (a qualified name) is
+    written where it is scheduled: ``flush``, not ``main.<locals>.flush``."""
+    return (name or "...").rpartition(".")[2]
 
 
 def _short(site: Site | None) -> str:

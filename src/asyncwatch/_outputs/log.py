@@ -137,7 +137,7 @@ def _isatty(stream: IO[str]) -> bool:
 
 def _readable_sites(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
     """Console rendering: sites as ``file:line in function``; drop the bulky stack."""
-    for key in ("site", "cancelled_by", "created_at", "dropped_at", "swallowed_at"):
+    for key in ("site", "cancelled_by", "created_at", "dropped_at", "swallowed_at", "scheduled_at"):
         value = event.get(key)
         if isinstance(value, dict):
             event[key] = site_text(Site(value["file"], value["line"], value["function"]), relative=True)

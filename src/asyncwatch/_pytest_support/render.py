@@ -39,6 +39,7 @@ def render(findings: list[Finding], root: os.PathLike[str] | str, when: str = ""
             ("created at", finding.created_at),
             ("dropped at", finding.dropped_at),
             ("swallowed at", finding.swallowed_at),
+            ("scheduled at", finding.scheduled_at),
         ):
             if extra is not None and extra != finding.site:
                 lines += _site_lines(extra, root, "  ", f"{label} ")
