@@ -104,6 +104,35 @@ class TestFindingsFile:
         assert result.returncode == 0, result.stderr
         assert len(out.read_text().splitlines()) == 2
 
+    @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+    def test_a_coroutine_function_wired_up_in_the_main_script_is_reported_there(self, tmp_path, loop):
+        """Defined in one module, given to the loop in the main script (where
+        programs wire things up): the registration line is found there."""
+        pytest.importorskip(loop)
+        (tmp_path / "jobs.py").write_text("async def flush_metrics():\n    pass\n")
+        app = tmp_path / "app.py"
+        app.write_text(
+            textwrap.dedent(
+                """\
+                import asyncio
+                from jobs import flush_metrics
+
+                async def main():
+                    asyncio.get_running_loop().call_soon(flush_metrics)  # <- wired up here
+                    await asyncio.sleep(0.01)
+
+                asyncio.run(main())
+                """
+            )
+        )
+        out = tmp_path / "findings.jsonl"
+        result = run("run", "--findings", str(out), "--loop", loop, "--no-summary", str(app), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        [finding] = [json.loads(line) for line in out.read_text().splitlines()]
+        assert finding["kind"] == "coroutine_never_awaited"
+        site = {"file": str(app), "line": line_in(app, "# <- wired up here"), "function": "main"}
+        assert finding["site"] == finding["scheduled_at"] == site
+
 
 class TestTheProgramSeesPlainPython:
     def test_argv_name_and_exit_status_are_unchanged(self, clean):

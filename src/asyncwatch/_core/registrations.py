@@ -9,8 +9,9 @@ not record where it was made (asyncio's debug mode does, at a cost on every
 can give it cheaply: this module reads it when such a finding is made,
 never per call.
 
-A line is named only when exactly one registration in the file read can
-have been the one: a loop method that takes a callback (``call_soon``,
+The files read are the callback's own (or the coroutine function's) and the
+main module's, where a program's wiring usually is.  A line is named only
+when exactly one registration in them can have been the one: a loop method that takes a callback (``call_soon``,
 ``call_later``, ``add_done_callback``, ...) whose callback argument names
 the function (``flush``, ``self.flush``, ``partial(flush, ...)``), or is
 the lambda the loop called.  A callback passed through a variable, or two
@@ -23,7 +24,7 @@ from __future__ import annotations
 import ast
 import functools
 import linecache
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from .findings import Site
 from .runtime import report_internal_error
@@ -43,17 +44,21 @@ _CALLBACK_ARGUMENT = {
 }
 
 
-def scheduled_at(file: str, name: str, *, lambda_line: int | None = None, or_returning: bool = False) -> Site | None:
-    """The one line of *file* that gives the loop a callback named *name*
-    (or, with *lambda_line*, the lambda defined on that line; with
-    *or_returning*, also a lambda whose body calls *name*), or None where
-    there is none or more than one.  Never raises: a source it cannot read
-    costs the field, not the finding."""
+def scheduled_at(
+    files: Sequence[str], name: str, *, lambda_line: int | None = None, or_returning: bool = False
+) -> Site | None:
+    """The one line of *files* that gives the loop a callback named *name*
+    (or, with *lambda_line*, the lambda defined on that line of the first
+    file; with *or_returning*, also a lambda whose body calls *name*), or
+    None where there is none or more than one.  Never raises: a source it
+    cannot read costs the field, not the finding."""
     global _disabled
     if _disabled:
         return None
     try:
-        found = _registrations(file, name, lambda_line, or_returning)
+        found = [
+            site for file in dict.fromkeys(files) for site in _registrations(file, name, lambda_line, or_returning)
+        ]
     except Exception as exc:
         _disabled = True
         report_internal_error("callback source reader", exc)

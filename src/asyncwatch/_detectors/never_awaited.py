@@ -390,10 +390,13 @@ def _scheduled_at(callback: Any, code: Any, *, or_returning: bool = False) -> Si
         from .._core.registrations import scheduled_at
     except ImportError:  # the interpreter is shutting down
         return None
-    if callback.co_name == "<lambda>":
-        site = scheduled_at(callback.co_filename, code.co_name, lambda_line=callback.co_firstlineno)
+    if callback.co_name == "<lambda>":  # the registration holds the lambda itself
+        site = scheduled_at((callback.co_filename,), code.co_name, lambda_line=callback.co_firstlineno)
     else:
-        site = scheduled_at(callback.co_filename, callback.co_name, or_returning=or_returning)
+        # A function is often defined in one module and wired up in the main one.
+        main = getattr(sys.modules.get("__main__"), "__file__", None)
+        files = [callback.co_filename] + ([main] if main and not is_library_file(main) else [])
+        site = scheduled_at(files, callback.co_name, or_returning=or_returning)
     return Site(source_path(site.file), site.line, site.function) if site is not None else None
 
 
