@@ -19,7 +19,7 @@ import warnings
 import pytest
 
 import asyncwatch
-from asyncwatch._core import registrations
+from asyncwatch._core import callsites
 from asyncwatch._detectors.never_awaited import ORIGIN_DEPTH
 from asyncwatch.testing import capture_findings
 from conftest import base_factory, line_of
@@ -30,6 +30,12 @@ NEVER_AWAITED = "coroutine_never_awaited"
 async def save(item):
     """The coroutine the tests forget to await."""
     return item
+
+
+async def refresh_in_a_cycle(box):
+    """Called unawaited on one line of this file only, and awaited or handed
+    to asyncio elsewhere: the source can tell which line made it."""
+    await asyncio.wait_for(refresh_in_a_cycle(box), 1)
 
 
 def create_save():
@@ -236,17 +242,17 @@ class TestDroppedCoroutineOnALoop:
         def broken(*args):
             raise RuntimeError("injected")
 
-        monkeypatch.setattr(registrations, "_registrations", broken)
-        monkeypatch.setattr(registrations, "_disabled", False)
+        monkeypatch.setattr(callsites, "_registrations", broken)
+        monkeypatch.setattr(callsites, "_disabled", False)
         finding = self._given_to_call_later(watched)
         assert (finding.site, finding.scheduled_at) == (None, None)
-        assert registrations._disabled
+        assert callsites._disabled
         assert "asyncwatch.internal_error" in caplog.text and "injected" in caplog.text
 
     def test_without_the_registration_reader_the_finding_is_made(self, watched, monkeypatch):
         """Imported when a finding is made; as the interpreter shuts down
         that import fails, and the finding loses the field only."""
-        monkeypatch.setitem(sys.modules, "asyncwatch._core.registrations", None)  # import raises ImportError
+        monkeypatch.setitem(sys.modules, "asyncwatch._core.callsites", None)  # import raises ImportError
         finding = self._given_to_call_later(watched)
         assert (finding.site, finding.scheduled_at) == (None, None)
         assert "refresh_later" in finding.message
@@ -539,7 +545,9 @@ class TestCreatedAtAndDroppedAt:
         assert f"created at test_coroutines.py:{created} and dropped at test_coroutines.py:{dropped}" in finding.message
 
     def test_coroutine_collected_by_the_gc_has_no_drop_line(self, installed):
-        """Freed by the collector: neither line is known, and the message says so."""
+        """Freed by the collector: neither line is known (``save`` is called
+        unawaited on many lines of this file, so the source cannot tell
+        either), and the message says so."""
         with capture_findings(NEVER_AWAITED) as found:
             box = []
             box.append(save(box))
@@ -550,6 +558,26 @@ class TestCreatedAtAndDroppedAt:
         assert finding.dropped_at is None
         assert finding.created_at is None
         assert "garbage collector" in finding.message
+
+    def test_coroutine_collected_by_the_gc_is_placed_by_the_source_when_one_call_can_have_made_it(self, installed):
+        """No frame saw it made or dropped, but only one line of the source
+        calls its function without awaiting it or handing it to asyncio:
+        that line, and the message says how it was found."""
+        with capture_findings(NEVER_AWAITED) as found:
+            box = []
+            box.append(refresh_in_a_cycle(box))  # <- the only unawaited call
+            del box
+            gc.collect()
+
+        [finding] = found
+        test = type(self).test_coroutine_collected_by_the_gc_is_placed_by_the_source_when_one_call_can_have_made_it
+        assert_site(finding, "the only unawaited call", test.__qualname__)
+        assert finding.created_at == finding.site and finding.dropped_at is None
+        assert "the garbage collector freed it" in finding.message
+        assert (
+            f"the source tells: at test_coroutines.py:{finding.site.line}, the only call of refresh_in_a_cycle() "
+            "there that is neither awaited nor given to asyncio" in finding.message
+        )
 
     def test_on_a_loop_too(self, watched):
         """The same fields for a coroutine dropped inside a task, on either loop."""

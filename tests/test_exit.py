@@ -45,6 +45,8 @@ COROUTINE_IN_A_LIST = """\
 
     async def main():
         DEFERRED.append(flush_metrics("requests"))  # <- the coroutine
+        await flush_metrics("awaited")
+        await asyncio.wait_for(flush_metrics("scheduled"), 1)
         await asyncio.sleep(0)
 
     asyncio.run(main())
@@ -105,12 +107,26 @@ class TestUnderAsyncwatchRun:
         # fails in linecache, "sys.meta_path is None", under plain python too).
 
     def test_a_coroutine_kept_in_a_module_list_is_reported_with_what_holds_it(self, tmp_path):
-        _program, result, finding = the_finding(tmp_path, COROUTINE_IN_A_LIST)
+        """No frame saw it made; the one line of the source that calls its
+        function unawaited did (the awaited and the scheduled calls could not)."""
+        program, result, finding = the_finding(tmp_path, COROUTINE_IN_A_LIST)
         assert finding["kind"] == "coroutine_never_awaited"
-        assert finding["site"] is None and finding["created_at"] is None and finding["dropped_at"] is None
+        line = line_in(program, "# <- the coroutine")
+        assert finding["site"] == finding["created_at"] == {"file": str(program), "line": line, "function": "main"}
+        assert finding["dropped_at"] is None
         assert "a list in global 'DEFERRED' of module __main__" in finding["message"]
-        assert "where it was created is not known; track_coroutine_origins=True records it" in finding["message"]
+        assert f"the source tells: at app.py:{line}, the only call of flush_metrics()" in finding["message"]
         assert "coroutine 'flush_metrics' was never awaited" in result.stderr  # CPython's own warning
+
+    def test_a_kept_coroutine_two_lines_can_have_made_has_no_site(self, tmp_path):
+        source = COROUTINE_IN_A_LIST.replace(
+            "await asyncio.sleep(0)\n\n    asyncio.run",
+            "later = flush_metrics('errors')\n        await later\n\n    asyncio.run",
+        )
+        assert "later = flush_metrics" in source
+        _program, _result, finding = the_finding(tmp_path, source)
+        assert finding["site"] is None and finding["created_at"] is None
+        assert "where it was created is not known; track_coroutine_origins=True records it" in finding["message"]
 
     def test_with_origins_tracked_its_creation_line_is_the_site(self, tmp_path):
         program, _result, finding = the_finding(tmp_path, COROUTINE_IN_A_LIST, "--track-coroutine-origins")

@@ -19,7 +19,11 @@ instruction discards the result of a call of the coroutine's own function
 (``save(x)`` as a statement, the common mistake), checked exactly (see
 `called_function_code`); a property returning ``self._ping()`` is not.  When
 the garbage collector finalizes the coroutine, the stack says nothing about
-either line.
+either line; the source may still (`_core.callsites`): the one call of the
+coroutine function that is neither awaited nor handed to asyncio, said to
+be read from the source.  So may it for a coroutine function given to the
+loop as a callback (``call_soon(flush)``), which the loop calls and drops
+inside its own dispatch: the one registration of it (``scheduled_at``).
 """
 
 from __future__ import annotations
@@ -216,6 +220,12 @@ class NeverAwaitedDetector(Detector):
                 f"Coroutine {name!r} was created at {_short(created)} but never awaited: it was still "
                 f"referenced when the program ended{held}, so CPython warns only as it shuts down; {advice}"
             )
+        elif (made := _made_at(getattr(coro, "cr_code", None))) is not None:
+            created = made
+            message = (
+                f"Coroutine {name!r} was never awaited: it was still referenced when the program ended{held}, "
+                f"so CPython warns only as it shuts down; {_as_the_source_tells(name, made)}; {advice}"
+            )
         else:
             code = getattr(coro, "cr_code", None)
             defined = f" (defined at {code.co_filename}:{code.co_firstlineno})" if code is not None else ""
@@ -246,10 +256,10 @@ class NeverAwaitedDetector(Detector):
             # Dropped right here (not by a collection, which may run anywhere).
             frame = app_frame_in_callback(caller)
             if frame is None:
-                how, returned_by, made, scheduled = _called_back_by_the_loop(caller, coro)
-                created = created or made
-                if not stack and made is not None:
-                    stack = (made,)
+                how, returned_by, returned_from, scheduled = _called_back_by_the_loop(caller, coro)
+                created = created or returned_from
+                if not stack and returned_from is not None:
+                    stack = (returned_from,)
             else:
                 dropped = frame_site(frame)
                 code = getattr(coro, "cr_code", None)
@@ -260,6 +270,11 @@ class NeverAwaitedDetector(Detector):
                     created = dropped
                 if not stack:
                     stack = (dropped,)
+        inferred: Site | None = None
+        if created is None and dropped is None and how is None:
+            # No frame saw it made or dropped (the collector freed it, or
+            # library code dropped it): the source may still tell.
+            inferred = created = _made_at(getattr(coro, "cr_code", None))
         return Finding(
             kind=FindingKind.COROUTINE_NEVER_AWAITED,
             message=_message(
@@ -272,6 +287,7 @@ class NeverAwaitedDetector(Detector):
                 how,
                 returned_by,
                 scheduled,
+                inferred,
             ),
             # Where it was created when known (the line to fix); else the
             # line that gave it to the loop, or where it was dropped, said so.
@@ -379,6 +395,33 @@ def _called_back_by_the_loop(caller: Any, coro: Any) -> tuple[str | None, str | 
     return _RETURNED, callback.__code__.co_qualname, made, scheduled
 
 
+def _made_at(code: Any) -> Site | None:
+    """The one line of the program's source that calls *code*'s coroutine
+    function and neither awaits the result nor hands it to asyncio."""
+    if code is None or is_library_file(code.co_filename):
+        return None
+    try:
+        from .._core.callsites import made_at  # see `_scheduled_at`
+    except ImportError:  # the interpreter is shutting down
+        return None
+    site = made_at(_files_to_read(code.co_filename), code.co_name)
+    return Site(source_path(site.file), site.line, site.function) if site is not None else None
+
+
+def _as_the_source_tells(name: str | None, made: Site) -> str:
+    return (
+        f"no frame saw where it was made, and the source tells: at {_short(made)}, the only call of "
+        f"{_called(name)}() there that is neither awaited nor given to asyncio"
+    )
+
+
+def _files_to_read(file: str) -> list[str]:
+    """*file*, and the main script: a function is often defined in one module
+    and used where the program is wired up."""
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    return [file] + ([main] if main and not is_library_file(main) else [])
+
+
 def _scheduled_at(callback: Any, code: Any, *, or_returning: bool = False) -> Site | None:
     """The line of *callback*'s module that gave the loop *callback* (a
     function's code), where the source names a single one; with
@@ -387,16 +430,13 @@ def _scheduled_at(callback: Any, code: Any, *, or_returning: bool = False) -> Si
         return None
     try:
         # Imported when a finding is made (issue 15's import budget).
-        from .._core.registrations import scheduled_at
+        from .._core.callsites import scheduled_at
     except ImportError:  # the interpreter is shutting down
         return None
     if callback.co_name == "<lambda>":  # the registration holds the lambda itself
         site = scheduled_at((callback.co_filename,), code.co_name, lambda_line=callback.co_firstlineno)
     else:
-        # A function is often defined in one module and wired up in the main one.
-        main = getattr(sys.modules.get("__main__"), "__file__", None)
-        files = [callback.co_filename] + ([main] if main and not is_library_file(main) else [])
-        site = scheduled_at(files, callback.co_name, or_returning=or_returning)
+        site = scheduled_at(_files_to_read(callback.co_filename), callback.co_name, or_returning=or_returning)
     return Site(source_path(site.file), site.line, site.function) if site is not None else None
 
 
@@ -410,8 +450,16 @@ def _message(
     how: str | None = None,
     returned_by: str | None = None,
     scheduled: Site | None = None,
+    inferred: Site | None = None,
 ) -> str:
     advice = "add 'await', or schedule it with asyncio.create_task() and keep the task"
+    if inferred is not None:
+        by = (
+            "the garbage collector freed it"
+            if collected
+            else "library code dropped it with no line of the program running"
+        )
+        return f"Coroutine {name!r} was never awaited; {by}; {_as_the_source_tells(name, inferred)}; {advice}"
     if how == _COMPILED and created is None:
         defined = f" (defined at {code.co_filename}:{code.co_firstlineno})" if code is not None else ""
         if scheduled is not None:

@@ -1,0 +1,198 @@
+"""Lines of a never-awaited coroutine's story that no frame records.
+
+Two findings have no line of the program running when they are made, and
+only the source can give the line to fix cheaply; this module reads it when
+such a finding is made, never per call or per coroutine.
+
+- ``loop.call_soon(flush)`` with ``async def flush()`` (or ``call_later(5,
+  lambda: expire(sid))``): the loop calls the callback, gets a coroutine back
+  and ignores it, inside its own dispatch.  A handle does not record where
+  it was made (asyncio's debug mode does, at a cost on every ``call_soon``).
+  `scheduled_at` finds the registration: a loop method that takes a
+  callback (``call_soon``, ``call_later``, ``add_done_callback``, ...) whose
+  callback argument names the function (``flush``, ``self.flush``,
+  ``partial(flush, ...)``), or is the lambda the loop called.
+- A coroutine never started that the program still holds at exit (a list of
+  work "for later"), or that the garbage collector freed: where it was made
+  is known only with origin tracking.  `made_at` finds the call of its
+  function that is neither awaited nor handed to asyncio (``create_task``,
+  ``gather``, ``wait_for``, ...).
+
+The files read are the function's own and the main module's, where a
+program's wiring usually is.  A line is named only when exactly one line in
+them can have been the one: a callback passed through a variable, or two
+such lines, give None, since a confident wrong line is worse than none.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import linecache
+from collections.abc import Callable, Iterator, Sequence
+
+from .findings import Site
+from .runtime import report_internal_error
+
+__all__ = ["made_at", "scheduled_at"]
+
+# The loop and future methods that take a callback, and its position.
+_CALLBACK_ARGUMENT = {
+    "call_soon": 0,
+    "call_soon_threadsafe": 0,
+    "add_done_callback": 0,
+    "call_later": 1,
+    "call_at": 1,
+    "add_reader": 1,
+    "add_writer": 1,
+    "add_signal_handler": 1,
+}
+
+# What takes a coroutine and runs it (or makes it a task): a call of the
+# function given to one of these is not the one that was never awaited.
+_RUNS_A_COROUTINE = frozenset(
+    {
+        "create_task",
+        "ensure_future",
+        "gather",
+        "wait_for",
+        "shield",
+        "run",
+        "run_until_complete",
+        "run_coroutine_threadsafe",
+        "wait",
+        "as_completed",
+        "timeout",
+        "start_soon",
+        "spawn",
+        "Task",
+    }
+)
+
+
+def scheduled_at(
+    files: Sequence[str], name: str, *, lambda_line: int | None = None, or_returning: bool = False
+) -> Site | None:
+    """The one line of *files* that gives the loop a callback named *name*
+    (or, with *lambda_line*, the lambda defined on that line of the first
+    file; with *or_returning*, also a lambda whose body calls *name*), or
+    None where there is none or more than one.  Never raises: a source it
+    cannot read costs the field, not the finding."""
+    return _the_one(files, lambda file: _registrations(file, name, lambda_line, or_returning))
+
+
+def made_at(files: Sequence[str], name: str) -> Site | None:
+    """The one line of *files* that calls *name* (a coroutine function's
+    name) without awaiting the result or handing it to asyncio, or None
+    where there is none or more than one.  Never raises."""
+    return _the_one(files, lambda file: _unawaited_calls(file, name))
+
+
+def _the_one(files: Sequence[str], read: Callable[[str], tuple[Site, ...]]) -> Site | None:
+    global _disabled
+    if _disabled:
+        return None
+    try:
+        found = [site for file in dict.fromkeys(files) for site in read(file)]
+    except Exception as exc:
+        _disabled = True
+        report_internal_error("call-site source reader", exc)
+        return None
+    return found[0] if len(found) == 1 else None
+
+
+_disabled = False  # after an error of its own (reported once)
+
+
+# Answers, not trees, are kept (see catchers: a module's tree is tens of
+# thousands of objects every collection would walk again); a mistake made
+# once is usually made again, on the same line.
+@functools.lru_cache(maxsize=64)
+def _registrations(file: str, name: str, lambda_line: int | None, or_returning: bool) -> tuple[Site, ...]:
+    found = []
+    for call, _parent, scope in _calls(file):
+        if not isinstance(call.func, ast.Attribute) or call.func.attr not in _CALLBACK_ARGUMENT:
+            continue
+        callback = _callback_argument(call, _CALLBACK_ARGUMENT[call.func.attr])
+        if callback is None:
+            continue
+        if lambda_line is not None:
+            hit = isinstance(callback, ast.Lambda) and callback.lineno == lambda_line
+        else:
+            hit = _names(_unwrap_partial(callback), name) or (
+                or_returning
+                and isinstance(callback, ast.Lambda)
+                and isinstance(callback.body, ast.Call)
+                and _names(callback.body.func, name)
+            )
+        if hit:
+            found.append(Site(file, call.lineno, scope))
+    return tuple(found)
+
+
+@functools.lru_cache(maxsize=64)
+def _unawaited_calls(file: str, name: str) -> tuple[Site, ...]:
+    found = []
+    for call, parent, scope in _calls(file):
+        if not _names(call.func, name) or isinstance(parent, ast.Await):
+            continue
+        if isinstance(parent, ast.Call) and _called_name(parent.func) in _RUNS_A_COROUTINE:
+            continue
+        found.append(Site(file, call.lineno, scope))
+    return tuple(found)
+
+
+def _calls(file: str) -> Iterator[tuple[ast.Call, ast.AST | None, str]]:
+    """Each call in *file*'s source, with the node it is directly in and
+    the qualified name of the function it is in, spelled as
+    ``co_qualname`` spells it (``f.<locals>.g``, ``C.m``; ``<module>``)."""
+    lines = linecache.getlines(file)
+    if not lines:
+        return
+    try:
+        tree = ast.parse("".join(lines), file)
+    except (SyntaxError, ValueError):
+        return
+    # (node, its parent, qualified name of its scope, whether that scope is a function)
+    stack: list[tuple[ast.AST, ast.AST | None, str, bool]] = [(tree, None, "", False)]
+    while stack:
+        node, parent, where, in_function = stack.pop()
+        inner, inner_in_function = where, in_function
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+            name = "<lambda>" if isinstance(node, ast.Lambda) else node.name
+            inner = f"{where}.<locals>.{name}" if in_function else f"{where}.{name}" if where else name
+            inner_in_function = not isinstance(node, ast.ClassDef)
+        elif isinstance(node, ast.Call):
+            yield node, parent, where or "<module>"
+        stack.extend((child, node, inner, inner_in_function) for child in ast.iter_child_nodes(node))
+
+
+def _callback_argument(call: ast.Call, index: int) -> ast.expr | None:
+    if len(call.args) <= index or isinstance(call.args[index], ast.Starred):
+        return None
+    return call.args[index]
+
+
+def _unwrap_partial(expression: ast.expr) -> ast.expr:
+    """``partial(f, ...)`` and ``functools.partial(f, ...)`` call ``f``."""
+    if (
+        isinstance(expression, ast.Call)
+        and _names(expression.func, "partial")
+        and expression.args
+        and not isinstance(expression.args[0], ast.Starred)
+    ):
+        return expression.args[0]
+    return expression
+
+
+def _called_name(expression: ast.expr) -> str | None:
+    if isinstance(expression, ast.Name):
+        return expression.id
+    if isinstance(expression, ast.Attribute):
+        return expression.attr
+    return None
+
+
+def _names(expression: ast.expr, name: str) -> bool:
+    """``name`` or ``anything.name``."""
+    return _called_name(expression) == name
