@@ -16,7 +16,8 @@ such a finding is made, never per call or per coroutine.
   work "for later"), or that the garbage collector freed: where it was made
   is known only with origin tracking.  `made_at` finds the call of its
   function that is neither awaited nor handed to asyncio (``create_task``,
-  ``gather``, ``wait_for``, ...).
+  ``gather``, ``wait_for``, ...), directly or through the variable it is
+  assigned to (``c = fetch()`` ... ``await c``).
 
 The files read are the function's own and the main module's, where a
 program's wiring usually is.  A line is named only when exactly one line in
@@ -110,7 +111,7 @@ _disabled = False  # after an error of its own (reported once)
 @functools.lru_cache(maxsize=64)
 def _registrations(file: str, name: str, lambda_line: int | None, or_returning: bool) -> tuple[Site, ...]:
     found = []
-    for call, _parent, scope in _calls(file):
+    for call, _parent, scope, _body in _calls(file):
         if not isinstance(call.func, ast.Attribute) or call.func.attr not in _CALLBACK_ARGUMENT:
             continue
         callback = _callback_argument(call, _CALLBACK_ARGUMENT[call.func.attr])
@@ -133,19 +134,49 @@ def _registrations(file: str, name: str, lambda_line: int | None, or_returning: 
 @functools.lru_cache(maxsize=64)
 def _unawaited_calls(file: str, name: str) -> tuple[Site, ...]:
     found = []
-    for call, parent, scope in _calls(file):
-        if not _names(call.func, name) or isinstance(parent, ast.Await):
+    for call, parent, scope, body in _calls(file):
+        if not _names(call.func, name) or _runs(parent):
             continue
-        if isinstance(parent, ast.Call) and _called_name(parent.func) in _RUNS_A_COROUTINE:
-            continue
+        if (
+            isinstance(parent, (ast.Assign, ast.AnnAssign))
+            and isinstance(target := parent.targets[0] if isinstance(parent, ast.Assign) else parent.target, ast.Name)
+            and _run_later(body, target.id)
+        ):
+            continue  # ``c = fetch()`` ... ``await c``
         found.append(Site(file, call.lineno, scope))
     return tuple(found)
 
 
-def _calls(file: str) -> Iterator[tuple[ast.Call, ast.AST | None, str]]:
-    """Each call in *file*'s source, with the node it is directly in and
-    the qualified name of the function it is in, spelled as
-    ``co_qualname`` spells it (``f.<locals>.g``, ``C.m``; ``<module>``)."""
+def _runs(parent: ast.AST | None) -> bool:
+    """Whether what *parent* does with a value runs it: ``await``, or
+    handing it to asyncio."""
+    return isinstance(parent, ast.Await) or (
+        isinstance(parent, ast.Call) and _called_name(parent.func) in _RUNS_A_COROUTINE
+    )
+
+
+def _run_later(body: ast.AST, variable: str) -> bool:
+    """Whether *body* (a function, or a module) awaits *variable* or hands
+    it to asyncio somewhere."""
+    return any(
+        _runs(node) and any(isinstance(value, ast.Name) and value.id == variable for value in _operands(node))
+        for node in ast.walk(body)
+    )
+
+
+def _operands(node: ast.AST) -> list[ast.expr]:
+    if isinstance(node, ast.Await):
+        return [node.value]
+    if isinstance(node, ast.Call):
+        return list(node.args)
+    return []
+
+
+def _calls(file: str) -> Iterator[tuple[ast.Call, ast.AST | None, str, ast.AST]]:
+    """Each call in *file*'s source, with the node it is directly in, the
+    qualified name of the function it is in, spelled as ``co_qualname``
+    spells it (``f.<locals>.g``, ``C.m``; ``<module>``), and that function's
+    node (or the module's)."""
     lines = linecache.getlines(file)
     if not lines:
         return
@@ -153,18 +184,20 @@ def _calls(file: str) -> Iterator[tuple[ast.Call, ast.AST | None, str]]:
         tree = ast.parse("".join(lines), file)
     except (SyntaxError, ValueError):
         return
-    # (node, its parent, qualified name of its scope, whether that scope is a function)
-    stack: list[tuple[ast.AST, ast.AST | None, str, bool]] = [(tree, None, "", False)]
+    # (node, its parent, qualified name of its scope, whether that scope is
+    # a function, the scope's node)
+    stack: list[tuple[ast.AST, ast.AST | None, str, bool, ast.AST]] = [(tree, None, "", False, tree)]
     while stack:
-        node, parent, where, in_function = stack.pop()
-        inner, inner_in_function = where, in_function
+        node, parent, where, in_function, body = stack.pop()
+        inner, inner_in_function, inner_body = where, in_function, body
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
             name = "<lambda>" if isinstance(node, ast.Lambda) else node.name
             inner = f"{where}.<locals>.{name}" if in_function else f"{where}.{name}" if where else name
             inner_in_function = not isinstance(node, ast.ClassDef)
+            inner_body = node
         elif isinstance(node, ast.Call):
-            yield node, parent, where or "<module>"
-        stack.extend((child, node, inner, inner_in_function) for child in ast.iter_child_nodes(node))
+            yield node, parent, where or "<module>", body
+        stack.extend((child, node, inner, inner_in_function, inner_body) for child in ast.iter_child_nodes(node))
 
 
 def _callback_argument(call: ast.Call, index: int) -> ast.expr | None:
