@@ -14,6 +14,7 @@ import functools
 import gc
 import json
 import sys
+import threading
 import warnings
 
 import pytest
@@ -36,6 +37,14 @@ async def refresh_in_a_cycle(box):
     """Called unawaited on one line of this file only, and awaited or handed
     to asyncio elsewhere: the source can tell which line made it."""
     await asyncio.wait_for(refresh_in_a_cycle(box), 1)
+
+
+async def poll_in_a_thread():
+    """Given to a thread on one line of this file."""
+
+
+async def poll_in_a_timer():
+    """Given to a timer on one line of this file."""
 
 
 def create_save():
@@ -624,6 +633,29 @@ class TestDroppedCoroutineInSyncCode:
             assert f"{__file__}:{save.__code__.co_firstlineno}" in finding.message
         else:
             assert (finding.site.file, finding.site.line) == (__file__, line_of("# <- created in a cycle"))
+
+    @pytest.mark.parametrize("given", ["Thread", "Timer"])
+    def test_a_coroutine_function_a_thread_calls_is_reported_where_it_was_given(self, installed, given):
+        """``Thread(target=poll)`` with ``async def poll``: the thread calls it
+        and drops the coroutine in the threading module, with no line of the
+        program running; the source names the line that gave it."""
+        with capture_findings(NEVER_AWAITED) as found:
+            if given == "Thread":
+                worker = threading.Thread(target=poll_in_a_thread)  # <- given to Thread
+            else:
+                worker = threading.Timer(0, poll_in_a_timer)  # <- given to Timer
+            worker.start()
+            worker.join()
+
+        [finding] = found
+        test = type(self).test_a_coroutine_function_a_thread_calls_is_reported_where_it_was_given
+        assert_site(finding, f"given to {given}", test.__qualname__)
+        assert finding.created_at == finding.site and finding.dropped_at is None
+        function = "poll_in_a_thread" if given == "Thread" else "poll_in_a_timer"
+        assert (
+            f"the source tells: at test_coroutines.py:{finding.site.line}, the only line there that gives "
+            f"{function} to threading.{given}(), which calls it as a plain function" in finding.message
+        )
 
     def test_closed_coroutine_is_silent(self, installed):
         """A coroutine closed on purpose with ``close()`` was not forgotten."""

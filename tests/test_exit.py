@@ -130,6 +130,27 @@ class TestUnderAsyncwatchRun:
         assert finding["site"] is None and finding["created_at"] is None
         assert "where it was created is not known; track_coroutine_origins=True records it" in finding["message"]
 
+    def test_a_coroutine_function_registered_with_atexit_is_reported_where_it_was_registered(self, tmp_path):
+        program, _result, finding = the_finding(
+            tmp_path,
+            """\
+            import asyncio, atexit
+
+            async def close_pool():
+                await asyncio.sleep(0)
+
+            async def main():
+                atexit.register(close_pool)  # <- registered
+                await asyncio.sleep(0)
+
+            asyncio.run(main())
+            """,
+        )
+        assert finding["kind"] == "coroutine_never_awaited"
+        line = line_in(program, "# <- registered")
+        assert finding["site"] == finding["created_at"] == {"file": str(program), "line": line, "function": "main"}
+        assert f"at app.py:{line}, the only line there that gives close_pool to atexit.register()" in finding["message"]
+
     def test_with_origins_tracked_its_creation_line_is_the_site(self, tmp_path):
         program, _result, finding = the_finding(tmp_path, COROUTINE_IN_A_LIST, "--track-coroutine-origins")
         line = line_in(program, "# <- the coroutine")

@@ -17,7 +17,9 @@ such a finding is made, never per call or per coroutine.
   is known only with origin tracking.  `made_at` finds the call of its
   function that is neither awaited nor handed to asyncio (``create_task``,
   ``gather``, ``wait_for``, ...), directly or through the variable it is
-  assigned to (``c = fetch()`` ... ``await c``).
+  assigned to (``c = fetch()`` ... ``await c``), or the line that gave the
+  function to something that calls it as a plain function and drops the
+  coroutine (``atexit.register(close)``, ``Thread(target=poll)``).
 
 The files read are the function's own and the main module's, where a
 program's wiring usually is.  A line is named only when exactly one line in
@@ -31,9 +33,12 @@ import ast
 import functools
 import linecache
 from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 from .findings import Site
 from .runtime import report_internal_error
+
+_T = TypeVar("_T")
 
 __all__ = ["made_at", "scheduled_at"]
 
@@ -71,6 +76,20 @@ _RUNS_A_COROUTINE = frozenset(
 )
 
 
+# What calls a function it is given as a plain function, from another
+# thread or at exit, and drops what it returns: the module it must be
+# spelled with (None: any), and the callable's position or keyword.
+_PLAIN_CALLERS: dict[str, tuple[str | None, int | str]] = {
+    "register": ("atexit", 0),
+    "Thread": (None, "target"),
+    "Timer": (None, 1),
+    "run_in_executor": (None, 1),
+    "submit": (None, 0),
+    "signal": ("signal", 1),
+    "finalize": ("weakref", 1),
+}
+
+
 def scheduled_at(
     files: Sequence[str], name: str, *, lambda_line: int | None = None, or_returning: bool = False
 ) -> Site | None:
@@ -82,14 +101,17 @@ def scheduled_at(
     return _the_one(files, lambda file: _registrations(file, name, lambda_line, or_returning))
 
 
-def made_at(files: Sequence[str], name: str) -> Site | None:
+def made_at(files: Sequence[str], name: str) -> tuple[Site, str | None] | None:
     """The one line of *files* that calls *name* (a coroutine function's
-    name) without awaiting the result or handing it to asyncio, or None
-    where there is none or more than one.  Never raises."""
-    return _the_one(files, lambda file: _unawaited_calls(file, name))
+    name) without awaiting the result or handing it to asyncio, or that
+    gives the function to something that calls it as a plain function
+    (``atexit.register``, ``Thread(target=...)``, ``run_in_executor``:
+    then with what it was given to), or None where there is none or more
+    than one.  Never raises."""
+    return _the_one(files, lambda file: _unawaited_calls(file, name) + _given_plainly(file, name))
 
 
-def _the_one(files: Sequence[str], read: Callable[[str], tuple[Site, ...]]) -> Site | None:
+def _the_one(files: Sequence[str], read: Callable[[str], tuple[_T, ...]]) -> _T | None:
     global _disabled
     if _disabled:
         return None
@@ -132,8 +154,8 @@ def _registrations(file: str, name: str, lambda_line: int | None, or_returning: 
 
 
 @functools.lru_cache(maxsize=64)
-def _unawaited_calls(file: str, name: str) -> tuple[Site, ...]:
-    found = []
+def _unawaited_calls(file: str, name: str) -> tuple[tuple[Site, str | None], ...]:
+    found: list[tuple[Site, str | None]] = []
     for call, parent, scope, body in _calls(file):
         if not _names(call.func, name) or _runs(parent):
             continue
@@ -143,7 +165,31 @@ def _unawaited_calls(file: str, name: str) -> tuple[Site, ...]:
             and _run_later(body, target.id)
         ):
             continue  # ``c = fetch()`` ... ``await c``
-        found.append(Site(file, call.lineno, scope))
+        found.append((Site(file, call.lineno, scope), None))
+    return tuple(found)
+
+
+@functools.lru_cache(maxsize=64)
+def _given_plainly(file: str, name: str) -> tuple[tuple[Site, str | None], ...]:
+    found: list[tuple[Site, str | None]] = []
+    for call, _parent, scope, _body in _calls(file):
+        called = _called_name(call.func)
+        where = _PLAIN_CALLERS.get(called) if called else None
+        if where is None:
+            continue
+        module, argument = where
+        if module is not None and not (
+            isinstance(call.func, ast.Attribute)
+            and isinstance(call.func.value, ast.Name)
+            and call.func.value.id == module
+        ):
+            continue
+        if isinstance(argument, str):
+            given = next((k.value for k in call.keywords if k.arg == argument), None)
+        else:
+            given = _callback_argument(call, argument)
+        if given is not None and _names(_unwrap_partial(given), name):
+            found.append((Site(file, call.lineno, scope), ast.unparse(call.func)))
     return tuple(found)
 
 

@@ -37,7 +37,7 @@ import threading
 import types
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .._core.collecting import after_collections, collecting, no_longer_after_collections
 from .._core.detector import CoroutineClaims, Detector, DetectorContext
@@ -221,10 +221,10 @@ class NeverAwaitedDetector(Detector):
                 f"referenced when the program ended{held}, so CPython warns only as it shuts down; {advice}"
             )
         elif (made := _made_at(getattr(coro, "cr_code", None))) is not None:
-            created = made
+            created = made.site
             message = (
                 f"Coroutine {name!r} was never awaited: it was still referenced when the program ended{held}, "
-                f"so CPython warns only as it shuts down; {_as_the_source_tells(name, made)}; {advice}"
+                f"so CPython warns only as it shuts down; {_as_the_source_tells(name, made, advice)}"
             )
         else:
             code = getattr(coro, "cr_code", None)
@@ -270,11 +270,12 @@ class NeverAwaitedDetector(Detector):
                     created = dropped
                 if not stack:
                     stack = (dropped,)
-        inferred: Site | None = None
+        inferred: _Made | None = None
         if created is None and dropped is None and how is None:
             # No frame saw it made or dropped (the collector freed it, or
             # library code dropped it): the source may still tell.
-            inferred = created = _made_at(getattr(coro, "cr_code", None))
+            inferred = _made_at(getattr(coro, "cr_code", None))
+            created = inferred.site if inferred is not None else None
         return Finding(
             kind=FindingKind.COROUTINE_NEVER_AWAITED,
             message=_message(
@@ -395,23 +396,45 @@ def _called_back_by_the_loop(caller: Any, coro: Any) -> tuple[str | None, str | 
     return _RETURNED, callback.__code__.co_qualname, made, scheduled
 
 
-def _made_at(code: Any) -> Site | None:
+class _Made(NamedTuple):
+    """Where the source says a coroutine no frame saw was made."""
+
+    site: Site
+    #: What the coroutine function was given to (``atexit.register``), if
+    #: that is how: it called the function and dropped the coroutine.
+    given_to: str | None
+
+
+def _made_at(code: Any) -> _Made | None:
     """The one line of the program's source that calls *code*'s coroutine
-    function and neither awaits the result nor hands it to asyncio."""
+    function and neither awaits the result nor hands it to asyncio, or that
+    gives the function to something that calls it plainly."""
     if code is None or is_library_file(code.co_filename):
         return None
     try:
         from .._core.callsites import made_at  # see `_scheduled_at`
     except ImportError:  # the interpreter is shutting down
         return None
-    site = made_at(_files_to_read(code.co_filename), code.co_name)
-    return Site(source_path(site.file), site.line, site.function) if site is not None else None
+    found = made_at(_files_to_read(code.co_filename), code.co_name)
+    if found is None:
+        return None
+    site, given_to = found
+    return _Made(Site(source_path(site.file), site.line, site.function), given_to)
 
 
-def _as_the_source_tells(name: str | None, made: Site) -> str:
+def _as_the_source_tells(name: str | None, made: _Made, advice: str) -> str:
+    """Where the source says *made* was made, and what to do about it."""
+    if made.given_to is not None:
+        return (
+            f"no frame saw where it was made, and the source tells: at {_short(made.site)}, the only line there "
+            f"that gives {_called(name)} to {made.given_to}(), which calls it as a plain function and drops "
+            f"the coroutine it returns; give {made.given_to}() a plain function that runs the coroutine "
+            f"(asyncio.run({_called(name)}(...)), or asyncio.run_coroutine_threadsafe({_called(name)}(...), "
+            "loop) from another thread)"
+        )
     return (
-        f"no frame saw where it was made, and the source tells: at {_short(made)}, the only call of "
-        f"{_called(name)}() there that is neither awaited nor given to asyncio"
+        f"no frame saw where it was made, and the source tells: at {_short(made.site)}, the only call of "
+        f"{_called(name)}() there that is neither awaited nor given to asyncio; {advice}"
     )
 
 
@@ -450,7 +473,7 @@ def _message(
     how: str | None = None,
     returned_by: str | None = None,
     scheduled: Site | None = None,
-    inferred: Site | None = None,
+    inferred: _Made | None = None,
 ) -> str:
     advice = "add 'await', or schedule it with asyncio.create_task() and keep the task"
     if inferred is not None:
@@ -459,7 +482,7 @@ def _message(
             if collected
             else "library code dropped it with no line of the program running"
         )
-        return f"Coroutine {name!r} was never awaited; {by}; {_as_the_source_tells(name, inferred)}; {advice}"
+        return f"Coroutine {name!r} was never awaited; {by}; {_as_the_source_tells(name, inferred, advice)}"
     if how == _COMPILED and created is None:
         defined = f" (defined at {code.co_filename}:{code.co_firstlineno})" if code is not None else ""
         if scheduled is not None:
