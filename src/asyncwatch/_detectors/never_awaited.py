@@ -37,7 +37,7 @@ import threading
 import types
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from .._core.collecting import after_collections, collecting, no_longer_after_collections
 from .._core.detector import CoroutineClaims, Detector, DetectorContext
@@ -221,7 +221,7 @@ class NeverAwaitedDetector(Detector):
                 f"referenced when the program ended{held}, so CPython warns only as it shuts down; {advice}"
             )
         elif (made := _made_at(getattr(coro, "cr_code", None))) is not None:
-            created = made.site
+            created = made[0]
             message = (
                 f"Coroutine {name!r} was never awaited: it was still referenced when the program ended{held}, "
                 f"so CPython warns only as it shuts down; {_as_the_source_tells(name, made, advice)}"
@@ -270,12 +270,12 @@ class NeverAwaitedDetector(Detector):
                     created = dropped
                 if not stack:
                     stack = (dropped,)
-        inferred: _Made | None = None
+        inferred: tuple[Site, str | None] | None = None
         if created is None and dropped is None and how is None:
             # No frame saw it made or dropped (the collector freed it, or
             # library code dropped it): the source may still tell.
             inferred = _made_at(getattr(coro, "cr_code", None))
-            created = inferred.site if inferred is not None else None
+            created = inferred[0] if inferred is not None else None
         return Finding(
             kind=FindingKind.COROUTINE_NEVER_AWAITED,
             message=_message(
@@ -396,19 +396,12 @@ def _called_back_by_the_loop(caller: Any, coro: Any) -> tuple[str | None, str | 
     return _RETURNED, callback.__code__.co_qualname, made, scheduled
 
 
-class _Made(NamedTuple):
-    """Where the source says a coroutine no frame saw was made."""
-
-    site: Site
-    #: What the coroutine function was given to (``atexit.register``), if
-    #: that is how: it called the function and dropped the coroutine.
-    given_to: str | None
-
-
-def _made_at(code: Any) -> _Made | None:
+def _made_at(code: Any) -> tuple[Site, str | None] | None:
     """The one line of the program's source that calls *code*'s coroutine
     function and neither awaits the result nor hands it to asyncio, or that
-    gives the function to something that calls it plainly."""
+    gives the function to something that calls it plainly; with what it
+    was given to (``atexit.register``), if that is how.  (A tuple, not a
+    class: a class is tens of objects every collection walks, issue 15.)"""
     if code is None or is_library_file(code.co_filename):
         return None
     try:
@@ -419,21 +412,22 @@ def _made_at(code: Any) -> _Made | None:
     if found is None:
         return None
     site, given_to = found
-    return _Made(Site(source_path(site.file), site.line, site.function), given_to)
+    return Site(source_path(site.file), site.line, site.function), given_to
 
 
-def _as_the_source_tells(name: str | None, made: _Made, advice: str) -> str:
+def _as_the_source_tells(name: str | None, made: tuple[Site, str | None], advice: str) -> str:
     """Where the source says *made* was made, and what to do about it."""
-    if made.given_to is not None:
+    site, given_to = made
+    if given_to is not None:
         return (
-            f"no frame saw where it was made, and the source tells: at {_short(made.site)}, the only line there "
-            f"that gives {_called(name)} to {made.given_to}(), which calls it as a plain function and drops "
-            f"the coroutine it returns; give {made.given_to}() a plain function that runs the coroutine "
+            f"no frame saw where it was made, and the source tells: at {_short(site)}, the only line there "
+            f"that gives {_called(name)} to {given_to}(), which calls it as a plain function and drops "
+            f"the coroutine it returns; give {given_to}() a plain function that runs the coroutine "
             f"(asyncio.run({_called(name)}(...)), or asyncio.run_coroutine_threadsafe({_called(name)}(...), "
             "loop) from another thread)"
         )
     return (
-        f"no frame saw where it was made, and the source tells: at {_short(made.site)}, the only call of "
+        f"no frame saw where it was made, and the source tells: at {_short(site)}, the only call of "
         f"{_called(name)}() there that is neither awaited nor given to asyncio; {advice}"
     )
 
@@ -473,7 +467,7 @@ def _message(
     how: str | None = None,
     returned_by: str | None = None,
     scheduled: Site | None = None,
-    inferred: _Made | None = None,
+    inferred: tuple[Site, str | None] | None = None,
 ) -> str:
     advice = "add 'await', or schedule it with asyncio.create_task() and keep the task"
     if inferred is not None:
