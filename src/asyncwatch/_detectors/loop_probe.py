@@ -109,6 +109,8 @@ class Look:
     *tentative*: the followed step is past `TENTATIVE_SHARE` of the
     threshold, its line.  *held_line*: a step newly seen by a wake-up late by
     half the threshold or more, its line (where a hold of the GIL let go).
+    *in_program*: a step newly seen by a late wake-up, at a line of the
+    program, on any loop.
     """
 
     __slots__ = (
@@ -119,6 +121,7 @@ class Look:
         "fresh",
         "held_line",
         "idle",
+        "in_program",
         "same_step",
         "tentative",
         "thread_id",
@@ -136,6 +139,7 @@ class Look:
         fresh: bool = False,
         tentative: Stall | None = None,
         held_line: Stall | None = None,
+        in_program: bool = False,
     ) -> None:
         self.thread_id = thread_id
         self.compiled = compiled
@@ -147,6 +151,7 @@ class Look:
         self.fresh = fresh
         self.tentative = tentative
         self.held_line = held_line
+        self.in_program = in_program
 
 
 class LoopProbe:
@@ -235,9 +240,12 @@ class LoopProbe:
             clock = meter.clock
             if clock is not None and meter.clock_ident is not None and meter.clock_ident[0] == threading.get_ident():
                 cpu, wait = clock.read()
+                slices = clock.slices
             else:
-                cpu, wait = time.thread_time(), None
-            clocks = Clocks(now, cpu, wait, time.process_time(), meter.gc_clock.read(now), meter.foreign)
+                cpu, wait, slices = time.thread_time(), None, None
+            clocks = Clocks(
+                now, cpu, wait, time.process_time(), meter.gc_clock.read(now), meter.foreign, loop_slices=slices
+            )
             deadline.push(now, clocks)
             loops.call_later(loop, deadline.tick_every, self.tick)
         except RuntimeError:  # closed
@@ -423,12 +431,13 @@ class LoopProbe:
         # look that read the other threads' clocks first saw the line after
         # a str.join, or the step over, 3 runs in 4 on 3.12).
         early: Stall | None = None
-        dated = fresh = False
+        dated = fresh = in_program = False
         if not idle and not same_step and late >= self.look_s:
             fresh = at_start(chain[-1] if chain else top)
             if late >= self.threshold_s:
                 early = self._capture(loop, top, chain, now - late)
-            dated = self.pure_asyncio and any(not is_library_file(f.f_code.co_filename) for f in chain)
+            in_program = any(not is_library_file(f.f_code.co_filename) for f in chain)
+            dated = self.pure_asyncio and in_program
         held_line = early
         if held_line is None and dated and not fresh and late >= self.threshold_s * TENTATIVE_SHARE:
             held_line = self._capture(loop, top, chain)
@@ -445,7 +454,9 @@ class LoopProbe:
         # loop or its frames while `settle` reads clocks.
         self.seen = callback if not idle and not same_step else None
         self.seen_beats = self.beats
-        return Look(thread_id, compiled, idle, same_step, early, captured, dated, fresh, tentative, held_line)
+        return Look(
+            thread_id, compiled, idle, same_step, early, captured, dated, fresh, tentative, held_line, in_program
+        )
 
     def _dated_line(self, now: float, seen: Stall) -> Stall:
         """*seen*, the line a look sees the step followed at, or the line a
@@ -520,13 +531,33 @@ class LoopProbe:
         meter.note_others(prev, clocks, thread_id)
         if look.same_step:
             return self._still(now, look.captured, look.tentative)
-        if (
-            look.dated
-            and not look.fresh
-            and wake is not None
-            and prev is not None
-            and (held_by == "loop" or (held_by is None and meter.loop_held(prev, clocks, wake)))
-        ):
+        dated = self._dated_since(look, held_by, now, wake, prev, clocks)
+        if dated is not None and prev is not None:
+            return self._dated_step(dated, now, prev, clocks, look)
+        self.finish(now)
+        self._follow(now)
+        meter.mark = clocks
+        self.beat_next = self._post_beat()
+        return self.look_s
+
+    def _dated_since(
+        self, look: Look, held_by: str | None, now: float, wake: Wake | None, prev: Clocks | None, clocks: Clocks
+    ) -> float | None:
+        """When the step newly seen by a late look began, or the latest time
+        it is known to have been running; None to time it from the look."""
+        if look.fresh or wake is None or prev is None:
+            return None
+        if held_by == "gc" and look.in_program:
+            # Another thread's collection held the GIL since this wake-up
+            # was due (or since it began, if later), and no step can begin
+            # without the GIL: the step seen now at a line of the program,
+            # not at its start, was running when the collection began.
+            # Timed from the look, a loop thread sleeping 350 ms beside a
+            # 190 ms collection came to 160 ms and went unreported.
+            since = now - wake.raw
+            began = self.meter.gc_clock.began_since(since)
+            return max(since, began) if began is not None else since
+        if look.dated and (held_by == "loop" or (held_by is None and self.meter.loop_held(prev, clocks, wake))):
             # The loop thread kept the GIL from before this wake-up was due
             # until the step seen now let it go (at its first eval-breaker
             # check after the hold: asyncio's dispatch, in Python, would
@@ -539,18 +570,18 @@ class LoopProbe:
             # gate counts as well: four sorts of 0.3 threshold in one step,
             # first seen 18 ms late, were timed from the look and came to
             # 0.8 threshold (3 runs in 100 on 3.13; once in CI).
-            since = held_from(prev, clocks, now - wake.late())
-            self.finish(since)
-            self._follow(since)
-            self.dated_line, self.dated_at = look.held_line, now
-            meter.mark = mark_at(prev, clocks, since, 2 * self.look_s)
-            self.beat_next = self._post_beat()
-            return min(self.look_s, max(since + self.threshold_s - now, 0.001))
-        self.finish(now)
-        self._follow(now)
-        meter.mark = clocks
+            return held_from(prev, clocks, now - wake.late())
+        return None
+
+    def _dated_step(self, since: float, now: float, prev: Clocks, clocks: Clocks, look: Look) -> float:
+        """Follow the step seen now from *since*, before the look: when it
+        began, or the latest time it is known to have been running."""
+        self.finish(since)
+        self._follow(since)
+        self.dated_line, self.dated_at = look.held_line, now
+        self.meter.mark = mark_at(prev, clocks, since, 2 * self.look_s)
         self.beat_next = self._post_beat()
-        return self.look_s
+        return min(self.look_s, max(since + self.threshold_s - now, 0.001))
 
     def _follow(self, since: float) -> None:
         """Follow the step `sample` saw, from *since*; keep its frame only

@@ -83,8 +83,9 @@ class GcClock:
         self.started = 0.0  # wall clock, while a collection runs
         self.started_cpu = 0.0
         self.started_by = 0  # the thread running it
-        #: (when it ended, CPU seconds, when it began) of the last long collections
-        self.pauses: collections.deque[tuple[float, float, float]] = collections.deque(maxlen=64)
+        #: (when it ended, CPU seconds, when it began, the thread that ran
+        #: it) of the last long collections
+        self.pauses: collections.deque[tuple[float, float, float, int]] = collections.deque(maxlen=64)
 
     def _gc_callback(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
@@ -95,7 +96,7 @@ class GcClock:
             spent = time.thread_time() - self.started_cpu
             self.total += spent
             if spent >= self.PAUSE_FLOOR_S:
-                self.pauses.append((time.perf_counter(), spent, self.started))
+                self.pauses.append((time.perf_counter(), spent, self.started, self.started_by))
             self.started = 0.0
 
     def pauses_since(
@@ -104,7 +105,7 @@ class GcClock:
         """CPU time of the collections, each at least *floor* long, that
         ended after *since* (one in progress that long included, as `read`
         counts it)."""
-        total = sum(spent for end, spent, _ in list(self.pauses) if end > since and spent >= floor)
+        total = sum(spent for end, spent, _, _ in list(self.pauses) if end > since and spent >= floor)
         running = self._running(now, thread_id, thread_cpu)
         if running >= floor:
             total += running
@@ -113,11 +114,21 @@ class GcClock:
     def began_since(self, since: float) -> float | None:
         """When the first long collection that ended after *since*, or the
         one in progress, began (wall clock); None if there was none."""
-        began = [start for end, _, start in list(self.pauses) if end > since]
+        began = [start for end, _, start, _ in list(self.pauses) if end > since]
         started = self.started
         if started:
             began.append(started)
         return min(began) if began else None
+
+    def others_since(self, since: float, now: float, thread_id: int) -> float:
+        """Time of the long collections other threads than *thread_id* ran
+        that ended after *since* (CPU time), and of one running now on
+        another thread (its wall time since *since*)."""
+        total = sum(spent for end, spent, _, by in list(self.pauses) if end > since and by != thread_id)
+        started, by = self.started, self.started_by
+        if started and by != thread_id and now > started:
+            total += now - max(started, since)
+        return total
 
     def read(self, now: float, thread_id: int | None = None, thread_cpu: float | None = None) -> float:
         """Collection time so far.  One in progress counts its CPU time when
@@ -298,13 +309,16 @@ class ThreadClock:
     loop is no longer watched.
     """
 
-    __slots__ = ("_clock", "_fd", "_proc_stat_fd", "_task_stat_fd")
+    __slots__ = ("_clock", "_fd", "_proc_stat_fd", "_task_stat_fd", "slices")
 
     def __init__(self, ident: int, native_id: int | None, *, steal: bool = True) -> None:
         self._fd: int | None = None
         self._clock: int | None = None
         self._task_stat_fd: int | None = None
         self._proc_stat_fd: int | None = None
+        #: How many times the thread was put on a CPU, as of the last `read`
+        #: (schedstat's third field); None where unknown.
+        self.slices: int | None = None
         if native_id is not None:
             self._fd = _open(f"/proc/self/task/{native_id}/schedstat")
             if self._fd is not None and steal:
@@ -319,8 +333,9 @@ class ThreadClock:
         fd = self._fd
         if fd is not None:
             try:
-                run, wait = _stat(fd).split()[:2]
+                run, wait, slices = _stat(fd).split()[:3]
                 if int(run):
+                    self.slices = int(slices)
                     return int(run) / 1e9, int(wait) / 1e9
             except (OSError, ValueError):
                 self.close()

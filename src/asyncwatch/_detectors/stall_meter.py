@@ -36,7 +36,18 @@ class Clocks:
     that every full collection of the program walks again (issue 15).
     """
 
-    __slots__ = ("foreign", "gc", "loop_cpu", "loop_wait", "own_cpu", "process_cpu", "reader", "steal", "wall")
+    __slots__ = (
+        "foreign",
+        "gc",
+        "loop_cpu",
+        "loop_slices",
+        "loop_wait",
+        "own_cpu",
+        "process_cpu",
+        "reader",
+        "steal",
+        "wall",
+    )
 
     def __init__(
         self,
@@ -49,6 +60,7 @@ class Clocks:
         own_cpu: float = 0.0,
         reader: int = 0,
         steal: Steal | None = None,
+        loop_slices: int | None = None,
     ) -> None:
         self.wall = wall
         self.loop_cpu = loop_cpu
@@ -59,6 +71,18 @@ class Clocks:
         self.own_cpu = own_cpu
         self.reader = reader
         self.steal = steal
+        self.loop_slices = loop_slices
+
+
+def _waited_for_the_gil(before: int | None, after: int | None, held: float) -> bool:
+    """Whether the loop thread, between two counts of its runs on a CPU,
+    may have waited for a GIL another thread held for *held* seconds: a
+    thread waiting for the GIL wakes every switch interval to ask for it
+    (CPython's ``take_gil``), one that sleeps or blocks in a system call
+    once.  Unknown counts (no schedstat) say it may."""
+    if before is None or after is None:
+        return True
+    return after - before >= max(3, held / sys.getswitchinterval() / 4)
 
 
 def loop_busy(prev: Clocks, clocks: Clocks) -> float:
@@ -208,6 +232,7 @@ class StallMeter:
             self.prev = self.mark = None
             self.others_before = stall_cause.threads_cpu((thread_id, threading.get_ident()))
         cpu, wait = self.clock.read()
+        slices = self.clock.slices
         steal = self.clock.steal()
         if self.retired:
             self.clock.close()
@@ -223,6 +248,7 @@ class StallMeter:
             own,
             threading.get_ident(),
             steal,
+            slices,
         )
 
     def note_others(self, prev: Clocks | None, clocks: Clocks, thread_id: int) -> None:
@@ -357,6 +383,13 @@ class StallMeter:
         # and its CPU time once over: never less than none.
         gc_time = max(self.gc_clock.read(end, thread_id, cpu) - mark.gc, 0.0)
         pauses = self.gc_clock.pauses_since(mark.wall, end, GcClock.PAUSE_FLOOR_S, thread_id, cpu)
+        if thread_id is not None:
+            theirs = self.gc_clock.others_since(mark.wall, end, thread_id)
+            if theirs > 0 and not _waited_for_the_gil(mark.loop_slices, clock.slices, theirs):
+                # Another thread's collection, while the loop thread slept
+                # or blocked on its own: a loop sleeping 300 ms beside a
+                # 270 ms collection elsewhere came out `gc`, no line.
+                gc_time, pauses = max(gc_time - theirs, 0.0), max(pauses - theirs, 0.0)
         return Breakdown(wall, loop_cpu, max(starved, 0.0), gc_time, gil, others, pauses, stolen), holder
 
 
@@ -394,6 +427,7 @@ def mark_at(prev: Clocks, clocks: Clocks, since: float, fresh_s: float, held: bo
                 prev.own_cpu,
                 prev.reader,
                 clocks.steal,
+                prev.loop_slices,
             )
         return prev
     span = max(clocks.wall - since, 0.0)
@@ -418,4 +452,8 @@ def mark_at(prev: Clocks, clocks: Clocks, since: float, fresh_s: float, held: bo
         clocks.own_cpu,
         clocks.reader,
         clocks.steal,  # what was stolen before this look: unknown, none counted
+        # Its runs on a CPU since are unknown: the previous look's count
+        # makes more of them, and another thread's collection is counted
+        # as the loop's wait (`breakdown`), as it was before they were read.
+        prev.loop_slices,
     )
