@@ -15,6 +15,7 @@ import json
 import os
 import random
 import re
+import signal
 import sys
 import threading
 import time
@@ -27,6 +28,7 @@ import asyncwatch
 from asyncwatch._core.findings import NOT_THE_PROGRAMS, Finding, FindingKind, Site, counts_against_program
 from asyncwatch._detectors import watchdog as watchdog_module
 from asyncwatch._detectors.loop_probe import Look, LoopProbe
+from asyncwatch._detectors.paused_frames import read_stall
 from asyncwatch._detectors.stall_cause import Breakdown, GcClock, Steal, ThreadClock, classify, parse_steal
 from asyncwatch._detectors.stall_meter import Clocks, StallMeter, Wake, mark_at
 from asyncwatch._detectors.stall_report import Stall, stall_finding
@@ -768,6 +770,153 @@ class TestALineADatedLookSaw:
         probe, now = self.probe_dated(hold_s=0.098, since_crossing_s=0.002)
         probe._follow(now)
         assert probe.dated_line is None
+
+
+class TestAnotherThreadsCollection:
+    """A collection another thread runs holds the GIL: it stops the loop
+    thread only while that waits for the GIL, never while it sleeps or
+    blocks on its own."""
+
+    @staticmethod
+    def _collection_in_a_thread():
+        """A heap whose full collection takes long, the collection's wall
+        and CPU time here, and a thread that runs one when told to."""
+        heap = [[] for _ in range(3_000_000)]
+        wall, cpu = time.perf_counter(), time.thread_time()
+        gc.collect()
+        wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+        go = threading.Event()
+        worker = threading.Thread(target=lambda: go.wait(30) and gc.collect(), name="collector")
+        worker.start()
+        return heap, wall, cpu, go, worker
+
+    def test_a_sleep_while_another_thread_collects_is_the_sleeps(self, watched):
+        """The loop thread sleeps the whole collection through: its sleep
+        held the loop, not the collector (a 300 ms sleep beside another
+        loop's 270 ms collection came out `gc`, no line)."""
+        heap, wall, cpu, go, worker = self._collection_in_a_thread()
+        # Long enough to outlast the collection (the watchdog cannot look
+        # while it holds the GIL, and one that outlasts the sleep holds the
+        # loop thread too), and over the threshold by less than the
+        # collection: without the loop thread's runs on a CPU to tell, the
+        # collection excused it.
+        sleep_s = 3 * wall + 0.05
+        threshold_ms = int((sleep_s - 0.6 * cpu) * 1000)
+
+        async def main():
+            await asyncio.sleep(0.02)
+            go.set()
+            time.sleep(sleep_s)  # <- sleeps while another thread collects
+            await asyncio.sleep(0)
+
+        try:
+            watched.run(main, slow_callback_ms=threshold_ms)
+        finally:
+            go.set()
+            worker.join()
+            del heap
+        [finding] = [f for f in slow_of(watched) if f.site is not None]
+        assert finding.cause == "blocking_io", finding
+        assert finding.site.line == line_of("# <- sleeps while another thread collects")
+        assert counts_against_program(finding)
+
+    def test_a_step_waiting_for_the_gil_another_threads_collection_holds_is_not_the_programs(self, watched):
+        """The loop thread wants the GIL back while the collection runs: the
+        collector held the loop, and no line is blamed."""
+        heap, _wall, cpu, go, worker = self._collection_in_a_thread()
+        threshold_ms = max(20, int(cpu * 1000 / 2))
+
+        async def main():
+            await asyncio.sleep(0.02)
+            go.set()
+            time.sleep(0.005)  # lets the collector take the GIL, then waits for it
+            await asyncio.sleep(0)
+
+        try:
+            watched.run(main, slow_callback_ms=threshold_ms)
+        finally:
+            go.set()
+            worker.join()
+            del heap
+        assert [f for f in slow_of(watched) if counts_against_program(f)] == []
+
+
+def _read_here(frame, loop):
+    """What a look at this moment reads: the stall whose innermost frame is
+    *frame* (its callers innermost first, as the loop thread's stack)."""
+    chain = []
+    while frame is not None:
+        chain.append(frame)
+        frame = frame.f_back
+    try:
+        return read_stall(loop, chain[0], chain)
+    finally:
+        del chain
+
+
+class TestCodeTheInterpreterRanInsideACall:
+    """A finalizer the collector calls, or a signal handler, runs inside
+    whatever call was in progress, and a look at a long C call lands there
+    (where the GIL is let go): the stall is the call's, at its line; the
+    finalizer stays in the stack."""
+
+    @pytest.fixture
+    def loop(self):
+        loop = asyncio.new_event_loop()
+        yield loop
+        loop.close()
+
+    def test_a_finalizer_run_inside_a_call_leaves_the_site_at_the_call(self, loop):
+        seen = []
+
+        class Finalized:
+            def __init__(self):
+                self.me = self  # a cycle: only the collector frees it
+
+            def __del__(self):
+                seen.append(_read_here(sys._getframe(), loop))
+
+        def caller():
+            Finalized()
+            gc.collect()  # <- the call the finalizer ran inside
+
+        caller()
+        [stall] = seen
+        assert stall.site is not None and stall.site.line == line_of("# <- the call the finalizer ran inside")
+        assert any(site.function.endswith("Finalized.__del__") for site in stall.stack)
+
+    def test_a_signal_handler_run_inside_a_call_leaves_the_site_at_the_call(self, loop):
+        seen = []
+
+        def handler(signum, frame):
+            seen.append(_read_here(sys._getframe(), loop))
+
+        def caller():
+            os.kill(os.getpid(), signal.SIGUSR1)  # <- the call the handler ran after
+            sum(range(10))  # <- or the line after it
+
+        previous = signal.signal(signal.SIGUSR1, handler)
+        try:
+            caller()
+        finally:
+            signal.signal(signal.SIGUSR1, previous)
+        [stall] = seen
+        assert stall.site is not None
+        assert stall.site.line in (line_of("# <- the call the handler ran after"), line_of("# <- or the line after it"))
+
+    def test_python_code_a_c_function_calls_is_the_site(self, loop):
+        """A sort's key function is called by the sort, not by the
+        interpreter on its own: the key's line is the line running."""
+        seen = []
+
+        def key(item):
+            if not seen:
+                seen.append(_read_here(sys._getframe(), loop))  # <- the key function runs
+            return item
+
+        sorted([3, 1, 2], key=key)
+        [stall] = seen
+        assert stall.site is not None and stall.site.line == line_of("# <- the key function runs")
 
 
 class TestACollectorPauseIsDatedFromTheCollection:

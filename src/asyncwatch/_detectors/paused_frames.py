@@ -16,6 +16,7 @@ import asyncio.base_events
 import asyncio.events
 import dis
 import gc
+import signal
 import sys
 from types import CodeType, FrameType
 from typing import Any
@@ -206,13 +207,53 @@ def callback_frame(
     return None, []
 
 
+def _interrupted(chain: list[FrameType]) -> list[FrameType]:
+    """*chain* (innermost first) without the Python code the interpreter
+    ran inside it on its own (a finalizer the collector called, a signal
+    handler, a ``gc.callbacks`` function), and whatever that called: the
+    frames of the call that was in progress.  A look at a long C call lands
+    where the GIL is let go, which is in such code when it runs (a
+    ``__del__`` run by a collection inside a json.loads took the site from
+    the json.loads line 1 run in 8).  *chain* itself where there is none,
+    or nothing outside it."""
+    entries = None
+    for index in range(len(chain) - 1, -1, -1):
+        code = chain[index].f_code
+        if code.co_name == "__del__":
+            break
+        if entries is None:
+            entries = _entered_by_the_interpreter()
+        if code in entries:
+            break
+    else:
+        return chain
+    return chain[index + 1 :] or chain
+
+
+def _entered_by_the_interpreter() -> set[CodeType]:
+    """The code of the functions the interpreter calls between two
+    instructions of any code: Python signal handlers and ``gc.callbacks``."""
+    codes = set()
+    handlers: list[Any] = list(gc.callbacks)
+    for number in signal.valid_signals():
+        try:
+            handlers.append(signal.getsignal(number))
+        except (ValueError, OSError):  # pragma: no cover - a number the platform lists but refuses
+            continue
+    for handler in handlers:
+        code = getattr(getattr(handler, "__func__", handler), "__code__", None)
+        if isinstance(code, CodeType):
+            codes.add(code)
+    return codes
+
+
 def read_stall(loop: asyncio.AbstractEventLoop, top: FrameType, chain: list[FrameType]) -> Stall:
     """The stall the callback whose frames are *chain* (innermost first,
     *top* the thread's innermost) is in: its line, task and stack."""
     # The innermost application frame *of this callback*: never further
     # out than the loop's dispatch (that is whoever runs the loop).
     module = importing(chain)
-    blocking = next((f for f in chain if not is_library_file(f.f_code.co_filename)), None)
+    blocking = next((f for f in _interrupted(chain) if not is_library_file(f.f_code.co_filename)), None)
     if module is not None and blocking is not None and blocking.f_code.co_filename.startswith("<"):
         # Code a library exec'd while being imported (dataclasses'
         # "<string>" __init__): the application's line is the import.
