@@ -790,6 +790,15 @@ class TestAnotherThreadsCollection:
         worker.start()
         return heap, wall, cpu, go, worker
 
+    @staticmethod
+    def _run_beside_it(watched, main, threshold_ms, heap, go, worker):
+        try:
+            watched.run(main, slow_callback_ms=threshold_ms)
+        finally:
+            go.set()
+            worker.join()
+            heap.clear()
+
     def test_a_sleep_while_another_thread_collects_is_the_sleeps(self, watched):
         """The loop thread sleeps the whole collection through: its sleep
         held the loop, not the collector (a 300 ms sleep beside another
@@ -809,12 +818,7 @@ class TestAnotherThreadsCollection:
             time.sleep(sleep_s)  # <- sleeps while another thread collects
             await asyncio.sleep(0)
 
-        try:
-            watched.run(main, slow_callback_ms=threshold_ms)
-        finally:
-            go.set()
-            worker.join()
-            del heap
+        self._run_beside_it(watched, main, threshold_ms, heap, go, worker)
         [finding] = [f for f in slow_of(watched) if f.site is not None]
         assert finding.cause == "blocking_io", finding
         assert finding.site.line == line_of("# <- sleeps while another thread collects")
@@ -832,12 +836,7 @@ class TestAnotherThreadsCollection:
             time.sleep(0.005)  # lets the collector take the GIL, then waits for it
             await asyncio.sleep(0)
 
-        try:
-            watched.run(main, slow_callback_ms=threshold_ms)
-        finally:
-            go.set()
-            worker.join()
-            del heap
+        self._run_beside_it(watched, main, threshold_ms, heap, go, worker)
         assert [f for f in slow_of(watched) if counts_against_program(f)] == []
 
 

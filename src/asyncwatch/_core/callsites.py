@@ -35,6 +35,7 @@ import linecache
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
+from .catchers import dotted_tail
 from .findings import Site
 from .runtime import report_internal_error
 
@@ -173,7 +174,7 @@ def _unawaited_calls(file: str, name: str) -> tuple[tuple[Site, str | None], ...
 def _given_plainly(file: str, name: str) -> tuple[tuple[Site, str | None], ...]:
     found: list[tuple[Site, str | None]] = []
     for call, _parent, scope, _body in _calls(file):
-        called = _called_name(call.func)
+        called = dotted_tail(call.func)
         where = _PLAIN_CALLERS.get(called) if called else None
         if where is None:
             continue
@@ -197,7 +198,7 @@ def _runs(parent: ast.AST | None) -> bool:
     """Whether what *parent* does with a value runs it: ``await``, or
     handing it to asyncio."""
     return isinstance(parent, ast.Await) or (
-        isinstance(parent, ast.Call) and _called_name(parent.func) in _RUNS_A_COROUTINE
+        isinstance(parent, ast.Call) and dotted_tail(parent.func) in _RUNS_A_COROUTINE
     )
 
 
@@ -264,14 +265,6 @@ def _unwrap_partial(expression: ast.expr) -> ast.expr:
     return expression
 
 
-def _called_name(expression: ast.expr) -> str | None:
-    if isinstance(expression, ast.Name):
-        return expression.id
-    if isinstance(expression, ast.Attribute):
-        return expression.attr
-    return None
-
-
 def _names(expression: ast.expr, name: str) -> bool:
     """``name`` or ``anything.name``."""
-    return _called_name(expression) == name
+    return dotted_tail(expression) == name

@@ -42,7 +42,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from .findings import Site
 from .runtime import report_internal_error
 
-__all__ = ["Swallower", "swallowed_at"]
+__all__ = ["Swallower", "dotted_tail", "swallowed_at"]
 
 # What ``except`` catches a CancelledError (a BaseException since 3.8, so
 # ``except Exception`` does not): spelled as programs spell it.
@@ -216,7 +216,7 @@ def _catches(expression: ast.expr | None) -> str:
             if verdict in verdicts:
                 return verdict
         return _TRANSPARENT
-    name = _dotted_tail(expression)
+    name = dotted_tail(expression)
     if name is None:
         return _MAY  # ``except get_cancelled_exc_class():``, ``except errors[0]:``
     if name in _CANCELLED_NAMES:
@@ -226,7 +226,8 @@ def _catches(expression: ast.expr | None) -> str:
     return _MAY  # ``except ERRORS:``: a tuple bound elsewhere
 
 
-def _dotted_tail(expression: ast.expr) -> str | None:
+def dotted_tail(expression: ast.expr) -> str | None:
+    """``name`` of ``name`` or ``anything.name``; None for anything else."""
     if isinstance(expression, ast.Name):
         return expression.id
     if isinstance(expression, ast.Attribute):
@@ -291,7 +292,7 @@ def _in_own_loop(statement: ast.stmt, jump: ast.AST) -> bool:
 
 
 def _with_verdict(node: ast.With | ast.AsyncWith, expression: ast.expr, site: Site) -> tuple[str, Swallower | None]:
-    if not (isinstance(expression, ast.Call) and _dotted_tail(expression.func) == "suppress"):
+    if not (isinstance(expression, ast.Call) and dotted_tail(expression.func) == "suppress"):
         # Any other context manager lets it through as a rule (the standard
         # library's and the common ones do): named only when nothing else
         # could have ended it.
