@@ -1066,6 +1066,18 @@ class TestTheCauseModel:
         assert (finding.cause, finding.site) == ("gc", line)
         assert not counts_against_program(finding)
 
+    def test_a_cpu_stall_says_what_its_own_collections_took(self):
+        """A json.loads of 1 s (field trial): 404 ms of its own work on CPU,
+        594 ms in the collections its allocations triggered, each short.
+        The message gives both, so that neither reads as time off CPU."""
+        line = Site("app.py", 123, "handler")
+        measured = self.breakdown(1.024, cpu=0.998, gc=0.594)
+        finding = stall_finding(Stall(line, (line,), "Task-24", "handler", None), 1.024, self.T, measured, None)
+        assert (finding.cause, finding.site) == ("cpu", line)
+        assert "on CPU 404 ms of 1024 ms measured, and 594 ms in the collections its allocations triggered" in (
+            finding.message
+        )
+
     def test_the_thread_that_held_the_gil_longest_is_named_not_the_last(self):
         """A pool's thread starting as the stall ends (asyncio_0) holds the GIL
         briefly after the worker that made the stall."""
