@@ -97,6 +97,15 @@ class TestFindingsFile:
         assert by_kind["coroutine_never_awaited"]["site"]["line"] == line_in(mistakes, "# <- never awaited")
         assert all(f["pid"] != os.getpid() and f["time"].endswith("Z") for f in found)
 
+    def test_a_run_starts_its_findings_file_empty(self, mistakes, tmp_path):
+        """The README's promise: a file from an earlier run is not mixed in."""
+        out = tmp_path / "findings.jsonl"
+        out.write_text('{"kind": "from an earlier run"}\n')
+        result = run("run", "--findings", str(out), str(mistakes))
+        assert result.returncode == 0, result.stderr
+        kinds = sorted(json.loads(line)["kind"] for line in out.read_text().splitlines())
+        assert kinds == ["coroutine_never_awaited", "slow_callback"]
+
     def test_environment_variable_sets_the_file(self, mistakes, tmp_path):
         """ASYNCWATCH_FINDINGS works like --findings."""
         out = tmp_path / "env.jsonl"
