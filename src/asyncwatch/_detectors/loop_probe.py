@@ -548,15 +548,16 @@ class LoopProbe:
         if look.fresh or wake is None or prev is None:
             return None
         if held_by == "gc" and look.in_program:
-            # Another thread's collection held the GIL since this wake-up
-            # was due (or since it began, if later), and no step can begin
+            # A collection held the GIL since it began, after the previous
+            # look (none can look during one), and no step can begin
             # without the GIL: the step seen now at a line of the program,
             # not at its start, was running when the collection began.
             # Timed from the look, a loop thread sleeping 350 ms beside a
-            # 190 ms collection came to 160 ms and went unreported.
-            since = now - wake.raw
-            began = self.meter.gc_clock.began_since(since)
-            return max(since, began) if began is not None else since
+            # 190 ms collection came to 160 ms and went unreported; timed
+            # from when this wake-up was due, on our clock a tenth of the
+            # threshold after the previous look, it came up to that short.
+            began = self.meter.gc_clock.began_since(prev.wall)
+            return max(began, prev.wall) if began is not None else now - wake.raw
         if look.dated and (held_by == "loop" or (held_by is None and self.meter.loop_held(prev, clocks, wake))):
             # The loop thread kept the GIL from before this wake-up was due
             # until the step seen now let it go (at its first eval-breaker
