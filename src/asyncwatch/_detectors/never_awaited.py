@@ -483,8 +483,8 @@ def _message(
             return (
                 f"Coroutine {name!r}{defined} was never awaited; the event loop dropped it from compiled code, "
                 f"with no line of the program running: the callback given to the loop at {_short(scheduled)} "
-                "(the only line of that file giving the loop a callback that is this coroutine function or "
-                "calls it) makes a coroutine the loop ignores; pass a function that calls "
+                "(the only line of its file and the main script giving the loop a callback that is this "
+                "coroutine function or calls it) makes a coroutine the loop ignores; pass a function that calls "
                 f"asyncio.create_task({_called(name)}(...)) and keeps the task"
             )
         return (
