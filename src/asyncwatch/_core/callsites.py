@@ -31,11 +31,10 @@ from __future__ import annotations
 
 import ast
 import functools
-import linecache
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
-from .catchers import dotted_tail
+from .catchers import dotted_tail, parse_source
 from .findings import Site
 from .runtime import report_internal_error
 
@@ -109,7 +108,7 @@ def made_at(files: Sequence[str], name: str) -> tuple[Site, str | None] | None:
     (``atexit.register``, ``Thread(target=...)``, ``run_in_executor``:
     then with what it was given to), or None where there is none or more
     than one.  Never raises."""
-    return _the_one(files, lambda file: _unawaited_calls(file, name) + _given_plainly(file, name))
+    return _the_one(files, lambda file: _made_here(file, name))
 
 
 def _the_one(files: Sequence[str], read: Callable[[str], tuple[_T, ...]]) -> _T | None:
@@ -155,43 +154,49 @@ def _registrations(file: str, name: str, lambda_line: int | None, or_returning: 
 
 
 @functools.lru_cache(maxsize=64)
-def _unawaited_calls(file: str, name: str) -> tuple[tuple[Site, str | None], ...]:
+def _made_here(file: str, name: str) -> tuple[tuple[Site, str | None], ...]:
+    """In one pass over *file*: each call of *name* neither awaited nor
+    handed to asyncio (with None), and each line giving the function to a
+    plain caller (with what it was given to)."""
     found: list[tuple[Site, str | None]] = []
     for call, parent, scope, body in _calls(file):
-        if not _names(call.func, name) or _runs(parent):
-            continue
-        if (
-            isinstance(parent, (ast.Assign, ast.AnnAssign))
-            and isinstance(target := parent.targets[0] if isinstance(parent, ast.Assign) else parent.target, ast.Name)
-            and _run_later(body, target.id)
-        ):
-            continue  # ``c = fetch()`` ... ``await c``
-        found.append((Site(file, call.lineno, scope), None))
+        if _names(call.func, name):
+            if not _runs(parent) and not _assigned_and_run(parent, body):
+                found.append((Site(file, call.lineno, scope), None))
+        elif (given_to := _given_plainly(call, name)) is not None:
+            found.append((Site(file, call.lineno, scope), given_to))
     return tuple(found)
 
 
-@functools.lru_cache(maxsize=64)
-def _given_plainly(file: str, name: str) -> tuple[tuple[Site, str | None], ...]:
-    found: list[tuple[Site, str | None]] = []
-    for call, _parent, scope, _body in _calls(file):
-        called = dotted_tail(call.func)
-        where = _PLAIN_CALLERS.get(called) if called else None
-        if where is None:
-            continue
-        module, argument = where
-        if module is not None and not (
-            isinstance(call.func, ast.Attribute)
-            and isinstance(call.func.value, ast.Name)
-            and call.func.value.id == module
-        ):
-            continue
-        if isinstance(argument, str):
-            given = next((k.value for k in call.keywords if k.arg == argument), None)
-        else:
-            given = _callback_argument(call, argument)
-        if given is not None and _names(_unwrap_partial(given), name):
-            found.append((Site(file, call.lineno, scope), ast.unparse(call.func)))
-    return tuple(found)
+def _assigned_and_run(parent: ast.AST | None, body: ast.AST) -> bool:
+    """``c = fetch()`` ... ``await c``: assigned to a name that the same
+    function (or module) awaits or hands to asyncio."""
+    if isinstance(parent, ast.Assign):
+        target: ast.expr = parent.targets[0]
+    elif isinstance(parent, ast.AnnAssign):
+        target = parent.target
+    else:
+        return False
+    return isinstance(target, ast.Name) and _run_later(body, target.id)
+
+
+def _given_plainly(call: ast.Call, name: str) -> str | None:
+    """What *call* gives the function *name* to, if it is a plain caller
+    (`_PLAIN_CALLERS`); else None."""
+    called = dotted_tail(call.func)
+    where = _PLAIN_CALLERS.get(called) if called else None
+    if where is None:
+        return None
+    module, argument = where
+    if module is not None and not (
+        isinstance(call.func, ast.Attribute) and isinstance(call.func.value, ast.Name) and call.func.value.id == module
+    ):
+        return None
+    if isinstance(argument, str):
+        given = next((k.value for k in call.keywords if k.arg == argument), None)
+    else:
+        given = _callback_argument(call, argument)
+    return ast.unparse(call.func) if given is not None and _names(_unwrap_partial(given), name) else None
 
 
 def _runs(parent: ast.AST | None) -> bool:
@@ -224,12 +229,8 @@ def _calls(file: str) -> Iterator[tuple[ast.Call, ast.AST | None, str, ast.AST]]
     qualified name of the function it is in, spelled as ``co_qualname``
     spells it (``f.<locals>.g``, ``C.m``; ``<module>``), and that function's
     node (or the module's)."""
-    lines = linecache.getlines(file)
-    if not lines:
-        return
-    try:
-        tree = ast.parse("".join(lines), file)
-    except (SyntaxError, ValueError):
+    tree = parse_source(file)
+    if tree is None:
         return
     # (node, its parent, qualified name of its scope, whether that scope is
     # a function, the scope's node)

@@ -42,7 +42,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from .findings import Site
 from .runtime import report_internal_error
 
-__all__ = ["Swallower", "dotted_tail", "swallowed_at"]
+__all__ = ["Swallower", "dotted_tail", "parse_source", "swallowed_at"]
 
 # What ``except`` catches a CancelledError (a BaseException since 3.8, so
 # ``except Exception`` does not): spelled as programs spell it.
@@ -113,7 +113,7 @@ def _swallowed_at(chain: Sequence[Site]) -> Swallower | None:
 @functools.lru_cache(maxsize=256)
 def _constructs_around(site: Site) -> tuple[tuple[str, Swallower | None], ...] | None:
     """The verdict of each construct around *site*'s line, innermost first."""
-    tree = _parse(site.file)
+    tree = parse_source(site.file)
     if tree is None:
         return None
     function = _function_at(tree, site.line, site.function.rpartition(".")[2])  # a qualified name
@@ -126,7 +126,9 @@ def _constructs_around(site: Site) -> tuple[tuple[str, Swallower | None], ...] |
     return tuple(verdicts)
 
 
-def _parse(file: str) -> ast.Module | None:
+def parse_source(file: str) -> ast.Module | None:
+    """*file*'s source as linecache has it, parsed; None where it has none
+    or it does not parse."""
     lines = linecache.getlines(file)
     if not lines:
         return None
