@@ -3,7 +3,10 @@ that holds findings while the collector runs (`asyncwatch._core.collecting`)."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import pickle
+import signal
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -12,14 +15,16 @@ import pytest
 
 import asyncwatch
 from asyncwatch._core import collecting
+from asyncwatch._core.settings import extension
 from asyncwatch._outputs.collect import CollectingReporter
+from conftest import line_of
 
 # A hang guard only: the other thread needs milliseconds.
 HANG_GUARD_S = 600
 
 
 def _ours() -> list[Any]:
-    return [cb for cb in gc.callbacks if cb is collecting._gc_callback]
+    return [cb for cb in gc.callbacks if cb is collecting._callback]
 
 
 def test_one_gc_callback_serves_every_detector_and_goes_with_the_last() -> None:
@@ -106,3 +111,70 @@ def test_a_finding_in_this_thread_is_not_held_behind_another_threads_collection(
     kinds = [f.kind.value for f in collector.findings]
     other_collection.let_go()
     assert kinds == ["coroutine_never_awaited"]
+
+
+def _extension_callbacks() -> bool:
+    ctask = extension()
+    return ctask is not None and hasattr(ctask, "Collecting") and hasattr(ctask, "GcTimer")
+
+
+@pytest.mark.skipif(
+    not _extension_callbacks(),
+    reason="without the extension the callbacks are Python, and let signal handlers run inside a C call (README, Limits)",
+)
+class TestASignalDuringALongCCall:
+    """The interpreter runs a Python signal handler at its next check
+    between two instructions: after a C call returns, under plain python.
+    A ``gc.callbacks`` entry in Python is such a check inside any C call
+    that allocates, and asyncwatch had two: a Ctrl-C during a json.loads
+    raised KeyboardInterrupt inside one, which the collector drops, and the
+    program ran on; uvicorn's handler ran once per signal, not once, and
+    two Ctrl-C skipped its graceful shutdown."""
+
+    #: One C call (pickle's) that makes this many containers: thousands of
+    #: young collections, tens of milliseconds at least on any machine.
+    CONTAINERS = 1_000_000
+
+    @pytest.fixture
+    def installed(self) -> Iterator[list[Any]]:
+        """asyncwatch, every detector on; yields what gc.callbacks holds
+        while a loop runs (the collector clock comes with the first loop)."""
+        asyncwatch.install(log=False)
+        try:
+            yield []
+        finally:
+            asyncwatch.uninstall()
+
+    @staticmethod
+    def _alarms_during_one_call(handler: Any, callbacks: list[Any]) -> Any:
+        blob = pickle.dumps([[i] for i in range(TestASignalDuringALongCCall.CONTAINERS)])
+
+        async def main() -> Any:
+            callbacks.extend(gc.callbacks)
+            previous = signal.signal(signal.SIGALRM, handler)
+            # From the kernel, every millisecond: no thread of ours needs
+            # the GIL to send them while the call holds it.
+            signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
+            try:
+                return pickle.loads(blob)  # <- the long C call
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, previous)
+
+        return asyncio.run(main())
+
+    def test_its_handler_runs_once_after_the_call_at_the_programs_line(self, installed: list[Any]) -> None:
+        ran: list[tuple[str, int]] = []
+
+        def handler(signum: int, frame: Any) -> None:
+            ran.append((frame.f_code.co_name, frame.f_lineno))
+
+        made = self._alarms_during_one_call(handler, installed)
+        assert len(installed) == 2  # the collector clock's, and collecting's
+        assert len(made) == self.CONTAINERS
+        assert ran[0] == ("main", line_of("# <- the long C call"))
+
+    def test_a_keyboard_interrupt_it_raises_reaches_the_program(self, installed: list[Any]) -> None:
+        with pytest.raises(KeyboardInterrupt):
+            self._alarms_during_one_call(signal.default_int_handler, installed)
+        assert len(installed) == 2

@@ -928,11 +928,11 @@ class TestACollectorPauseIsDatedFromTheCollection:
         due = time.perf_counter()
         time.sleep(0.02)
         began = time.perf_counter()
-        clock._gc_callback("start", {"generation": 2})  # as gc.callbacks calls it
-        while time.thread_time() - clock.started_cpu < 2 * GcClock.PAUSE_FLOOR_S:
+        clock.timer("start", {"generation": 2})  # as gc.callbacks calls it
+        while time.thread_time() - clock.timer.started_cpu < 2 * GcClock.PAUSE_FLOOR_S:
             pass  # the collection's CPU time
         assert clock.began_since(due) is not None  # in progress
-        clock._gc_callback("stop", {"generation": 2})
+        clock.timer("stop", {"generation": 2})
         first = clock.began_since(due)
         assert first is not None and due < began <= first <= time.perf_counter()
         assert clock.began_since(time.perf_counter()) is None
@@ -947,7 +947,7 @@ class TestACollectionInProgressOnTheLoopThread:
         thread, it counts that thread's CPU; on another thread, its wall
         time (the loop waited for the GIL it held)."""
         clock = GcClock()
-        clock._gc_callback("start", {"generation": 2})  # as gc.callbacks calls it, on this thread
+        clock.timer("start", {"generation": 2})  # as gc.callbacks calls it, on this thread
         spin_until = time.thread_time() + 0.01
         while time.thread_time() < spin_until:
             pass  # 10 ms of the collection's CPU
@@ -958,7 +958,7 @@ class TestACollectionInProgressOnTheLoopThread:
         assert clock.read(now, here + 1, cpu) >= 0.11  # another thread's collection: its wall time
         assert clock.read(now) >= 0.11
         assert 0.01 <= clock.pauses_since(now - 1, now, GcClock.PAUSE_FLOOR_S, here, cpu) < 0.05
-        clock._gc_callback("stop", {"generation": 2})
+        clock.timer("stop", {"generation": 2})
         assert 0.01 <= clock.read(time.perf_counter(), here, time.thread_time()) < 0.05
 
 
@@ -1082,7 +1082,20 @@ class TestTheCauseModel:
         clock.pauses.append((10.3, 0.25, 10.05, here + 1))  # another thread's, during the stall
         clock.pauses.append((10.4, 0.02, 10.38, here))  # the loop thread's own
         clock.pauses.append((9.0, 0.5, 8.5, here + 1))  # before the stall
-        assert clock.others_since(10.0, 10.5, here) == pytest.approx(0.25)
+        counted, held = clock.others_since(10.0, 10.5, here)
+        assert counted == pytest.approx(0.25)  # its CPU time, as the clock's total has it
+        assert held == pytest.approx(0.25)  # the GIL, from when it began to when it ended
+
+    def test_another_threads_collection_held_the_gil_for_its_wall_time(self):
+        """Preempted on a loaded machine, a collection keeps the GIL: 110 ms
+        of CPU in 218 ms held the loop thread 218 ms."""
+        clock = GcClock()
+        here = threading.get_ident()
+        clock.pauses.append((10.318, 0.11, 10.1, here + 1))
+        counted, held = clock.others_since(10.0, 10.5, here)
+        assert (counted, held) == (pytest.approx(0.11), pytest.approx(0.218))
+        counted, held = clock.others_since(10.2, 10.5, here)  # begun before the mark
+        assert held == pytest.approx(0.118)
 
     def test_a_cpu_stall_says_what_its_own_collections_took(self):
         """A json.loads of 1 s (field trial): 404 ms of its own work on CPU,

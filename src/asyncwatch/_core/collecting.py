@@ -12,10 +12,16 @@ One ``gc.callbacks`` entry serves every such detector (asyncwatch had one
 per detector, with different semantics).  "Collecting" is per thread: the
 callbacks run in the thread that collects, and a finding made meanwhile in
 another thread is not part of that collection, so it is reported at once
-rather than held behind a collection it has nothing to do with.
+rather than held behind a collection it has nothing to do with.  CPython
+runs one collection at a time, so the thread collecting is the whole state.
 
-Each flush is called in the collecting thread right after the collection,
-and contains its own errors (it reports them to its detector's context).
+A detector that holds something says so (`hold`); the flushes are called
+right after a collection that held something, in the collecting thread,
+and contain their own errors (they report them to their detector's
+context).  After any other collection no Python runs: the entry is
+`_ctask.Collecting` where asyncwatch's extension was built (a Python entry
+lets signal handlers run inside a long C call: see _ctask.c), else
+`_PyCollecting`.
 """
 
 from __future__ import annotations
@@ -25,49 +31,84 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["after_collections", "collecting", "no_longer_after_collections"]
+from .settings import extension
+
+__all__ = ["after_collections", "collecting", "hold", "no_longer_after_collections"]
 
 
-class _State(threading.local):
-    collecting = False
+class _PyCollecting:
+    """`_ctask.Collecting` in Python: the same fields and protocol."""
+
+    def __init__(self) -> None:
+        self.thread = 0  # threading.get_ident() of the thread collecting; 0 when none
+        self.held = False
+        self.flushes: tuple[Callable[[], None], ...] = ()
+
+    # Named so: the watchdog finds the program's frame below a frame of
+    # this name (paused_frames.callback_frame).
+    def _gc_callback(self, phase: str, _info: dict[str, Any]) -> None:
+        if phase == "start":
+            self.thread = threading.get_ident()
+            return
+        self.thread = 0
+        if self.held:
+            self.held = False
+            for flush in self.flushes:
+                flush()
+
+    __call__ = _gc_callback
 
 
-_state = _State()
+def _make_callback() -> Any:
+    ctask = extension()
+    if ctask is not None and hasattr(ctask, "Collecting"):
+        return ctask.Collecting()
+    return _PyCollecting()
+
+
 _lock = threading.Lock()
-_flushes: tuple[Callable[[], None], ...] = ()
+#: The ``gc.callbacks`` entry, made at the first `after_collections`.
+_callback: Any = None
+_get_ident = threading.get_ident
 
 
 def collecting() -> bool:
     """Whether the garbage collector is running in this thread."""
-    return _state.collecting
+    callback = _callback
+    return callback is not None and callback.thread == _get_ident()
+
+
+def hold() -> None:
+    """Have this collection's flushes called when it is over (a detector
+    kept something for them).  Nothing outside a collection in this thread."""
+    callback = _callback
+    if callback is not None and callback.thread == _get_ident():
+        callback.held = True
 
 
 def after_collections(flush: Callable[[], None]) -> None:
-    """Call *flush* after every collection, until `no_longer_after_collections`."""
-    global _flushes
+    """Call *flush* after every collection that held something (`hold`),
+    until `no_longer_after_collections`."""
+    global _callback
     with _lock:
-        if flush not in _flushes:
-            _flushes = (*_flushes, flush)
-        if _gc_callback not in gc.callbacks:
-            gc.callbacks.append(_gc_callback)
+        if _callback is None:
+            _callback = _make_callback()
+        if flush not in _callback.flushes:
+            _callback.flushes = (*_callback.flushes, flush)
+        if _callback not in gc.callbacks:
+            gc.callbacks.append(_callback)
 
 
 def no_longer_after_collections(flush: Callable[[], None]) -> None:
     """Undo `after_collections`; the ``gc.callbacks`` entry goes with the last one."""
-    global _flushes
     with _lock:
-        _flushes = tuple(f for f in _flushes if f != flush)
-        if not _flushes:
-            while _gc_callback in gc.callbacks:
-                gc.callbacks.remove(_gc_callback)
-
-
-def _gc_callback(phase: str, _info: dict[str, Any]) -> None:
-    # Named like the collector clock's callback: the watchdog skips frames
-    # of that name (loop_probe.callback_frame) to find the program's line.
-    if phase == "start":
-        _state.collecting = True
-        return
-    _state.collecting = False
-    for flush in _flushes:
-        flush()
+        if _callback is None:
+            return
+        _callback.flushes = tuple(f for f in _callback.flushes if f != flush)
+        if not _callback.flushes:
+            while _callback in gc.callbacks:
+                gc.callbacks.remove(_callback)
+            # Removed during a collection (by a finalizer), it would not
+            # hear that collection end.
+            _callback.thread = 0
+            _callback.held = False

@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable, Mapping
 from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from .collecting import hold
 from .findings import Finding, FindingKind, Site
 from .runtime import report_internal_error
 
@@ -76,6 +77,7 @@ class CoroutineClaims:
         if self.active:
             with self._lock:
                 self._ids.add(id(coro))
+            hold()  # a claim made by a collection is used up after it (`take_all`)
 
     def take(self, coro_id: int) -> bool:
         """Whether *coro_id* was claimed (the claim is used up)."""

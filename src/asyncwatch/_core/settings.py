@@ -62,6 +62,19 @@ RUN_MARKER = "ASYNCWATCH_RUN"
 #: builds none.  Not an option: it changes what asyncwatch costs, not what it does.
 NO_EXTENSIONS = "ASYNCWATCH_NO_EXTENSIONS"
 
+
+def extension() -> Any:
+    """asyncwatch's C extension module (``_core/_ctask.c``), or None where it
+    was not built (no compiler, not CPython) or `NO_EXTENSIONS` is set."""
+    if os.environ.get(NO_EXTENSIONS):
+        return None
+    try:
+        from . import _ctask
+    except ImportError:
+        return None
+    return _ctask
+
+
 #: The values of the ``spans`` option (see `Settings`).
 SPAN_MODES: tuple[str, ...] = ("notable", "all", "off")
 #: The values of ``asyncwatch run --loop``.

@@ -51,7 +51,7 @@ from .frames import (
     qualname_of,
 )
 from .runtime import report_internal_error
-from .settings import NO_EXTENSIONS
+from .settings import extension
 from .stepping import TimedCoroutine
 
 __all__ = [
@@ -225,11 +225,8 @@ def _compiled(cls: type[Task]) -> type[Task]:
     built and asyncio's Task is its C one: the same slots, the same Python
     methods, about 1,500 instructions a task cheaper (benchmarks/README.md).
     Otherwise *cls* itself; ``ASYNCWATCH_NO_EXTENSIONS=1`` asks for that."""
-    if os.environ.get(NO_EXTENSIONS):
-        return cls
-    try:
-        from . import _ctask
-    except ImportError:  # not built (no compiler, or not CPython)
+    _ctask = extension()
+    if _ctask is None:
         return cls
     import _asyncio
 
@@ -237,19 +234,19 @@ def _compiled(cls: type[Task]) -> type[Task]:
         return cls
     own = {name: value for name, value in vars(cls).items() if callable(value) and not name.startswith("__")}
     try:
-        compiled: type[Task] = _ctask.subclass(
+        made: type[Task] = _ctask.subclass(
             asyncio.Task,
             f"{cls.__module__}.{cls.__qualname__}",
             cls.__slots__,
             tuple(n for n in _REDECLARED if n not in own),
         )
         for name, value in own.items():
-            setattr(compiled, name, value)
+            setattr(made, name, value)
     except Exception as exc:  # an asyncio this extension does not know: the Python class
         report_internal_error("compiled Task", exc)
         return cls
-    compiled.__doc__ = cls.__doc__
-    return compiled
+    made.__doc__ = cls.__doc__
+    return made
 
 
 #: The Python class, which the C type mirrors (and the one used without it).

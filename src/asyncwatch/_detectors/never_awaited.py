@@ -39,7 +39,7 @@ import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .._core.collecting import after_collections, collecting, no_longer_after_collections
+from .._core.collecting import after_collections, collecting, hold, no_longer_after_collections
 from .._core.detector import CoroutineClaims, Detector, DetectorContext
 from .._core.findings import Finding, FindingKind, Site
 from .._core.frames import (
@@ -187,6 +187,7 @@ class NeverAwaitedDetector(Detector):
         if collecting():
             with self._held_lock:
                 self._held.append((id(coro), finding))
+            hold()
         else:
             self._emit(finding)
 

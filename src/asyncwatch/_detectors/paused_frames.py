@@ -180,10 +180,11 @@ def callback_frame(
     while own is not None and is_own_file(own.f_code.co_filename):
         if own.f_code.co_name == "_gc_callback":
             # One of our gc.callbacks (the collector clock's, or
-            # _core.collecting's, named so for this), called inside a collection the
+            # _core.collecting's, named so for this; Python only without
+            # asyncwatch's extension), called inside a collection the
             # program's allocation triggered: the program's frame is the
             # one below.  (Its call lets the GIL go, which is how a long
-            # C call is often first seen.)
+            # C call is then often first seen.)
             frame = own.f_back
             break
         own = own.f_back

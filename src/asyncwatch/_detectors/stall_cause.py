@@ -39,6 +39,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._core.findings import NOT_THE_PROGRAMS
+from .._core.settings import extension
 
 __all__ = [
     "BLOCKING_IO",
@@ -65,28 +66,21 @@ IMPORT = "import"
 assert frozenset({GC, GIL, STARVED, IMPORT}) == NOT_THE_PROGRAMS
 
 
-class GcClock:
-    """CPU time spent in garbage collection, from ``gc.callbacks``.
+class _PyGcTimer:
+    """`_ctask.GcTimer` in Python, where the extension is not built: the
+    same fields, the same ``gc.callbacks`` protocol.  A Python function
+    there lets signal handlers run inside a long C call (see _ctask.c)."""
 
-    CPU time, not wall time: a collection preempted by the machine's other
-    work is counted once, as the wait for a CPU.  One append to the list
-    while installed (removed, never replaced, on uninstall); the callback
-    costs three clock reads per collection, which already walks hundreds of
-    objects.
-    """
-
-    #: Collections at least this long (CPU) are remembered one by one.
-    PAUSE_FLOOR_S = 0.005
-
-    def __init__(self) -> None:
+    def __init__(self, pauses: collections.deque[tuple[float, float, float, int]], floor: float) -> None:
         self.total = 0.0
         self.started = 0.0  # wall clock, while a collection runs
         self.started_cpu = 0.0
         self.started_by = 0  # the thread running it
-        #: (when it ended, CPU seconds, when it began, the thread that ran
-        #: it) of the last long collections
-        self.pauses: collections.deque[tuple[float, float, float, int]] = collections.deque(maxlen=64)
+        self.pauses = pauses
+        self.floor = floor
 
+    # Named so: the watchdog finds the program's frame below a frame of
+    # this name (paused_frames.callback_frame).
     def _gc_callback(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             self.started_cpu = time.thread_time()
@@ -95,9 +89,50 @@ class GcClock:
         elif self.started:
             spent = time.thread_time() - self.started_cpu
             self.total += spent
-            if spent >= self.PAUSE_FLOOR_S:
+            if spent >= self.floor:
                 self.pauses.append((time.perf_counter(), spent, self.started, self.started_by))
             self.started = 0.0
+
+    __call__ = _gc_callback
+
+
+def _gc_timer(pauses: collections.deque[tuple[float, float, float, int]], floor: float) -> Any:
+    """The collector clock's ``gc.callbacks`` entry: `_ctask.GcTimer` where
+    asyncwatch's extension was built, else `_PyGcTimer`."""
+    ctask = extension()
+    if ctask is not None and hasattr(ctask, "GcTimer"):
+        return ctask.GcTimer(pauses, floor)
+    return _PyGcTimer(pauses, floor)
+
+
+class GcClock:
+    """CPU time spent in garbage collection, from ``gc.callbacks``.
+
+    CPU time, not wall time: a collection preempted by the machine's other
+    work is counted once, as the wait for a CPU.  One append to the list
+    while installed (removed, never replaced, on uninstall); the callback
+    (`_gc_timer`, in C where it can be) costs three clock reads per
+    collection, which already walks hundreds of objects.
+    """
+
+    #: Collections at least this long (CPU) are remembered one by one.
+    PAUSE_FLOOR_S = 0.005
+
+    def __init__(self) -> None:
+        #: (when it ended, CPU seconds, when it began, the thread that ran
+        #: it) of the last long collections
+        self.pauses: collections.deque[tuple[float, float, float, int]] = collections.deque(maxlen=64)
+        self.timer = _gc_timer(self.pauses, self.PAUSE_FLOOR_S)
+
+    @property
+    def total(self) -> float:
+        """CPU time of the finished collections."""
+        return float(self.timer.total)
+
+    @property
+    def started(self) -> float:
+        """When the collection running now began (wall clock); 0.0 when none runs."""
+        return float(self.timer.started)
 
     def pauses_since(
         self, since: float, now: float, floor: float, thread_id: int | None = None, thread_cpu: float | None = None
@@ -115,20 +150,28 @@ class GcClock:
         """When the first long collection that ended after *since*, or the
         one in progress, began (wall clock); None if there was none."""
         began = [start for end, _, start, _ in list(self.pauses) if end > since]
-        started = self.started
+        started = self.timer.started
         if started:
             began.append(started)
         return min(began) if began else None
 
-    def others_since(self, since: float, now: float, thread_id: int) -> float:
-        """Time of the long collections other threads than *thread_id* ran
-        that ended after *since* (CPU time), and of one running now on
-        another thread (its wall time since *since*)."""
-        total = sum(spent for end, spent, _, by in list(self.pauses) if end > since and by != thread_id)
-        started, by = self.started, self.started_by
+    def others_since(self, since: float, now: float, thread_id: int) -> tuple[float, float]:
+        """The long collections other threads than *thread_id* ran that
+        ended after *since*, and one running now on another thread: the
+        time `read` counts for them (CPU time once over, wall time while
+        running), and the time they held the GIL since *since* (wall time:
+        a collection holds the GIL while its thread waits for a CPU)."""
+        counted = held = 0.0
+        for end, spent, began, by in list(self.pauses):
+            if end > since and by != thread_id:
+                counted += spent
+                held += end - max(began, since)
+        timer = self.timer
+        started, by = timer.started, timer.started_by
         if started and by != thread_id and now > started:
-            total += now - max(started, since)
-        return total
+            counted += now - max(started, since)
+            held += now - max(started, since)
+        return counted, held
 
     def read(self, now: float, thread_id: int | None = None, thread_cpu: float | None = None) -> float:
         """Collection time so far.  One in progress counts its CPU time when
@@ -136,10 +179,11 @@ class GcClock:
         *thread_cpu* (the loop thread's, read from the same clock), else its
         wall time (another thread's collection holds the GIL the loop
         waits for)."""
-        return self.total + self._running(now, thread_id, thread_cpu)
+        return float(self.timer.total) + self._running(now, thread_id, thread_cpu)
 
     def _running(self, now: float, thread_id: int | None, thread_cpu: float | None) -> float:
-        started, started_cpu, by = self.started, self.started_cpu, self.started_by
+        timer = self.timer
+        started, started_cpu, by = timer.started, timer.started_cpu, timer.started_by
         if not started or now <= started:
             return 0.0
         if thread_cpu is not None and by == thread_id:
@@ -147,16 +191,16 @@ class GcClock:
             # as the collector's and as the wait: a full collection after a
             # json.loads at load 4, 45 ms of CPU in 145 ms, took the parse's
             # CPU time out of the step's, which came out `gc` (3.12, 10 in 12).
-            return max(thread_cpu - started_cpu, 0.0)
-        return now - started
+            return float(max(thread_cpu - started_cpu, 0.0))
+        return float(now - started)
 
     def install(self) -> None:
-        if self._gc_callback not in gc.callbacks:
-            gc.callbacks.append(self._gc_callback)
+        if self.timer not in gc.callbacks:
+            gc.callbacks.append(self.timer)
 
     def uninstall(self) -> None:
-        while self._gc_callback in gc.callbacks:
-            gc.callbacks.remove(self._gc_callback)
+        while self.timer in gc.callbacks:
+            gc.callbacks.remove(self.timer)
 
 
 def _pread_holding_the_gil() -> Any:

@@ -23,7 +23,7 @@ import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .._core.collecting import after_collections, collecting, no_longer_after_collections
+from .._core.collecting import after_collections, collecting, hold, no_longer_after_collections
 from .._core.detector import Detector, DetectorContext, WatchedLoop, watches
 from .._core.findings import Finding, FindingKind, Site
 from .._core.frames import describe_task
@@ -103,6 +103,7 @@ class TaskGarbageDetector(Detector):
             if collecting():
                 with self._lock:
                     self._held.append((lost.future_id, lost.watch, finding))
+                hold()
             else:
                 lost.watch.emit(finding)
         except Exception as exc:
@@ -130,6 +131,7 @@ class TaskGarbageDetector(Detector):
         if waiter is not None:
             with self._lock:
                 self._claimed.add(id(waiter))
+            hold()  # used up after this collection, whatever it held
 
     def at_exit(self, survivors: Survivors) -> None:
         """A pending task the program still holds when it ends, its loop no
