@@ -11,12 +11,16 @@ runs them.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from asyncwatch._core.settings import extension
 from test_cli import line_in, run
 
 FAILED_TASK_IN_A_LIST = """\
@@ -312,3 +316,65 @@ class TestUnderInstall:
             assert found == []
         else:
             assert found == [("slow_callback", line_in(program, "# <- blocks at exit"))]
+
+
+CRASH = """\
+    import asyncio
+    import os
+
+    if os.environ.get("WATCH_WITH_INSTALL"):
+        import asyncwatch
+
+        asyncwatch.install()
+
+    async def charge(order):
+        raise ValueError(f"card declined for order {{order}}")
+
+    async def main():
+        await asyncio.gather(charge(7))
+
+    {run}
+"""
+
+RUNS = {
+    "asyncio.run": "asyncio.run(main())",
+    "Runner": "with asyncio.Runner() as runner:\n        runner.run(main())",
+    "by hand": "loop = asyncio.new_event_loop()\n    loop.run_until_complete(main())",
+}
+
+
+def _frames(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("  File ")]
+
+
+@pytest.mark.skipif(
+    extension() is None, reason="without the extension, the loop-start hook is a Python frame (README, Limits)"
+)
+class TestAProgramThatCrashes:
+    """asyncwatch sees a loop start through hooks on asyncio's methods; a
+    hook written in Python was a frame of asyncwatch's in the traceback of
+    every program that crashed under ``asyncio.run()``."""
+
+    @pytest.mark.parametrize("how", list(RUNS))
+    @pytest.mark.parametrize("watched_by", ["asyncwatch run", "install()"])
+    def test_its_traceback_is_plain_pythons(self, tmp_path: Path, how: str, watched_by: str) -> None:
+        program = script(tmp_path, CRASH.format(run=RUNS[how]))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ASYNCWATCH_")}
+        plain = subprocess.run(
+            [sys.executable, str(program)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+        )
+        if watched_by == "install()":
+            watched = subprocess.run(
+                [sys.executable, str(program)],
+                cwd=tmp_path,
+                env={**env, "WATCH_WITH_INSTALL": "1"},
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
+        else:
+            watched, _ = run_watched(tmp_path, program)
+        assert plain.returncode == watched.returncode == 1
+        assert "ValueError: card declined for order 7" in watched.stderr
+        assert _frames(watched.stderr) == _frames(plain.stderr), watched.stderr
+        assert "asyncwatch" not in "".join(_frames(watched.stderr))

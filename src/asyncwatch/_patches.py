@@ -13,13 +13,18 @@ import asyncio
 import asyncio.base_events
 import asyncio.events
 import asyncio.runners
+import contextlib
+import functools
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from ._core import loops
+from ._core.settings import extension
 
-__all__ = ["Patch", "loop_start_patches"]
+__all__ = ["Patch", "hooked", "loop_start_patches"]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 class Patch:
@@ -58,6 +63,32 @@ class Patch:
             self.replacement = self.original = None
 
 
+def hooked(original: _F, before: Callable[..., None] | None = None, after: Callable[..., None] | None = None) -> _F:
+    """*original*, calling *before* with its arguments first and *after*
+    once it returned.  In C where asyncwatch's extension was built
+    (`_ctask.Hooked`): a Python wrapper is a frame of ours in every
+    traceback that passes through it, and every program that crashed under
+    ``asyncio.run()`` showed one.  The hooks contain their own errors."""
+    ctask = extension()
+    if ctask is not None and hasattr(ctask, "Hooked"):
+        made = ctask.Hooked(before, original, after)
+        for name in ("__module__", "__name__", "__qualname__", "__doc__"):
+            with contextlib.suppress(AttributeError):
+                setattr(made, name, getattr(original, name))
+        return cast(_F, made)
+
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if before is not None:
+            before(*args, **kwargs)
+        result = original(*args, **kwargs)
+        if after is not None:
+            after(*args, **kwargs)
+        return result
+
+    return cast(_F, wrapper)
+
+
 def loop_start_patches(watch_starting_loop: Callable[..., None]) -> list[Patch]:
     """The hooks that see a loop about to run, for `install()` before any loop exists.
 
@@ -79,22 +110,20 @@ def loop_start_patches(watch_starting_loop: Callable[..., None]) -> list[Patch]:
         # uvloop loop given to asyncio.Runner (uvloop.run() does that) never
         # goes through the hook above: catch it as the Runner makes it,
         # before the Runner creates the program's main task on it.
-        def _lazy_init(self: Any) -> None:
-            original(self)
+        def made(self: Any) -> None:
             watch_starting_loop(getattr(self, "_loop", None))
 
-        return _lazy_init
+        return hooked(original, after=made)
 
     def run_until_complete(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
         # loop.run_until_complete(coro) makes the task for coro before the
         # loop starts running: attach a loop made by hand first, so that
         # task is ours too.
-        def run_until_complete(self: Any, future: Any) -> Any:
+        def starting(self: Any, *_: Any, **__: Any) -> None:
             if not loops.is_closed(self):
                 watch_starting_loop(self)
-            return original(self, future)
 
-        return run_until_complete
+        return hooked(original, before=starting)
 
     patches = [Patch(asyncio.events, "_set_running_loop", set_running_loop)]
     if getattr(asyncio, "_set_running_loop", None) is asyncio.events._set_running_loop:

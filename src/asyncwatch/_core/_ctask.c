@@ -787,6 +787,166 @@ static PyTypeObject Collecting_Type = {
 };
 #endif /* CLOCK_THREAD_CPUTIME_ID */
 
+/* ---- Hooks in no traceback ---------------------------------------------
+ *
+ * asyncwatch sees a loop start by patching asyncio methods such as
+ * BaseEventLoop.run_until_complete.  A Python wrapper is a frame of ours in
+ * every traceback that passes through it: every program that crashed under
+ * asyncio.run() showed asyncwatch's _patches.py between runners.py and
+ * base_events.py.  Hooked calls the hook and then the original from C,
+ * which adds no frame: the traceback is plain python's.
+ */
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *before;    /* called with the arguments first, or None */
+    PyObject *original;  /* the patched callable */
+    PyObject *after;     /* called with the arguments once it returned, or None */
+    PyObject *dict;      /* __dict__, for functools-style metadata */
+} Hooked;
+
+/* A hook contains its own errors; one that escapes is reported as
+ * unraisable, never raised into the program's call. */
+static void
+run_hook(PyObject *hook, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    if (hook == Py_None) {
+        return;
+    }
+    PyObject *done = PyObject_Vectorcall(hook, args, nargsf, kwnames);
+    if (done == NULL) {
+        PyErr_WriteUnraisable(hook);
+        return;
+    }
+    Py_DECREF(done);
+}
+
+static PyObject *
+hooked_call(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Hooked *self = (Hooked *)op;
+    run_hook(self->before, args, nargsf, kwnames);
+    PyObject *result = PyObject_Vectorcall(self->original, args, nargsf, kwnames);
+    if (result != NULL) {
+        run_hook(self->after, args, nargsf, kwnames);
+    }
+    return result;
+}
+
+static PyObject *
+hooked_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *before, *original, *after;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds) != 0) {
+        PyErr_SetString(PyExc_TypeError, "Hooked() takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_UnpackTuple(args, "Hooked", 3, 3, &before, &original, &after)) {
+        return NULL;
+    }
+    if (!PyCallable_Check(original) || (before != Py_None && !PyCallable_Check(before)) ||
+        (after != Py_None && !PyCallable_Check(after))) {
+        PyErr_SetString(PyExc_TypeError, "Hooked(before, original, after): callables (a hook may be None)");
+        return NULL;
+    }
+    Hooked *self = (Hooked *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->vectorcall = hooked_call;
+    self->before = Py_NewRef(before);
+    self->original = Py_NewRef(original);
+    self->after = Py_NewRef(after);
+    self->dict = NULL;
+    return (PyObject *)self;
+}
+
+/* Bound like a function: looked up on an instance, a method of it. */
+static PyObject *
+hooked_get(PyObject *op, PyObject *obj, PyObject *Py_UNUSED(type))
+{
+    if (obj == NULL || obj == Py_None) {
+        return Py_NewRef(op);
+    }
+    return PyMethod_New(op, obj);
+}
+
+/* As the callable it hooks (a hook is asyncwatch's business, not the program's). */
+static PyObject *
+hooked_repr(PyObject *op)
+{
+    return PyObject_Repr(((Hooked *)op)->original);
+}
+
+static int
+hooked_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    Hooked *self = (Hooked *)op;
+    Py_VISIT(self->before);
+    Py_VISIT(self->original);
+    Py_VISIT(self->after);
+    Py_VISIT(self->dict);
+    return 0;
+}
+
+static int
+hooked_clear(PyObject *op)
+{
+    Hooked *self = (Hooked *)op;
+    Py_CLEAR(self->before);
+    Py_CLEAR(self->original);
+    Py_CLEAR(self->after);
+    Py_CLEAR(self->dict);
+    return 0;
+}
+
+static void
+hooked_dealloc(PyObject *op)
+{
+    PyObject_GC_UnTrack(op);
+    (void)hooked_clear(op);
+    Py_TYPE(op)->tp_free(op);
+}
+
+static PyMemberDef hooked_members[] = {
+    {"__vectorcalloffset__", Py_T_PYSSIZET, offsetof(Hooked, vectorcall), Py_READONLY, NULL},
+    {"__wrapped__", Py_T_OBJECT_EX, offsetof(Hooked, original), Py_READONLY, "the patched callable"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyGetSetDef hooked_getset[] = {
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+PyDoc_STRVAR(hooked_doc,
+"Hooked(before, original, after, /)\n--\n\n"
+"Calls *before* (unless None), then *original*, then, if it returned,\n"
+"*after* (unless None), each with the arguments it was called with, and\n"
+"returns what *original* returned, with no Python frame of its own.  Bound\n"
+"as a method when found on an instance.  A hook's exception is reported as\n"
+"unraisable, never raised.");
+
+static PyTypeObject Hooked_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "asyncwatch._core._ctask.Hooked",
+    .tp_basicsize = sizeof(Hooked),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_doc = hooked_doc,
+    .tp_new = hooked_new,
+    .tp_dealloc = hooked_dealloc,
+    .tp_traverse = hooked_traverse,
+    .tp_clear = hooked_clear,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(Hooked, vectorcall),
+    .tp_descr_get = hooked_get,
+    .tp_repr = hooked_repr,
+    .tp_members = hooked_members,
+    .tp_getset = hooked_getset,
+    .tp_dictoffset = offsetof(Hooked, dict),
+};
+
 static PyMethodDef ctask_methods[] = {
     {"subclass", (PyCFunction)(void (*)(void))subclass, METH_FASTCALL, subclass_doc},
     {NULL, NULL, 0, NULL},
@@ -816,6 +976,10 @@ PyInit__ctask(void)
     }
     if (PyModule_AddObject(module, "FanOut", Py_NewRef(&FanOut_Type)) < 0) {
         Py_DECREF(&FanOut_Type);
+        Py_DECREF(module);
+        return NULL;
+    }
+    if (PyType_Ready(&Hooked_Type) < 0 || PyModule_AddObject(module, "Hooked", Py_NewRef(&Hooked_Type)) < 0) {
         Py_DECREF(module);
         return NULL;
     }
