@@ -17,14 +17,12 @@ import contextlib
 import functools
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from typing import Any
 
 from ._core import loops
 from ._core.settings import extension
 
 __all__ = ["Patch", "hooked", "loop_start_patches"]
-
-_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 class Patch:
@@ -63,7 +61,7 @@ class Patch:
             self.replacement = self.original = None
 
 
-def hooked(original: _F, before: Callable[..., None] | None = None, after: Callable[..., None] | None = None) -> _F:
+def hooked(original: Any, before: Callable[..., None] | None = None, after: Callable[..., None] | None = None) -> Any:
     """*original*, calling *before* with its arguments first and *after*
     once it returned.  In C where asyncwatch's extension was built
     (`_ctask.Hooked`): a Python wrapper is a frame of ours in every
@@ -75,7 +73,7 @@ def hooked(original: _F, before: Callable[..., None] | None = None, after: Calla
         for name in ("__module__", "__name__", "__qualname__", "__doc__"):
             with contextlib.suppress(AttributeError):
                 setattr(made, name, getattr(original, name))
-        return cast(_F, made)
+        return made
 
     @functools.wraps(original)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -86,7 +84,7 @@ def hooked(original: _F, before: Callable[..., None] | None = None, after: Calla
             after(*args, **kwargs)
         return result
 
-    return cast(_F, wrapper)
+    return wrapper
 
 
 def loop_start_patches(watch_starting_loop: Callable[..., None]) -> list[Patch]:
@@ -105,7 +103,7 @@ def loop_start_patches(watch_starting_loop: Callable[..., None]) -> list[Patch]:
 
         return _set_running_loop
 
-    def lazy_init(original: Callable[[Any], None]) -> Callable[[Any], None]:
+    def lazy_init(original: Callable[[Any], None]) -> Any:
         # uvloop keeps its own reference to asyncio's _set_running_loop, so a
         # uvloop loop given to asyncio.Runner (uvloop.run() does that) never
         # goes through the hook above: catch it as the Runner makes it,
@@ -115,7 +113,7 @@ def loop_start_patches(watch_starting_loop: Callable[..., None]) -> list[Patch]:
 
         return hooked(original, after=made)
 
-    def run_until_complete(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    def run_until_complete(original: Callable[[Any, Any], Any]) -> Any:
         # loop.run_until_complete(coro) makes the task for coro before the
         # loop starts running: attach a loop made by hand first, so that
         # task is ours too.

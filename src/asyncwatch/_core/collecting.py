@@ -21,7 +21,7 @@ and contain their own errors (they report them to their detector's
 context).  After any other collection no Python runs: the entry is
 `_ctask.Collecting` where asyncwatch's extension was built (a Python entry
 lets signal handlers run inside a long C call: see _ctask.c), else
-`_PyCollecting`.
+`pygc.Collecting`.
 """
 
 from __future__ import annotations
@@ -36,34 +36,13 @@ from .settings import extension
 __all__ = ["after_collections", "collecting", "hold", "no_longer_after_collections"]
 
 
-class _PyCollecting:
-    """`_ctask.Collecting` in Python: the same fields and protocol."""
-
-    def __init__(self) -> None:
-        self.thread = 0  # threading.get_ident() of the thread collecting; 0 when none
-        self.held = False
-        self.flushes: tuple[Callable[[], None], ...] = ()
-
-    # Named so: the watchdog finds the program's frame below a frame of
-    # this name (paused_frames.callback_frame).
-    def _gc_callback(self, phase: str, _info: dict[str, Any]) -> None:
-        if phase == "start":
-            self.thread = threading.get_ident()
-            return
-        self.thread = 0
-        if self.held:
-            self.held = False
-            for flush in self.flushes:
-                flush()
-
-    __call__ = _gc_callback
-
-
 def _make_callback() -> Any:
     ctask = extension()
     if ctask is not None and hasattr(ctask, "Collecting"):
         return ctask.Collecting()
-    return _PyCollecting()
+    from . import pygc
+
+    return pygc.Collecting()
 
 
 _lock = threading.Lock()

@@ -66,43 +66,15 @@ IMPORT = "import"
 assert frozenset({GC, GIL, STARVED, IMPORT}) == NOT_THE_PROGRAMS
 
 
-class _PyGcTimer:
-    """`_ctask.GcTimer` in Python, where the extension is not built: the
-    same fields, the same ``gc.callbacks`` protocol.  A Python function
-    there lets signal handlers run inside a long C call (see _ctask.c)."""
-
-    def __init__(self, pauses: collections.deque[tuple[float, float, float, int]], floor: float) -> None:
-        self.total = 0.0
-        self.started = 0.0  # wall clock, while a collection runs
-        self.started_cpu = 0.0
-        self.started_by = 0  # the thread running it
-        self.pauses = pauses
-        self.floor = floor
-
-    # Named so: the watchdog finds the program's frame below a frame of
-    # this name (paused_frames.callback_frame).
-    def _gc_callback(self, phase: str, info: dict[str, Any]) -> None:
-        if phase == "start":
-            self.started_cpu = time.thread_time()
-            self.started_by = threading.get_ident()
-            self.started = time.perf_counter()  # last: set, the two above are this collection's
-        elif self.started:
-            spent = time.thread_time() - self.started_cpu
-            self.total += spent
-            if spent >= self.floor:
-                self.pauses.append((time.perf_counter(), spent, self.started, self.started_by))
-            self.started = 0.0
-
-    __call__ = _gc_callback
-
-
 def _gc_timer(pauses: collections.deque[tuple[float, float, float, int]], floor: float) -> Any:
     """The collector clock's ``gc.callbacks`` entry: `_ctask.GcTimer` where
-    asyncwatch's extension was built, else `_PyGcTimer`."""
+    asyncwatch's extension was built, else `pygc.GcTimer`."""
     ctask = extension()
     if ctask is not None and hasattr(ctask, "GcTimer"):
         return ctask.GcTimer(pauses, floor)
-    return _PyGcTimer(pauses, floor)
+    from .._core import pygc
+
+    return pygc.GcTimer(pauses, floor)
 
 
 class GcClock:
@@ -123,16 +95,6 @@ class GcClock:
         #: it) of the last long collections
         self.pauses: collections.deque[tuple[float, float, float, int]] = collections.deque(maxlen=64)
         self.timer = _gc_timer(self.pauses, self.PAUSE_FLOOR_S)
-
-    @property
-    def total(self) -> float:
-        """CPU time of the finished collections."""
-        return float(self.timer.total)
-
-    @property
-    def started(self) -> float:
-        """When the collection running now began (wall clock); 0.0 when none runs."""
-        return float(self.timer.started)
 
     def pauses_since(
         self, since: float, now: float, floor: float, thread_id: int | None = None, thread_cpu: float | None = None
