@@ -37,6 +37,7 @@ from asyncwatch.testing import CollectingReporter
 from conftest import base_factory, flush_what_the_run_left, line_of
 
 THRESHOLD_MS = 100
+BLOCK_S = 0.3  # a blocking step: well over the threshold
 
 # json.loads of this body: ~0.25 s of CPU in one C call (3.11-3.13), and no
 # collection (floats are not tracked by the collector).
@@ -917,6 +918,54 @@ class TestCodeTheInterpreterRanInsideACall:
         sorted([3, 1, 2], key=key)
         [stall] = seen
         assert stall.site is not None and stall.site.line == line_of("# <- the key function runs")
+
+
+class TestAFinalizerThatBlocks:
+    """A ``__del__`` that blocks is the stall itself: a look on time sees
+    it running, and its line is the site (the call it ran inside, as for a
+    finalizer a late look lands in, was the `conn = None` line: a wrong
+    site, in every corpus run)."""
+
+    def test_a_del_that_sleeps_at_a_refcount_drop_is_the_site(self, watched):
+        class Connection:
+            def __del__(self):
+                time.sleep(BLOCK_S)  # <- a sync close handshake
+
+        async def main():
+            conn = Connection()
+            await asyncio.sleep(0)
+            conn = None  # noqa: F841  (the drop that runs __del__)
+            await asyncio.sleep(0)
+
+        watched.run(main, slow_callback_ms=THRESHOLD_MS)
+        [finding] = slow_of(watched)
+        assert finding.site is not None and finding.site.line == line_of("# <- a sync close handshake")
+        assert finding.cause == "blocking_io"
+
+    def test_a_del_that_sleeps_when_the_collector_frees_it_is_the_site(self, watched):
+        class Connection:
+            def __init__(self):
+                self.me = self  # a cycle: only the collector frees it
+
+            def __del__(self):
+                time.sleep(BLOCK_S)  # <- closes when collected
+
+        async def main():
+            Connection()
+            await asyncio.sleep(0)
+            gc.collect()  # holding the GIL a while first, over a large heap
+            await asyncio.sleep(0)
+
+        # A large heap, as a service's: the collection holds the GIL tens
+        # of milliseconds before it calls __del__, and the watchdog's look
+        # waits for it (the site was the gc.collect() line, under load).
+        heap = [[] for _ in range(1_500_000)]
+        try:
+            watched.run(main, slow_callback_ms=THRESHOLD_MS)
+        finally:
+            heap.clear()
+        [finding] = [f for f in slow_of(watched) if counts_against_program(f)]
+        assert finding.site is not None and finding.site.line == line_of("# <- closes when collected")
 
 
 class TestACollectorPauseIsDatedFromTheCollection:

@@ -110,7 +110,10 @@ class Look:
     threshold, its line.  *held_line*: a step newly seen by a wake-up late by
     half the threshold or more, its line (where a hold of the GIL let go).
     *in_program*: a step newly seen by a late wake-up, at a line of the
-    program, on any loop.
+    program, on any loop.  *inner*: the stall followed (or *captured*) was
+    read with code the interpreter entered inside a call left out
+    (`Stall.interrupted`), and this look read it with that code in
+    (`LoopProbe._still_inside`).
     """
 
     __slots__ = (
@@ -122,6 +125,7 @@ class Look:
         "held_line",
         "idle",
         "in_program",
+        "inner",
         "same_step",
         "tentative",
         "thread_id",
@@ -140,6 +144,7 @@ class Look:
         tentative: Stall | None = None,
         held_line: Stall | None = None,
         in_program: bool = False,
+        inner: Stall | None = None,
     ) -> None:
         self.thread_id = thread_id
         self.compiled = compiled
@@ -152,6 +157,7 @@ class Look:
         self.tentative = tentative
         self.held_line = held_line
         self.in_program = in_program
+        self.inner = inner
 
 
 class LoopProbe:
@@ -448,6 +454,11 @@ class LoopProbe:
                 captured = self._dated_line(now, self._capture(loop, top, chain, self.held_since))
             elif self.beat_next and now - self.held_since >= self.threshold_s * TENTATIVE_SHARE:
                 tentative = self._dated_line(now, self._capture(loop, top, chain))
+        inner: Stall | None = None
+        stall = self.stall or captured
+        if same_step and stall is not None and stall.interrupted:
+            inner = read_stall(loop, top, chain, waited=False)
+        del stall
         self.meter.glance(thread_id, late + (wake.head if wake is not None else 0.0), self.threshold_s)
         # The step newly seen, kept like `held` (the probe's, so that
         # `Watchdog.remove` lets go of it): no local of ours refers to the
@@ -455,7 +466,7 @@ class LoopProbe:
         self.seen = callback if not idle and not same_step else None
         self.seen_beats = self.beats
         return Look(
-            thread_id, compiled, idle, same_step, early, captured, dated, fresh, tentative, held_line, in_program
+            thread_id, compiled, idle, same_step, early, captured, dated, fresh, tentative, held_line, in_program, inner
         )
 
     def _dated_line(self, now: float, seen: Stall) -> Stall:
@@ -530,6 +541,7 @@ class LoopProbe:
             return self.tick_s
         meter.note_others(prev, clocks, thread_id)
         if look.same_step:
+            self._still_inside(look.inner, look.captured, clocks)
             return self._still(now, look.captured, look.tentative)
         dated = self._dated_since(look, held_by, now, wake, prev, clocks)
         if dated is not None and prev is not None:
@@ -598,6 +610,31 @@ class LoopProbe:
         self.held_beats = self.seen_beats
         self.seen = None
         self.dated_line = None
+
+    def _still_inside(self, inner: Stall | None, captured: Stall | None, clocks: Clocks) -> None:
+        """A look reads a stall as where the loop thread let the GIL go, and
+        code the interpreter ran inside a call there (a finalizer the
+        collector called, a signal handler) as a moment's visit, left out
+        for the call's line (`Stall.interrupted`).  *inner*, the same
+        stall read with that code in, still inside that call, while the
+        loop thread was off CPU most of the stall so far: that code blocks
+        (a __del__ that sleeps: at `conn = None`, or after the collection
+        that freed it held the GIL 100 ms), and its line is the stall's.
+        On CPU, it may be one finalizer of many that a long call ran, and
+        the call stays the site (a json.loads, 30 runs of 30)."""
+        stall = self.stall or captured
+        mark = self.meter.mark
+        if inner is None or stall is None or not stall.interrupted or mark is None:
+            return
+        if inner.site is None or inner.site == stall.site or stall.site not in inner.stack:
+            return
+        busy = clocks.loop_cpu - mark.loop_cpu
+        if clocks.loop_wait is not None and mark.loop_wait is not None:
+            busy += clocks.loop_wait - mark.loop_wait  # preempted is not blocked
+        if busy >= (clocks.wall - mark.wall) / 2:
+            return
+        stall.site, stall.stack, stall.explicit_gc = inner.site, inner.stack, inner.explicit_gc
+        stall.interrupted = False
 
     def _still(self, now: float, captured: Stall | None, tentative: Stall | None = None) -> float:
         """The step followed is still running: how soon to look again."""

@@ -248,13 +248,18 @@ def _entered_by_the_interpreter() -> set[CodeType]:
     return codes
 
 
-def read_stall(loop: asyncio.AbstractEventLoop, top: FrameType, chain: list[FrameType]) -> Stall:
+def read_stall(loop: asyncio.AbstractEventLoop, top: FrameType, chain: list[FrameType], waited: bool = True) -> Stall:
     """The stall the callback whose frames are *chain* (innermost first,
-    *top* the thread's innermost) is in: its line, task and stack."""
+    *top* the thread's innermost) is in: its line, task and stack.
+    *waited*: the look waited for the GIL, so *chain* is where the loop
+    thread let it go, and code the interpreter ran inside a call there (a
+    finalizer, a signal handler) does not take the call's site; a look on
+    time sees what has been running, such as a ``__del__`` that sleeps."""
     # The innermost application frame *of this callback*: never further
     # out than the loop's dispatch (that is whoever runs the loop).
     module = importing(chain)
-    blocking = next((f for f in _interrupted(chain) if not is_library_file(f.f_code.co_filename)), None)
+    running = _interrupted(chain) if waited else chain
+    blocking = next((f for f in running if not is_library_file(f.f_code.co_filename)), None)
     if module is not None and blocking is not None and blocking.f_code.co_filename.startswith("<"):
         # Code a library exec'd while being imported (dataclasses'
         # "<string>" __init__): the application's line is the import.
@@ -295,7 +300,7 @@ def read_stall(loop: asyncio.AbstractEventLoop, top: FrameType, chain: list[Fram
     del task  # never keep the user's task alive
     library_only = bool(chain) and blocking is None
     explicit_gc = blocking is not None and calls_gc_collect(blocking)
-    return Stall(
+    stall = Stall(
         site,
         stack_of(chain),
         name,
@@ -306,3 +311,5 @@ def read_stall(loop: asyncio.AbstractEventLoop, top: FrameType, chain: list[Fram
         library_only=library_only,
         explicit_gc=explicit_gc,
     )
+    stall.interrupted = running is not chain
+    return stall

@@ -21,6 +21,7 @@ class Stall:
         "created_at",
         "explicit_gc",
         "importing",
+        "interrupted",
         "late",
         "library_only",
         "site",
@@ -58,6 +59,10 @@ class Stall:
         # running then, which is the call's when the watchdog asked for the
         # GIL during it, and may be one just after when it asked later.
         self.late = False
+        # Read by a look that waited for the GIL, with code the interpreter
+        # entered inside the call (a finalizer) left out, which a later
+        # look on time may find still running (`LoopProbe._still_inside`).
+        self.interrupted = False
 
 
 class Compiled:
