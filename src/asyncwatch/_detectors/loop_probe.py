@@ -457,7 +457,7 @@ class LoopProbe:
         inner: Stall | None = None
         stall = self.stall or captured
         if same_step and stall is not None and stall.interrupted:
-            inner = read_stall(loop, top, chain, waited=False)
+            inner = read_stall(loop, top, chain, as_a_visit=False)
         del stall
         self.meter.glance(thread_id, late + (wake.head if wake is not None else 0.0), self.threshold_s)
         # The step newly seen, kept like `held` (the probe's, so that

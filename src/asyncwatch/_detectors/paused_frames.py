@@ -248,17 +248,20 @@ def _entered_by_the_interpreter() -> set[CodeType]:
     return codes
 
 
-def read_stall(loop: asyncio.AbstractEventLoop, top: FrameType, chain: list[FrameType], waited: bool = True) -> Stall:
+def read_stall(
+    loop: asyncio.AbstractEventLoop, top: FrameType, chain: list[FrameType], as_a_visit: bool = True
+) -> Stall:
     """The stall the callback whose frames are *chain* (innermost first,
     *top* the thread's innermost) is in: its line, task and stack.
-    *waited*: the look waited for the GIL, so *chain* is where the loop
-    thread let it go, and code the interpreter ran inside a call there (a
-    finalizer, a signal handler) does not take the call's site; a look on
-    time sees what has been running, such as a ``__del__`` that sleeps."""
+    *as_a_visit*: code the interpreter ran inside a call (a finalizer, a
+    signal handler), where a look that waits for the GIL lands, is a
+    moment's visit and does not take the call's site (`Stall.interrupted`
+    says when it was left out); False reads it in, for a look that checks
+    whether it is still running (`LoopProbe._still_inside`)."""
     # The innermost application frame *of this callback*: never further
     # out than the loop's dispatch (that is whoever runs the loop).
     module = importing(chain)
-    running = _interrupted(chain) if waited else chain
+    running = _interrupted(chain) if as_a_visit else chain
     blocking = next((f for f in running if not is_library_file(f.f_code.co_filename)), None)
     if module is not None and blocking is not None and blocking.f_code.co_filename.startswith("<"):
         # Code a library exec'd while being imported (dataclasses'
