@@ -1,14 +1,16 @@
 """What asyncwatch costs per unit of work, in CPU instructions counted by valgrind's callgrind.
 
-    python benchmarks/instructions.py                        # this interpreter, both loops, four workloads
+    python benchmarks/instructions.py                        # this interpreter, both loops, five workloads
     python benchmarks/instructions.py --python python3.11 --python /path/to/python3.13 --jobs 2
     python benchmarks/instructions.py --workloads task_churn --modes plain python-factory task-subclass asyncwatch
 
 Wall and even CPU time swing by several percent from run to run on a shared
 machine; an instruction count does not.  Each of `workloads.py`'s four timed
-workloads runs twice in a fresh interpreter under ``valgrind --tool=callgrind``,
-once with N units of work and once with 2N (tasks, callbacks, echoed messages,
-queue items), and the difference divided by N is what one unit costs:
+workloads, and ``allocating`` (steps that build containers: a young
+collection every ~700, what ``gc.callbacks`` entries cost), runs twice in a
+fresh interpreter under ``valgrind --tool=callgrind``, once with N units of
+work and once with 2N (tasks, callbacks, echoed messages, queue items,
+rounds of 1,000 containers), and the difference divided by N is what one unit costs:
 interpreter start-up, imports and set-up cancel out.  The garbage collector
 is on, as in a real program, so what asyncwatch's imports leave alive (which
 every collection walks again) counts.
@@ -95,6 +97,7 @@ SIZES: dict[str, tuple[dict[str, int], str, str]] = {
     "call_soon": ({"callbacks": 200_000, "chains": 4}, "callbacks", "callback"),
     "tcp_echo": ({"clients": 10, "messages": 300, "payload": 100, "timeout_s": 600}, "messages", "message"),
     "producer_consumer": ({"items": 20_000, "consumers": 8, "concurrency": 4, "maxsize": 10}, "items", "item"),
+    "allocating": ({"rounds": 300, "containers": 1_000}, "rounds", "round"),
 }
 #: How many units the size stands for (tcp_echo: messages per client).
 UNITS_PER_SIZE = {"tcp_echo": lambda sizes: sizes["clients"]}

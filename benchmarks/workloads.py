@@ -112,6 +112,23 @@ async def call_soon_chain(sizes: Sizes) -> Info:
     return {"callbacks": counted}
 
 
+# --- allocating --------------------------------------------------------------
+
+
+async def allocating(sizes: Sizes) -> Info:
+    """Steps that build many small containers, as a parser's output: a young
+    collection every ~700 of them, so what ``gc.callbacks`` entries cost each
+    collection shows (the other workloads barely collect)."""
+    rounds, containers = sizes["rounds"], sizes["containers"]
+    made = 0
+    for done in range(rounds):
+        batch = [[i, [i]] for i in range(containers)]
+        made += len(batch)
+        if done % 10 == 9:
+            await asyncio.sleep(0)
+    return {"containers": made * 2}
+
+
 # --- TCP echo ------------------------------------------------------------------
 
 
@@ -334,6 +351,14 @@ WORKLOADS: dict[str, Workload] = {
             smoke={"items": 1_000, "consumers": 8, "concurrency": 4, "maxsize": 10},
         ),
         Workload(
+            name="allocating",
+            description="steps building small containers: young collections, what gc.callbacks cost",
+            run=allocating,
+            full={"rounds": 3_000, "containers": 1_000},
+            smoke={"rounds": 20, "containers": 1_000},
+            tags=frozenset({"collector"}),
+        ),
+        Workload(
             name="million_tasks",
             description="memory: segments of short tasks (some failing, some cancelled), RSS sampled",
             run=million_tasks,
@@ -352,7 +377,8 @@ WORKLOADS: dict[str, Workload] = {
     )
 }
 
-#: The workloads `run.py` times by default.
-TIMED: tuple[str, ...] = tuple(name for name, w in WORKLOADS.items() if "memory" not in w.tags)
+#: The workloads `run.py` times by default (``allocating`` is counted in
+#: instructions only, by instructions.py).
+TIMED: tuple[str, ...] = tuple(name for name, w in WORKLOADS.items() if not w.tags)
 #: The workload `memory.py` runs.
 MEMORY = "million_tasks"
