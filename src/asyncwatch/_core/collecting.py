@@ -33,16 +33,19 @@ from typing import Any
 
 from .settings import extension
 
-__all__ = ["after_collections", "collecting", "hold", "no_longer_after_collections"]
+__all__ = ["after_collections", "collecting", "gc_entry", "hold", "no_longer_after_collections"]
 
 
-def _make_callback() -> Any:
+def gc_entry(kind: str, *args: Any) -> Any:
+    """A ``gc.callbacks`` entry of asyncwatch's: ``_ctask.<kind>(*args)``
+    where the extension was built, else ``pygc.<kind>(*args)`` (the same
+    fields and protocol, in Python)."""
     ctask = extension()
-    if ctask is not None and hasattr(ctask, "Collecting"):
-        return ctask.Collecting()
+    if ctask is not None and hasattr(ctask, kind):
+        return getattr(ctask, kind)(*args)
     from . import pygc
 
-    return pygc.Collecting()
+    return getattr(pygc, kind)(*args)
 
 
 _lock = threading.Lock()
@@ -71,7 +74,7 @@ def after_collections(flush: Callable[[], None]) -> None:
     global _callback
     with _lock:
         if _callback is None:
-            _callback = _make_callback()
+            _callback = gc_entry("Collecting")
         if flush not in _callback.flushes:
             _callback.flushes = (*_callback.flushes, flush)
         if _callback not in gc.callbacks:

@@ -38,8 +38,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .._core.collecting import gc_entry
 from .._core.findings import NOT_THE_PROGRAMS
-from .._core.settings import extension
 
 __all__ = [
     "BLOCKING_IO",
@@ -66,24 +66,13 @@ IMPORT = "import"
 assert frozenset({GC, GIL, STARVED, IMPORT}) == NOT_THE_PROGRAMS
 
 
-def _gc_timer(pauses: collections.deque[tuple[float, float, float, int]], floor: float) -> Any:
-    """The collector clock's ``gc.callbacks`` entry: `_ctask.GcTimer` where
-    asyncwatch's extension was built, else `pygc.GcTimer`."""
-    ctask = extension()
-    if ctask is not None and hasattr(ctask, "GcTimer"):
-        return ctask.GcTimer(pauses, floor)
-    from .._core import pygc
-
-    return pygc.GcTimer(pauses, floor)
-
-
 class GcClock:
     """CPU time spent in garbage collection, from ``gc.callbacks``.
 
     CPU time, not wall time: a collection preempted by the machine's other
     work is counted once, as the wait for a CPU.  One append to the list
     while installed (removed, never replaced, on uninstall); the callback
-    (`_gc_timer`, in C where it can be) costs three clock reads per
+    (`_ctask.GcTimer`, in C where it can be) costs three clock reads per
     collection, which already walks hundreds of objects.
     """
 
@@ -94,7 +83,7 @@ class GcClock:
         #: (when it ended, CPU seconds, when it began, the thread that ran
         #: it) of the last long collections
         self.pauses: collections.deque[tuple[float, float, float, int]] = collections.deque(maxlen=64)
-        self.timer = _gc_timer(self.pauses, self.PAUSE_FLOOR_S)
+        self.timer = gc_entry("GcTimer", self.pauses, self.PAUSE_FLOOR_S)
 
     def pauses_since(
         self, since: float, now: float, floor: float, thread_id: int | None = None, thread_cpu: float | None = None
