@@ -172,7 +172,11 @@ class TestASignalDuringALongCCall:
         made = self._alarms_during_one_call(handler, installed)
         assert len(installed) == 2  # the collector clock's, and collecting's
         assert len(made) == self.CONTAINERS
-        assert ran[0] == ("main", line_of("# <- the long C call"))
+        # The next alarm can land as the handler itself starts (the
+        # interpreter checks again on entering it), and that nested call
+        # appends first: it interrupted the handler, not the C call.
+        interrupted = [site for site in ran if site[0] != "handler"]
+        assert interrupted[0] == ("main", line_of("# <- the long C call"))
 
     def test_a_keyboard_interrupt_it_raises_reaches_the_program(self, installed: list[Any]) -> None:
         with pytest.raises(KeyboardInterrupt):

@@ -968,6 +968,56 @@ class TestAFinalizerThatBlocks:
         assert finding.site is not None and finding.site.line == line_of("# <- closes when collected")
 
 
+class TestAnImportInsideALongerStall:
+    """A look that lands inside an import calls the stall start-up work
+    (cause import, never failing a test); a step that imports and then
+    blocks on its own for longer than the threshold is the program's stall
+    all the same.  In a corpus, a callback's int() of a long string was
+    excused as an import, 1 run in 6 under load: the look landed in the
+    lazy import of _pylong that the conversion starts with."""
+
+    @pytest.fixture
+    def slow_module(self, tmp_path, monkeypatch):
+        """The name of a module, not yet imported, whose top level blocks
+        past the threshold (each test's own: an import runs once)."""
+        name = f"slowstart_{os.getpid()}_{time.monotonic_ns()}"
+        (tmp_path / f"{name}.py").write_text(f"import time\ntime.sleep({BLOCK_S})  # <- start-up work\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        yield name
+        sys.modules.pop(name, None)
+
+    def test_blocking_after_the_import_is_the_programs_at_its_line(self, watched, slow_module):
+        import importlib
+
+        async def main():
+            await asyncio.sleep(0.02)
+            importlib.import_module(slow_module)
+            time.sleep(BLOCK_S)  # <- the step's own blocking, after the import
+            await asyncio.sleep(0.02)
+
+        watched.run(main, slow_callback_ms=THRESHOLD_MS)
+        [finding] = slow_of(watched)
+        assert finding.site is not None and finding.site.file == __file__
+        assert finding.site.line == line_of("# <- the step's own blocking, after the import")
+        assert finding.cause == "blocking_io"
+        assert counts_against_program(finding)
+
+    def test_an_import_followed_by_a_short_step_is_still_start_up_work(self, watched, slow_module):
+        import importlib
+
+        async def main():
+            await asyncio.sleep(0.02)
+            importlib.import_module(slow_module)
+            time.sleep(THRESHOLD_MS / 1000 / 4)  # a quarter of the threshold: not a stall of its own
+            await asyncio.sleep(0.02)
+
+        watched.run(main, slow_callback_ms=THRESHOLD_MS)
+        [finding] = slow_of(watched)
+        assert finding.cause == "import"
+        assert finding.site is not None and finding.site.file.endswith(f"{slow_module}.py")
+        assert not counts_against_program(finding)
+
+
 class TestACollectorPauseIsDatedFromTheCollection:
     def test_a_collection_that_began_after_the_wake_up_was_due_dates_the_stall(self):
         """A wake-up due on the watchdog's own clock, 63 ms before the

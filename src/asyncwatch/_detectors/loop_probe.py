@@ -113,7 +113,8 @@ class Look:
     program, on any loop.  *inner*: the stall followed (or *captured*) was
     read with code the interpreter entered inside a call left out
     (`Stall.interrupted`), and this look read it with that code in
-    (`LoopProbe._still_inside`).
+    (`LoopProbe._still_inside`).  *reread*: the stall followed was read
+    inside an import, and this look read it again (`LoopProbe._past_import`).
     """
 
     __slots__ = (
@@ -126,6 +127,7 @@ class Look:
         "idle",
         "in_program",
         "inner",
+        "reread",
         "same_step",
         "tentative",
         "thread_id",
@@ -145,6 +147,7 @@ class Look:
         held_line: Stall | None = None,
         in_program: bool = False,
         inner: Stall | None = None,
+        reread: Stall | None = None,
     ) -> None:
         self.thread_id = thread_id
         self.compiled = compiled
@@ -158,6 +161,7 @@ class Look:
         self.held_line = held_line
         self.in_program = in_program
         self.inner = inner
+        self.reread = reread
 
 
 class LoopProbe:
@@ -454,11 +458,9 @@ class LoopProbe:
                 captured = self._dated_line(now, self._capture(loop, top, chain, self.held_since))
             elif self.beat_next and now - self.held_since >= self.threshold_s * TENTATIVE_SHARE:
                 tentative = self._dated_line(now, self._capture(loop, top, chain))
-        inner: Stall | None = None
-        stall = self.stall or captured
-        if same_step and stall is not None and stall.interrupted:
-            inner = read_stall(loop, top, chain, as_a_visit=False)
-        del stall
+        inner = reread = None
+        if same_step:
+            inner, reread = self._reread(loop, top, chain, captured, now)
         self.meter.glance(thread_id, late + (wake.head if wake is not None else 0.0), self.threshold_s)
         # The step newly seen, kept like `held` (the probe's, so that
         # `Watchdog.remove` lets go of it): no local of ours refers to the
@@ -466,8 +468,40 @@ class LoopProbe:
         self.seen = callback if not idle and not same_step else None
         self.seen_beats = self.beats
         return Look(
-            thread_id, compiled, idle, same_step, early, captured, dated, fresh, tentative, held_line, in_program, inner
+            thread_id,
+            compiled,
+            idle,
+            same_step,
+            early,
+            captured,
+            dated,
+            fresh,
+            tentative,
+            held_line,
+            in_program,
+            inner,
+            reread,
         )
+
+    def _reread(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        top: FrameType,
+        chain: list[FrameType],
+        captured: Stall | None,
+        now: float,
+    ) -> tuple[Stall | None, Stall | None]:
+        """The step followed, read again while its stall runs: with code
+        the interpreter entered in, when the stall left it out (`Look.inner`);
+        as any look reads it, when the stall was read inside an import
+        (`Look.reread`)."""
+        inner = reread = None
+        stall = self.stall or captured
+        if stall is not None and stall.interrupted:
+            inner = read_stall(loop, top, chain, as_a_visit=False)
+        if self.stall is not None and self._in_import(self.stall, now):
+            reread = read_stall(loop, top, chain)
+        return inner, reread
 
     def _dated_line(self, now: float, seen: Stall) -> Stall:
         """*seen*, the line a look sees the step followed at, or the line a
@@ -542,6 +576,7 @@ class LoopProbe:
         meter.note_others(prev, clocks, thread_id)
         if look.same_step:
             self._still_inside(look.inner, look.captured, clocks)
+            self._past_import(look.reread, now)
             return self._still(now, look.captured, look.tentative)
         dated = self._dated_since(look, held_by, now, wake, prev, clocks)
         if dated is not None and prev is not None:
@@ -635,6 +670,27 @@ class LoopProbe:
             return
         stall.site, stall.stack, stall.explicit_gc = inner.site, inner.stack, inner.explicit_gc
         stall.interrupted = False
+
+    def _in_import(self, stall: Stall, now: float) -> bool:
+        """Whether a look should read *stall* again: it was read inside an
+        import, and the step has not yet run a threshold outside one."""
+        left = stall.left_import_at
+        return stall.importing is not None and (left is None or now - left < self.threshold_s)
+
+    def _past_import(self, reread: Stall | None, now: float) -> None:
+        """The stall followed, read inside an import, as this look read it
+        again: out of every import since *now* (its line kept until it has
+        run a threshold outside one, as a stall's line is the one running
+        at the crossing), or back inside one."""
+        stall = self.stall
+        if stall is None or reread is None:
+            return
+        if reread.importing is not None:
+            stall.after_import = stall.left_import_at = None
+            return
+        if stall.left_import_at is None:
+            stall.left_import_at = now
+        stall.after_import = reread
 
     def _still(self, now: float, captured: Stall | None, tentative: Stall | None = None) -> float:
         """The step followed is still running: how soon to look again."""
@@ -818,6 +874,7 @@ class LoopProbe:
                 self.emit(self._finding(stall, end, measured))
 
     def _finding(self, stall: Stall, end: float, measured: bool) -> Finding:
+        stall = stall.past_import(end, self.threshold_s)
         if measured:
             # On the loop thread, which reads no clock for us: the last
             # look's measure, its shares carried on to the end.

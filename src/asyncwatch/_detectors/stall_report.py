@@ -16,6 +16,7 @@ __all__ = ["COMPILED", "Compiled", "Stall", "stall_finding"]
 
 class Stall:
     __slots__ = (
+        "after_import",
         "callback",
         "coroutine",
         "created_at",
@@ -23,6 +24,7 @@ class Stall:
         "importing",
         "interrupted",
         "late",
+        "left_import_at",
         "library_only",
         "site",
         "stack",
@@ -63,6 +65,22 @@ class Stall:
         # entered inside the call (a finalizer) left out, which a later
         # look on time may find still running (`LoopProbe._still_inside`).
         self.interrupted = False
+        # Read inside an import: the same step as later looks saw it, out
+        # of every import, and since when (`LoopProbe._past_import`).
+        self.after_import: Stall | None = None
+        self.left_import_at: float | None = None
+
+    def past_import(self, end: float, threshold_s: float) -> Stall:
+        """The stall to report once it ended at *end*: this one, or, when
+        it was read inside an import and the step then ran on outside any
+        import for a threshold or more (a stall of its own), the line it
+        ran at then.  A look that landed in a step's lazy import (int() of
+        a long string starts with _pylong's) excused the whole step as
+        start-up work."""
+        after, left = self.after_import, self.left_import_at
+        if after is None or left is None or end - left < threshold_s:
+            return self
+        return after
 
 
 class Compiled:
