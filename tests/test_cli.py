@@ -142,6 +142,62 @@ class TestFindingsFile:
         site = {"file": str(app), "line": line_in(app, "# <- wired up here"), "function": "main"}
         assert finding["site"] == finding["scheduled_at"] == site
 
+    def _package_wired_in(self, tmp_path, *registrations):
+        """jobs.py defines the coroutine function; each registration is a
+        module of that name whose start() gives it to the loop; app.py, the
+        main script, only calls each start()."""
+        (tmp_path / "jobs.py").write_text("async def flush_metrics():\n    pass\n")
+        for name in registrations:
+            (tmp_path / f"{name}.py").write_text(
+                textwrap.dedent(
+                    """\
+                    import asyncio
+                    import jobs
+
+                    def start():
+                        asyncio.get_running_loop().call_soon(jobs.flush_metrics)  # <- wired up here
+                    """
+                )
+            )
+        app = tmp_path / "app.py"
+        imports = "".join(f"import {name}\n" for name in registrations)
+        starts = "".join(f"    {name}.start()\n" for name in registrations)
+        app.write_text(
+            f"import asyncio\n{imports}\nasync def main():\n{starts}    await asyncio.sleep(0.01)\n\nasyncio.run(main())\n"
+        )
+        return app
+
+    @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+    def test_a_coroutine_function_wired_up_in_a_third_module_is_reported_there(self, tmp_path, loop):
+        """Defined in one module, given to the loop in another that is not
+        the main script (a package's server module): neither first file has
+        the registration, and the program's other modules do, once."""
+        pytest.importorskip(loop)
+        app = self._package_wired_in(tmp_path, "server")
+        out = tmp_path / "findings.jsonl"
+        result = run("run", "--findings", str(out), "--loop", loop, "--no-summary", str(app), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        [finding] = [json.loads(line) for line in out.read_text().splitlines()]
+        assert finding["kind"] == "coroutine_never_awaited"
+        server = tmp_path / "server.py"
+        site = {"file": str(server), "line": line_in(server, "# <- wired up here"), "function": "start"}
+        assert finding["site"] == finding["scheduled_at"] == site
+        assert f"server.py:{site['line']}" in finding["message"]
+
+    @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+    def test_two_modules_wiring_it_up_give_no_line(self, tmp_path, loop):
+        """Two registrations, in two modules: either can have made the
+        coroutine the loop dropped, and neither is named."""
+        pytest.importorskip(loop)
+        app = self._package_wired_in(tmp_path, "server", "worker")
+        out = tmp_path / "findings.jsonl"
+        result = run("run", "--findings", str(out), "--loop", loop, "--no-summary", str(app), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        found = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [f["kind"] for f in found] == ["coroutine_never_awaited"] * 2
+        assert all(f["site"] is None and f["scheduled_at"] is None for f in found)
+        assert all("scheduled is unknown" in f["message"] for f in found)
+
 
 class TestTheProgramSeesPlainPython:
     def test_argv_name_and_exit_status_are_unchanged(self, clean):

@@ -134,6 +134,41 @@ class TestUnderAsyncwatchRun:
         assert finding["site"] is None and finding["created_at"] is None
         assert "where it was created is not known; track_coroutine_origins=True records it" in finding["message"]
 
+    def test_a_kept_coroutine_made_in_a_third_module_is_reported_there(self, tmp_path):
+        """Defined in jobs.py, made and kept in deferred.py, run from app.py:
+        the first two files read have no such call, the program's other
+        modules have one."""
+        script(tmp_path, "async def flush_metrics(name):\n    pass\n", "jobs.py")
+        deferred = script(
+            tmp_path,
+            """\
+            import jobs
+
+            DEFERRED = []
+
+            def later():
+                DEFERRED.append(jobs.flush_metrics("requests"))  # <- the coroutine
+            """,
+            "deferred.py",
+        )
+        _program, _result, finding = the_finding(
+            tmp_path,
+            """\
+            import asyncio
+            import deferred
+
+            async def main():
+                deferred.later()
+                await asyncio.sleep(0)
+
+            asyncio.run(main())
+            """,
+        )
+        assert finding["kind"] == "coroutine_never_awaited"
+        line = line_in(deferred, "# <- the coroutine")
+        assert finding["site"] == {"file": str(deferred), "line": line, "function": "later"}
+        assert f"the source tells: at deferred.py:{line}, the only call of flush_metrics()" in finding["message"]
+
     def test_a_coroutine_function_registered_with_atexit_is_reported_where_it_was_registered(self, tmp_path):
         program, _result, finding = the_finding(
             tmp_path,

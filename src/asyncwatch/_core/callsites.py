@@ -21,17 +21,20 @@ such a finding is made, never per call or per coroutine.
   function to something that calls it as a plain function and drops the
   coroutine (``atexit.register(close)``, ``Thread(target=poll)``).
 
-The files read are the function's own and the main module's, where a
-program's wiring usually is.  A line is named only when exactly one line in
-them can have been the one: a callback passed through a variable, or two
-such lines, give None, since a confident wrong line is worse than none.
+The files are read in tiers: the function's own and the main module's,
+where a program's wiring usually is; only when they hold no such line, the
+program's other modules that spell its name (a package wired up in a module
+that is neither: ``app/server.py`` scheduling ``jobs.flush``).  A line is
+named only when exactly one line in the first tier holding any can have been
+the one: a callback passed through a variable, or two such lines, give None,
+since a confident wrong line is worse than none.
 """
 
 from __future__ import annotations
 
 import ast
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
 from .catchers import dotted_tail, parse_source
@@ -90,38 +93,46 @@ _PLAIN_CALLERS: dict[str, tuple[str | None, int | str]] = {
 }
 
 
-def scheduled_at(
-    files: Sequence[str], name: str, *, lambda_line: int | None = None, or_returning: bool = False
-) -> Site | None:
-    """The one line of *files* that gives the loop a callback named *name*
-    (or, with *lambda_line*, the lambda defined on that line of the first
-    file; with *or_returning*, also a lambda whose body calls *name*), or
-    None where there is none or more than one.  Never raises: a source it
-    cannot read costs the field, not the finding."""
-    return _the_one(files, lambda file: _registrations(file, name, lambda_line, or_returning))
+Tiers = Iterable[Sequence[str]]
 
 
-def made_at(files: Sequence[str], name: str) -> tuple[Site, str | None] | None:
-    """The one line of *files* that calls *name* (a coroutine function's
-    name) without awaiting the result or handing it to asyncio, or that
-    gives the function to something that calls it as a plain function
-    (``atexit.register``, ``Thread(target=...)``, ``run_in_executor``:
-    then with what it was given to), or None where there is none or more
-    than one.  Never raises."""
-    return _the_one(files, lambda file: _made_here(file, name))
+def scheduled_at(tiers: Tiers, name: str, *, lambda_line: int | None = None, or_returning: bool = False) -> Site | None:
+    """The one line of the files in *tiers* that gives the loop a callback
+    named *name* (or, with *lambda_line*, the lambda defined on that line
+    of the first file; with *or_returning*, also a lambda whose body calls
+    *name*), or None where there is none or more than one.  Never raises: a
+    source it cannot read costs the field, not the finding."""
+    return _the_one(tiers, lambda file: _registrations(file, name, lambda_line, or_returning))
 
 
-def _the_one(files: Sequence[str], read: Callable[[str], tuple[_T, ...]]) -> _T | None:
+def made_at(tiers: Tiers, name: str) -> tuple[Site, str | None] | None:
+    """The one line of the files in *tiers* that calls *name* (a coroutine
+    function's name) without awaiting the result or handing it to asyncio,
+    or that gives the function to something that calls it as a plain
+    function (``atexit.register``, ``Thread(target=...)``,
+    ``run_in_executor``: then with what it was given to), or None where
+    there is none or more than one.  Never raises."""
+    return _the_one(tiers, lambda file: _made_here(file, name))
+
+
+def _the_one(tiers: Tiers, read: Callable[[str], tuple[_T, ...]]) -> _T | None:
+    """The one answer of the first tier of files that has any (each tier
+    read only when those before it had none; a file only once)."""
     global _disabled
     if _disabled:
         return None
+    seen: set[str] = set()
     try:
-        found = [site for file in dict.fromkeys(files) for site in read(file)]
+        for files in tiers:
+            fresh = [file for file in dict.fromkeys(files) if file not in seen]
+            seen.update(fresh)
+            found = [site for file in fresh for site in read(file)]
+            if found:
+                return found[0] if len(found) == 1 else None
     except Exception as exc:
         _disabled = True
         report_internal_error("call-site source reader", exc)
-        return None
-    return found[0] if len(found) == 1 else None
+    return None
 
 
 _disabled = False  # after an error of its own (reported once)

@@ -31,12 +31,13 @@ from __future__ import annotations
 import asyncio
 import asyncio.base_events
 import asyncio.events
+import functools
 import os
 import sys
 import threading
 import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .._core.collecting import after_collections, collecting, hold, no_longer_after_collections
@@ -409,7 +410,7 @@ def _made_at(code: Any) -> tuple[Site, str | None] | None:
         from .._core.callsites import made_at  # see `_scheduled_at`
     except ImportError:  # the interpreter is shutting down
         return None
-    found = made_at(_files_to_read(code.co_filename), code.co_name)
+    found = made_at(_tiers(code.co_filename, code.co_name), code.co_name)
     if found is None:
         return None
     site, given_to = found
@@ -433,11 +434,50 @@ def _as_the_source_tells(name: str | None, made: tuple[Site, str | None], advice
     )
 
 
-def _files_to_read(file: str) -> list[str]:
-    """*file*, and the main script: a function is often defined in one module
-    and used where the program is wired up."""
+def _tiers(file: str, name: str) -> Iterator[list[str]]:
+    """The program's files to read for a line that uses *name*, defined in
+    *file*, in the order `callsites` reads them: *file* and the main script
+    (a function is often defined in one module and used where the program
+    is wired up); then, only if they have no such line, the program's other
+    modules that spell *name*."""
     main = getattr(sys.modules.get("__main__"), "__file__", None)
-    return [file] + ([main] if main and not is_library_file(main) else [])
+    yield [file] + ([main] if main and not is_library_file(main) else [])
+    yield list(_naming(name, len(sys.modules)))
+
+
+#: The most modules of the program `_naming` reads, and names: a larger
+#: program is read no further (the first tier still is), and a name spelled
+#: in more modules than that is too common to tell one line by.
+_MODULES_READ = 1000
+_MODULES_NAMING = 50
+
+
+@functools.lru_cache(maxsize=32)
+def _naming(name: str, modules: int) -> tuple[str, ...]:
+    """The program's imported modules (not the standard library's, nor an
+    installed package's) whose source spells *name*; *modules*, how many
+    are imported, only makes a new import read them again."""
+    del modules
+    found: list[str] = []
+    needle = name.encode()
+    read = 0
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        if not isinstance(file, str) or not file.endswith(".py") or is_library_file(file):
+            continue
+        read += 1
+        if read > _MODULES_READ:
+            break
+        try:
+            with open(file, "rb") as source:
+                if needle not in source.read():
+                    continue
+        except OSError:
+            continue
+        found.append(file)
+        if len(found) > _MODULES_NAMING:
+            return ()
+    return tuple(sorted(found))
 
 
 def _scheduled_at(callback: Any, code: Any, *, or_returning: bool = False) -> Site | None:
@@ -452,9 +492,9 @@ def _scheduled_at(callback: Any, code: Any, *, or_returning: bool = False) -> Si
     except ImportError:  # the interpreter is shutting down
         return None
     if callback.co_name == "<lambda>":  # the registration holds the lambda itself
-        site = scheduled_at((callback.co_filename,), code.co_name, lambda_line=callback.co_firstlineno)
+        site = scheduled_at(((callback.co_filename,),), code.co_name, lambda_line=callback.co_firstlineno)
     else:
-        site = scheduled_at(_files_to_read(callback.co_filename), callback.co_name, or_returning=or_returning)
+        site = scheduled_at(_tiers(callback.co_filename, callback.co_name), callback.co_name, or_returning=or_returning)
     return Site(source_path(site.file), site.line, site.function) if site is not None else None
 
 
@@ -484,8 +524,9 @@ def _message(
             return (
                 f"Coroutine {name!r}{defined} was never awaited; the event loop dropped it from compiled code, "
                 f"with no line of the program running: the callback given to the loop at {_short(scheduled)} "
-                "(the only line of its file and the main script giving the loop a callback that is this "
-                "coroutine function or calls it) makes a coroutine the loop ignores; pass a function that calls "
+                "(the only line giving the loop a callback that is this coroutine function or calls it, in its "
+                "file and the main script or, with none there, in the program's other modules) makes a coroutine "
+                "the loop ignores; pass a function that calls "
                 f"asyncio.create_task({_called(name)}(...)) and keeps the task"
             )
         return (
