@@ -47,6 +47,10 @@ async def poll_in_a_timer():
     """Given to a timer on one line of this file."""
 
 
+async def save_report(rows):
+    """Given to an executor inside a lambda, on one line of this file."""
+
+
 def create_save():
     return save("made by a helper")  # <- created in helper
 
@@ -188,6 +192,25 @@ class TestDroppedCoroutineOnALoop:
             # uvloop's handle runs in C: what can have done it is said.
             assert "the event loop dropped it from compiled code" in finding.message
             assert f"the callback given to the loop at test_coroutines.py:{finding.site.line}" in finding.message
+
+    def test_a_coroutine_an_executor_returned_is_reported_where_the_source_made_it(self, watched):
+        """``run_in_executor(None, lambda: save_report(rows))``: the executor
+        returns the coroutine as the future's result, and the loop frees it
+        (uvloop from C, with no callback of the program's to blame): the one
+        line of the source that made it is the site, on both loops."""
+
+        async def main():
+            await asyncio.get_running_loop().run_in_executor(None, lambda: save_report(3))  # <- made in an executor
+            await asyncio.sleep(0.01)
+
+        watched.run(main)
+
+        [finding] = watched.of(NEVER_AWAITED)
+        assert_site(finding, "made in an executor", f"{main.__qualname__}.<locals>.<lambda>")
+        assert finding.created_at == finding.site
+        line = finding.site.line
+        assert f"the source tells: at test_coroutines.py:{line}, the only call of save_report()" in finding.message
+        assert "a callback given to the loop" not in finding.message
 
     @pytest.mark.parametrize("shape", ["call_later", "partial", "method", "done_callback", "lambda", "multiline"])
     def test_the_line_that_gave_the_loop_a_coroutine_function_is_the_site(self, watched, shape):
@@ -425,6 +448,29 @@ class Client:
         self.close()  # <- method called without await
 
 
+CLIENT = Client()  # a global whose async method a truth test forgets to await
+
+
+def forgotten_in_a_condition(form):
+    """The await forgotten in a condition: the coroutine is made, tested
+    (always true) and dropped on the marked line."""
+    if form == "if not obj.method()":
+        if not CLIENT.close():  # <- if not obj.method()
+            pass
+    elif form == "if function()":
+        if save(1):  # <- if function()
+            pass
+    elif form == "is None":
+        if save(2) is None:  # <- is None
+            pass
+    elif form == "while not":
+        while not save(3):  # <- while not
+            pass
+    elif form == "a helper's, in a condition":  # noqa: SIM102 (the marked line tests the call alone)
+        if not create_save():  # <- a helper's, in a condition
+            pass
+
+
 class TestCreatedAtAndDroppedAt:
     """A site never misleads: ``created_at`` and ``dropped_at`` say which line is which,
     and so does the message; the site is the creation line when it is known."""
@@ -445,6 +491,27 @@ class TestCreatedAtAndDroppedAt:
             f"created and dropped at test_coroutines.py:{line_of('# <- created and dropped here')}" in finding.message
         )
         assert finding.to_dict()["dropped_at"] == finding.site.to_dict()
+
+    @pytest.mark.parametrize("form", ["if not obj.method()", "if function()", "is None", "while not"])
+    def test_a_call_forgotten_in_a_condition_is_created_and_dropped_on_its_line(self, installed, form):
+        """``if not store.exists(key):``, the await forgotten: the condition
+        made the coroutine and dropped it once tested."""
+        with capture_findings(NEVER_AWAITED) as found:
+            forgotten_in_a_condition(form)
+
+        [finding] = found
+        line = line_of(f"# <- {form}")
+        assert finding.created_at is not None and finding.created_at.line == line
+        assert finding.created_at == finding.dropped_at == finding.site
+        assert f"created and dropped at test_coroutines.py:{line}" in finding.message
+
+    def test_a_helpers_coroutine_forgotten_in_a_condition_is_not_said_to_be_created_there(self, installed):
+        with capture_findings(NEVER_AWAITED) as found:
+            forgotten_in_a_condition("a helper's, in a condition")
+
+        [finding] = found
+        assert finding.created_at is None
+        assert finding.dropped_at is not None and finding.dropped_at.line == line_of("# <- a helper's, in a condition")
 
     def test_without_the_bytecode_reader_the_finding_is_made_at_the_drop_line(self, installed, monkeypatch):
         """The reader is imported when a finding is made; as the interpreter

@@ -158,18 +158,29 @@ def _stack_effect(ins: dis.Instruction) -> int | None:
 
 def dropped_call_result(frame: FrameType) -> dis.Instruction | None:
     """When *frame* is discarding the result of a call (an expression
-    statement ``f(x)``: the call, then POP_TOP at ``f_lasti``), the
-    instruction that loaded the function called, else None."""
+    statement ``f(x)``: the call, then POP_TOP at ``f_lasti``; or a truth
+    test of it), the instruction that loaded the function called, else None."""
     instructions = _instructions(frame.f_code)
     at = _discarding_at(frame, instructions)
     return _callable_load(instructions, at) if at is not None else None
 
 
+# What consumes a value and keeps nothing of it: a statement's POP_TOP, and
+# a truth test (``if not store.exists(key):``, the await forgotten): 3.13's
+# TO_BOOL, 3.11-3.12's UNARY_NOT, and the conditional jumps, which pop what
+# they test (3.11's POP_JUMP_FORWARD_IF_FALSE, 3.12's POP_JUMP_IF_NONE, ...).
+_TRUTH_TESTS = frozenset({"TO_BOOL", "UNARY_NOT"})
+
+
+def _discards(opname: str) -> bool:
+    return opname == "POP_TOP" or opname in _TRUTH_TESTS or opname.startswith("POP_JUMP_")
+
+
 def _discarding_at(frame: FrameType, instructions: tuple[dis.Instruction, ...]) -> int | None:
-    """The index of *frame*'s current instruction when it is a POP_TOP (a
-    value being discarded), else None."""
+    """The index of *frame*'s current instruction when it consumes a value
+    and keeps nothing of it (`_discards`), else None."""
     at = next((n for n, ins in enumerate(instructions) if ins.offset == frame.f_lasti), None)
-    return at if at is not None and instructions[at].opname == "POP_TOP" else None
+    return at if at is not None and _discards(instructions[at].opname) else None
 
 
 def _callable_load(instructions: tuple[dis.Instruction, ...], at: int) -> dis.Instruction | None:

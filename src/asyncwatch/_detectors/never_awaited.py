@@ -273,9 +273,12 @@ class NeverAwaitedDetector(Detector):
                 if not stack:
                     stack = (dropped,)
         inferred: tuple[Site, str | None] | None = None
-        if created is None and dropped is None and how is None:
+        if created is None and dropped is None and (how is None or (how == _COMPILED and scheduled is None)):
             # No frame saw it made or dropped (the collector freed it, or
-            # library code dropped it): the source may still tell.
+            # library code dropped it, or a compiled loop with no callback
+            # of the program's to blame: uvloop freeing an executor
+            # future's result, ``run_in_executor(None, lambda: save(r))``):
+            # the source may still tell.
             inferred = _made_at(getattr(coro, "cr_code", None))
             created = inferred[0] if inferred is not None else None
         return Finding(
@@ -512,11 +515,12 @@ def _message(
 ) -> str:
     advice = "add 'await', or schedule it with asyncio.create_task() and keep the task"
     if inferred is not None:
-        by = (
-            "the garbage collector freed it"
-            if collected
-            else "library code dropped it with no line of the program running"
-        )
+        if how == _COMPILED:
+            by = "the event loop dropped it from compiled code, with no line of the program running"
+        elif collected:
+            by = "the garbage collector freed it"
+        else:
+            by = "library code dropped it with no line of the program running"
         return f"Coroutine {name!r} was never awaited; {by}; {_as_the_source_tells(name, inferred, advice)}"
     if how == _COMPILED and created is None:
         defined = f" (defined at {code.co_filename}:{code.co_firstlineno})" if code is not None else ""
