@@ -24,5 +24,9 @@ if (
     and not sysconfig.get_config_var("Py_GIL_DISABLED")
 ):
     ext_modules.append(Extension("asyncwatch._core._ctask", ["src/asyncwatch/_core/_ctask.c"], optional=True))
+    # Reads CPython's internal frame layout (3.11-3.13): its own module, so
+    # that an interpreter it does not know costs only the exact line of a
+    # long operator, never the C Task.
+    ext_modules.append(Extension("asyncwatch._core._peek", ["src/asyncwatch/_core/_peek.c"], optional=True))
 
 setup(ext_modules=ext_modules)

@@ -29,6 +29,7 @@ from asyncwatch._core.findings import NOT_THE_PROGRAMS, Finding, FindingKind, Si
 from asyncwatch._detectors import watchdog as watchdog_module
 from asyncwatch._detectors.loop_probe import Look, LoopProbe
 from asyncwatch._detectors.paused_frames import read_stall
+from asyncwatch._detectors.peeked import module as peeked_module
 from asyncwatch._detectors.stall_cause import Breakdown, GcClock, Steal, ThreadClock, classify, parse_steal
 from asyncwatch._detectors.stall_meter import Clocks, StallMeter, Wake, _waited_for_the_gil, mark_at
 from asyncwatch._detectors.stall_report import Stall, stall_finding
@@ -105,6 +106,96 @@ def assert_at_the_call(finding: Finding, call: int) -> None:
         assert "the call's or just after it" in finding.message
 
 
+def operand_for(cpu_s):
+    """An int whose square takes about *cpu_s* of CPU: one multiplication
+    (Karatsuba, n**1.585), one operator holding the GIL with no call."""
+    k = 50_000
+    while True:
+        a = 3**k
+        start = time.thread_time()
+        a * a
+        spent = time.thread_time() - start
+        if spent >= 0.01:
+            return 3 ** int(k * (cpu_s / spent) ** (1 / 1.585))
+        k *= 2
+
+
+def operand_peeked(x):
+    return x * x  # <- a product as the last line of a function
+
+
+def assert_at_the_operator(finding, line, function=None):
+    """Its stack read while the operator ran is the site.  Unless the
+    machine was short of CPUs: the watchdog thread, waiting for one too,
+    may ask for the GIL only once the loop is past the step (its ticks run
+    again), and the site is then where the GIL was let go, said so."""
+    assert finding.site is not None and finding.site.file == __file__
+    if finding.site.line == line:
+        assert function is None or finding.site.function == function
+        assert "one operation held the GIL: the site is the line it was running, read while it ran" in finding.message
+        return
+    assert breakdown_of(finding)["starved"] >= 0.01, (finding.site, line, finding.message)
+    assert "held the GIL" not in finding.message or "the call's or just after it" in finding.message
+
+
+@pytest.mark.skipif(
+    peeked_module() is None,
+    reason="without the extension the site is where the GIL was let go, lines on (README, Limits)",
+)
+class TestAnOperatorThatHoldsTheGil:
+    """An operator (``a * b`` of big ints, ``x in huge_list``) holds the GIL
+    with no call: the loop thread lets it go at its next call, lines on or
+    in the caller once the function returned.  Its stack read as it ran,
+    without the GIL, is the site (a corpus's ``in`` was reported at the
+    caller's print(), every run)."""
+
+    def test_a_product_on_the_last_line_of_a_function_is_its_site(self, watched):
+        a = operand_for(BLOCK_S)
+
+        async def main():
+            await asyncio.sleep(0.02)
+            key = operand_peeked(a)
+            await asyncio.sleep(0.02)
+            return key.bit_length()
+
+        watched.run(main, slow_callback_ms=THRESHOLD_MS)
+        [finding] = slow_of(watched)
+        assert_at_the_operator(finding, line_of("# <- a product as the last line of a function"), "operand_peeked")
+        assert finding.cause == "cpu"
+
+    def test_a_product_in_an_awaited_coroutine_that_returned_is_its_site(self, watched):
+        a = operand_for(BLOCK_S)
+
+        async def check():
+            await asyncio.sleep(0.02)
+            product = a * a  # <- a product in an awaited coroutine
+            return product
+
+        async def main():
+            found = await check()
+            await asyncio.sleep(0.02)
+            return found.bit_length()
+
+        watched.run(main, slow_callback_ms=THRESHOLD_MS)
+        [finding] = slow_of(watched)
+        assert_at_the_operator(finding, line_of("# <- a product in an awaited coroutine"))
+        if finding.site.function == check.__qualname__:
+            assert [site.function for site in finding.stack[-2:]] == [main.__qualname__, check.__qualname__]
+
+    def test_a_product_followed_by_a_call_on_the_next_line_is_its_site(self, watched):
+        a = operand_for(BLOCK_S)
+
+        async def main():
+            await asyncio.sleep(0.02)
+            n = a * a  # <- a product, then a call on the next line
+            n.bit_length()
+            await asyncio.sleep(0.02)
+
+        watched.run(main, slow_callback_ms=THRESHOLD_MS)
+        [finding] = slow_of(watched)
+        assert_at_the_operator(finding, line_of("# <- a product, then a call on the next line"))
+
+
 class TestBlockingThatHoldsTheGil:
     """One long C call holding the GIL: reported at the line that made it."""
 
@@ -121,7 +212,7 @@ class TestBlockingThatHoldsTheGil:
         assert_at_the_call(finding, line_of("# <- json.loads holds the GIL"))
         assert finding.cause == "cpu"
         assert "CPU-bound" in finding.message and "process pool" in finding.message
-        assert "one call held the GIL" in finding.message
+        assert "held the GIL" in finding.message
         assert finding.duration_s is not None and finding.duration_s >= THRESHOLD_MS / 1000
         assert breakdown_of(finding)["cpu"] >= THRESHOLD_MS / 1000
         assert counts_against_program(finding)

@@ -36,7 +36,7 @@ import sys
 import threading
 from typing import Any
 
-__all__ = ["Alarm", "Deadline", "deadlines_supported", "ticks_safely"]
+__all__ = ["Alarm", "Deadline", "deadlines_supported", "thread_state", "ticks_safely"]
 
 _CLOCK_MONOTONIC = 1  # the clock time.perf_counter reads on Linux
 _TFD_NONBLOCK = os.O_NONBLOCK
@@ -46,6 +46,29 @@ _timerfd: tuple[Any, Any, Any] | None = None  # (create, settime, itimerspec typ
 _tried = False
 #: Writes 1 to an eventfd keeping the GIL (loaded with the timerfd functions).
 _eventfd_add_one: Any = None
+
+
+_peek_loaded = False
+_peek: Any = None
+
+
+def _peek_module() -> Any:
+    """``_core/_peek``, or None (see `peeked.module`); loaded with the
+    first wait, not at ``import asyncwatch``."""
+    global _peek_loaded, _peek
+    if not _peek_loaded:
+        _peek_loaded = True
+        from .peeked import module
+
+        _peek = module()
+    return _peek
+
+
+def thread_state() -> int:
+    """The calling thread's state, for `Alarm.wait` to read its stack by;
+    0 where the stack cannot be read."""
+    peek = _peek_module()
+    return int(peek.thread_state()) if peek is not None else 0
 
 
 def _timerfd_functions() -> tuple[Any, Any, Any] | None:
@@ -134,7 +157,7 @@ class Deadline:
     what the loop thread read at the last push: the baseline a late
     wake-up's look compares with (`stall_meter.Clocks`)."""
 
-    __slots__ = ("_settime", "_spec", "after", "clocks", "due", "fd", "seen_ticks", "ticks")
+    __slots__ = ("_settime", "_spec", "after", "clocks", "due", "fd", "peeked", "seen_ticks", "ticks", "tstate")
 
     def __init__(self, fd: int, after: float, settime: Any, spec: Any) -> None:
         self.fd = fd
@@ -145,6 +168,13 @@ class Deadline:
         self.ticks = 0
         self.seen_ticks = 0
         self.clocks: Any = None
+        #: The loop thread's state, for `Alarm.wait` to read its stack by
+        #: when the deadline passes (`peeked`); 0 when not yet read, -1
+        #: where it cannot be.
+        self.tstate = 0
+        #: That stack, read without the GIL as the deadline passed, for the
+        #: look that follows (`peeked.vouched`); None when none was.
+        self.peeked: Any = None
 
     @classmethod
     def open(cls, after: float) -> Deadline | None:
@@ -245,9 +275,14 @@ class Alarm:
             self._event.clear()
         self._flag = False
 
-    def wait(self, timeout: float | None, deadlines: list[Deadline]) -> list[Deadline]:
+    def wait(
+        self, timeout: float | None, deadlines: list[Deadline], following: tuple[Deadline, ...] = ()
+    ) -> list[Deadline]:
         """Sleep until set, *timeout* (None: none) or one of *deadlines*
-        passes; the deadlines that passed."""
+        passes; the deadlines that passed.  Where the stack can be read
+        without the GIL (`peeked`), the loop thread's is read into
+        `Deadline.peeked` as the wait ends, for the deadlines that passed
+        and those *following* (loops in no stall yet)."""
         event, fd = self._event, self._fd
         if event is not None or fd < 0:
             if event is not None:
@@ -263,14 +298,25 @@ class Alarm:
             os.eventfd_read(fd)
         if self._flag:
             return []
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
         by_fd = {d.fd: d for d in deadlines if d.fd >= 0}
-        for deadline_fd in by_fd:
-            poller.register(deadline_fd, select.POLLIN)
         # poll(2) counts milliseconds: rounded up, a look lands late by
         # less than one (early, it would only look again).
-        ready = poller.poll(None if timeout is None else max(math.ceil(timeout * 1000), 0))
+        milliseconds = None if timeout is None else max(math.ceil(timeout * 1000), 0)
+        peek = _peek_module()
+        if peek is not None:
+            # The same wait, in C, which also reads the stack of the loop
+            # thread whose deadline passed, before taking the GIL back.
+            always = {d.fd for d in following if d.tstate > 0}
+            watched = tuple((d.fd, d.tstate, d.fd in always) for d in {*by_fd.values(), *following} if d.tstate > 0)
+            ready_fds, stacks = peek.poll((fd, *by_fd), -1 if milliseconds is None else milliseconds, watched)
+            for deadline in (*by_fd.values(), *following):
+                deadline.peeked = stacks.get(deadline.fd)
+            return [by_fd[ready_fd] for ready_fd in ready_fds if ready_fd in by_fd]
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        for deadline_fd in by_fd:
+            poller.register(deadline_fd, select.POLLIN)
+        ready = poller.poll(milliseconds)
         return [by_fd[ready_fd] for ready_fd, _ in ready if ready_fd in by_fd]
 
     def close(self, *, forked: bool = False) -> None:

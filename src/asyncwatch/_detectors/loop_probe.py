@@ -37,8 +37,9 @@ from .._core.detector import watches
 from .._core.findings import Finding
 from .._core.frames import is_library_file
 from .._core.runtime import report_internal_error, reporting
-from .deadline import Deadline, ticks_safely
+from .deadline import Deadline, thread_state, ticks_safely
 from .paused_frames import HANDLE_RUN, at_start, callback_frame, own_work, read_stall
+from .peeked import Peek, vouched
 from .stall_cause import Breakdown, GcClock
 from .stall_meter import Clocks, StallMeter, Wake, held_from, mark_at
 from .stall_report import COMPILED, Compiled, Stall, stall_finding
@@ -289,6 +290,11 @@ class LoopProbe:
             self.native_id = thread.native_id  # set when the thread started: no system call
             if self.heard_from is not None:
                 self.heard_from(self.thread_name)
+        deadline = self.deadline
+        if deadline is not None and (deadline.tstate == 0 or ident != self.thread_id):
+            # The loop thread's, read on it: once per deadline (a forked
+            # child's is new) and thread (a loop run on another).
+            deadline.tstate = thread_state() or -1
         self.thread_id = ident
         caller = sys._getframe(1)
         # asyncio: Handle._run; uvloop: the frame that called run_forever
@@ -404,6 +410,7 @@ class LoopProbe:
         looked at again when it would cross the threshold, counted from the
         look that first saw it.
         """
+        peek = self._peeked()
         loop = self.loop_ref()
         if loop is None or loops.is_closed(loop) or not self.enabled:
             del loop
@@ -445,19 +452,19 @@ class LoopProbe:
         if not idle and not same_step and late >= self.look_s:
             fresh = at_start(chain[-1] if chain else top)
             if late >= self.threshold_s:
-                early = self._capture(loop, top, chain, now - late)
+                early = self._capture(loop, top, chain, now - late, peek)
             in_program = any(not is_library_file(f.f_code.co_filename) for f in chain)
             dated = self.pure_asyncio and in_program
         held_line = early
         if held_line is None and dated and not fresh and late >= self.threshold_s * TENTATIVE_SHARE:
-            held_line = self._capture(loop, top, chain)
+            held_line = self._capture(loop, top, chain, peek=peek)
         captured: Stall | None = None
         tentative: Stall | None = None
         if same_step and self.stall is None:
             if now - self.held_since >= self.threshold_s:
-                captured = self._dated_line(now, self._capture(loop, top, chain, self.held_since))
+                captured = self._dated_line(now, self._capture(loop, top, chain, self.held_since, peek))
             elif self.beat_next and now - self.held_since >= self.threshold_s * TENTATIVE_SHARE:
-                tentative = self._dated_line(now, self._capture(loop, top, chain))
+                tentative = self._dated_line(now, self._capture(loop, top, chain, peek=peek))
         inner = reread = None
         if same_step:
             inner, reread = self._reread(loop, top, chain, captured, now)
@@ -804,13 +811,35 @@ class LoopProbe:
             self._post_beat()
         return tick
 
+    def _peeked(self) -> Peek | None:
+        """The loop thread's stack as its deadline passed, read without the
+        GIL, for the late look now (once: a later look is another's)."""
+        deadline = self.deadline
+        if deadline is None:
+            return None
+        peek: Peek | None = deadline.peeked
+        deadline.peeked = None
+        return peek
+
     def _capture(
-        self, loop: asyncio.AbstractEventLoop, top: FrameType, chain: list[FrameType], since: float | None = None
+        self,
+        loop: asyncio.AbstractEventLoop,
+        top: FrameType,
+        chain: list[FrameType],
+        since: float | None = None,
+        peek: Peek | None = None,
     ) -> Stall:
         """What the loop thread is stalled in; *since*: when the stall is
         dated from, told to the blocking task's observers (None: a step not
-        yet known to be a stall)."""
+        yet known to be a stall); *peek*: its stack, read without the GIL
+        while the step held it (its line, where the look vouches for it)."""
         stall = read_stall(loop, top, chain)
+        if peek is not None:
+            seen = vouched(peek, chain)
+            if seen is not None:
+                stall.site, stall.stack = seen
+                stall.peeked = True
+                stall.interrupted = False
         self.meter.captured(self.thread_id, self.native_id, stall.library_only)
         if since is not None:
             # Observers of the blocking task (notable spans: the context the

@@ -26,6 +26,7 @@ class Stall:
         "late",
         "left_import_at",
         "library_only",
+        "peeked",
         "site",
         "stack",
         "task",
@@ -61,6 +62,9 @@ class Stall:
         # running then, which is the call's when the watchdog asked for the
         # GIL during it, and may be one just after when it asked later.
         self.late = False
+        # Its line read while the operation ran, without the GIL
+        # (`peeked.vouched`): the line itself, not the one after.
+        self.peeked = False
         # Read by a look that waited for the GIL, with code the interpreter
         # entered inside the call (a finalizer) left out, which a later
         # look on time may find still running (`LoopProbe._still_inside`).
@@ -155,6 +159,15 @@ def _starting_a_thread(stall: Stall) -> bool:
     return any((site.file, site.function) == _THREAD_START for site in stall.stack)
 
 
+def _held_where(stall: Stall) -> str:
+    """What the site is, for a stall seen only once the GIL was free again."""
+    if not stall.late:
+        return ""
+    if stall.peeked:
+        return "; one operation held the GIL: the site is the line it was running, read while it ran"
+    return "; one call held the GIL: the site is the line running when it returned, the call's or just after it"
+
+
 def _ms(seconds: float) -> str:
     return f"{max(seconds, 0.0) * 1000:.0f} ms"
 
@@ -186,11 +199,7 @@ def _why(
             f"of the program; {advice}"
         )
     if cause == stall_cause.CPU:
-        where = (
-            "; one call held the GIL: the site is the line running when it returned, the call's or just after it"
-            if stall.late
-            else ""
-        )
+        where = _held_where(stall)
         # The collections its own allocations triggered are its work too,
         # and said so: "on CPU 404 ms of 1024 ms" alone, for a json.loads
         # whose other 594 ms were the collector's, read as time off CPU.

@@ -288,7 +288,7 @@ class Watchdog:
                 del wake
                 if sampled is None:
                     return
-                delay, deadlines, looked = sampled
+                delay, deadlines, following, looked = sampled
                 # Closed after the look, never between a wake-up and it:
                 # os.close lets the GIL go, and a loop thread that was
                 # waiting for it to return from a long C call moved on
@@ -301,7 +301,7 @@ class Watchdog:
                     own = ThreadClock(threading.get_ident(), threading.get_native_id(), steal=False)
                 waited = own.waits()
                 began = _now()
-                passed = self._wake.wait(delay, deadlines)
+                passed = self._wake.wait(delay, deadlines, following)
                 # How late this wake-up came: the GIL held by someone, or no
                 # CPU free (our own run-queue wait, subtracted when asked).
                 now = _now()
@@ -336,10 +336,13 @@ class Watchdog:
             if own is not None:
                 own.close()
 
-    def _sample_all(self, wake: Wake | None = None) -> tuple[float | None, list[Deadline], float] | None:
+    def _sample_all(
+        self, wake: Wake | None = None
+    ) -> tuple[float | None, list[Deadline], tuple[Deadline, ...], float] | None:
         """Sample every probe once; return how long to sleep (None: until a
-        deadline passes or we are woken), the deadlines to wait on and when
-        the stacks were read, or None to stop.  A loop whose armed deadline
+        deadline passes or we are woken), the deadlines to wait on, those
+        of loops in no stall (whose stack the wait reads, `Alarm.wait`) and
+        when the stacks were read, or None to stop.  A loop whose armed deadline
         will wake us needs no look on our clock (`LoopProbe.covered`).
 
         A method of its own so that no probe (and through it the loop's
@@ -380,6 +383,10 @@ class Watchdog:
                 if not probe.covered():
                     delay = seen if delay is None else min(delay, seen)
             deadlines = [p.deadline for p in probes if p.deadline is not None and p.deadline.armed]
+            # Every loop's: a look on our clock at a loop not yet seen busy
+            # (its deadline not yet armed, the step begun before its ticks
+            # did) may wait for the GIL as much as one after a deadline.
+            following = tuple(p.deadline for p in probes if p.deadline is not None and p.stall is None)
         except Exception as exc:
             self._failed(exc)
             with self._lock:
@@ -393,4 +400,4 @@ class Watchdog:
             # locals, alive until the next collection.
             frames.clear()
             self._done_looking.set()
-        return delay, deadlines, now
+        return delay, deadlines, following, now

@@ -1,0 +1,182 @@
+"""The line a long operation holding the GIL was running, read while it ran.
+
+A look waits for the GIL, and the loop thread lets it go at its next
+eval-breaker check after the operation: after a C call that is the call's own
+instruction, but after an operator (``big * big``, ``x in huge_list``) it is
+the next call, lines on, or in the caller once the function has returned (a
+corpus's ``hit = user_id in BLOCKED_IDS`` was reported at the caller's
+``print()``).  When a loop's deadline passes, the watchdog reads the loop
+thread's stack without the GIL (`_core/_peek.c`, optional) and keeps it if
+the thread stood still; the look that follows, with the GIL, vouches for it
+(`vouched`) before it becomes the stall's site.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from types import CodeType, FrameType
+from typing import TYPE_CHECKING, Any
+
+from .._core.findings import Site
+from .._core.frames import is_library_file, is_own_file, source_path
+from .._core.settings import NO_EXTENSIONS
+from .paused_frames import just_entered
+
+if TYPE_CHECKING:
+    import dis
+
+__all__ = ["Peek", "module", "vouched"]
+
+#: (file, line, qualname, lasti in code units), innermost first.
+Peek = tuple[tuple[str, int, str, int], ...]
+
+# What may run between the operation peeked at and the instruction the loop
+# thread let the GIL go at, for the peek to stand: instructions that run no
+# code of the program's and cannot take long.  Anything else there (a call,
+# a loop, another operator, a format) could have been the hold instead.
+_QUIET = frozenset(
+    {
+        "CACHE",
+        "COPY",
+        "END_SEND",
+        "EXTENDED_ARG",
+        "GET_AWAITABLE",
+        "IS_OP",
+        "JUMP_FORWARD",
+        "KW_NAMES",
+        "LOAD_ATTR",
+        "LOAD_CLOSURE",
+        "LOAD_CONST",
+        "LOAD_DEREF",
+        "LOAD_FAST",
+        "LOAD_FAST_CHECK",
+        "LOAD_FAST_AND_CLEAR",
+        "LOAD_FAST_LOAD_FAST",
+        "LOAD_GLOBAL",
+        "LOAD_METHOD",
+        "LOAD_NAME",
+        "NOP",
+        "POP_TOP",
+        "PRECALL",
+        "PUSH_NULL",
+        "STORE_DEREF",
+        "STORE_FAST",
+        "STORE_FAST_LOAD_FAST",
+        "STORE_FAST_STORE_FAST",
+        "STORE_GLOBAL",
+        "STORE_NAME",
+        "SWAP",
+        "TO_BOOL",
+        "UNARY_NOT",
+    }
+)
+
+
+def module() -> Any:
+    """``_core/_peek``, or None where it was not built (another
+    interpreter, no compiler, not Linux) or extensions are turned off."""
+    if os.environ.get(NO_EXTENSIONS):
+        return None
+    try:
+        from .._core import _peek
+    except ImportError:
+        return None
+    return _peek if hasattr(_peek, "poll") else None
+
+
+def vouched(peek: Peek, chain: list[FrameType]) -> tuple[Site, tuple[Site, ...]] | None:
+    """The site and stack (outermost first) *peek* gives the step whose
+    frames are now *chain* (innermost first, the callback's outermost
+    last), or None when it cannot be vouched for: another step, the thread
+    gone on through code that could have held the GIL instead, or no line
+    of the program's in it."""
+    if len(chain) > 1 and _index(peek, chain[0].f_code, 0) is None and just_entered(chain[0]):
+        # The GIL let go as the step entered a function after the operation
+        # (3.11-3.12 check on entering one: the asyncio.sleep() after it).
+        chain = chain[1:]
+    if not chain:
+        return None
+    top, outer = chain[0], chain[-1]
+    at = _index(peek, top.f_code, 0)
+    end = _index(peek, outer.f_code, at) if at is not None else None
+    if at is None or end is None or not _went_quietly(top, peek[at][3], returned=at > 0):
+        return None
+    entries = [entry for entry in peek[: end + 1] if not is_own_file(entry[0])]
+    site = next((entry for entry in entries if not is_library_file(entry[0])), None)
+    if site is None:
+        return None
+    stack = tuple(Site(source_path(file), line, name) for file, line, name, _ in reversed(entries))
+    return Site(source_path(site[0]), site[1], site[2]), stack
+
+
+def _index(peek: Peek, code: CodeType, start: int) -> int | None:
+    for k in range(start, len(peek)):
+        file, _line, name, _lasti = peek[k]
+        if file == code.co_filename and name == code.co_qualname:
+            return k
+    return None
+
+
+def _went_quietly(frame: FrameType, lasti: int, returned: bool) -> bool:
+    """Whether *frame*, peeked at code unit *lasti*, can have gone from
+    there to where it is now with nothing but `_QUIET` instructions between,
+    or any on the line peeked at, which is the site either way (``n = a * b
+    * a``: either product may have been the long one); its callee returning
+    into it, when *returned*."""
+    instructions = _instructions(frame.f_code)
+    at, now = _containing(instructions, lasti), _containing(instructions, frame.f_lasti // 2)
+    if at is None or now is None or now < at:
+        return False  # a jump back: a loop ran since
+    if now == at:
+        return not returned  # the call in progress, just returned
+    peeked = instructions[at]
+    k = at + 1
+    if peeked.opname == "SEND":
+        # A coroutine returned into the await: it resumes at SEND's target.
+        target = next((n for n, ins in enumerate(instructions) if ins.offset == peeked.argval), None)
+        if target is None:
+            return False
+        k = target
+    line = _line(peeked)
+    for n in range(k, now):
+        ins = instructions[n]
+        if ins.opname in _QUIET or _forward_jump(ins):
+            continue
+        if ins.opname.startswith("CALL") and all(quiet.opname in _QUIET for quiet in instructions[n + 1 : now]):
+            # The call the GIL was let go after, at its check: 3.13 shows
+            # the frame past it (print() right after the await, v27).
+            return True
+        if returned or line is None or _line(ins) != line or ins.opname.startswith("JUMP_BACKWARD"):
+            return False
+    return True
+
+
+def _containing(instructions: tuple[dis.Instruction, ...], unit: int) -> int | None:
+    """The index of the instruction that code unit *unit* is in: a frame
+    that called into another stands at the call's last inline cache entry
+    (3.12), which ``dis`` does not list."""
+    found = None
+    for n, ins in enumerate(instructions):
+        if ins.offset // 2 > unit:
+            break
+        found = n
+    return found
+
+
+def _line(ins: dis.Instruction) -> int | None:
+    positions = ins.positions
+    return positions.lineno if positions is not None else None
+
+
+def _forward_jump(ins: dis.Instruction) -> bool:
+    """A conditional jump forward: the path taken is a part of the
+    straight line scanned, whichever way it went."""
+    return ins.opname.startswith("POP_JUMP_") and "BACKWARD" not in ins.opname
+
+
+@functools.lru_cache(maxsize=256)
+def _instructions(code: CodeType) -> tuple[dis.Instruction, ...]:
+    import dis  # when a stall is seen, not at import (issue 15's import budget)
+
+    return tuple(dis.get_instructions(code))
