@@ -306,7 +306,9 @@ static struct {
     int count;
     PyThreadState *threads[MAX_WATCHED];
     int have[MAX_WATCHED];           /* stacks[k] holds a still stack */
-    Stack *stacks;                   /* MAX_WATCHED of them */
+    int have_earlier[MAX_WATCHED];   /* earlier[k] holds the one before, elsewhere */
+    Stack *stacks;                   /* MAX_WATCHED of them: the last still stack */
+    Stack *earlier;                  /* the last one still at another instruction */
     Stack *scratch;
     unsigned char *table;
 } peeker = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
@@ -314,13 +316,14 @@ static struct {
 static void *
 peeker_main(void *unused)
 {
-    Position prev[MAX_WATCHED];
+    Position prev[MAX_WATCHED], kept[MAX_WATCHED];
     struct timespec pause = {0, 1000000};
     pthread_mutex_lock(&peeker.lock);
     for (;;) {
         while (!peeker.active) {
             pthread_cond_wait(&peeker.wake, &peeker.lock);
             memset(prev, 0, sizeof(prev));
+            memset(kept, 0, sizeof(kept));
         }
         int count = peeker.count;
         PyThreadState *threads[MAX_WATCHED];
@@ -334,8 +337,16 @@ peeker_main(void *unused)
             if (still) {
                 pthread_mutex_lock(&peeker.lock);
                 if (peeker.active) { /* else the watchdog has its answer: leave it */
+                    /* The loop thread also stands still where it waits for
+                     * the GIL it let go, and the last still stack is then
+                     * that, not the operation: the one before is kept too. */
+                    if (peeker.have[k] && (kept[k].frame != prev[k].frame || kept[k].instr != prev[k].instr)) {
+                        memcpy(&peeker.earlier[k], &peeker.stacks[k], sizeof(Stack));
+                        peeker.have_earlier[k] = 1;
+                    }
                     memcpy(&peeker.stacks[k], peeker.scratch, sizeof(Stack));
                     peeker.have[k] = 1;
+                    kept[k] = prev[k];
                 }
                 pthread_mutex_unlock(&peeker.lock);
             }
@@ -365,9 +376,10 @@ peeker_start(void)
     }
     if (peeker.stacks == NULL) {
         peeker.stacks = PyMem_RawMalloc(sizeof(Stack) * MAX_WATCHED);
+        peeker.earlier = PyMem_RawMalloc(sizeof(Stack) * MAX_WATCHED);
         peeker.scratch = PyMem_RawMalloc(sizeof(Stack));
         peeker.table = PyMem_RawMalloc(MAX_LINETABLE);
-        if (peeker.stacks == NULL || peeker.scratch == NULL || peeker.table == NULL) {
+        if (peeker.stacks == NULL || peeker.earlier == NULL || peeker.scratch == NULL || peeker.table == NULL) {
             return -1;
         }
         pthread_atfork(NULL, NULL, peeker_after_fork);
@@ -434,7 +446,9 @@ PyDoc_STRVAR(poll_doc,
 "(negative: no limit).  *watched*: ((key, thread_state, always), ...): for\n"
 "each whose key is a ready fd, or that is *always*, the stack of that\n"
 "thread, read before the GIL is taken back, when the thread stood still.\n"
-"*ready*: the ready fds; *stacks*: {key: stack}, where a stack is\n"
+"*ready*: the ready fds; *stacks*: {key: (last, earlier?)}: the last\n"
+"stack the thread stood still in and, where it stood still elsewhere\n"
+"before, that one; a stack is\n"
 "((file, line, qualname, lasti), ...), innermost first\n"
 "(*lasti*: the frame's instruction, in code units).  Interrupted by a\n"
 "signal, it returns as a timeout does.");
@@ -524,6 +538,7 @@ peek_poll(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             /* Not due: a thread state no one will read, so the peeker samples nothing there. */
             peeker.threads[w] = due[w] ? watched_ts[w] : NULL;
             peeker.have[w] = 0;
+            peeker.have_earlier[w] = 0;
             count = (int)w + 1;
         }
         peeker.count = count;
@@ -533,20 +548,22 @@ peek_poll(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     Py_END_ALLOW_THREADS
     /* Took the GIL back: the peeker's last still stacks are the answer. */
-    int peeked[MAX_FDS] = {0};
-    Stack *stacks = NULL;
+    int peeked[MAX_FDS] = {0}, earlier[MAX_FDS] = {0};
+    Stack *stacks = NULL; /* the last still stacks, then the earlier ones */
     if (use_peeker) {
         pthread_mutex_lock(&peeker.lock);
         peeker.active = 0;
         int any = 0;
         for (Py_ssize_t w = 0; w < nwatched && w < MAX_WATCHED; w++) {
             peeked[w] = got >= 0 && peeker.have[w];
+            earlier[w] = peeked[w] && peeker.have_earlier[w];
             any |= peeked[w];
         }
         if (any) {
-            stacks = PyMem_RawMalloc(sizeof(Stack) * MAX_WATCHED);
+            stacks = PyMem_RawMalloc(sizeof(Stack) * MAX_WATCHED * 2);
             if (stacks != NULL) {
                 memcpy(stacks, peeker.stacks, sizeof(Stack) * MAX_WATCHED);
+                memcpy(stacks + MAX_WATCHED, peeker.earlier, sizeof(Stack) * MAX_WATCHED);
             }
             else {
                 memset(peeked, 0, sizeof(peeked));
@@ -580,7 +597,14 @@ peek_poll(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             continue;
         }
         PyObject *fd = PyLong_FromLong(watched_fd[w]);
-        PyObject *stack = fd != NULL ? stack_tuple(&stacks[w]) : NULL;
+        PyObject *last = fd != NULL ? stack_tuple(&stacks[w]) : NULL;
+        PyObject *before = last != NULL && earlier[w] ? stack_tuple(&stacks[MAX_WATCHED + w]) : NULL;
+        PyObject *stack = NULL;
+        if (last != NULL && (before != NULL || !earlier[w])) {
+            stack = before != NULL ? PyTuple_Pack(2, last, before) : PyTuple_Pack(1, last);
+        }
+        Py_XDECREF(last);
+        Py_XDECREF(before);
         int failed = stack == NULL || PyDict_SetItem(found, fd, stack) < 0;
         Py_XDECREF(fd);
         Py_XDECREF(stack);

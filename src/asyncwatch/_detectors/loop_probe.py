@@ -811,13 +811,13 @@ class LoopProbe:
             self._post_beat()
         return tick
 
-    def _peeked(self) -> Peek | None:
+    def _peeked(self) -> tuple[Peek, ...] | None:
         """The loop thread's stack as its deadline passed, read without the
         GIL, for the late look now (once: a later look is another's)."""
         deadline = self.deadline
         if deadline is None:
             return None
-        peek: Peek | None = deadline.peeked
+        peek: tuple[Peek, ...] | None = deadline.peeked
         deadline.peeked = None
         return peek
 
@@ -827,19 +827,20 @@ class LoopProbe:
         top: FrameType,
         chain: list[FrameType],
         since: float | None = None,
-        peek: Peek | None = None,
+        peek: tuple[Peek, ...] | None = None,
     ) -> Stall:
         """What the loop thread is stalled in; *since*: when the stall is
         dated from, told to the blocking task's observers (None: a step not
         yet known to be a stall); *peek*: its stack, read without the GIL
         while the step held it (its line, where the look vouches for it)."""
         stall = read_stall(loop, top, chain)
-        if peek is not None:
+        if peek is not None and not stall.interrupted:
+            # (Code the interpreter entered inside a call, a finalizer, is
+            # told apart by `_still_inside`, on the live stack, as before.)
             seen = vouched(peek, chain)
             if seen is not None:
                 stall.site, stall.stack = seen
                 stall.peeked = True
-                stall.interrupted = False
         self.meter.captured(self.thread_id, self.native_id, stall.library_only)
         if since is not None:
             # Observers of the blocking task (notable spans: the context the

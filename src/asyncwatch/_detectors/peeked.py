@@ -85,12 +85,25 @@ def module() -> Any:
     return _peek if hasattr(_peek, "poll") else None
 
 
-def vouched(peek: Peek, chain: list[FrameType]) -> tuple[Site, tuple[Site, ...]] | None:
-    """The site and stack (outermost first) *peek* gives the step whose
-    frames are now *chain* (innermost first, the callback's outermost
-    last), or None when it cannot be vouched for: another step, the thread
-    gone on through code that could have held the GIL instead, or no line
-    of the program's in it."""
+def vouched(peeks: tuple[Peek, ...], chain: list[FrameType]) -> tuple[Site, tuple[Site, ...]] | None:
+    """The site and stack (outermost first) the first of *peeks* that can
+    be vouched for gives the step whose frames are now *chain* (innermost
+    first, the callback's outermost last), or None.  *peeks*: the last
+    stack the loop thread stood still in, and the one before at another
+    instruction: under load the peeker still reads the loop thread after it
+    let the GIL go, standing still where it waits to take it back."""
+    for peek in peeks:
+        seen = _vouched(peek, chain)
+        if seen is not None:
+            return seen
+    return None
+
+
+def _vouched(peek: Peek, chain: list[FrameType]) -> tuple[Site, tuple[Site, ...]] | None:
+    """What *peek* gives, or None where it cannot be vouched for: another
+    step, the thread gone on through code that could have held the GIL
+    instead, no line of the program's in it, or nothing the live stack does
+    not show (the thread where it let the GIL go)."""
     if len(chain) > 1 and _index(peek, chain[0].f_code, 0) is None and just_entered(chain[0]):
         # The GIL let go as the step entered a function after the operation
         # (3.11-3.12 check on entering one: the asyncio.sleep() after it).
@@ -101,6 +114,8 @@ def vouched(peek: Peek, chain: list[FrameType]) -> tuple[Site, tuple[Site, ...]]
     at = _index(peek, top.f_code, 0)
     end = _index(peek, outer.f_code, at) if at is not None else None
     if at is None or end is None or not _went_quietly(top, peek[at][3], returned=at > 0):
+        return None
+    if at == 0 and _same_instruction(top, peek[0][3]):
         return None
     entries = [entry for entry in peek[: end + 1] if not is_own_file(entry[0])]
     site = next((entry for entry in entries if not is_library_file(entry[0])), None)
@@ -150,6 +165,11 @@ def _went_quietly(frame: FrameType, lasti: int, returned: bool) -> bool:
         if returned or line is None or _line(ins) != line or ins.opname.startswith("JUMP_BACKWARD"):
             return False
     return True
+
+
+def _same_instruction(frame: FrameType, lasti: int) -> bool:
+    instructions = _instructions(frame.f_code)
+    return _containing(instructions, lasti) == _containing(instructions, frame.f_lasti // 2)
 
 
 def _containing(instructions: tuple[dis.Instruction, ...], unit: int) -> int | None:
