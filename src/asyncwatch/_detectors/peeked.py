@@ -115,8 +115,6 @@ def _vouched(peek: Peek, chain: list[FrameType]) -> tuple[Site, tuple[Site, ...]
     end = _index(peek, outer.f_code, at) if at is not None else None
     if at is None or end is None or not _went_quietly(top, peek[at][3], returned=at > 0):
         return None
-    if at == 0 and _same_instruction(top, peek[0][3]):
-        return None
     entries = [entry for entry in peek[: end + 1] if not is_own_file(entry[0])]
     site = next((entry for entry in entries if not is_library_file(entry[0])), None)
     if site is None:
@@ -138,13 +136,16 @@ def _went_quietly(frame: FrameType, lasti: int, returned: bool) -> bool:
     there to where it is now with nothing but `_QUIET` instructions between,
     or any on the line peeked at, which is the site either way (``n = a * b
     * a``: either product may have been the long one); its callee returning
-    into it, when *returned*."""
+    into it, when *returned*.  Still at the instruction peeked at, the peek
+    says nothing the live stack does not: False."""
     instructions = _instructions(frame.f_code)
     at, now = _containing(instructions, lasti), _containing(instructions, frame.f_lasti // 2)
     if at is None or now is None or now < at:
         return False  # a jump back: a loop ran since
     if now == at:
-        return not returned  # the call in progress, just returned
+        # Where it let the GIL go: nothing the live stack does not show, or,
+        # a callee having returned into the call, a call that ran on since.
+        return False
     peeked = instructions[at]
     k = at + 1
     if peeked.opname == "SEND":
@@ -165,11 +166,6 @@ def _went_quietly(frame: FrameType, lasti: int, returned: bool) -> bool:
         if returned or line is None or _line(ins) != line or ins.opname.startswith("JUMP_BACKWARD"):
             return False
     return True
-
-
-def _same_instruction(frame: FrameType, lasti: int) -> bool:
-    instructions = _instructions(frame.f_code)
-    return _containing(instructions, lasti) == _containing(instructions, frame.f_lasti // 2)
 
 
 def _containing(instructions: tuple[dis.Instruction, ...], unit: int) -> int | None:
@@ -197,6 +193,9 @@ def _forward_jump(ins: dis.Instruction) -> bool:
 
 @functools.lru_cache(maxsize=256)
 def _instructions(code: CodeType) -> tuple[dis.Instruction, ...]:
+    # Not `_core.bytecode`'s cache: importing that module (and inspect)
+    # inside a look lets the GIL go, and the loop thread moves on from the
+    # line being vouched for (the operator tests failed 3 runs in 3).
     import dis  # when a stall is seen, not at import (issue 15's import budget)
 
     return tuple(dis.get_instructions(code))
