@@ -1392,6 +1392,16 @@ class TestTheCauseModel:
     def test_waiting_for_another_threads_gil_is_gil(self):
         assert classify(self.breakdown(0.5, cpu=0.01, gil=0.48, others=0.48), self.T) == "gil"
 
+    def test_a_long_gil_wait_beside_a_shorter_collection_is_gil(self):
+        """A worker's sort held the GIL 760 ms; a young collection walking
+        a fresh large list took 110 ms of it (measured, a large heap)."""
+        assert classify(self.breakdown(0.94, cpu=0.0, starved=0.022, gc=0.109, gil=0.895), self.T) == "gil"
+
+    def test_another_threads_collection_counted_as_a_gil_wait_too_is_gc(self):
+        """Its collection is the GIL's holder: the same time in both shares."""
+        assert classify(self.breakdown(0.3, cpu=0.01, gc=0.27, gil=0.28, others=0.27), self.T) == "gc"
+        assert classify(self.breakdown(0.5, cpu=0.01, gc=0.2, gil=0.4, others=0.4), self.T) == "gc"
+
     def test_sleeping_beside_a_short_gil_wait_is_blocking_io(self):
         assert classify(self.breakdown(0.5, cpu=0.01, gil=0.05, others=0.4), self.T) == "blocking_io"
 

@@ -152,7 +152,9 @@ class TestAMissedDeadlineBringsALook:
         watched.run(main, slow_callback_ms=100)
         found = watched.of("slow_callback")
         assert found, "the stall was not reported"
-        assert all(f.cause == "gil" and f.site is None for f in found), [(f.cause, f.site) for f in found]
+        assert all(f.cause == "gil" and f.site is None for f in found), [
+            (f.cause, f.site, f.breakdown, f.duration_s) for f in found
+        ]
         assert watched.findings == []  # none counts against the program
 
 
