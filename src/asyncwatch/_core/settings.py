@@ -13,6 +13,7 @@ mean" where a close name exists).
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
@@ -63,16 +64,16 @@ RUN_MARKER = "ASYNCWATCH_RUN"
 NO_EXTENSIONS = "ASYNCWATCH_NO_EXTENSIONS"
 
 
-def extension() -> Any:
-    """asyncwatch's C extension module (``_core/_ctask.c``), or None where it
-    was not built (no compiler, not CPython) or `NO_EXTENSIONS` is set."""
+def extension(name: str = "_ctask") -> Any:
+    """One of asyncwatch's C extension modules (``_core/_ctask.c``, the
+    default, or ``_core/_peek.c``), or None where it was not built (no
+    compiler, not CPython, another system) or `NO_EXTENSIONS` is set."""
     if os.environ.get(NO_EXTENSIONS):
         return None
     try:
-        from . import _ctask
+        return importlib.import_module(f"{__package__}.{name}")
     except ImportError:
         return None
-    return _ctask
 
 
 #: The values of the ``spans`` option (see `Settings`).

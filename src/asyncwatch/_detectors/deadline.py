@@ -307,9 +307,10 @@ class Alarm:
             # The same wait, in C, which also reads the stack of the loop
             # thread whose deadline passed, before taking the GIL back.
             always = {d.fd for d in following if d.tstate > 0}
-            watched = tuple((d.fd, d.tstate, d.fd in always) for d in {*by_fd.values(), *following} if d.tstate > 0)
+            seen = {*by_fd.values(), *following}
+            watched = tuple((d.fd, d.tstate, d.fd in always) for d in seen if d.tstate > 0)
             ready_fds, stacks = peek.poll((fd, *by_fd), -1 if milliseconds is None else milliseconds, watched)
-            for deadline in (*by_fd.values(), *following):
+            for deadline in seen:
                 deadline.peeked = stacks.get(deadline.fd)
             return [by_fd[ready_fd] for ready_fd in ready_fds if ready_fd in by_fd]
         poller = select.poll()

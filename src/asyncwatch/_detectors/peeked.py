@@ -14,13 +14,12 @@ the thread stood still; the look that follows, with the GIL, vouches for it
 from __future__ import annotations
 
 import functools
-import os
 from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any
 
 from .._core.findings import Site
 from .._core.frames import is_library_file, is_own_file, source_path
-from .._core.settings import NO_EXTENSIONS
+from .._core.settings import extension
 from .paused_frames import just_entered
 
 if TYPE_CHECKING:
@@ -76,13 +75,8 @@ _QUIET = frozenset(
 def module() -> Any:
     """``_core/_peek``, or None where it was not built (another
     interpreter, no compiler, not Linux) or extensions are turned off."""
-    if os.environ.get(NO_EXTENSIONS):
-        return None
-    try:
-        from .._core import _peek
-    except ImportError:
-        return None
-    return _peek if hasattr(_peek, "poll") else None
+    peek = extension("_peek")
+    return peek if hasattr(peek, "poll") else None
 
 
 def vouched(peeks: tuple[Peek, ...], chain: list[FrameType]) -> tuple[Site, tuple[Site, ...]] | None:
