@@ -91,6 +91,17 @@ def _utcnow() -> _dt.datetime:
     return _dt.datetime.now(_dt.UTC)
 
 
+def import_timestamps() -> None:
+    """Import what a finding's timestamp needs now, not at the first finding.
+
+    For a thread that must not let the GIL go at its first finding: the
+    import's file-system calls do, and the slow-callback watchdog, reporting
+    one stall in the middle of a look, let a loop that ran steps holding
+    the GIL back to back run two of them unseen (3.11, six tasks each
+    summing a large list)."""
+    _utcnow()
+
+
 @dataclass(frozen=True, slots=True)
 class Finding:
     """One detected mistake.

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from types import FrameType
 
 from .._core import loops
+from .._core.findings import Finding, import_timestamps
 from .._core.runtime import (
     HiddenThread,
     ShuttingDown,
@@ -34,6 +35,7 @@ from .._core.runtime import (
 )
 from .deadline import Alarm, Deadline
 from .loop_probe import Look, LoopProbe
+from .outbox import Outbox
 from .stall_cause import GcClock, ThreadClock
 from .stall_meter import Wake
 
@@ -89,11 +91,16 @@ class Watchdog:
         #: Told when sampling fails (the detector disables itself through the
         #: engine); without one, the error is reported here.
         self.on_failure: Callable[[Exception], None] | None = None
+        #: What a look found, reported off the watchdog thread (`outbox`).
+        self._outbox = Outbox()
+        #: The last look found a loop in a step, or following a stall.
+        self._in_a_step = False
         in_forked_child(self, Watchdog._after_fork)
 
     def add(self, probe: LoopProbe) -> None:
         probe.wake = self._wake_up
         probe.nudge = self._nudge
+        probe.emit = self._reported_off_the_watchdog(probe.emit)
         with self._lock:
             self._probes.append(probe)
             self._ensure_thread()
@@ -132,6 +139,7 @@ class Watchdog:
         except Exception as exc:
             self._failed(exc)
         probe.seen = None
+        self._outbox.drain()  # what a look of ours found is out before the loop is let go
 
     def flush(self) -> None:
         """Report any stall in progress now (at exit or uninstall).
@@ -148,6 +156,20 @@ class Watchdog:
                 probe.finish(now)
             except Exception as exc:
                 self._failed(exc)
+        self._outbox.drain()
+
+    def _reported_off_the_watchdog(self, emit: Callable[[Finding], None]) -> Callable[[Finding], None]:
+        """*emit*, which from the watchdog thread queues the finding for the
+        outbox's thread (`outbox`); from any other thread it reports at once."""
+
+        def emit_finding(finding: Finding) -> None:
+            thread = self._thread
+            if thread is not None and thread.ident == _thread.get_ident():
+                self._outbox.put(emit, finding, _now())
+            else:
+                emit(finding)
+
+        return emit_finding
 
     def _wait_for_a_look(self) -> None:
         """Wait, a bounded time, for a look in progress to settle (never
@@ -165,6 +187,7 @@ class Watchdog:
         if thread is not None:
             thread.join(timeout=1.0)
         self.flush()
+        self._outbox.stop()
         for probe in list(self._probes):
             self.remove(probe)
         with self._lock:
@@ -203,6 +226,9 @@ class Watchdog:
         if self._thread is None or not self._thread.is_alive():
             if self._wake.closed:  # stopped before: a new thread sleeps on a new alarm
                 self._wake = Alarm()
+            # Here, on the thread watching a loop, not in the watchdog's look.
+            import_timestamps()
+            self._outbox.start()
             # Its first look is late if the loop's first step holds the GIL.
             self._woken_at = _now()
             try:
@@ -224,6 +250,8 @@ class Watchdog:
         parked probe, a new one is added) starts one then.
         """
         self._lock = threading.Lock()
+        # What the parent's watchdog found is the parent's to report.
+        self._outbox = Outbox()
         # The parent's eventfd and timers, shared with it: pushed or written
         # here, they would move the parent's deadlines or wake its watchdog.
         self._wake.close(forked=True)
@@ -281,9 +309,13 @@ class Watchdog:
                     has_probes = bool(self._probes)
                 if not has_probes:
                     self._close_retired()
+                    self._outbox.send(_now(), quiet=True)
                     self._wake.wait(None, [])
                     wake = Wake(0.0)
                     continue
+                # Our own run-queue wait as the look begins: a look taken at
+                # once after it (below) is late by the time since, less that.
+                at_look = own.waits() if own is not None else None
                 sampled = self._sample_all(wake)
                 del wake
                 if sampled is None:
@@ -299,8 +331,23 @@ class Watchdog:
                     self._close_retired()
                 if own is None:
                     own = ThreadClock(threading.get_ident(), threading.get_native_id(), steal=False)
-                waited = own.waits()
                 began = _now()
+                overdue = self._overdue(began, looked, delay)
+                if overdue is not None:
+                    # The next look fell due during our own work since this
+                    # one, well past it: taken now, late by the time since.
+                    # That work lets the GIL go (asyncio's call_soon_threadsafe
+                    # writes to a socket; a finding's first report reads
+                    # files; Python work past the switch interval), and a loop
+                    # thread waiting for it runs on: six tasks each summing a
+                    # large list, back to back, gave two findings, one of them
+                    # three steps long, as the look after a wait saw a step
+                    # two holds on (3.11-3.13, both loops).  Looked at now,
+                    # the loop thread is where the hold let the GIL go.
+                    wake = Wake(overdue, own, at_look)
+                    continue
+                delay = self._send_findings(began, delay)
+                waited = own.waits()
                 passed = self._wake.wait(delay, deadlines, following)
                 # How late this wake-up came: the GIL held by someone, or no
                 # CPU free (our own run-queue wait, subtracted when asked).
@@ -335,6 +382,22 @@ class Watchdog:
         finally:
             if own is not None:
                 own.close()
+
+    @staticmethod
+    def _overdue(began: float, looked: float, delay: float | None) -> float | None:
+        """How late the next look is already, if well past due (`_run`)."""
+        if delay is None:
+            return None
+        overdue = began - looked - delay
+        return overdue if overdue >= max(delay, 2 * sys.getswitchinterval()) else None
+
+    def _send_findings(self, now: float, delay: float | None) -> float | None:
+        """Let the outbox's thread report, if the loops are quiet (`Outbox.send`);
+        how long to wait: no longer than a finding held back may wait."""
+        self._outbox.send(now, quiet=not self._in_a_step)
+        if self._outbox.since is None:
+            return delay
+        return min(delay, Outbox.HOLD_S) if delay is not None else Outbox.HOLD_S
 
     def _sample_all(
         self, wake: Wake | None = None
@@ -378,6 +441,7 @@ class Watchdog:
                 elif not probe.covered():
                     delay = seen if delay is None else min(delay, seen)
             frames.clear()
+            self._in_a_step = any(not look.idle for _, look in looks) or any(p.stall is not None for p in probes)
             for probe, look in looks:
                 seen = probe.settle(look, now, wake)
                 if not probe.covered():
