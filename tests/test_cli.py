@@ -142,6 +142,58 @@ class TestFindingsFile:
         site = {"file": str(app), "line": line_in(app, "# <- wired up here"), "function": "main"}
         assert finding["site"] == finding["scheduled_at"] == site
 
+    @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+    def test_steps_holding_the_gil_back_to_back_are_each_reported_with_the_console_log_on(self, tmp_path, loop):
+        """The console log and the findings file are written off the
+        watchdog thread: written from it, in the middle of its looks, each
+        write let the loop thread run one more sum unseen (two findings of
+        six, one of them five steps long)."""
+        pytest.importorskip(loop)
+        app = tmp_path / "app.py"
+        app.write_text(
+            textwrap.dedent(
+                """\
+                import asyncio, random, time
+
+                def items_for(cpu_s):
+                    n = 100_000
+                    while True:
+                        items = [random.random() for _ in range(n)]
+                        start = time.thread_time()
+                        sorted(items)
+                        spent = time.thread_time() - start
+                        if spent >= 0.02:
+                            return [random.random() for _ in range(int(n * cpu_s / spent))]
+                        n *= 2
+
+                ITEMS = items_for(0.3)
+
+                async def handle():
+                    await asyncio.sleep(0.05)
+                    sorted(ITEMS)  # <- one of several requests' sorts
+
+                async def main():
+                    await asyncio.gather(*(handle() for _ in range(4)))
+
+                asyncio.run(main())
+                """
+            )
+        )
+        out = tmp_path / "findings.jsonl"
+        result = run("run", "--findings", str(out), "--loop", loop, "--no-summary", str(app), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        found = [json.loads(line) for line in out.read_text().splitlines()]
+        assert "slow_callback" in result.stderr  # the console log was on
+        line = line_in(app, "# <- one of several requests' sorts")
+        # All at the line, every one or all but one: a loaded machine can
+        # still merge two, or make one the machine's stall (no line).
+        placed = [f["site"]["line"] for f in found if f["site"]]
+        assert placed == [line] * len(placed) and len(placed) >= 3, found
+        assert all(f["kind"] == "slow_callback" for f in found)
+        unplaced = [f for f in found if not f["site"]]
+        over = "over before the watchdog could look"
+        assert all(f["cause"] in ("starved", "gil", "gc") or over in f["message"] for f in unplaced), found
+
     def _package_wired_in(self, tmp_path, *registrations):
         """jobs.py defines the coroutine function; each registration is a
         module of that name whose start() gives it to the loop; app.py, the

@@ -38,8 +38,8 @@ from .._core.findings import Finding
 from .._core.frames import is_library_file
 from .._core.runtime import report_internal_error, reporting
 from .deadline import Deadline, thread_state, ticks_safely
-from .paused_frames import HANDLE_RUN, at_start, callback_frame, own_work, read_stall
-from .peeked import Peek, vouched
+from .paused_frames import HANDLE_RUN, at_start, callback_frame, own_work, read_stall, resumed_under_an_await
+from .peeked import Peek, elsewhere, vouched
 from .stall_cause import Breakdown, GcClock
 from .stall_meter import Clocks, StallMeter, Wake, held_from, mark_at
 from .stall_report import COMPILED, Compiled, Stall, stall_finding
@@ -116,6 +116,10 @@ class Look:
     (`Stall.interrupted`), and this look read it with that code in
     (`LoopProbe._still_inside`).  *reread*: the stall followed was read
     inside an import, and this look read it again (`LoopProbe._past_import`).
+    *ended*: a wake-up late by the threshold found the loop idle, or in a
+    step the peek taken meanwhile does not vouch for, and the peek stood
+    still at a line of the program elsewhere: the stall of a step that is
+    over (`peeked.elsewhere`), if the loop thread held the GIL.
     """
 
     __slots__ = (
@@ -123,6 +127,7 @@ class Look:
         "compiled",
         "dated",
         "early",
+        "ended",
         "fresh",
         "held_line",
         "idle",
@@ -149,6 +154,7 @@ class Look:
         in_program: bool = False,
         inner: Stall | None = None,
         reread: Stall | None = None,
+        ended: Stall | None = None,
     ) -> None:
         self.thread_id = thread_id
         self.compiled = compiled
@@ -163,6 +169,7 @@ class Look:
         self.in_program = in_program
         self.inner = inner
         self.reread = reread
+        self.ended = ended
 
 
 class LoopProbe:
@@ -359,12 +366,13 @@ class LoopProbe:
         except RuntimeError:
             self.beat_pending = self.parked = False
 
-    def _post_beat(self) -> bool:
+    def _post_beat(self, in_step: bool = False) -> bool:
         """Queue a heartbeat unless one is queued; whether it was queued
         now, first in asyncio's ready queue (read under the GIL, which the
         loop thread waits for): then nothing runs between the callback
         running now and the heartbeat (what the loop adds later, an I/O
-        event's callback, a timer's, the callback's own, goes after it)."""
+        event's callback, a timer's, the callback's own, goes after it).
+        *in_step*: the look that asks saw the loop in a step."""
         loop = self.loop_ref()
         if loop is None or self.beat_pending:
             return False
@@ -373,7 +381,15 @@ class LoopProbe:
         self.beat_pending = True
         self.beat_posted = _now()
         try:
-            loops.call_soon_threadsafe(loop, self.beat)
+            if in_step and ready is not None and not loops.is_closed(loop):
+                # In a step, asyncio's loop reads its ready queue before it
+                # next waits: it needs no wake-up.  call_soon_threadsafe
+                # writes to its self-pipe, and the socket's send lets the
+                # GIL go: the loop thread, running steps that hold the GIL
+                # back to back, ran one of them before we looked again.
+                loop._call_soon(self.beat, (), None)  # type: ignore[attr-defined]
+            else:
+                loops.call_soon_threadsafe(loop, self.beat)
         except RuntimeError:  # closed between our check and the call
             self.beat_pending = False
             return False
@@ -450,11 +466,12 @@ class LoopProbe:
         early: Stall | None = None
         dated = fresh = in_program = False
         if not idle and not same_step and late >= self.look_s:
-            fresh = at_start(chain[-1] if chain else top)
+            fresh = at_start(chain[-1] if chain else top) or resumed_under_an_await(chain)
             if late >= self.threshold_s:
                 early = self._capture(loop, top, chain, now - late, peek)
             in_program = any(not is_library_file(f.f_code.co_filename) for f in chain)
             dated = self.pure_asyncio and in_program
+        ended = self._ended(peek, late, top, chain, idle or fresh, early, same_step)
         held_line = early
         if held_line is None and dated and not fresh and late >= self.threshold_s * TENTATIVE_SHARE:
             held_line = self._capture(loop, top, chain, peek=peek)
@@ -488,7 +505,34 @@ class LoopProbe:
             in_program,
             inner,
             reread,
+            ended,
         )
+
+    def _ended(
+        self,
+        peek: tuple[Peek, ...] | None,
+        late: float,
+        top: FrameType,
+        chain: list[FrameType],
+        over: bool,
+        early: Stall | None,
+        followed: bool,
+    ) -> Stall | None:
+        """The stall of a step that is over, read by the peek only (`Look.ended`):
+        for a look late by the threshold that found no step, one at its
+        start (*over*), or one the peek could not be vouched for (*early*);
+        never the step followed (*followed*)."""
+        if not peek or late < self.threshold_s or followed:
+            return None
+        if not over and (early is None or early.peeked or early.interrupted):
+            return None
+        dispatch = HANDLE_RUN if self.runner_code is None else self.runner_code
+        seen = elsewhere(peek, top, chain, over, dispatch)
+        if seen is None:
+            return None
+        stall = Stall(seen[0], seen[1], None, None, None)
+        stall.peeked = stall.ended = True
+        return stall
 
     def _reread(
         self,
@@ -538,12 +582,11 @@ class LoopProbe:
         kept = meter.prev if meter.clock_ident == (thread_id, native) else None
         prev, clocks = self._baseline(kept, now), meter.read(now, thread_id, native)
         meter.prev = clocks
-        for stall in (look.early, look.captured):
-            if stall is not None:
-                meter.captured(self.thread_id, self.native_id, stall.library_only)
         held_by = None
-        if look.compiled or not look.idle:
+        if look.compiled or not look.idle or look.ended is not None:
             held_by = meter.late_hold(prev, clocks, wake, thread_id, self.threshold_s)
+        if self._after_an_ended_step(look, held_by, wake, prev, clocks, now):
+            return self.look_s
         if look.compiled:
             return self._sample_compiled(now, self.look_s, prev)
         if look.idle:
@@ -572,6 +615,7 @@ class LoopProbe:
             # on our own clock, 63 ms before the collection's step began,
             # made a 250 ms pause a 340 ms stall.
             since = now - wake.raw
+            early.fresh = look.fresh
             if held_by == "loop":
                 since = held_from(prev, clocks, since)
             elif held_by == "gc":
@@ -591,7 +635,7 @@ class LoopProbe:
         self.finish(now)
         self._follow(now)
         meter.mark = clocks
-        self.beat_next = self._post_beat()
+        self.beat_next = self._post_beat(in_step=True)
         return self.look_s
 
     def _dated_since(
@@ -635,7 +679,7 @@ class LoopProbe:
         self._follow(since)
         self.dated_line, self.dated_at = look.held_line, now
         self.meter.mark = mark_at(prev, clocks, since, 2 * self.look_s)
-        self.beat_next = self._post_beat()
+        self.beat_next = self._post_beat(in_step=True)
         return min(self.look_s, max(since + self.threshold_s - now, 0.001))
 
     def _follow(self, since: float) -> None:
@@ -702,11 +746,13 @@ class LoopProbe:
     def _still(self, now: float, captured: Stall | None, tentative: Stall | None = None) -> float:
         """The step followed is still running: how soon to look again."""
         if tentative is not None and captured is None and self.stall is None:
+            self._captured(tentative)
             self._measure(now, tentative)  # the clocks its finding is scaled from
             if self.beats == self.held_beats:  # the heartbeat has not ended it meanwhile
                 self.tentative = _Tentative(tentative, self.held_since, self.held_beats, self.meter.mark, self.measured)
         if captured is not None:
             self.tentative = None
+            self._captured(captured)
             # Measured before the heartbeat can see it (a read that
             # releases the GIL lets the loop run it).
             self._measure(now, captured)
@@ -766,6 +812,7 @@ class LoopProbe:
         stalled since this wake-up was due."""
         self.finish(since)
         self._follow(since)
+        self._captured(stall)
         self.meter.mark = mark_at(prev, clocks, since, 2 * self.look_s, held)
         stall.late = True
         self._measure(now, stall)  # before the heartbeat can see it
@@ -773,7 +820,47 @@ class LoopProbe:
         if not self.enabled:  # the loop closed while we read: report it now
             self._end_stall(now)
             return
-        self._post_beat()
+        self._post_beat(in_step=True)
+
+    def _after_an_ended_step(
+        self, look: Look, held_by: str | None, wake: Wake | None, prev: Clocks | None, clocks: Clocks, now: float
+    ) -> bool:
+        """Report the stall of a step that is over (`Look.ended`) if the loop
+        thread held the GIL for the threshold, and follow the step running
+        now from now; whether it did."""
+        ended = look.ended
+        if ended is None or held_by not in ("loop", "gc") or wake is None or prev is None:
+            return False
+        if wake.late() < self.threshold_s:
+            return False
+        self._ended_stall(ended, held_from(prev, clocks, now - wake.raw), prev, clocks, now)
+        if not look.idle:
+            self._follow(now)
+            self.meter.mark = clocks
+            self.beat_next = self._post_beat(in_step=True)
+        return True
+
+    def _captured(self, stall: Stall) -> None:
+        """*stall* is followed from now: the other threads' clocks, from
+        which its breakdown names one (`StallMeter.captured`).  Only then,
+        never as `sample` reads a stall: for a wait inside the library it
+        lists the process's threads in /proc, reads that let the GIL go,
+        and a stall seen and dropped (a step at its start, let in by the
+        step before's hold) let four steps holding the GIL run unseen."""
+        self.meter.captured(self.thread_id, self.native_id, stall.library_only)
+
+    def _ended_stall(self, stall: Stall, since: float, prev: Clocks, clocks: Clocks, now: float) -> None:
+        """Report *stall*, of a step that held the GIL from *since* and is
+        over: what the loop thread did since is that hold (the look came at
+        the first eval-breaker check after it)."""
+        self.finish(since)
+        self.held = self.dated_line = None
+        self.held_since = since
+        self._captured(stall)
+        self.meter.mark = mark_at(prev, clocks, since, 2 * self.look_s, True)
+        stall.late = True
+        self.stall = stall
+        self._end_stall(now)
 
     def _sample_compiled(self, now: float, tick: float, prev: Clocks | None) -> float:
         """`sample` when uvloop looks idle or runs compiled code with no Python
@@ -841,7 +928,6 @@ class LoopProbe:
             if seen is not None:
                 stall.site, stall.stack = seen
                 stall.peeked = True
-        self.meter.captured(self.thread_id, self.native_id, stall.library_only)
         if since is not None:
             # Observers of the blocking task (notable spans: the context the
             # step runs in) learn of it while the step still runs.

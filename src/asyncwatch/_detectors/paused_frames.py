@@ -16,6 +16,7 @@ import asyncio.base_events
 import asyncio.events
 import dis
 import gc
+import os
 import signal
 import sys
 from types import CodeType, FrameType
@@ -151,6 +152,31 @@ def at_start(frame: FrameType) -> bool:
     lasti = frame.f_lasti
     code = frame.f_code.co_code
     return 0 <= lasti < len(code) and code[lasti] == _RESUME
+
+
+_SEND = dis.opmap["SEND"]
+#: asyncio's own files, whose frames a step resumes in before the program's.
+_ASYNCIO_DIR = os.path.dirname(asyncio.__file__) + os.sep
+
+
+def resumed_under_an_await(chain: list[FrameType]) -> bool:
+    """Whether the step whose frames are *chain* (innermost first) has run
+    none of the program's code yet: only asyncio's own frames, resumed
+    (``asyncio.sleep`` after its future, ``Queue.get``), inside the
+    program's ``await``.  uvloop's dispatch is compiled, with no
+    eval-breaker check: after a step that held the GIL, the next one lets it
+    go in such a frame, and the program's ``await asyncio.sleep()`` line
+    was blamed for the step before's hold (the next request's await, in a
+    server whose handlers each sorted a large list).  A frame just entered
+    (``await asyncio.sleep(0)`` right after a long call: the GIL let go as
+    it began) is the same step's, and says no."""
+    for k, frame in enumerate(chain):
+        if not frame.f_code.co_filename.startswith(_ASYNCIO_DIR):
+            if k == 0 or just_entered(chain[0]):
+                return False
+            code, lasti = frame.f_code.co_code, frame.f_lasti
+            return 0 <= lasti < len(code) and code[lasti] == _SEND
+    return False
 
 
 def _entry_offset(code: CodeType) -> int:

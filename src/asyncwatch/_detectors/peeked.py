@@ -25,7 +25,7 @@ from .paused_frames import just_entered
 if TYPE_CHECKING:
     import dis
 
-__all__ = ["Peek", "module", "vouched"]
+__all__ = ["Peek", "elsewhere", "module", "vouched"]
 
 #: (file, line, qualname, lasti in code units), innermost first.
 Peek = tuple[tuple[str, int, str, int], ...]
@@ -76,7 +76,13 @@ def module() -> Any:
     """``_core/_peek``, or None where it was not built (another
     interpreter, no compiler, not Linux) or extensions are turned off."""
     peek = extension("_peek")
-    return peek if hasattr(peek, "poll") else None
+    if not hasattr(peek, "poll"):
+        return None
+    # What `vouched` reads instructions with, imported now: its import in
+    # a look would let the GIL go, and the loop thread move on.
+    import dis  # noqa: F401
+
+    return peek
 
 
 def vouched(peeks: tuple[Peek, ...], chain: list[FrameType]) -> tuple[Site, tuple[Site, ...]] | None:
@@ -115,6 +121,65 @@ def _vouched(peek: Peek, chain: list[FrameType]) -> tuple[Site, tuple[Site, ...]
         return None
     stack = tuple(Site(source_path(file), line, name) for file, line, name, _ in reversed(entries))
     return Site(source_path(site[0]), site[1], site[2]), stack
+
+
+def elsewhere(
+    peeks: tuple[Peek, ...], top: FrameType, chain: list[FrameType], over: bool, dispatch: CodeType
+) -> tuple[Site, tuple[Site, ...]] | None:
+    """The site and stack of the first of *peeks* that stood still at a line
+    of the program in a step that is over, or None.
+
+    For a look late by a hold of the loop thread's own that finds it where
+    the live stack cannot vouch for the peek.  The hold ended with its step,
+    before any eval-breaker check in it (``return x in huge_list``):
+    asyncio's dispatch, or the next step's first call, let the GIL go, and
+    the peek is the only place it was seen.  *top*: the loop thread's
+    innermost frame now; *chain*: the step's frames seen now, innermost
+    first; *over*: the look found no step, or one at its first instruction;
+    *dispatch*: the code that runs the loop's callbacks (asyncio's
+    ``Handle._run``, or the frame that runs a compiled loop), below which
+    a peek's frames are not the step's (the program's ``main()`` that
+    called ``asyncio.run``, a test function).
+    Otherwise the peek is another step's only where the live stack does not
+    hold its function, or holds it earlier on, awaiting (a step of another
+    task running the same coroutine); a peek the live step may have moved on
+    from (a call since, a loop) is not taken.  The position the thread
+    stands at now is never taken: under load the peeker also reads it
+    there, waiting to take the GIL back."""
+    now = set()
+    frame: FrameType | None = top
+    while frame is not None:
+        code = frame.f_code
+        now.add((code.co_filename, code.co_qualname, frame.f_lasti // 2))
+        frame = frame.f_back
+    for peek in peeks:
+        if not peek or (peek[0][0], peek[0][2], peek[0][3]) in now:
+            continue
+        below = _index(peek, dispatch, 0)
+        if below is None:
+            continue  # not in a step: nothing to say which frames were the step's
+        entries = [entry for entry in peek[:below] if not is_own_file(entry[0])]
+        program = [entry for entry in entries if not is_library_file(entry[0])]
+        if not program or not (over or _another_step(program[-1], chain)):
+            continue
+        site = program[0]
+        stack = tuple(Site(source_path(file), line, name) for file, line, name, _ in reversed(entries))
+        return Site(source_path(site[0]), site[1], site[2]), stack
+    return None
+
+
+def _another_step(outer: tuple[str, int, str, int], chain: list[FrameType]) -> bool:
+    """Whether the peek whose outermost frame of the program's is *outer*
+    was of another step than *chain*'s."""
+    file, _line, name, lasti = outer
+    for frame in chain:
+        code = frame.f_code
+        if code.co_filename == file and code.co_qualname == name:
+            instructions = _instructions(code)
+            at = _containing(instructions, frame.f_lasti // 2)
+            if frame.f_lasti // 2 >= lasti or at is None or instructions[at].opname != "SEND":
+                return False
+    return True
 
 
 def _index(peek: Peek, code: CodeType, start: int) -> int | None:

@@ -20,7 +20,9 @@ class Stall:
         "callback",
         "coroutine",
         "created_at",
+        "ended",
         "explicit_gc",
+        "fresh",
         "importing",
         "interrupted",
         "late",
@@ -65,6 +67,13 @@ class Stall:
         # Its line read while the operation ran, without the GIL
         # (`peeked.vouched`): the line itself, not the one after.
         self.peeked = False
+        # Read only by the peek, in a step that had ended when the look
+        # came (`peeked.elsewhere`): its line, but not its task.
+        self.ended = False
+        # Read by a late look at a step that had not yet run the program's
+        # code (at its start, or resumed inside asyncio under its await):
+        # a hold of the loop thread's own in it was the step before's.
+        self.fresh = False
         # Read by a look that waited for the GIL, with code the interpreter
         # entered inside the call (a finalizer) left out, which a later
         # look on time may find still running (`LoopProbe._still_inside`).
@@ -103,7 +112,9 @@ def stall_finding(
 ) -> Finding:
     """The ``slow_callback`` finding for *stall*, which held the loop for
     *duration* seconds (*breakdown*: where that time went, when measured)."""
-    if stall.task:
+    if stall.ended and stall.site is not None:
+        what = f"A step running {stall.site.function!r} (over before the watchdog could look: its task is not known)"
+    elif stall.task:
         what = describe_task(stall.task, stall.coroutine)
     elif stall.callback:
         what = f"Callback {stall.callback!r}"
@@ -128,6 +139,11 @@ def stall_finding(
             cause = stall_cause.GIL if others_ran else stall_cause.STARVED
             starting = True
     site = stall.site
+    task, coroutine, created_at, stack = stall.task, stall.coroutine, stall.created_at, stall.stack
+    if stall.fresh and cause in (stall_cause.CPU, stall_cause.BLOCKING_IO):
+        # The loop thread's own time was the step before's, not this one's.
+        what = "A step that was over before the watchdog could look (its task and line are not known)"
+        site, task, coroutine, created_at, stack = None, None, None, None, ()
     if cause in (stall_cause.GC, stall_cause.GIL, stall_cause.STARVED) and not (
         cause == stall_cause.GC and stall.explicit_gc
     ):
@@ -139,11 +155,11 @@ def stall_finding(
             f"(threshold {threshold_s * 1000:.0f} ms)" + _why(cause, stall, breakdown, holder, starting)
         ),
         site=site,
-        stack=stall.stack,
-        task=stall.task,
-        coroutine=stall.coroutine,
+        stack=stack,
+        task=task,
+        coroutine=coroutine,
         duration_s=round(duration, 6),
-        created_at=stall.created_at,
+        created_at=created_at,
         cause=cause,
         breakdown=breakdown.as_pairs() if breakdown is not None else (),
         gil_holder=holder if cause == stall_cause.GIL else None,
@@ -161,8 +177,8 @@ def _starting_a_thread(stall: Stall) -> bool:
 
 def _held_where(stall: Stall) -> str:
     """What the site is, for a stall seen only once the GIL was free again."""
-    if not stall.late:
-        return ""
+    if not stall.late or stall.fresh:
+        return ""  # (a fresh step's stall that is the program's has no line)
     if stall.peeked:
         return "; one operation held the GIL: the site is the line it was running, read while it ran"
     return "; one call held the GIL: the site is the line running when it returned, the call's or just after it"
