@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from test_settings import READ_ONLY_CASES, read_only_path
+from test_watchdog_deadline import items_to_sort
 
 MISTAKES = textwrap.dedent(
     """\
@@ -153,20 +154,9 @@ class TestFindingsFile:
         app.write_text(
             textwrap.dedent(
                 """\
-                import asyncio, random, time
+                import asyncio, random
 
-                def items_for(cpu_s):
-                    n = 100_000
-                    while True:
-                        items = [random.random() for _ in range(n)]
-                        start = time.thread_time()
-                        sorted(items)
-                        spent = time.thread_time() - start
-                        if spent >= 0.02:
-                            return [random.random() for _ in range(int(n * cpu_s / spent))]
-                        n *= 2
-
-                ITEMS = items_for(0.3)
+                ITEMS = [random.random() for _ in range(SORTED_ITEMS)]  # ~0.3 s of CPU to sort
 
                 async def handle():
                     await asyncio.sleep(0.05)
@@ -177,7 +167,7 @@ class TestFindingsFile:
 
                 asyncio.run(main())
                 """
-            )
+            ).replace("SORTED_ITEMS", str(len(items_to_sort(0.3))))
         )
         out = tmp_path / "findings.jsonl"
         result = run("run", "--findings", str(out), "--loop", loop, "--no-summary", str(app), cwd=tmp_path)
