@@ -826,8 +826,9 @@ class LoopProbe:
         self, look: Look, held_by: str | None, wake: Wake | None, prev: Clocks | None, clocks: Clocks, now: float
     ) -> bool:
         """Report the stall of a step that is over (`Look.ended`) if the loop
-        thread held the GIL for the threshold, and follow the step running
-        now from now; whether it did."""
+        thread, or a collection, held the GIL for the threshold (its breakdown
+        tells which), and follow the step running now from now; whether it
+        did."""
         ended = look.ended
         if ended is None or held_by not in ("loop", "gc") or wake is None or prev is None:
             return False
