@@ -174,9 +174,20 @@ def resumed_under_an_await(chain: list[FrameType]) -> bool:
         if not frame.f_code.co_filename.startswith(_ASYNCIO_DIR):
             if k == 0 or just_entered(chain[0]):
                 return False
-            code, lasti = frame.f_code.co_code, frame.f_lasti
-            return 0 <= lasti < len(code) and code[lasti] == _SEND
+            return awaiting(frame)
     return False
+
+
+_CACHE = dis.opmap["CACHE"]
+
+
+def awaiting(frame: FrameType) -> bool:
+    """Whether *frame* stands in an ``await``, calling into what it awaits:
+    at its SEND, or, on 3.12, at SEND's inline cache entry."""
+    code, at = frame.f_code.co_code, frame.f_lasti
+    while 0 < at < len(code) and code[at] == _CACHE:
+        at -= 2
+    return 0 <= at < len(code) and code[at] == _SEND
 
 
 def _entry_offset(code: CodeType) -> int:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from .._core.findings import Site
 from .._core.frames import is_library_file, is_own_file, source_path
 from .._core.settings import extension
-from .paused_frames import just_entered
+from .paused_frames import awaiting, just_entered
 
 if TYPE_CHECKING:
     import dis
@@ -76,13 +76,7 @@ def module() -> Any:
     """``_core/_peek``, or None where it was not built (another
     interpreter, no compiler, not Linux) or extensions are turned off."""
     peek = extension("_peek")
-    if not hasattr(peek, "poll"):
-        return None
-    # What `vouched` reads instructions with, imported now: its import in
-    # a look would let the GIL go, and the loop thread move on.
-    import dis  # noqa: F401
-
-    return peek
+    return peek if hasattr(peek, "poll") else None
 
 
 def vouched(peeks: tuple[Peek, ...], chain: list[FrameType]) -> tuple[Site, tuple[Site, ...]] | None:
@@ -174,11 +168,9 @@ def _another_step(outer: tuple[str, int, str, int], chain: list[FrameType]) -> b
     file, _line, name, lasti = outer
     for frame in chain:
         code = frame.f_code
-        if code.co_filename == file and code.co_qualname == name:
-            instructions = _instructions(code)
-            at = _containing(instructions, frame.f_lasti // 2)
-            if frame.f_lasti // 2 >= lasti or at is None or instructions[at].opname != "SEND":
-                return False
+        same = code.co_filename == file and code.co_qualname == name
+        if same and (frame.f_lasti // 2 >= lasti or not awaiting(frame)):
+            return False
     return True
 
 
